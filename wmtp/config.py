@@ -1,0 +1,307 @@
+"""One typed schema for every knob of the pipeline.
+
+The Snakefile validates `config/*.yaml` against these models when it loads, the
+library functions take the sections they need, and the JSON schema that
+Snakemake's `validate` uses is generated from here (`python -m wmtp.config`).
+Unknown keys are errors, and all problems are reported at once with the key, the
+offending value and what is allowed, before any job starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ALGORITHMS = ("baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip")
+Algorithm = Literal["baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip"]
+BENCHMARKS = ("mbpp", "humaneval", "codecontests", "tiny-mbpp")
+Benchmark = Literal["mbpp", "humaneval", "codecontests", "tiny-mbpp"]
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+class Strict(BaseModel):
+    """Base of every section: unknown keys raise, values are immutable after
+    loading (code must not change a knob behind the config's back)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(Strict):
+    """Where a model comes from. The download stage turns it into a local directory."""
+
+    source: Literal["tiny", "hf", "meta", "local", "s3"] = Field(
+        description="tiny: built on this machine by wmtp.tiny; hf: Hugging Face hub id; "
+        "meta: hub repo in Meta's MTP format (params.json + consolidated.pth); "
+        "local: a directory on disk; s3: s3://bucket/prefix holding any of these"
+    )
+    id: str = Field(description="hub id, directory, s3 URI, or the tiny model's role (base/ref)")
+    revision: str | None = Field(None, description="hub revision (commit) to pin; None = main")
+    subfolder: str | None = Field(
+        None, description="subfolder inside the repo, e.g. '7B_1T_4' for facebook/multi-token-prediction"
+    )
+    n_future_tokens: PositiveInt | None = Field(
+        None, description="heads to add when the base is a plain causal LM (hf/local): H-1 copies of its last layer"
+    )
+
+
+class ModelsSettings(Strict):
+    base: ModelSource = Field(description="the MTP model that is fine-tuned")
+    ref: ModelSource = Field(description="reference model for Rho-1 excess loss; must share the base vocabulary")
+    reward: ModelSource | None = Field(
+        None, description="sequence-classification reward model; only used when critic.reward = reward_model"
+    )
+
+
+class TinySettings(Strict):
+    """The built-in miniature (see wmtp/tiny.py): corpus, tokenizer, models, benchmark."""
+
+    vocab_size: PositiveInt = Field(2048, description="byte-level BPE vocabulary trained on the corpus")
+    dim: PositiveInt = Field(128, description="model width")
+    n_layers: PositiveInt = Field(6, description="decoder blocks including the heads")
+    n_heads: PositiveInt = Field(4, description="attention heads")
+    n_future_tokens: PositiveInt = Field(4, description="MTP heads (H)")
+    max_seq_len: PositiveInt = Field(512, description="longest sequence the models see")
+    pretrain_steps: PositiveInt = Field(600, description="optimizer steps of base-model pretraining")
+    ref_pretrain_steps: PositiveInt = Field(600, description="optimizer steps of reference pretraining")
+    pretrain_batch_size: PositiveInt = Field(16, description="sequences per pretraining step")
+    pretrain_lr: PositiveFloat = Field(3e-3, description="peak learning rate of pretraining")
+    n_train_problems: PositiveInt = Field(400, description="problems in the tiny-mbpp train split")
+    n_test_problems: PositiveInt = Field(100, description="problems in the tiny-mbpp test split")
+    noise_comment_prob: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.5, description="chance that a training solution line carries a noisy comment (tokens of little value)"
+    )
+
+
+class DataSettings(Strict):
+    train_dataset: Benchmark = Field("tiny-mbpp", description="dataset whose train split is fine-tuned on")
+    max_seq_len: PositiveInt = Field(512, description="prompt + solution tokens; longer examples are dropped")
+    max_train_examples: PositiveInt | None = Field(None, description="cap on training examples (None = all)")
+    val_fraction: Fraction = Field(0.05, description="share of training examples held out for val/loss")
+    pack: bool = Field(False, description="pack several examples per row (attention may cross examples)")
+
+
+class WeightingSettings(Strict):
+    """How token-importance scores become weights (DESIGN.md section 3)."""
+
+    temperature: PositiveFloat = Field(0.7, description="softmax temperature T of normalise()")
+    eps: Annotated[float, Field(ge=0, le=1)] = Field(0.05, description="lower clip of weights; must be <= 1")
+    w_max: Annotated[float, Field(ge=1)] = Field(3.0, description="upper clip of weights; must be >= 1")
+    strength: Annotated[float, Field(ge=0, le=1)] = Field(
+        1.0, description="lambda of w <- 1 + lambda (w - 1); 0 = baseline, 1 = full weights"
+    )
+    rho1_mode: Literal["signed", "abs"] = Field("signed", description="Rho-1 excess loss, or its absolute value")
+    rho1_base: Literal["online", "frozen"] = Field(
+        "online", description="CE_base from the current model (online) or the initial model (frozen)"
+    )
+    skip_ratio: Fraction = Field(0.3, description="rho1-tokenskip: share of valid tokens dropped per batch")
+
+
+class TrainSettings(Strict):
+    max_steps: PositiveInt = Field(200, description="optimizer steps")
+    micro_batch_size: PositiveInt = Field(8, description="sequences per process per forward")
+    grad_accum_steps: PositiveInt = Field(1, description="micro-batches per optimizer step")
+    lr: PositiveFloat = Field(1e-4, description="peak learning rate (AdamW)")
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = Field(0.1, description="cosine floor as a share of lr")
+    warmup_steps: Annotated[int, Field(ge=0)] = Field(10, description="linear warmup steps")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="AdamW weight decay")
+    grad_clip: PositiveFloat = Field(1.0, description="global gradient-norm clip")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    deepspeed_config: str = Field(
+        "config/deepspeed/zero0.json", description="DeepSpeed JSON template; batch/optimizer keys are filled in"
+    )
+    checkpoint_every: PositiveInt = Field(50, description="steps between resumable checkpoints")
+    log_every: PositiveInt = Field(5, description="steps between metric rows")
+    val_every: PositiveInt = Field(50, description="steps between val/loss evaluations")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainSettings:
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps})")
+        return self
+
+
+class CriticSettings(Strict):
+    """Stage 1 of critic-wmtp: a value head on the frozen base model (DESIGN.md section 4)."""
+
+    reward: Literal["execution", "reward_model"] = Field(
+        "execution", description="fraction of tests passed, or a reward model's score"
+    )
+    samples_per_problem: PositiveInt = Field(4, description="completions sampled per training problem (m)")
+    max_samples_per_problem: PositiveInt = Field(4, description="cap kept per problem after length balancing")
+    length_balance: bool = Field(True, description="balance kept samples by length so V cannot learn length")
+    max_problems: PositiveInt | None = Field(None, description="training problems used (None = all)")
+    temperature: PositiveFloat = Field(1.0, description="sampling temperature of the rollouts")
+    top_p: Annotated[float, Field(gt=0, le=1)] = Field(0.95, description="nucleus sampling of the rollouts")
+    max_new_tokens: PositiveInt = Field(128, description="rollout length cap")
+    gamma: Annotated[float, Field(ge=0, le=1)] = Field(1.0, description="GAE discount")
+    lam: Annotated[float, Field(ge=0, le=1)] = Field(0.95, description="GAE lambda")
+    hidden_dim: PositiveInt = Field(256, description="value-head MLP width")
+    lr: PositiveFloat = Field(1e-3, description="value-head learning rate")
+    epochs: PositiveInt = Field(3, description="passes over the rollouts")
+    batch_size: PositiveInt = Field(16, description="rollouts per value-head step")
+
+
+class Recipe(Strict):
+    """One training method: the file `config/recipes/<algorithm>.yaml`."""
+
+    algorithm: Algorithm = Field(description="selects the weight function (wmtp.weights.ALGORITHMS)")
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    weighting: WeightingSettings = Field(default_factory=WeightingSettings)
+    critic: CriticSettings | None = Field(None, description="required by critic-wmtp, rejected otherwise")
+
+    @model_validator(mode="after")
+    def _critic_only_for_critic(self) -> Recipe:
+        if self.algorithm == "critic-wmtp" and self.critic is None:
+            raise ValueError("critic-wmtp needs a 'critic' section")
+        if self.algorithm != "critic-wmtp" and self.critic is not None:
+            raise ValueError(f"'critic' section given for {self.algorithm}, which has no critic")
+        return self
+
+
+class EvalSettings(Strict):
+    """Sampling and execution of evaluation; the same for every algorithm so the
+    table compares like with like."""
+
+    n_samples: PositiveInt = Field(10, description="samples per problem (n of pass@k)")
+    temperature: Annotated[float, Field(ge=0)] = Field(0.8, description="0 = greedy")
+    top_p: Annotated[float, Field(gt=0, le=1)] = Field(0.95, description="nucleus sampling")
+    max_new_tokens: PositiveInt = Field(256, description="generation length cap")
+    batch_size: PositiveInt = Field(16, description="sequences generated at once")
+    ks: dict[Benchmark, list[PositiveInt]] = Field(
+        default_factory=lambda: {"mbpp": [1, 10], "humaneval": [1, 10], "codecontests": [1, 5], "tiny-mbpp": [1, 10]},
+        description="k values of pass@k per benchmark; each k must be <= n_samples",
+    )
+    timeout: PositiveFloat = Field(3.0, description="seconds of wall time per program")
+    memory_mb: PositiveInt = Field(1024, description="address-space limit per program")
+    workers: PositiveInt | None = Field(None, description="parallel sandboxes (None = CPU count)")
+    max_problems: PositiveInt | None = Field(None, description="cap on problems per benchmark (None = all)")
+    speculative: bool = Field(False, description="self-speculative decoding with the MTP heads (greedy only)")
+
+    @model_validator(mode="after")
+    def _k_within_n(self) -> EvalSettings:
+        bad = {b: ks for b, ks in self.ks.items() if any(k > self.n_samples for k in ks)}
+        if bad:
+            raise ValueError(f"pass@k needs k <= n_samples ({self.n_samples}); got {bad}")
+        return self
+
+
+class TrackingSettings(Strict):
+    mlflow: bool = Field(True, description="log runs to MLflow")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; None = sqlite:///results/{run}/mlflow.db"
+    )
+
+
+class StorageSettings(Strict):
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (None = AWS)")
+    upload_prefix: str | None = Field(None, description="s3://bucket/prefix to copy final results to; None = local only")
+
+
+class ReportSettings(Strict):
+    bootstrap_samples: PositiveInt = Field(1000, description="resamples of problems for 95% intervals")
+
+
+class PipelineConfig(Strict):
+    """The whole experiment: `config/config.yaml` (tiny) or `config/paper.yaml` (7B)."""
+
+    run: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = Field(description="results go to results/{run}/")
+    seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = Field(
+        description="every training and evaluation runs once per seed"
+    )
+    algorithms: Annotated[list[Algorithm], Field(min_length=1)] = Field(description="rows of the table")
+    benchmarks: Annotated[list[Benchmark], Field(min_length=1)] = Field(description="columns of the table")
+    recipes: dict[Algorithm, str] = Field(description="algorithm -> recipe YAML path")
+    models: ModelsSettings
+    data: DataSettings = Field(default_factory=DataSettings)
+    tiny: TinySettings = Field(default_factory=TinySettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    report: ReportSettings = Field(default_factory=ReportSettings)
+
+    @model_validator(mode="after")
+    def _recipes_cover_algorithms(self) -> PipelineConfig:
+        missing = [a for a in self.algorithms if a not in self.recipes]
+        if missing:
+            raise ValueError(f"no recipe given for algorithms {missing}")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every problem."""
+
+
+def format_errors(error: ValidationError, source: str) -> str:
+    """One line per problem: key path, offending value, what is allowed."""
+    lines = [f"{source}: {error.error_count()} problem(s)"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        value = item.get("input")
+        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+        lines.append(f"  - {key} = {shown}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def _validate(model: type[BaseModel], data: Any, source: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_errors(error, source)) from None
+
+
+def load_yaml(path: str | Path) -> Any:
+    with open(path) as handle:
+        return yaml.safe_load(handle)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    return _validate(Recipe, load_yaml(path), str(path))
+
+
+def load_config(data_or_path: dict | str | Path, base_dir: str | Path = ".") -> tuple[PipelineConfig, dict[str, Recipe]]:
+    """Validate the pipeline config and every recipe it names; raise `ConfigError`
+    listing all problems of all files at once."""
+    source = str(data_or_path) if not isinstance(data_or_path, dict) else "config"
+    data = load_yaml(data_or_path) if not isinstance(data_or_path, dict) else data_or_path
+    config = _validate(PipelineConfig, data, source)
+    recipes, problems = {}, []
+    for algorithm in config.algorithms:
+        path = Path(base_dir) / config.recipes[algorithm]
+        if not path.exists():
+            problems.append(f"recipes.{algorithm} = {config.recipes[algorithm]!r}: file not found")
+            continue
+        try:
+            recipe = load_recipe(path)
+        except ConfigError as error:
+            problems.append(str(error))
+            continue
+        if recipe.algorithm != algorithm:
+            problems.append(f"recipes.{algorithm}: {path} is a recipe for {recipe.algorithm!r}")
+        recipes[algorithm] = recipe
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config, recipes
+
+
+def config_hash(config: BaseModel, recipes: dict[str, Recipe] | None = None) -> str:
+    """Short stable hash of the resolved settings, quoted in the report."""
+    payload = {"config": config.model_dump(mode="json")}
+    if recipes:
+        payload["recipes"] = {k: v.model_dump(mode="json") for k, v in sorted(recipes.items())}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def json_schema() -> dict:
+    return PipelineConfig.model_json_schema()
+
+
+if __name__ == "__main__":
+    print(json.dumps(json_schema(), indent=2))
