@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny MTP model and a tiny byte-level BPE tokenizer.
+
+Tests keep torch to one thread (the CI machine has two cores) and DeepSpeed's
+JIT-built ops in a project-local cache so concurrent runs do not collide.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+torch.set_num_threads(1)
+
+from wmtp.model import MTPConfig, MTPModel  # noqa: E402
+
+
+def tiny_config(**overrides) -> MTPConfig:
+    fields = dict(
+        dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97, n_future_tokens=2,
+        multiple_of=16, max_seq_len=128,
+    )
+    fields.update(overrides)
+    return MTPConfig(**fields)
+
+
+@pytest.fixture
+def tiny_model() -> MTPModel:
+    model = MTPModel(tiny_config())
+    model.init_weights(seed=0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A 300-token byte-level BPE trained in memory on a little Python source, as a
+    `transformers.PreTrainedTokenizerFast` with pad and eos tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = (REPO / "wmtp" / "model.py").read_text() + (REPO / "wmtp" / "config.py").read_text()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
