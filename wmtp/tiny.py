@@ -1,0 +1,68 @@
+"""The tiny built-in default: what the download stage builds for `source: tiny`.
+
+    write_tiny_mbpp(dir, settings, seed)   -> dir/train.parquet, dir/test.parquet
+    build_tiny_base(dir, settings, seed)   -> base MTP model (our format + tokenizer)
+    build_tiny_ref(dir, settings, seed)    -> reference LlamaForCausalLM (HF format)
+
+Everything is generated on the machine (no network) and is a function of the
+seed and the settings. The data generator is `wmtp.tiny_data`, the tokenizer and
+pretraining `wmtp.tiny_models`; docs/tiny.md explains how the miniature mirrors
+the paper's setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from wmtp.config import TinySettings
+from wmtp.tiny_data import make_tiny_mbpp, write_splits
+from wmtp.tiny_models import build_base, build_ref
+
+__all__ = ["build_tiny_base", "build_tiny_ref", "make_tiny_mbpp", "tiny_knobs", "write_tiny_mbpp"]
+
+# Knobs the builders need that `TinySettings` does not have (yet); a field of the
+# same name in the settings wins.
+EXTRA_DEFAULTS = {
+    "pretrain_seq_len": 256,  # tokens per pretraining row (documents packed, EOS-separated)
+    "corpus_documents": 3000,  # generated functions in the pretraining corpus
+    "ref_prompt_documents": 1000,  # clean prompt/solution pairs the reference also sees
+    "ref_n_layers": 4,  # decoder blocks of the reference causal LM
+}
+
+
+def tiny_knobs(settings: TinySettings | None = None, **overrides) -> dict:
+    """The settings as a plain dict, completed with `EXTRA_DEFAULTS` and `overrides`
+    (unknown override names raise)."""
+    knobs = (settings or TinySettings()).model_dump()
+    for key, value in EXTRA_DEFAULTS.items():
+        knobs.setdefault(key, value)
+    unknown = sorted(set(overrides) - set(knobs))
+    if unknown:
+        raise ValueError(f"unknown tiny settings {unknown}; known: {sorted(knobs)}")
+    knobs.update(overrides)
+    return knobs
+
+
+def write_tiny_mbpp(
+    out_dir: str | Path, settings: TinySettings | None = None, seed: int = 0, **overrides
+) -> tuple[Path, Path]:
+    """The `tiny-mbpp` benchmark: `train.parquet` (noisy solutions) and `test.parquet`."""
+    knobs = tiny_knobs(settings, **overrides)
+    return write_splits(
+        out_dir, knobs["n_train_problems"], knobs["n_test_problems"], seed, knobs["noise_comment_prob"]
+    )
+
+
+def build_tiny_base(
+    out_dir: str | Path, settings: TinySettings | None = None, seed: int = 0, *, threads: int = 1, **overrides
+) -> Path:
+    """Pretrain and save the base MTP model; `threads` torch threads (1 when two
+    download jobs share two cores). Same seed, settings and threads: same bytes."""
+    return build_base(out_dir, tiny_knobs(settings, **overrides), seed, threads)
+
+
+def build_tiny_ref(
+    out_dir: str | Path, settings: TinySettings | None = None, seed: int = 0, *, threads: int = 1, **overrides
+) -> Path:
+    """Pretrain and save the reference causal LM (shares the base's tokenizer)."""
+    return build_ref(out_dir, tiny_knobs(settings, **overrides), seed, threads)
