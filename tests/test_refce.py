@@ -11,7 +11,7 @@ from test_data import _other_tokenizer, mbpp_rows
 from wmtp.checkpoints import save_model
 from wmtp.data import build_examples, collate, pack, tokenizer_hash
 from wmtp.model import MTPModel
-from wmtp.refce import RefCETable, compute_refce, load_reference, merge_shards
+from wmtp.refce import RefCETable, compute_refce, load_reference, merge_shards, refce_stage
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +148,18 @@ def test_load_reference_detects_ours_and_hf(ref_model, tiny_tokenizer, examples,
     assert got == pytest.approx(expected, abs=1e-5)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_reference(tmp_path)
+
+
+def test_refce_stage_checks_vocabulary_and_writes_table(ref_model, tiny_tokenizer, tmp_path):
+    from wmtp.config import DataSettings
+
+    mbpp_rows(5).to_parquet(tmp_path / "train.parquet")
+    base = save_model(ref_model, tmp_path / "base", tokenizer=tiny_tokenizer)
+    ref = save_model(ref_model, tmp_path / "ref", tokenizer=tiny_tokenizer)
+    out = refce_stage(ref, base, tmp_path / "train.parquet", tmp_path / "refce" / "x.parquet",
+                      DataSettings(max_seq_len=256), model_id="tiny:ref", batch_size=2)
+    table = RefCETable.from_parquet(out, tokenizer=tiny_tokenizer)
+    assert len(table) == 5 and table.model_id == "tiny:ref"
+    _other_tokenizer(len(tiny_tokenizer)).save_pretrained(tmp_path / "ref")
+    with pytest.raises(ValueError, match="do not share a vocabulary"):
+        refce_stage(ref, base, tmp_path / "train.parquet", tmp_path / "y.parquet", DataSettings())

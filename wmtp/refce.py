@@ -34,7 +34,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from wmtp.data import PACK_SEPARATOR, Example, collate, tokenizer_hash
+from wmtp.config import DataSettings
+from wmtp.data import (
+    PACK_SEPARATOR,
+    Example,
+    build_examples,
+    check_same_vocabulary,
+    collate,
+    read_split,
+    tokenizer_hash,
+)
 from wmtp.model import MTPModel
 
 SCHEMA = pa.schema(
@@ -319,3 +328,31 @@ class RefCETable:
             b, j = (int(x) for x in np.argwhere(uncovered)[0])
             raise ValueError(f"loss-mask token at row {b}, position {j} ({sample_ids[b]!r}) has no ce_ref")
         return torch.from_numpy(out).to(input_ids.device)
+
+
+def refce_stage(
+    ref_dir: str | Path,
+    base_dir: str | Path,
+    data_path: str | Path,
+    out_path: str | Path,
+    data: DataSettings,
+    *,
+    model_id: str | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    shard: tuple[int, int] = (0, 1),
+) -> Path:
+    """The whole refce stage: check that the reference model shares the base
+    tokenizer's vocabulary, build the training examples with the base tokenizer
+    (the pipeline's tokenizer, so ids match what the trainer sees) and score them."""
+    from transformers import AutoTokenizer
+
+    base_tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    ref_tokenizer = AutoTokenizer.from_pretrained(str(ref_dir))
+    check_same_vocabulary(base_tokenizer, ref_tokenizer, str(base_dir), str(ref_dir))
+    examples = build_examples(read_split(data_path), base_tokenizer, data.max_seq_len)
+    model = load_reference(ref_dir, device=device)
+    return compute_refce(
+        model, base_tokenizer, examples, out_path, batch_size=batch_size, device=device,
+        model_id=model_id or str(ref_dir), shard=shard,
+    )
