@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -21,6 +22,7 @@ ALGORITHMS = ("baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip")
 Algorithm = Literal["baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip"]
 BENCHMARKS = ("mbpp", "humaneval", "codecontests", "tiny-mbpp")
 Benchmark = Literal["mbpp", "humaneval", "codecontests", "tiny-mbpp"]
+TRAIN_DATASETS = ("mbpp", "codecontests", "tiny-mbpp")  # HumanEval has only a test split
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
@@ -124,7 +126,9 @@ class TrainSettings(Strict):
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainSettings:
         if self.warmup_steps >= self.max_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps})")
+            raise ValueError(
+                f"warmup_steps = {self.warmup_steps}: must be < max_steps ({self.max_steps})"
+            )
         return self
 
 
@@ -160,9 +164,9 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _critic_only_for_critic(self) -> Recipe:
         if self.algorithm == "critic-wmtp" and self.critic is None:
-            raise ValueError("critic-wmtp needs a 'critic' section")
+            raise ValueError("critic = null: critic-wmtp needs a 'critic' section")
         if self.algorithm != "critic-wmtp" and self.critic is not None:
-            raise ValueError(f"'critic' section given for {self.algorithm}, which has no critic")
+            raise ValueError(f"critic: section given for {self.algorithm}, which has no critic")
         return self
 
 
@@ -181,7 +185,9 @@ class EvalSettings(Strict):
     )
     timeout: PositiveFloat = Field(3.0, description="seconds of wall time per program")
     memory_mb: PositiveInt = Field(1024, description="address-space limit per program")
-    workers: PositiveInt | None = Field(None, description="parallel sandboxes (None = CPU count)")
+    workers: PositiveInt | None = Field(
+        None, description="parallel sandboxes (None = the eval rule's threads, or the CPU count)"
+    )
     max_problems: PositiveInt | None = Field(None, description="cap on problems per benchmark (None = all)")
     speculative: bool = Field(False, description="self-speculative decoding with the MTP heads (greedy only)")
 
@@ -189,7 +195,7 @@ class EvalSettings(Strict):
     def _k_within_n(self) -> EvalSettings:
         bad = {b: ks for b, ks in self.ks.items() if any(k > self.n_samples for k in ks)}
         if bad:
-            raise ValueError(f"pass@k needs k <= n_samples ({self.n_samples}); got {bad}")
+            raise ValueError(f"ks = {bad}: pass@k needs every k <= n_samples ({self.n_samples})")
         return self
 
 
@@ -228,10 +234,34 @@ class PipelineConfig(Strict):
     report: ReportSettings = Field(default_factory=ReportSettings)
 
     @model_validator(mode="after")
-    def _recipes_cover_algorithms(self) -> PipelineConfig:
+    def _consistent(self) -> PipelineConfig:
+        """Cross-field checks, all reported together: a config that passes them
+        builds a DAG whose every job has what it needs."""
+        problems = []
         missing = [a for a in self.algorithms if a not in self.recipes]
         if missing:
-            raise ValueError(f"no recipe given for algorithms {missing}")
+            problems.append(f"recipes: no recipe given for algorithms {missing}")
+        for name in ("seeds", "algorithms", "benchmarks"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                problems.append(f"{name} = {values}: duplicates are not allowed")
+        no_ks = [b for b in self.benchmarks if b not in self.eval.ks]
+        if no_ks:
+            problems.append(f"eval.ks: no k values for benchmarks {no_ks} (allowed: {list(BENCHMARKS)})")
+        if self.data.train_dataset not in TRAIN_DATASETS:
+            problems.append(
+                f"data.train_dataset = {self.data.train_dataset!r}: has no train split "
+                f"(allowed: {list(TRAIN_DATASETS)})"
+            )
+        models = (self.models.base, self.models.ref, self.models.reward)
+        uses_tiny = any(m is not None and m.source == "tiny" for m in models)
+        if uses_tiny and self.data.max_seq_len > self.tiny.max_seq_len:
+            problems.append(
+                f"data.max_seq_len = {self.data.max_seq_len}: must be <= tiny.max_seq_len "
+                f"({self.tiny.max_seq_len}) when a model has source: tiny"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
 
@@ -239,14 +269,36 @@ class ConfigError(ValueError):
     """A config that cannot run; the message lists every problem."""
 
 
-def format_errors(error: ValidationError, source: str) -> str:
-    """One line per problem: key path, offending value, what is allowed."""
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the section at `loc` (for 'unknown key' messages)."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        inner = [t for t in (field.annotation, *get_args(field.annotation)) if field] if field else []
+        sections = [t for t in inner if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not sections:
+            return []
+        model = sections[0]
+    return list(model.model_fields)
+
+
+def format_errors(error: ValidationError, source: str, model: type[BaseModel]) -> str:
+    """One line per problem: key path, offending value, what is allowed. Cross-field
+    checks (model validators) name their keys in the message, relative to the section."""
     lines = [f"{source}: {error.error_count()} problem(s)"]
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        value = item.get("input")
-        shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
-        lines.append(f"  - {key} = {shown}: {item['msg']}")
+        key = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "value_error":
+            for part in message.split("; "):
+                joiner = "." if re.match(r"^\w+( =|:)", part) else ": "
+                lines.append(f"  - {key + joiner if key else ''}{part}")
+            continue
+        if item["type"] == "extra_forbidden":
+            message = f"unknown key (allowed: {', '.join(_allowed_keys(model, item['loc'][:-1]))})"
+        shown = json.dumps(item.get("input"), default=str)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"  - {key} = {shown}: {message}")
     return "\n".join(lines)
 
 
@@ -254,7 +306,7 @@ def _validate(model: type[BaseModel], data: Any, source: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(format_errors(error, source)) from None
+        raise ConfigError(format_errors(error, source, model)) from None
 
 
 def load_yaml(path: str | Path) -> Any:
@@ -276,7 +328,10 @@ def load_config(data_or_path: dict | str | Path, base_dir: str | Path = ".") -> 
     for algorithm in config.algorithms:
         path = Path(base_dir) / config.recipes[algorithm]
         if not path.exists():
-            problems.append(f"recipes.{algorithm} = {config.recipes[algorithm]!r}: file not found")
+            problems.append(
+                f"recipes.{algorithm} = {config.recipes[algorithm]!r}: file not found "
+                f"(paths are relative to {Path(base_dir).resolve()})"
+            )
             continue
         try:
             recipe = load_recipe(path)
@@ -284,7 +339,15 @@ def load_config(data_or_path: dict | str | Path, base_dir: str | Path = ".") -> 
             problems.append(str(error))
             continue
         if recipe.algorithm != algorithm:
-            problems.append(f"recipes.{algorithm}: {path} is a recipe for {recipe.algorithm!r}")
+            problems.append(
+                f"recipes.{algorithm} = {config.recipes[algorithm]!r}: is a recipe for "
+                f"{recipe.algorithm!r}"
+            )
+        if recipe.critic and recipe.critic.reward == "reward_model" and config.models.reward is None:
+            problems.append(
+                f"models.reward = null: {path} sets critic.reward = 'reward_model', which needs "
+                "a reward model (or use critic.reward = 'execution')"
+            )
         recipes[algorithm] = recipe
     if problems:
         raise ConfigError("\n".join(problems))
@@ -299,9 +362,19 @@ def config_hash(config: BaseModel, recipes: dict[str, Recipe] | None = None) -> 
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "config" / "schema" / "config.schema.json"
+
+
 def json_schema() -> dict:
-    return PipelineConfig.model_json_schema()
+    """The JSON schema Snakemake's `validate` checks the config with (draft 2020-12,
+    the dialect pydantic emits). Regenerate with `python -m wmtp.config`."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **PipelineConfig.model_json_schema()}
+
+
+def schema_text() -> str:
+    return json.dumps(json_schema(), indent=2) + "\n"
 
 
 if __name__ == "__main__":
-    print(json.dumps(json_schema(), indent=2))
+    SCHEMA_PATH.write_text(schema_text())
+    print(f"wrote {SCHEMA_PATH}")

@@ -1,0 +1,24 @@
+# Sample solutions from one trained model and execute them against one benchmark's tests.
+
+
+rule eval:
+    input:
+        unpack(get_eval_inputs),
+    output:
+        summary="results/{run}/eval/{algo}/seed{seed}/{benchmark}.json",
+        samples="results/{run}/eval/{algo}/seed{seed}/{benchmark}.jsonl",
+    params:
+        settings=get_eval_params,
+    log:
+        "logs/{run}/eval/{algo}/seed{seed}/{benchmark}.log",
+    benchmark:
+        "logs/{run}/benchmarks/eval/{algo}/seed{seed}/{benchmark}.tsv"
+    threads: 1
+    resources:
+        gpu=0,
+        mem_mb=4000,
+        runtime=120,
+    conda:
+        "../envs/eval.yaml"
+    script:
+        "../workflow_scripts/eval.py"

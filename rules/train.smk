@@ -1,0 +1,26 @@
+# Weighted multi-token-prediction fine-tuning: one job per (algorithm, seed).
+
+
+rule train:
+    input:
+        unpack(get_train_inputs),
+    output:
+        model=directory("results/{run}/train/{algo}/seed{seed}/model"),
+        metrics="results/{run}/train/{algo}/seed{seed}/metrics.parquet",
+    params:
+        algorithm="{algo}",
+        recipe=get_recipe_params,
+        settings=get_train_params,
+    log:
+        "logs/{run}/train/{algo}/seed{seed}.log",
+    benchmark:
+        "logs/{run}/benchmarks/train/{algo}/seed{seed}.tsv"
+    threads: 1
+    resources:
+        gpu=0,
+        mem_mb=4000,
+        runtime=240,
+    conda:
+        "../envs/train.yaml"
+    script:
+        "../workflow_scripts/train.py"

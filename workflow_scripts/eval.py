@@ -1,0 +1,28 @@
+"""Snakemake adapter of the `eval` rule: sample from one trained model and execute
+the samples against one benchmark's tests (wmtp.evaluate.evaluate_model).
+
+Inputs: model (trained model directory), data (the benchmark's test parquet).
+Outputs: summary (json with pass@k), samples (jsonl, one line per problem).
+Params: settings (EvalSettings as a dict). Wildcards: benchmark, seed.
+"""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake is injected)
+
+from wmtp.config import EvalSettings  # noqa: E402
+from wmtp.evaluate import evaluate_model  # noqa: E402
+
+sm = snakemake  # noqa: F821
+settings = EvalSettings.model_validate(sm.params.settings)
+if settings.workers is None:
+    settings = settings.model_copy(update={"workers": sm.threads})
+evaluate_model(
+    model_dir=sm.input.model,
+    benchmark=sm.wildcards.benchmark,
+    data_path=sm.input.data,
+    settings=settings,
+    seed=int(sm.wildcards.seed),
+    out_json=sm.output.summary,
+    out_jsonl=sm.output.samples,
+)
