@@ -1,0 +1,253 @@
+"""Report: metric math on hand-checkable cases, and rendering from fixture results."""
+
+from __future__ import annotations
+
+import json
+import re
+from math import comb
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from wmtp import report
+from wmtp.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+ALGOS = ["baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip"]
+SEEDS = [0, 1]
+BENCHES = ["tiny-mbpp", "humaneval"]
+N = 10
+P = 30
+# success probability per algorithm: rho1-weighted clearly better, tokenskip clearly worse
+RATE = {"baseline-mtp": 0.4, "critic-wmtp": 0.42, "rho1-weighted": 0.8, "rho1-tokenskip": 0.1}
+
+
+# ---------------------------------------------------------------- pure math
+
+
+def test_pass_at_k_matches_binomial_formula():
+    n = np.array([10, 10, 10, 5, 5])
+    c = np.array([0, 1, 10, 2, 4])
+    for k in (1, 2, 5):
+        expected = [1 - comb(ni - ci, k) / comb(ni, k) for ni, ci in zip(n, c, strict=True)]
+        assert np.allclose(report.pass_at_k(n, c, k), expected)
+    assert np.allclose(report.pass_at_k(n, c, 1), c / n)
+
+
+def test_pass_at_k_rejects_too_few_samples():
+    with pytest.raises(ValueError, match="n >= 5"):
+        report.pass_at_k(np.array([3]), np.array([1]), 5)
+
+
+def test_bootstrap_ci_hand_case():
+    values = np.array([0.0, 1.0])
+    # resamples: {0,0} -> 0, {1,1} -> 1, {0,1} -> 0.5, {1,0} -> 0.5
+    indices = np.array([[0, 0], [1, 1], [0, 1], [1, 0]])
+    mean, low, high = report.bootstrap_ci(values, indices, level=0.5)
+    assert mean == 0.5
+    assert np.quantile([0, 1, 0.5, 0.5], 0.25) == low and np.quantile([0, 1, 0.5, 0.5], 0.75) == high
+
+
+def test_bootstrap_ci_constant_values_have_zero_width():
+    indices = report.bootstrap_indices(5, 200, seed=3)
+    assert report.bootstrap_ci(np.full(5, 0.3), indices) == pytest.approx((0.3, 0.3, 0.3))
+
+
+def test_bootstrap_indices_seeded_and_shaped():
+    a, b = report.bootstrap_indices(7, 50, seed=1), report.bootstrap_indices(7, 50, seed=1)
+    assert a.shape == (50, 7) and (a == b).all() and a.min() >= 0 and a.max() < 7
+    assert not (a == report.bootstrap_indices(7, 50, seed=2)).all()
+
+
+def test_paired_difference_is_paired():
+    # Baseline varies wildly across problems, but the algorithm is always exactly
+    # 0.1 better: an unpaired interval would be wide, the paired one is a point.
+    base = np.array([0.0, 1.0, 0.2, 0.9, 0.5, 0.1])
+    indices = report.bootstrap_indices(len(base), 500, seed=0)
+    diff, low, high, excl = report.paired_difference(base + 0.1, base, indices)
+    assert (diff, low, high) == pytest.approx((0.1, 0.1, 0.1))
+    assert excl
+    diff, low, high, excl = report.paired_difference(base[::-1], base, indices)
+    assert low < 0 < high and not excl
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+def _write_results(root: Path) -> dict[str, list[Path]]:
+    """Eval json/jsonl for 4 algorithms x 2 seeds x 2 benchmarks and metrics.parquet
+    per run, from a seeded generator (so the test knows the truth)."""
+    rng = np.random.default_rng(0)
+    files = {"jsons": [], "jsonls": [], "parquets": []}
+    for algo in ALGOS:
+        for seed in SEEDS:
+            run = root / "eval" / algo / f"seed{seed}"
+            run.mkdir(parents=True)
+            for bench in BENCHES:
+                c = rng.binomial(N, RATE[algo], size=P)
+                lines = [
+                    {"task_id": f"{bench}/{i}", "n": N, "c": int(ci),
+                     "statuses": ["passed"] * int(ci) + ["failed"] * int(N - ci),
+                     "exact_match": float(ci) / N / 2}
+                    for i, ci in enumerate(c)
+                ]
+                rng.shuffle(lines)  # order in the file must not matter
+                (run / f"{bench}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+                summary = {"benchmark": bench, "pass@1": float(c.mean() / N), "n_samples": N}
+                (run / f"{bench}.json").write_text(json.dumps(summary))
+                files["jsonls"].append(run / f"{bench}.jsonl")
+                files["jsons"].append(run / f"{bench}.json")
+            train = root / "train" / algo / f"seed{seed}"
+            train.mkdir(parents=True)
+            steps = np.arange(0, 50, 5)
+            skip = 0.3 if algo == "rho1-tokenskip" else 0.0
+            pd.DataFrame({
+                "step": steps,
+                "loss": 3.0 * np.exp(-steps / 30) + 0.01 * seed,
+                "tokens": (steps + 5) * 1000,
+                "elapsed_s": (steps + 5) * (2.0 if algo == "critic-wmtp" else 1.0),
+                "weight_mean": np.ones(len(steps)),
+                "weight_std": np.full(len(steps), 0.0 if algo == "baseline-mtp" else 0.5),
+                "weight_min": np.full(len(steps), 1.0 - (algo != "baseline-mtp")),
+                "weight_max": np.full(len(steps), 1.0 + 2 * (algo != "baseline-mtp")),
+                "weight_frac_zero": np.full(len(steps), skip),
+            }).to_parquet(train / "metrics.parquet")
+            files["parquets"].append(train / "metrics.parquet")
+    return files
+
+
+def _config(bootstrap: int = 300):
+    data = {
+        "run": "fixture",
+        "seeds": SEEDS,
+        "algorithms": ALGOS,
+        "benchmarks": BENCHES,
+        "recipes": {a: f"config/recipes/{a}.yaml" for a in ALGOS},
+        "models": {"base": {"source": "tiny", "id": "base"}, "ref": {"source": "tiny", "id": "ref"}},
+        "eval": {"n_samples": N, "ks": {"tiny-mbpp": [1, 5], "humaneval": [1]}},
+        "report": {"bootstrap_samples": bootstrap},
+    }
+    return load_config(data, REPO)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    root = tmp_path_factory.mktemp("results")
+    files = _write_results(root)
+    config, recipes = _config()
+    out = report.build_report(files["jsons"], files["jsonls"], files["parquets"], config, recipes,
+                              root / "report.md", root / "figures", git_commit="abc123")
+    return root, out.read_text(), config, recipes
+
+
+def _row(text: str, heading: str, label: str) -> list[str]:
+    """Cells of the first table row starting with `| label |` after `heading`."""
+    section = text[text.index(heading):]
+    line = next(ln for ln in section.splitlines() if ln.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
+def _numbers(cell: str) -> tuple[float, float, float]:
+    mean, low, high = (float(x) for x in re.findall(r"[-+]?\d+\.\d", cell))
+    return mean, low, high
+
+
+def _direct(root: Path, algo: str, bench: str, k: int) -> float:
+    """pass@k straight from the fixture files: per problem, mean over seeds, mean over problems."""
+    per_seed = []
+    for seed in SEEDS:
+        rows = [json.loads(x) for x in (root / "eval" / algo / f"seed{seed}" / f"{bench}.jsonl").read_text().splitlines()]
+        rows.sort(key=lambda r: r["task_id"])
+        per_seed.append([1 - comb(r["n"] - r["c"], k) / comb(r["n"], k) for r in rows])
+    return float(np.mean(per_seed))
+
+
+def test_table_has_rows_and_columns(rendered):
+    _, text, _, _ = rendered
+    for bench, metrics in {"tiny-mbpp": ["pass@1", "pass@5"], "humaneval": ["pass@1"]}.items():
+        header = text[text.index(f"### {bench}"):].splitlines()[2]
+        assert header == "| algorithm |" + "".join(f" {m} |" for m in [*metrics, "exact_match"])
+        for algo in ALGOS:
+            assert len(_row(text, f"### {bench}", algo)) == len(metrics) + 1
+    assert "`abc123`" in text
+    assert report.config_hash(*rendered[2:]) in text
+
+
+def test_numbers_match_direct_computation_and_ci_contains_mean(rendered):
+    root, text, _, _ = rendered
+    for bench, ks in {"tiny-mbpp": [1, 5], "humaneval": [1]}.items():
+        for algo in ALGOS:
+            cells = _row(text, f"### {bench}", algo)
+            for col, k in enumerate(ks):
+                mean, low, high = _numbers(cells[col])
+                assert mean == pytest.approx(100 * _direct(root, algo, bench, k), abs=0.051)
+                assert low <= mean <= high and low < high
+
+
+def test_exact_match_column(rendered):
+    root, text, _, _ = rendered
+    cells = _row(text, "### tiny-mbpp", "rho1-weighted")
+    expected = 100 * _direct(root, "rho1-weighted", "tiny-mbpp", 1) / 2
+    assert _numbers(cells[-1])[0] == pytest.approx(expected, abs=0.051)
+
+
+def test_difference_sign_and_exclusion(rendered):
+    _, text, _, _ = rendered
+    heading = "### tiny-mbpp"
+    better = _row(text[text.index(heading):], "Difference to", "rho1-weighted")[0]
+    worse = _row(text[text.index(heading):], "Difference to", "rho1-tokenskip")[0]
+    assert _numbers(better)[0] > 0 and "(excludes 0)" in better
+    assert _numbers(worse)[0] < 0 and "(excludes 0)" in worse
+    assert "| baseline-mtp |" not in text[text.index("Difference to"):text.index("### humaneval")]
+
+
+def test_cost_and_weight_tables(rendered):
+    _, text, _, _ = rendered
+    steps, tokens, wall, rate = _row(text, "## Training cost", "critic-wmtp")
+    assert (steps, tokens, wall, rate) == ("45", "50,000", "100.0", "500.0")
+    stats = _row(text, "## Token weights", "rho1-tokenskip")
+    assert stats == ["1.000", "0.500", "0.000", "3.000", "0.300"]
+
+
+def test_published_block_is_labelled_quoted(rendered):
+    _, text, _, _ = rendered
+    block = text[text.index("## Published reference (quoted)"):]
+    assert "17 % more on" in block and "arXiv:2404.19737" in block
+
+
+def test_figures_are_valid_deterministic_pngs(rendered, tmp_path):
+    root, text, config, recipes = rendered
+    names = ["loss_curves.png", "weights.png", "pass_at_k.png"]
+    for name in names:
+        data = (root / "figures" / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+        assert f"](figures/{name})" in text
+    files = {k: sorted(v) for k, v in {
+        "jsons": (root / "eval").rglob("*.json"), "jsonls": (root / "eval").rglob("*.jsonl"),
+        "parquets": (root / "train").rglob("*.parquet")}.items()}
+    again = report.build_report(files["jsons"], files["jsonls"], files["parquets"], config, recipes,
+                                tmp_path / "report.md", tmp_path / "figures", git_commit="abc123")
+    assert again.read_text() == text
+    for name in names:
+        assert (tmp_path / "figures" / name).read_bytes() == (root / "figures" / name).read_bytes()
+
+
+def test_missing_results_are_named(tmp_path):
+    files = _write_results(tmp_path)
+    config, recipes = _config(bootstrap=10)
+    jsonls = [p for p in files["jsonls"] if "rho1-weighted/seed1/humaneval" not in p.as_posix()]
+    with pytest.raises(ValueError, match="rho1-weighted/seed1/humaneval"):
+        report.build_report(files["jsons"], jsonls, files["parquets"], config, recipes,
+                            tmp_path / "r.md", tmp_path / "f")
+
+
+def test_different_problem_sets_are_rejected(tmp_path):
+    files = _write_results(tmp_path)
+    path = tmp_path / "eval" / "critic-wmtp" / "seed0" / "humaneval.jsonl"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]))
+    config, recipes = _config(bootstrap=10)
+    with pytest.raises(ValueError, match="different problem set"):
+        report.build_report(files["jsons"], files["jsonls"], files["parquets"], config, recipes,
+                            tmp_path / "r.md", tmp_path / "f")

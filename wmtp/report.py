@@ -1,0 +1,502 @@
+"""The paper table: evaluation and training results -> `report.md` + PNG figures.
+
+Inputs (paths follow DESIGN.md section 2; algorithm, seed and benchmark are read
+from the path, so a file cannot be attributed to the wrong row):
+
+- `eval/{algo}/seed{s}/{benchmark}.jsonl`: one JSON object per problem with
+  `task_id`, `n` (samples), `c` (samples that passed), optionally `statuses`
+  (one per sample) and `exact_match` (bool, or the share of samples whose
+  completion equals the reference solution; MBPP-format benchmarks).
+- `eval/{algo}/seed{s}/{benchmark}.json`: the evaluation's summary, with
+  `pass@{k}` keys (top level or under `metrics`) and optionally `exact_match`;
+  quoted per seed in the appendix so the table can be checked against it.
+- `train/{algo}/seed{s}/metrics.parquet`: one row per logged step with `step`,
+  `loss`, cumulative `tokens`, `elapsed_s` (wall seconds since the start) and
+  weight statistics `weight_mean`, `weight_std`, `weight_min`, `weight_max`,
+  `weight_frac_zero` (a few alternative spellings are accepted, see `_COLUMNS`).
+
+Statistics: every table cell is computed from per-problem values. For each
+algorithm the per-problem value (pass@k by the unbiased estimator, or exact
+match) is first averaged over seeds, the benchmark score is the mean over
+problems, and its 95% interval comes from resampling problems with replacement.
+The same resamples (one seeded draw per benchmark) are used for every algorithm
+and seed, so the difference to `baseline-mtp` is a paired bootstrap: the
+interval of mean(algo - baseline) over the same resampled problems. Problem-level
+resampling captures the benchmark's finite size, the dominant source of noise
+when comparing fine-tunings; seed variation enters through the seed average.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from jinja2 import Environment, PackageLoader, StrictUndefined
+
+from wmtp.config import PipelineConfig, Recipe, config_hash
+
+BASELINE = "baseline-mtp"
+_PATH = re.compile(r"(?P<algo>[^/]+)/seed(?P<seed>\d+)/(?P<name>[^/]+?)(?:\.json|\.jsonl|\.parquet)$")
+# metrics.parquet: our name -> accepted column names, first present wins.
+_COLUMNS = {
+    "step": ("step", "global_step"),
+    "loss": ("loss", "train/loss", "train_loss"),
+    "tokens": ("tokens", "tokens_seen", "train/tokens"),
+    "elapsed_s": ("elapsed_s", "wall_time_s", "wall_time", "time_s"),
+    "weight_mean": ("weight_mean", "weights/mean", "w_mean"),
+    "weight_std": ("weight_std", "weights/std", "w_std"),
+    "weight_min": ("weight_min", "weights/min", "w_min"),
+    "weight_max": ("weight_max", "weights/max", "w_max"),
+    "weight_frac_zero": ("weight_frac_zero", "weights/frac_zero", "w_frac_zero"),
+}
+
+# Quoted from the paper (Gloeckle et al. 2024); only statements we could verify.
+PUBLISHED = {
+    "citation": 'Gloeckle, Youbi Idrissi, Rozière, Lopez-Paz, Synnaeve (2024), "Better & Faster '
+    'Large Language Models via Multi-token Prediction", ICML 2024, arXiv:2404.19737',
+    "quotes": [
+        (
+            "Abstract",
+            "Our 13B parameter models solves 12 % more problems on HumanEval and 17 % more on "
+            "MBPP than comparable next-token models.",
+        ),
+        (
+            "Section 3.5 (7B models, 1T tokens of code: the released 7B_1T_4 vs 7B_1T_1)",
+            "Multi-token training still maintains an edge on next-token prediction when trained "
+            "on multiple epochs of the same data. The improvements diminish but we still have a "
+            "+2.4% increase on pass@1 on MBPP and +3.2% increase on pass@100 on HumanEval, while "
+            "having similar performance for the rest.",
+        ),
+    ],
+    "note": "The absolute MBPP / HumanEval pass@1 of the 7B n=4 and n=1 models (the paper's "
+    "Table 1) could not be verified from the sources available when this report template was "
+    "written, so they are not quoted. Those numbers are for pretraining from scratch with n "
+    "heads; this pipeline fine-tunes the released n=4 model, so compare directions and "
+    "magnitudes, not exact values.",
+}
+
+
+# ---------------------------------------------------------------- pure metric math
+
+
+def pass_at_k(n: np.ndarray, c: np.ndarray, k: int) -> np.ndarray:
+    """Unbiased pass@k per problem, 1 - C(n-c, k) / C(n, k) (Chen et al. 2021),
+    computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i) to stay finite for large n.
+    Problems with n < k raise: their pass@k is undefined."""
+    n, c = np.asarray(n, dtype=np.int64), np.asarray(c, dtype=np.int64)
+    if np.any(n < k):
+        raise ValueError(f"pass@{k} needs n >= {k} samples per problem; got n = {n.min()}")
+    if np.any((c < 0) | (c > n)):
+        raise ValueError("need 0 <= c <= n for every problem")
+    out = np.empty(n.shape, dtype=np.float64)
+    for i, (ni, ci) in enumerate(zip(n.ravel(), c.ravel(), strict=True)):
+        if ni - ci < k:
+            out.flat[i] = 1.0
+        else:
+            out.flat[i] = 1.0 - np.prod(1.0 - k / np.arange(ni - ci + 1, ni + 1))
+    return out
+
+
+def bootstrap_indices(n_problems: int, n_resamples: int, seed: int) -> np.ndarray:
+    """(n_resamples, n_problems) problem indices drawn with replacement; one draw
+    is shared by every algorithm and seed so that comparisons are paired."""
+    if n_problems < 1:
+        raise ValueError("bootstrap needs at least one problem")
+    return np.random.default_rng(seed).integers(0, n_problems, size=(n_resamples, n_problems))
+
+
+def bootstrap_ci(values: np.ndarray, indices: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of per-problem `values` (P,) and the percentile
+    interval of the means over the resamples `indices` (B, P)."""
+    values = np.asarray(values, dtype=np.float64)
+    means = values[indices].mean(axis=1)  # (B,)
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [alpha, 1.0 - alpha])
+    return float(values.mean()), float(low), float(high)
+
+
+def paired_difference(
+    values: np.ndarray, baseline: np.ndarray, indices: np.ndarray, level: float = 0.95
+) -> tuple[float, float, float, bool]:
+    """(diff, low, high, excludes_zero) for mean(values - baseline) over problems,
+    with the interval from the same problem resamples for both (paired)."""
+    diff, low, high = bootstrap_ci(np.asarray(values) - np.asarray(baseline), indices, level)
+    return diff, low, high, bool(low > 0 or high < 0)
+
+
+# ---------------------------------------------------------------- reading results
+
+
+def _parse_path(path: str | Path) -> tuple[str, int, str]:
+    match = _PATH.search(Path(path).as_posix())
+    if not match:
+        raise ValueError(f"cannot tell algorithm/seed/benchmark from path {path} "
+                         "(expected .../{algo}/seed{s}/{name}.json[l]|.parquet)")
+    return match["algo"], int(match["seed"]), match["name"]
+
+
+def read_problems(path: str | Path) -> pd.DataFrame:
+    """Per-problem records of one evaluation: task_id, n, c[, exact_match], sorted by task_id."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"{path}: no problems")
+    frame = pd.DataFrame(rows)
+    missing = [col for col in ("task_id", "n", "c") if col not in frame]
+    if missing:
+        raise ValueError(f"{path}: per-problem records lack {missing}")
+    frame["task_id"] = frame["task_id"].astype(str)
+    if frame["task_id"].duplicated().any():
+        raise ValueError(f"{path}: duplicate task_id")
+    return frame.sort_values("task_id").reset_index(drop=True)
+
+
+def read_summary(path: str | Path) -> dict[str, float]:
+    """The evaluation summary's `pass@k` and `exact_match` numbers."""
+    payload = json.loads(Path(path).read_text())
+    flat = {**payload.get("metrics", {}), **payload} if isinstance(payload.get("metrics"), dict) else payload
+    return {
+        key: float(value)
+        for key, value in flat.items()
+        if (key.startswith("pass@") or key == "exact_match") and isinstance(value, int | float)
+    }
+
+
+def read_metrics(path: str | Path) -> pd.DataFrame:
+    """metrics.parquet with columns renamed to ours; absent ones are left out."""
+    raw = pd.read_parquet(path)
+    renamed = {}
+    for ours, names in _COLUMNS.items():
+        present = next((name for name in names if name in raw.columns), None)
+        if present is not None:
+            renamed[ours] = raw[present].astype(float)
+    if "step" not in renamed:
+        raise ValueError(f"{path}: no step column (one of {_COLUMNS['step']})")
+    return pd.DataFrame(renamed).sort_values("step").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- table
+
+
+@dataclass
+class Cell:
+    mean: float
+    low: float
+    high: float
+
+
+@dataclass
+class DiffCell(Cell):
+    excludes_zero: bool = False
+
+
+@dataclass
+class BenchmarkTable:
+    """One benchmark's columns: metric names, per-algorithm cells and differences."""
+
+    benchmark: str
+    n_problems: int
+    metrics: list[str]
+    cells: dict[str, dict[str, Cell | None]] = field(default_factory=dict)
+    diffs: dict[str, dict[str, DiffCell | None]] = field(default_factory=dict)
+
+
+def _per_problem(frame: pd.DataFrame, metric: str) -> np.ndarray | None:
+    if metric == "exact_match":
+        if "exact_match" not in frame:
+            return None
+        return frame["exact_match"].astype(float).to_numpy()
+    k = int(metric.split("@")[1])
+    return pass_at_k(frame["n"].to_numpy(), frame["c"].to_numpy(), k)
+
+
+def benchmark_table(
+    benchmark: str,
+    problems: dict[tuple[str, int], pd.DataFrame],
+    algorithms: list[str],
+    seeds: list[int],
+    ks: list[int],
+    n_resamples: int,
+    seed: int,
+) -> BenchmarkTable:
+    """Seed-averaged per-problem values -> bootstrap cells and paired differences.
+
+    `problems[(algo, seed)]` is that run's per-problem frame; every run must cover
+    the same task ids (otherwise the comparison would not be like with like)."""
+    reference = problems[(algorithms[0], seeds[0])]["task_id"].tolist()
+    for key, frame in problems.items():
+        if frame["task_id"].tolist() != reference:
+            raise ValueError(
+                f"{benchmark}: {key[0]} seed {key[1]} evaluated a different problem set than "
+                f"{algorithms[0]} seed {seeds[0]} ({len(frame)} vs {len(reference)} problems)"
+            )
+    metrics = [f"pass@{k}" for k in ks] + ["exact_match"]
+    indices = bootstrap_indices(len(reference), n_resamples, seed)
+    table = BenchmarkTable(benchmark, len(reference), metrics)
+    averaged: dict[str, dict[str, np.ndarray | None]] = {}
+    for algo in algorithms:
+        averaged[algo] = {}
+        for metric in metrics:
+            per_seed = [_per_problem(problems[(algo, s)], metric) for s in seeds]
+            averaged[algo][metric] = (
+                None if any(v is None for v in per_seed) else np.mean(np.stack(per_seed), axis=0)  # (P,)
+            )
+        table.cells[algo] = {
+            metric: None if values is None else Cell(*bootstrap_ci(values, indices))
+            for metric, values in averaged[algo].items()
+        }
+    if BASELINE in algorithms:
+        for algo in algorithms:
+            if algo == BASELINE:
+                continue
+            table.diffs[algo] = {}
+            for metric in metrics:
+                values, base = averaged[algo][metric], averaged[BASELINE][metric]
+                table.diffs[algo][metric] = (
+                    None if values is None or base is None
+                    else DiffCell(*paired_difference(values, base, indices))
+                )
+    return table
+
+
+# ---------------------------------------------------------------- training summaries
+
+
+def training_cost(metrics: dict[tuple[str, int], pd.DataFrame], algorithms: list[str]) -> dict[str, dict]:
+    """Per algorithm, mean over seeds of the final token count, wall time and their ratio."""
+    out = {}
+    for algo in algorithms:
+        runs = [frame for (a, _), frame in sorted(metrics.items()) if a == algo]
+        tokens = [frame["tokens"].iloc[-1] for frame in runs if "tokens" in frame]
+        seconds = [frame["elapsed_s"].iloc[-1] for frame in runs if "elapsed_s" in frame]
+        rates = [t / s for t, s in zip(tokens, seconds, strict=False) if s > 0]
+        out[algo] = {
+            "seeds": len(runs),
+            "steps": float(np.mean([frame["step"].iloc[-1] for frame in runs])) if runs else None,
+            "tokens": float(np.mean(tokens)) if tokens else None,
+            "wall_s": float(np.mean(seconds)) if seconds else None,
+            "tokens_per_s": float(np.mean(rates)) if rates else None,
+        }
+    return out
+
+
+def weight_stats(metrics: dict[tuple[str, int], pd.DataFrame], algorithms: list[str]) -> dict[str, dict]:
+    """Per algorithm over all logged steps and seeds: mean of the step means and
+    stds, the extreme min and max, and the mean share of zero weights."""
+    out = {}
+    for algo in algorithms:
+        frame = pd.concat([f for (a, _), f in sorted(metrics.items()) if a == algo] or [pd.DataFrame()])
+        out[algo] = {
+            "mean": float(frame["weight_mean"].mean()) if "weight_mean" in frame else None,
+            "std": float(frame["weight_std"].mean()) if "weight_std" in frame else None,
+            "min": float(frame["weight_min"].min()) if "weight_min" in frame else None,
+            "max": float(frame["weight_max"].max()) if "weight_max" in frame else None,
+            "frac_zero": float(frame["weight_frac_zero"].mean()) if "weight_frac_zero" in frame else None,
+        }
+    return out
+
+
+def _seed_mean_curve(metrics: dict[tuple[str, int], pd.DataFrame], algo: str, column: str) -> pd.Series | None:
+    """Mean over seeds of `column` per step (steps logged by every seed)."""
+    series = [f.set_index("step")[column] for (a, _), f in sorted(metrics.items()) if a == algo and column in f]
+    if not series:
+        return None
+    return pd.concat(series, axis=1, join="inner").mean(axis=1)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _save_png(fig, path: Path) -> None:
+    """Atomic PNG write with no timestamps in the metadata (same inputs, same bytes)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_figures(
+    tables: list[BenchmarkTable],
+    metrics: dict[tuple[str, int], pd.DataFrame],
+    algorithms: list[str],
+    figures_dir: Path,
+) -> dict[str, Path]:
+    """loss_curves.png, weights.png and pass_at_k.png in `figures_dir`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    out = {}
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for algo in algorithms:
+        curve = _seed_mean_curve(metrics, algo, "loss")
+        if curve is not None:
+            ax.plot(curve.index, curve.to_numpy(), label=algo)
+    ax.set(xlabel="step", ylabel="training loss (mean over seeds)", title="Loss curves")
+    ax.legend()
+    fig.tight_layout()
+    out["loss_curves"] = figures_dir / "loss_curves.png"
+    _save_png(fig, out["loss_curves"])
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    stats = weight_stats(metrics, algorithms)
+    for i, algo in enumerate(algorithms):
+        s = stats[algo]
+        if None not in (s["min"], s["max"], s["mean"], s["std"]):
+            axes[0].vlines(i, s["min"], s["max"], color=f"C{i}", linewidth=1)
+            axes[0].vlines(i, s["mean"] - s["std"], s["mean"] + s["std"], color=f"C{i}", linewidth=8)
+            axes[0].plot(i, s["mean"], "o", color="black")
+        std = _seed_mean_curve(metrics, algo, "weight_std")
+        zero = _seed_mean_curve(metrics, algo, "weight_frac_zero")
+        if std is not None:
+            axes[1].plot(std.index, std.to_numpy(), color=f"C{i}", label=algo)
+        if zero is not None:
+            axes[2].plot(zero.index, zero.to_numpy(), color=f"C{i}", label=algo)
+    axes[0].set_xticks(range(len(algorithms)), algorithms, rotation=20, fontsize="small")
+    axes[0].set(ylabel="token weight", title="Weights: min..max, mean +- std, mean")
+    axes[1].set(xlabel="step", ylabel="weight std (mean over seeds)", title="Weight spread over training")
+    axes[2].set(xlabel="step", ylabel="share of zero weights", title="Skipped tokens over training")
+    for ax in axes[1:]:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    out["weights"] = figures_dir / "weights.png"
+    _save_png(fig, out["weights"])
+    plt.close(fig)
+
+    columns = [(t.benchmark, m) for t in tables for m in t.metrics if m != "exact_match"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(columns)), 4))
+    width = 0.8 / max(1, len(algorithms))
+    x = np.arange(len(columns))
+    by_bench = {t.benchmark: t for t in tables}
+    for i, algo in enumerate(algorithms):
+        cells = [by_bench[b].cells[algo][m] for b, m in columns]
+        means = np.array([100 * c.mean for c in cells])
+        errors = np.array([[100 * (c.mean - c.low) for c in cells], [100 * (c.high - c.mean) for c in cells]])
+        ax.bar(x + (i - (len(algorithms) - 1) / 2) * width, means, width, yerr=errors, capsize=3, label=algo)
+    ax.set_xticks(x, [f"{b}\n{m}" for b, m in columns])
+    ax.set(ylabel="% (mean over seeds, 95% bootstrap CI)", title="pass@k per algorithm")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    out["pass_at_k"] = figures_dir / "pass_at_k.png"
+    _save_png(fig, out["pass_at_k"])
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------- report
+
+
+def current_git_commit(repo: str | Path = ".") -> str | None:
+    """HEAD of the repository at `repo` (with `-dirty` if it has local changes),
+    or None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _index(paths: list[str | Path], kind: str) -> dict[tuple[str, int, str], Path]:
+    out = {}
+    for path in paths:
+        key = _parse_path(path)
+        if key in out:
+            raise ValueError(f"two {kind} files for {key}: {out[key]} and {path}")
+        out[key] = Path(path)
+    return out
+
+
+def _require(index: dict, keys: list[tuple[str, int, str]], kind: str) -> None:
+    missing = [k for k in keys if k not in index]
+    if missing:
+        shown = ", ".join(f"{a}/seed{s}/{b}" for a, s, b in missing)
+        raise ValueError(f"missing {kind} results for: {shown}")
+
+
+def build_report(
+    eval_jsons: list[str | Path],
+    eval_jsonls: list[str | Path],
+    metrics_parquets: list[str | Path],
+    config: PipelineConfig,
+    recipes: dict[str, Recipe],
+    out_md: str | Path,
+    figures_dir: str | Path,
+    git_commit: str | None = None,
+) -> Path:
+    """Render `out_md` (the paper table and everything around it) and the figures.
+
+    Raises `ValueError` naming every (algorithm, seed, benchmark) whose files are
+    missing, so a partial run never yields a table that silently drops a row."""
+    algorithms, seeds, benchmarks = list(config.algorithms), list(config.seeds), list(config.benchmarks)
+    out_md, figures_dir = Path(out_md), Path(figures_dir)
+    summaries, problems_files = _index(eval_jsons, "eval json"), _index(eval_jsonls, "eval jsonl")
+    metric_files = {(a, s): p for (a, s, _), p in _index(metrics_parquets, "metrics").items()}
+    wanted = [(a, s, b) for a in algorithms for s in seeds for b in benchmarks]
+    _require(problems_files, wanted, "per-problem eval (.jsonl)")
+    _require(summaries, wanted, "eval summary (.json)")
+    _require({(a, s, "metrics"): p for (a, s), p in metric_files.items()},
+             [(a, s, "metrics") for a in algorithms for s in seeds], "training metrics")
+
+    tables = []
+    for benchmark in benchmarks:
+        problems = {(a, s): read_problems(problems_files[(a, s, benchmark)]) for a in algorithms for s in seeds}
+        ks = config.eval.ks.get(benchmark, [1])
+        tables.append(benchmark_table(benchmark, problems, algorithms, seeds, ks,
+                                      config.report.bootstrap_samples, seed=zlib.crc32(benchmark.encode())))
+    metrics = {(a, s): read_metrics(metric_files[(a, s)]) for a in algorithms for s in seeds}
+    figures = make_figures(tables, metrics, algorithms, figures_dir)
+    per_seed = {
+        (a, s, b): read_summary(summaries[(a, s, b)]) for a in algorithms for s in seeds for b in benchmarks
+    }
+
+    env = Environment(loader=PackageLoader("wmtp", "templates"), undefined=StrictUndefined,
+                      keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+    env.filters["pct"] = lambda v: "n/a" if v is None else f"{100 * v:.1f}"
+    env.filters["num"] = lambda v, fmt=",.0f": "n/a" if v is None else format(v, fmt)
+    text = env.get_template("report.md.j2").render(
+        run=config.run,
+        algorithms=algorithms,
+        seeds=seeds,
+        benchmarks=benchmarks,
+        baseline=BASELINE,
+        tables=tables,
+        cost=training_cost(metrics, algorithms),
+        weights=weight_stats(metrics, algorithms),
+        per_seed=per_seed,
+        eval_settings=config.eval,
+        n_resamples=config.report.bootstrap_samples,
+        recipes={a: recipes[a] for a in algorithms if a in recipes},
+        config_hash=config_hash(config, recipes),
+        git_commit=git_commit or "unknown",
+        figures={name: os.path.relpath(path, out_md.parent) for name, path in figures.items()},
+        published=PUBLISHED,
+    )
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_md.name}.", dir=out_md.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, out_md)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    print(f"report written to {out_md}", file=sys.stderr)
+    return out_md
