@@ -114,8 +114,12 @@ def get_report_inputs(wildcards):
     """All evaluations and training metrics of the configured table, in a fixed order."""
     runs = [(a, s) for a in CONFIG.algorithms for s in CONFIG.seeds]
     return {
-        "evals": [eval_file(a, s, b, "json") for a, s in runs for b in CONFIG.benchmarks],
-        "samples": [eval_file(a, s, b, "jsonl") for a, s in runs for b in CONFIG.benchmarks],
+        "evals": [
+            eval_file(a, s, b, "json") for a, s in runs for b in CONFIG.benchmarks
+        ],
+        "samples": [
+            eval_file(a, s, b, "jsonl") for a, s in runs for b in CONFIG.benchmarks
+        ],
         "metrics": [train_metrics(a, s) for a, s in runs],
     }
 

@@ -7,18 +7,18 @@ rule critic:
     output:
         head="results/{run}/critic/value_head.safetensors",
         metrics="results/{run}/critic/metrics.json",
-    params:
-        settings=get_critic_params,
     log:
         "logs/{run}/critic/critic.log",
     benchmark:
         "logs/{run}/benchmarks/critic/critic.tsv"
+    conda:
+        "../envs/train.yaml"
     threads: 1
     resources:
         gpu=0,
         mem_mb=4000,
         runtime=120,
-    conda:
-        "../envs/train.yaml"
+    params:
+        settings=get_critic_params,
     script:
         "../workflow_scripts/critic.py"

@@ -4,18 +4,18 @@
 rule download_model:
     output:
         directory("results/{run}/models/{role}"),
-    params:
-        settings=get_model_params,
     log:
         "logs/{run}/download_model/{role}.log",
     benchmark:
         "logs/{run}/benchmarks/download_model/{role}.tsv"
+    conda:
+        "../envs/train.yaml"
     threads: 1
     resources:
         mem_mb=8000,
         runtime=120,
-    conda:
-        "../envs/train.yaml"
+    params:
+        settings=get_model_params,
     script:
         "../workflow_scripts/download_model.py"
 
@@ -23,15 +23,15 @@ rule download_model:
 rule download_data:
     output:
         "results/{run}/data/{dataset}/{split}.parquet",
-    params:
-        settings=get_data_params,
     log:
         "logs/{run}/download_data/{dataset}/{split}.log",
+    conda:
+        "../envs/train.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=30,
-    conda:
-        "../envs/train.yaml"
+    params:
+        settings=get_data_params,
     script:
         "../workflow_scripts/download_data.py"

@@ -7,18 +7,18 @@ rule eval:
     output:
         summary="results/{run}/eval/{algo}/seed{seed}/{benchmark}.json",
         samples="results/{run}/eval/{algo}/seed{seed}/{benchmark}.jsonl",
-    params:
-        settings=get_eval_params,
     log:
         "logs/{run}/eval/{algo}/seed{seed}/{benchmark}.log",
     benchmark:
         "logs/{run}/benchmarks/eval/{algo}/seed{seed}/{benchmark}.tsv"
+    conda:
+        "../envs/eval.yaml"
     threads: 1
     resources:
         gpu=0,
         mem_mb=4000,
         runtime=120,
-    conda:
-        "../envs/eval.yaml"
+    params:
+        settings=get_eval_params,
     script:
         "../workflow_scripts/eval.py"

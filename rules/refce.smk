@@ -8,18 +8,18 @@ rule refce:
         data="results/{run}/data/{dataset}/train.parquet",
     output:
         "results/{run}/refce/{dataset}.parquet",
-    params:
-        settings=get_refce_params,
     log:
         "logs/{run}/refce/{dataset}.log",
     benchmark:
         "logs/{run}/benchmarks/refce/{dataset}.tsv"
+    conda:
+        "../envs/train.yaml"
     threads: 1
     resources:
         gpu=0,
         mem_mb=4000,
         runtime=60,
-    conda:
-        "../envs/train.yaml"
+    params:
+        settings=get_refce_params,
     script:
         "../workflow_scripts/refce.py"

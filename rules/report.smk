@@ -11,16 +11,16 @@ rule report:
             patterns=["{name}.png"],
             category="Figures",
         ),
-    params:
-        settings=get_report_params,
     log:
         "logs/{run}/report/report.log",
+    conda:
+        "../envs/report.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=30,
-    conda:
-        "../envs/report.yaml"
+    params:
+        settings=get_report_params,
     script:
         "../workflow_scripts/report.py"
 
@@ -30,11 +30,11 @@ rule publish_report:
         report_path(),
     output:
         REPORT_COPY,
-    params:
-        run=RUN,
     log:
         f"logs/{RUN}/publish_report.log",
     conda:
         "../envs/report.yaml"
+    params:
+        run=RUN,
     shell:
         "cp {input} {output} 2> {log}"

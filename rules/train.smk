@@ -7,20 +7,20 @@ rule train:
     output:
         model=directory("results/{run}/train/{algo}/seed{seed}/model"),
         metrics="results/{run}/train/{algo}/seed{seed}/metrics.parquet",
-    params:
-        algorithm="{algo}",
-        recipe=get_recipe_params,
-        settings=get_train_params,
     log:
         "logs/{run}/train/{algo}/seed{seed}.log",
     benchmark:
         "logs/{run}/benchmarks/train/{algo}/seed{seed}.tsv"
+    conda:
+        "../envs/train.yaml"
     threads: 1
     resources:
         gpu=0,
         mem_mb=4000,
         runtime=240,
-    conda:
-        "../envs/train.yaml"
+    params:
+        algorithm="{algo}",
+        recipe=get_recipe_params,
+        settings=get_train_params,
     script:
         "../workflow_scripts/train.py"

@@ -10,8 +10,9 @@ import sys
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake is injected)
 
-from wmtp.config import EvalSettings  # noqa: E402
 from wmtp.evaluate import evaluate_model  # noqa: E402
+
+from wmtp.config import EvalSettings  # noqa: E402
 
 sm = snakemake  # noqa: F821
 settings = EvalSettings.model_validate(sm.params.settings)

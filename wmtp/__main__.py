@@ -1,0 +1,7 @@
+"""`python -m wmtp ...`: see wmtp/cli.py."""
+
+import sys
+
+from wmtp.cli import main
+
+sys.exit(main())
