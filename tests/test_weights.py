@@ -1,0 +1,228 @@
+"""Invariants of the token weights (issue 2, DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from wmtp.config import WeightingSettings
+from wmtp.weights import (
+    WEIGHT_FUNCTIONS,
+    algorithm_weights,
+    critic_deltas,
+    normalize,
+    rho1_scores,
+    strength,
+    tokenskip,
+)
+
+
+def random_batch(seed: int, shape=(3, 40), spread: float = 1.0, p_valid: float = 0.7):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(shape, generator=generator) * spread
+    mask = torch.rand(shape, generator=generator) < p_valid
+    mask[0, 0] = True  # at least one valid token
+    return scores, mask
+
+
+def assert_weight_invariants(weights, mask, eps=0.05, w_max=3.0):
+    assert weights.dtype == torch.float32
+    assert not weights.requires_grad
+    assert torch.all(weights[~mask] == 0)
+    valid = weights[mask]
+    assert abs(valid.mean().item() - 1.0) < 1e-4
+    assert valid.min().item() >= eps - 1e-6
+    assert valid.max().item() <= w_max + 1e-6
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(
+    "temperature,eps,w_max,spread",
+    [(0.7, 0.05, 3.0, 1.0), (0.1, 0.05, 3.0, 1.0), (0.3, 0.2, 1.5, 5.0), (2.0, 0.0, 10.0, 1.0)],
+)
+def test_normalize_mean_one_bounds_and_zero_on_invalid(seed, temperature, eps, w_max, spread):
+    scores, mask = random_batch(seed, spread=spread)
+    weights = normalize(scores, mask, temperature, eps, w_max)
+    assert_weight_invariants(weights, mask, eps, w_max)
+    assert weights[mask].std() > 0.01  # random scores really give unequal weights
+
+
+def test_normalize_clipping_binds_and_mean_still_one():
+    scores, mask = random_batch(0, shape=(4, 64))
+    weights = normalize(scores, mask, temperature=0.1)  # very peaked softmax
+    assert_weight_invariants(weights, mask)
+    assert torch.isclose(weights[mask].max(), torch.tensor(3.0))
+    assert torch.isclose(weights[mask].min(), torch.tensor(0.05))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_normalize_monotonic_in_score(seed):
+    scores, mask = random_batch(seed)
+    weights = normalize(scores, mask, temperature=0.5)
+    order = torch.argsort(scores[mask])
+    assert torch.all(torch.diff(weights[mask][order]) >= -1e-6)
+
+
+@pytest.mark.parametrize("scale,shift", [(3.0, 7.0), (0.01, -2.0), (250.0, 1e3)])
+def test_normalize_invariant_to_positive_affine_change(scale, shift):
+    scores, mask = random_batch(1)
+    expected = normalize(scores, mask)
+    assert torch.allclose(normalize(scores * scale + shift, mask), expected, atol=1e-5)
+
+
+def test_normalize_ignores_invalid_positions_even_nan():
+    scores, mask = random_batch(2)
+    expected = normalize(scores, mask)
+    garbage = scores.clone()
+    garbage[~mask] = float("nan")
+    assert torch.equal(normalize(garbage, mask), expected)
+    garbage[~mask] = 1e9
+    assert torch.equal(normalize(garbage, mask), expected)
+
+
+def test_normalize_edge_cases():
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert torch.equal(normalize(torch.full((2, 3), 4.2), mask), mask.float())  # zero std
+    single = torch.tensor([[False, True, False]])
+    assert torch.equal(normalize(torch.tensor([[0.0, -5.0, 3.0]]), single), single.float())
+    none = normalize(torch.randn(2, 3), torch.zeros(2, 3, dtype=torch.bool))
+    assert torch.equal(none, torch.zeros(2, 3))
+
+
+def test_normalize_rejects_bad_input():
+    scores, mask = random_batch(0)
+    with pytest.raises(ValueError, match="same shape"):
+        normalize(scores, mask[:, :-1])
+    with pytest.raises(ValueError, match="eps"):
+        normalize(scores, mask, eps=1.5)
+    bad = scores.clone()
+    bad[mask] = float("inf")
+    with pytest.raises(ValueError, match="finite"):
+        normalize(bad, mask)
+
+
+def test_rho1_scores_signed_and_abs():
+    ce_base = torch.tensor([[2.0, 0.5, 1.0]])
+    ce_ref = torch.tensor([[1.0, 1.5, 1.0]])
+    assert torch.equal(rho1_scores(ce_base, ce_ref), torch.tensor([[1.0, -1.0, 0.0]]))
+    assert torch.equal(rho1_scores(ce_base, ce_ref, mode="abs"), torch.tensor([[1.0, 1.0, 0.0]]))
+    with pytest.raises(ValueError, match="signed"):
+        rho1_scores(ce_base, ce_ref, mode="square")
+
+
+@pytest.mark.parametrize("skip_ratio", [0.0, 0.3, 0.29, 0.5, 0.9])
+def test_tokenskip_drops_floor_of_lowest_and_mean_is_exactly_one(skip_ratio):
+    scores, mask = random_batch(3, shape=(4, 25))
+    weights = tokenskip(scores, mask, skip_ratio)
+    n_valid = int(mask.sum())
+    n_drop = math.floor(skip_ratio * n_valid + 1e-9)
+    kept = weights[mask] > 0
+    assert int((~kept).sum()) == n_drop
+    assert torch.all(weights[~mask] == 0)
+    assert torch.allclose(weights[mask][kept], torch.tensor(n_valid / (n_valid - n_drop)))
+    assert abs(weights[mask].mean().item() - 1.0) < 1e-6
+    if n_drop:
+        assert scores[mask][~kept].max() <= scores[mask][kept].min()
+
+
+def test_tokenskip_never_counts_padding():
+    scores, mask = random_batch(4, shape=(2, 30))
+    expected = tokenskip(scores, mask, 0.3)
+    padded_scores = torch.cat([scores, torch.full((2, 20), -1e6)], dim=1)  # very low padding scores
+    padded_mask = torch.cat([mask, torch.zeros(2, 20, dtype=torch.bool)], dim=1)
+    weights = tokenskip(padded_scores, padded_mask, 0.3)
+    assert torch.equal(weights[:, :30], expected)
+    assert torch.all(weights[:, 30:] == 0)
+
+
+def test_tokenskip_edge_cases():
+    with pytest.raises(ValueError, match="skip_ratio"):
+        tokenskip(torch.zeros(1, 3), torch.ones(1, 3), 1.0)
+    assert torch.equal(tokenskip(torch.zeros(1, 3), torch.zeros(1, 3), 0.3), torch.zeros(1, 3))
+
+
+def test_critic_deltas_matches_definition():
+    values, mask = random_batch(5, shape=(2, 9))
+    deltas = critic_deltas(values, mask)
+    for b in range(2):
+        for j in range(9):
+            previous = values[b, j - 1] if j > 0 else 0.0
+            expected = (values[b, j] - previous) if mask[b, j] else 0.0
+            assert torch.isclose(deltas[b, j], torch.as_tensor(expected, dtype=torch.float32), atol=1e-6)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.25, 1.0])
+def test_strength_keeps_mean_and_bounds(lam):
+    scores, mask = random_batch(6)
+    weights = normalize(scores, mask, temperature=0.2)
+    mixed = strength(weights, mask, lam)
+    assert_weight_invariants(mixed, mask)
+    assert torch.allclose(mixed[mask], 1 + lam * (weights[mask] - 1))
+    if lam == 0:
+        assert torch.equal(mixed, mask.float())
+    with pytest.raises(ValueError, match="strength"):
+        strength(weights, mask, 1.5)
+
+
+def test_weights_carry_no_gradient():
+    scores, mask = random_batch(7)
+    scores.requires_grad_(True)
+    for weights in (
+        normalize(scores, mask),
+        tokenskip(scores, mask),
+        critic_deltas(scores, mask),
+        strength(scores, mask, 0.5),
+        rho1_scores(scores, scores.detach() * 0.5),
+    ):
+        assert not weights.requires_grad
+
+
+def inputs(seed: int):
+    scores, mask = random_batch(seed, shape=(3, 30))
+    ce_base = scores.abs() + 1.0
+    ce_ref = torch.rand(3, 30, generator=torch.Generator().manual_seed(seed)) * 2
+    return mask, dict(ce_base=ce_base, ce_ref=ce_ref, values=scores.cumsum(-1))
+
+
+@pytest.mark.parametrize("algorithm", sorted(WEIGHT_FUNCTIONS))
+@pytest.mark.parametrize("lam", [1.0, 0.5])
+def test_algorithm_weights_invariants(algorithm, lam):
+    mask, extra = inputs(8)
+    settings = WeightingSettings(strength=lam)
+    weights = algorithm_weights(algorithm, mask, settings, **extra)
+    w_max = 1 / (1 - settings.skip_ratio) if algorithm == "rho1-tokenskip" else settings.w_max
+    eps = 1 - lam if algorithm == "rho1-tokenskip" else settings.eps
+    assert_weight_invariants(weights, mask, eps=min(eps, settings.eps), w_max=w_max)
+
+
+def close(a, b):
+    return torch.allclose(a, b, atol=1e-6)
+
+
+def test_algorithm_weights_use_each_setting():
+    mask, extra = inputs(9)
+    scores = rho1_scores(extra["ce_base"], extra["ce_ref"])
+    settings = WeightingSettings(temperature=0.4, eps=0.1, w_max=2.5, strength=0.6)
+    expected = strength(normalize(scores, mask, 0.4, 0.1, 2.5), mask, 0.6)
+    assert close(algorithm_weights("rho1-weighted", mask, settings, **extra), expected)
+    abs_settings = WeightingSettings(rho1_mode="abs")
+    assert close(
+        algorithm_weights("rho1-weighted", mask, abs_settings, **extra), normalize(scores.abs(), mask)
+    )
+    skip = WeightingSettings(skip_ratio=0.5)
+    assert close(algorithm_weights("rho1-tokenskip", mask, skip, **extra), tokenskip(scores, mask, 0.5))
+    critic = algorithm_weights("critic-wmtp", mask, WeightingSettings(), **extra)
+    assert close(critic, normalize(critic_deltas(extra["values"], mask), mask))
+    assert close(algorithm_weights("baseline-mtp", mask, WeightingSettings()), mask.float())
+
+
+def test_algorithm_weights_errors():
+    mask, extra = inputs(10)
+    with pytest.raises(ValueError, match="baseline-mtp.*rho1-weighted.*rho1-tokenskip.*critic-wmtp"):
+        algorithm_weights("rho2", mask, WeightingSettings())
+    with pytest.raises(ValueError, match="ce_ref"):
+        algorithm_weights("rho1-weighted", mask, WeightingSettings(), ce_base=extra["ce_base"])
+    with pytest.raises(ValueError, match="values"):
+        algorithm_weights("critic-wmtp", mask, WeightingSettings())
