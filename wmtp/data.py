@@ -83,7 +83,7 @@ def read_split(path: str | Path) -> pd.DataFrame:
     return frame
 
 
-def _special_prefix(tokenizer) -> list[int]:
+def special_prefix(tokenizer) -> list[int]:
     """Tokens the tokenizer puts before any text by default (e.g. Llama's BOS), so
     training sees the same prompt start as generation, which tokenises with
     defaults."""
@@ -102,7 +102,7 @@ def build_examples(rows: pd.DataFrame, tokenizer, max_seq_len: int) -> list[Exam
     mid-function."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token_id; training targets end with EOS")
-    prefix = _special_prefix(tokenizer)
+    prefix = special_prefix(tokenizer)
     examples, dropped = [], 0
     for row in rows.itertuples(index=False):
         tests = list(row.test_list)

@@ -1,0 +1,212 @@
+"""Critic stage 1: GAE targets, value-head training, rollout selection, rewards, end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_config
+
+import wmtp.critic as critic
+from wmtp.checkpoints import load_model, save_model
+from wmtp.config import CriticSettings
+from wmtp.critic import (
+    Rollout,
+    ValueHead,
+    execution_rewards,
+    fit_value_head,
+    gae_returns,
+    load_value_head,
+    save_value_head,
+    select_rollouts,
+    train_critic,
+)
+from wmtp.model import MTPModel
+
+
+def test_gae_matches_hand_computation():
+    # One episode on positions 1..3 (mask), terminal reward 1 at position 3.
+    rewards = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[9.0, 0.2, 0.5, 0.7, 9.0]])
+    mask = torch.tensor([[False, True, True, True, False]])
+    got = gae_returns(rewards, values, mask, gamma=0.9, lam=0.8)
+    # t=3: delta = 1 - 0.7 = 0.3;            A = 0.3;                return 1.0
+    # t=2: delta = 0.9*0.7 - 0.5 = 0.13;     A = 0.13 + 0.72*0.3;    return A + 0.5
+    # t=1: delta = 0.9*0.5 - 0.2 = 0.25;     A = 0.25 + 0.72*A_2;    return A + 0.2
+    a2 = 0.13 + 0.72 * 0.3
+    a1 = 0.25 + 0.72 * a2
+    expected = torch.tensor([[0.0, a1 + 0.2, a2 + 0.5, 1.0, 0.0]])
+    torch.testing.assert_close(got, expected)
+
+
+def test_gae_with_gamma_lam_one_returns_the_reward_and_rows_are_independent():
+    values = torch.randn(3, 6)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    rewards = torch.zeros(3, 6)
+    rewards[0, 2], rewards[1, 5], rewards[2, 5] = 0.5, 1.0, 0.0
+    got = gae_returns(rewards, values, mask, gamma=1.0, lam=1.0)
+    expected = torch.where(mask, torch.tensor([[0.5], [1.0], [0.0]]).expand(3, 6), torch.zeros(3, 6))
+    torch.testing.assert_close(got, expected)
+    # lam = 0: one-step TD targets r_t + gamma V_{t+1}
+    td = gae_returns(rewards, values, mask, gamma=0.5, lam=0.0)
+    torch.testing.assert_close(td[0, :2], 0.5 * values[0, 1:3])
+    assert td[0, 2] == pytest.approx(0.5)
+
+
+def toy_problem(n: int = 64, dim: int = 16, seed: int = 0):
+    """Reward = 1 when feature 0 of the hidden states is positive, else 0."""
+    g = torch.Generator().manual_seed(seed)
+    hiddens, rewards = [], []
+    for i in range(n):
+        h = torch.randn(int(torch.randint(3, 12, (1,), generator=g)), dim, generator=g)
+        sign = 1.0 if i % 2 else -1.0
+        h[:, 0] = sign * (1.0 + h[:, 0].abs())
+        hiddens.append(h)
+        rewards.append(1.0 if sign > 0 else 0.0)
+    return hiddens, rewards
+
+
+def test_value_head_learns_toy_reward_deterministically():
+    hiddens, rewards = toy_problem()
+    settings = CriticSettings(hidden_dim=32, lr=3e-3, epochs=15, batch_size=8, lam=1.0)
+    head, curve = fit_value_head(hiddens, rewards, settings, seed=0)
+    losses = curve["loss_per_epoch"]
+    assert len(losses) == 15 and len(curve["loss_per_step"]) == 15 * 8
+    assert losses[-1] < 0.3 * losses[0]
+    with torch.no_grad():
+        final = [float(head(h.unsqueeze(0))[0, -1]) for h in hiddens]
+    assert np.corrcoef(final, rewards)[0, 1] > 0.9
+    again, _ = fit_value_head(hiddens, rewards, settings, seed=0)
+    for a, b in zip(head.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_value_head_save_load_roundtrip(tmp_path):
+    head = ValueHead(8, 16)
+    path = save_value_head(head, tmp_path / "v" / "value_head.safetensors")
+    loaded = load_value_head(path)
+    x = torch.randn(2, 5, 8)
+    assert loaded(x).shape == (2, 5)
+    torch.testing.assert_close(loaded(x), head.eval()(x))
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "junk.safetensors"))
+    with pytest.raises(ValueError, match="not a value head"):
+        load_value_head(tmp_path / "junk.safetensors")
+
+
+def biased_rollouts(seed: int = 0) -> list[Rollout]:
+    """Correct rollouts tend to be short, wrong ones long (with overlap)."""
+    rng = np.random.default_rng(seed)
+    rollouts = []
+    for problem in range(40):
+        for _ in range(6):
+            good = rng.random() < 0.5
+            length = int(rng.integers(5, 40) if good else rng.integers(20, 60))
+            rollouts.append(Rollout(str(problem), [1, 2], [3] * length, 1.0 if good else 0.0))
+    return rollouts
+
+
+def test_length_balancing_matches_lengths_and_caps_problems():
+    rollouts = biased_rollouts()
+    kept, stats = select_rollouts(rollouts, max_per_problem=4, length_balance=True, seed=0)
+    per_problem = pd.Series([r.sample_id for r in kept]).value_counts()
+    assert per_problem.max() <= 4
+    assert stats["length_balance_applied"] and stats["n_kept"] == len(kept) > 20
+    edges = np.array(stats["length_bucket_edges"])
+    lengths = np.array([len(r.completion_ids) for r in kept])
+    high = np.array([r.reward >= 0.5 for r in kept])
+    buckets = np.searchsorted(edges, lengths, side="right")
+    for b in np.unique(buckets):
+        assert (high & (buckets == b)).sum() == (~high & (buckets == b)).sum()
+    assert stats["length_reward_corr_before"] < -0.5
+    assert abs(stats["length_reward_corr_after"]) < 0.5 * abs(stats["length_reward_corr_before"])
+    unbalanced, plain = select_rollouts(rollouts, max_per_problem=4, length_balance=False, seed=0)
+    assert not plain["length_balance_applied"] and len(unbalanced) == plain["n_after_cap"] == 160
+    # the cap keeps both classes when a problem has both
+    mixed = [Rollout("p", [1], [3] * n, r) for n, r in [(5, 1.0), (6, 1.0), (7, 1.0), (8, 0.0)]]
+    kept_mixed, _ = select_rollouts(mixed, max_per_problem=2, length_balance=False, seed=0)
+    assert sorted(r.reward for r in kept_mixed) == [0.0, 1.0]
+
+
+def test_length_balancing_skipped_when_one_class():
+    rollouts = [Rollout(str(i), [1], [3] * (i + 1), 0.0) for i in range(10)]
+    kept, stats = select_rollouts(rollouts, max_per_problem=4, length_balance=True, seed=0)
+    assert len(kept) == 10 and not stats["length_balance_applied"]
+
+
+ADD_TESTS = ["assert add(1, 2) == 3", "assert add(5, 5) == 10"]
+
+
+def test_execution_reward_is_fraction_of_tests_passed():
+    programs = [
+        "def add(a, b):\n    return a + b\n",
+        "def add(a, b):\n    return a + b if a < 5 else 0\n",
+        "def add(a, b):\n    return a - b\n",
+        "def add(a, b)\n    return a + b\n",
+        "def add(a, b):\n    while True:\n        pass\n",
+    ]
+    rewards = execution_rewards(programs, [ADD_TESTS] * len(programs), timeout=1.0, workers=2)
+    assert rewards == [1.0, 0.5, 0.0, 0.0, 0.0]
+    assert execution_rewards(["x = 1\n"], [["assert y == 2"]], ["y = 2"], workers=1) == [1.0]
+
+
+def test_train_critic_end_to_end(tiny_tokenizer, tmp_path, monkeypatch):
+    model = MTPModel(tiny_config(vocab_size=len(tiny_tokenizer)))
+    model.init_weights(seed=0)
+    base = save_model(model, tmp_path / "base", tokenizer=tiny_tokenizer)
+    rows = pd.DataFrame({
+        "task_id": [11, 12, 13],
+        "text": ["Add two numbers.", "Multiply two numbers.", "Subtract."],
+        "code": ["def add(a, b):\n    return a + b\n", "def mul(a, b):\n    return a * b\n",
+                 "def sub(a, b):\n    return a - b\n"],
+        "test_list": [ADD_TESTS, ["assert mul(2, 3) == 6", "assert mul(0, 3) == 0"],
+                      ["assert sub(3, 1) == 2", "assert sub(1, 1) == 0"]],
+    })
+    rows.to_parquet(tmp_path / "train.parquet")
+    answers = {
+        "add": ["def add(a, b):\n    return a + b", "def add(a, b):\n    return 0"],
+        "mul": ["def mul(a, b):\n    return a * b", "def mul(a, b):\n    return a * b if a else 1"],
+        "sub": ["def sub(a, b):\n    return a - b", "def sub(a, b):\n    return b"],
+    }
+    calls = []
+
+    def fake_sample(model_, tokenizer_, prompts, settings_, seed_):
+        calls.append((len(prompts), settings_.samples_per_problem, seed_))
+        return [answers[next(k for k in answers if f"{k}(" in p)] for p in prompts]
+
+    monkeypatch.setattr(critic, "sample_completions", fake_sample)
+    settings = CriticSettings(samples_per_problem=2, max_samples_per_problem=2, hidden_dim=16,
+                              epochs=3, batch_size=2, max_new_tokens=16)
+    head_path, metrics_path = train_critic(base, tmp_path / "train.parquet", settings, seed=5,
+                                           out_dir=tmp_path / "critic", max_seq_len=256, timeout=2.0)
+    assert calls == [(3, 2, 5)]
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["n_rollouts"] == 6
+    assert metrics["reward_all"]["mean"] == pytest.approx((1 + 0 + 1 + 0.5 + 1 + 0) / 6)
+    assert len(metrics["loss_per_epoch"]) == 3 and all(np.isfinite(metrics["loss_per_step"]))
+    assert metrics["n_rollouts_kept"] == metrics["selection"]["n_kept"] > 0
+    head = load_value_head(head_path)
+    trunk = load_model(base).trunk(torch.tensor([[5, 6, 7, 8]]))[0]
+    assert head(trunk).shape == (1, 4)
+
+
+def test_reward_model_scores_are_probabilities(tiny_tokenizer, tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    for n_labels in (1, 2):
+        config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=16, intermediate_size=32,
+                             num_hidden_layers=1, num_attention_heads=2, num_labels=n_labels,
+                             pad_token_id=tiny_tokenizer.pad_token_id)
+        torch.manual_seed(0)
+        directory = tmp_path / f"rm{n_labels}"
+        LlamaForSequenceClassification(config).save_pretrained(directory)
+        tiny_tokenizer.save_pretrained(directory)
+        texts = ["def f():\n    return 1\n", "x", "def g(a):\n    return a * 2\n"]
+        scores = critic.reward_model_scores(texts, directory, batch_size=2)
+        assert len(scores) == 3 and all(0 < s < 1 for s in scores)
+        assert scores == pytest.approx(critic.reward_model_scores(texts[::-1], directory, batch_size=3)[::-1],
+                                       abs=1e-5)
