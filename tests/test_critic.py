@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 import torch
 from conftest import tiny_config
+from test_refce import run_workflow_script
 
 import wmtp.critic as critic
 from wmtp.checkpoints import load_model, save_model
-from wmtp.config import CriticSettings
+from wmtp.config import CriticSettings, DataSettings
 from wmtp.critic import (
     Rollout,
     ValueHead,
@@ -192,6 +193,19 @@ def test_train_critic_end_to_end(tiny_tokenizer, tmp_path, monkeypatch):
     head = load_value_head(head_path)
     trunk = load_model(base).trunk(torch.tensor([[5, 6, 7, 8]]))[0]
     assert head(trunk).shape == (1, 4)
+
+    # The Snakemake adapter gives the same head for the same settings and seed.
+    run_workflow_script(
+        "critic.py", monkeypatch, input={"base": str(base), "data": str(tmp_path / "train.parquet")},
+        output={"head": str(tmp_path / "smk" / "value_head.safetensors"),
+                "metrics": str(tmp_path / "smk" / "metrics.json")},
+        params={"settings": {"critic": settings.model_dump(mode="json"),
+                             "data": DataSettings(max_seq_len=256).model_dump(mode="json")}},
+        log=[str(tmp_path / "critic.log")], config={"seeds": [5], "eval": {"timeout": 2.0}},
+    )
+    from_script = load_value_head(tmp_path / "smk" / "value_head.safetensors")
+    for a, b in zip(head.state_dict().values(), from_script.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_reward_model_scores_are_probabilities(tiny_tokenizer, tmp_path):

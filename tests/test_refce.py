@@ -163,3 +163,45 @@ def test_refce_stage_checks_vocabulary_and_writes_table(ref_model, tiny_tokenize
     _other_tokenizer(len(tiny_tokenizer)).save_pretrained(tmp_path / "ref")
     with pytest.raises(ValueError, match="do not share a vocabulary"):
         refce_stage(ref, base, tmp_path / "train.parquet", tmp_path / "y.parquet", DataSettings())
+
+
+def run_workflow_script(name: str, monkeypatch, **fields):
+    """Run workflow_scripts/<name> as Snakemake's `script:` would, with a stand-in
+    `snakemake` object; stderr is restored afterwards."""
+    import runpy
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from snakemake.iocontainers import Namedlist
+
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    parts = {k: Namedlist(fromdict=v) if isinstance(v, dict) else Namedlist(v) for k, v in fields.items()
+             if k in ("input", "output", "params", "log")}
+    smk = SimpleNamespace(**parts, config=fields.get("config", {}), threads=1, wildcards=Namedlist())
+    script = Path(__file__).resolve().parents[1] / "workflow_scripts" / name
+    runpy.run_path(str(script), init_globals={"snakemake": smk})
+
+
+def test_workflow_scripts_refce_and_merge(ref_model, tiny_tokenizer, tmp_path, monkeypatch):
+    from wmtp.config import DataSettings
+
+    mbpp_rows(5).to_parquet(tmp_path / "train.parquet")
+    base = save_model(ref_model, tmp_path / "base", tokenizer=tiny_tokenizer)
+    ref = save_model(ref_model, tmp_path / "ref", tokenizer=tiny_tokenizer)
+    config = {"models": {"ref": {"source": "tiny", "id": "ref"}}}
+    inputs = {"ref": str(ref), "base": str(base), "data": str(tmp_path / "train.parquet")}
+    settings = {"data": DataSettings(max_seq_len=256).model_dump(mode="json")}
+    run_workflow_script("refce.py", monkeypatch, input=inputs, output=[str(tmp_path / "whole.parquet")],
+                        params={"settings": settings}, log=[str(tmp_path / "refce.log")], config=config)
+    for i in range(2):
+        run_workflow_script("refce.py", monkeypatch, input=inputs, output=[str(tmp_path / f"p{i}.parquet")],
+                            params={"settings": settings, "shard": f"{i}/2", "batch_size": 3},
+                            log=[str(tmp_path / f"refce{i}.log")], config=config)
+    run_workflow_script("refce_merge.py", monkeypatch, input=[str(tmp_path / f"p{i}.parquet") for i in range(2)],
+                        output=[str(tmp_path / "merged.parquet")], log=[str(tmp_path / "merge.log")])
+    whole = pq.read_table(tmp_path / "whole.parquet")
+    merged = pq.read_table(tmp_path / "merged.parquet")
+    assert whole.schema.metadata[b"wmtp.ref_model"] == b"tiny:ref"
+    assert whole.schema.metadata == merged.schema.metadata and whole.num_rows == merged.num_rows
+    assert "ref CE" in (tmp_path / "refce.log").read_text()  # the progress bar went to the log
