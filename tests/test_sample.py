@@ -1,0 +1,127 @@
+"""Sampling: determinism, batch-size independence, padding, stops, HF models, and
+self-speculative decoding equal to greedy decoding token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_config
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from wmtp.loss import weighted_mtp_loss
+from wmtp.model import MTPModel
+from wmtp.sample import _speculate_one, generate, speculative_generate
+
+PROMPTS = ["def add(a, b):\n", "class Model:\n    def forward(self, x", "import"]
+TEXT = "def f(x):\n    return x + 1\n\n" * 4 + "for i in range(10):\n    print(i)\n" * 4
+
+
+@pytest.fixture
+def model(tiny_tokenizer) -> MTPModel:
+    model = MTPModel(tiny_config(vocab_size=len(tiny_tokenizer), n_future_tokens=3, n_layers=5))
+    model.init_weights(seed=0)
+    return model
+
+
+@pytest.fixture
+def trained(model, tiny_tokenizer) -> MTPModel:
+    """The tiny model after a few hundred milliseconds of MTP training on repetitive
+    code, so that its extra heads agree with head 0 often."""
+    ids = torch.tensor([tiny_tokenizer(TEXT)["input_ids"][:96]])  # (1, S)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = weighted_mtp_loss(model, ids, torch.ones_like(ids), torch.ones(ids.shape))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+def _sample(model, tokenizer, **overrides):
+    settings = dict(n=2, temperature=1.0, top_p=0.9, max_new_tokens=12, seed=3, stop=())
+    settings.update(overrides)
+    return generate(model, tokenizer, PROMPTS, **settings)
+
+
+def test_same_seed_same_samples_whatever_the_batch_size(model, tiny_tokenizer):
+    first = _sample(model, tiny_tokenizer, batch_size=4)
+    assert len(first) == len(PROMPTS) and all(len(s) == 2 for s in first)
+    assert _sample(model, tiny_tokenizer, batch_size=4) == first
+    assert _sample(model, tiny_tokenizer, batch_size=1) == first
+    assert _sample(model, tiny_tokenizer, batch_size=6) == first
+    assert _sample(model, tiny_tokenizer, batch_size=4, seed=4) != first
+
+
+def test_greedy_samples_agree_and_padding_does_not_matter(model, tiny_tokenizer):
+    batched = _sample(model, tiny_tokenizer, temperature=0.0, n=2, batch_size=6)
+    assert all(a == b for a, b in batched)
+    alone = [
+        generate(model, tiny_tokenizer, [p], n=1, temperature=0.0, top_p=1.0,
+                 max_new_tokens=12, seed=0, stop=())[0][0]
+        for p in PROMPTS
+    ]  # fmt: skip
+    assert alone == [a for a, _ in batched]
+
+
+def test_completions_are_cut_at_stop_sequences(model, tiny_tokenizer):
+    free = _sample(model, tiny_tokenizer, n=4, max_new_tokens=24, temperature=2.0, top_p=1.0)
+    letter = next(c for s in free for c in s[0] if c.isalpha())
+    cut = _sample(model, tiny_tokenizer, n=4, max_new_tokens=24, temperature=2.0, top_p=1.0,
+                  stop=(letter,))  # fmt: skip
+    for free_row, cut_row in zip(free, cut, strict=True):
+        for whole, part in zip(free_row, cut_row, strict=True):
+            assert letter not in part and whole.startswith(part)
+    assert any(
+        len(p) < len(w)
+        for fr, cr in zip(free, cut, strict=True)
+        for w, p in zip(fr, cr, strict=True)
+    )
+
+
+def test_hf_causal_lm_generates_with_left_padding(tiny_tokenizer):
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(config)
+    batched = generate(hf, tiny_tokenizer, PROMPTS, n=1, temperature=0.0, top_p=1.0,
+                       max_new_tokens=10, seed=0, stop=())  # fmt: skip
+    alone = [
+        generate(hf, tiny_tokenizer, [p], n=1, temperature=0.0, top_p=1.0, max_new_tokens=10,
+                 seed=0, stop=())[0]
+        for p in PROMPTS
+    ]  # fmt: skip
+    assert batched == alone and any(c[0] for c in batched)
+
+
+def _greedy_without_cache(model: MTPModel, prompt: list[int], steps: int) -> list[int]:
+    """Reference greedy decoding: recompute the whole sequence every step."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model.next_token_logits(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("heads_trained", [False, True])
+def test_speculative_equals_greedy_token_for_token(heads_trained, request, tiny_tokenizer):
+    model = request.getfixturevalue("trained" if heads_trained else "model")
+    for prompt in PROMPTS:
+        ids = tiny_tokenizer(prompt)["input_ids"]
+        tokens, accepted = _speculate_one(model, ids, 30, None, lambda out: False)
+        assert tokens == _greedy_without_cache(model, ids, 30)
+        assert all(1 <= a <= model.n_heads for a in accepted)
+    completions, mean_accepted = speculative_generate(model, tiny_tokenizer, PROMPTS, 30, stop=())
+    greedy = generate(model, tiny_tokenizer, PROMPTS, n=1, temperature=0.0, top_p=1.0,
+                      max_new_tokens=30, seed=0, batch_size=1, stop=())  # fmt: skip
+    assert completions == [g[0] for g in greedy]
+    if heads_trained:
+        assert mean_accepted > 1.3, "trained heads should get drafts accepted"
+
+
+def test_bad_settings_raise(model, tiny_tokenizer):
+    with pytest.raises(ValueError, match="sampling settings"):
+        _sample(model, tiny_tokenizer, top_p=0.0)
+    with pytest.raises(TypeError, match="MTPModel"):
+        speculative_generate(torch.nn.Linear(2, 2), tiny_tokenizer, PROMPTS, 4)
