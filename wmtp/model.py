@@ -51,6 +51,9 @@ class MTPConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
+    # Explicit SwiGLU width, for models converted from HF configs whose width is not
+    # Meta's formula; None (Meta's checkpoints) -> computed from multiple_of etc.
+    intermediate_size: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -78,7 +81,9 @@ class MTPConfig:
 
     @property
     def ffn_hidden_dim(self) -> int:
-        """SwiGLU width exactly as Meta's `FeedForward` computes it."""
+        """SwiGLU width exactly as Meta's `FeedForward` computes it (unless overridden)."""
+        if self.intermediate_size is not None:
+            return self.intermediate_size
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
