@@ -62,14 +62,29 @@ def setup(tmp_path_factory, tiny_tokenizer) -> dict:
     ref = MTPModel(config)
     ref.init_weights(seed=1)
     examples = build_examples(read_split(train_path), tiny_tokenizer, 256)
-    refce_path = compute_refce(ref, tiny_tokenizer, examples, root / "refce.parquet", batch_size=8, model_id="ref")
-    return {"root": root, "base": base_dir, "train": train_path, "refce": refce_path, "config": config}
+    refce_path = compute_refce(
+        ref, tiny_tokenizer, examples, root / "refce.parquet", batch_size=8, model_id="ref"
+    )
+    return {
+        "root": root,
+        "base": base_dir,
+        "train": train_path,
+        "refce": refce_path,
+        "config": config,
+    }
 
 
 def recipe(algorithm: str = "baseline-mtp", *, weighting: dict | None = None, **train) -> Recipe:
     settings = dict(
-        max_steps=6, micro_batch_size=4, grad_accum_steps=1, lr=3e-3, warmup_steps=1, min_lr_ratio=0.1,
-        checkpoint_every=3, log_every=1, val_every=3,
+        max_steps=6,
+        micro_batch_size=4,
+        grad_accum_steps=1,
+        lr=3e-3,
+        warmup_steps=1,
+        min_lr_ratio=0.1,
+        checkpoint_every=3,
+        log_every=1,
+        val_every=3,
     )
     settings.update(train)
     payload = {"algorithm": algorithm, "train": settings, "weighting": weighting or {}}
@@ -79,18 +94,374 @@ def recipe(algorithm: str = "baseline-mtp", *, weighting: dict | None = None, **
 
 
 def run(setup, out: Path, rec: Recipe, *, mlflow: bool = False, **kwargs) -> Path:
+    kwargs.setdefault("refce_path", setup["refce"] if rec.algorithm.startswith("rho1") else None)
     return train_lib.train(
-        base_model_dir=setup["base"], train_path=setup["train"], out_dir=out, recipe=rec,
-        data=DataSettings(max_seq_len=256, val_fraction=0.125), seed=0, dataset_name="tiny-mbpp",
-        tracking=TrackingSettings(mlflow=mlflow), tracking_uri=None,
-        refce_path=setup["refce"] if rec.algorithm.startswith("rho1") else None, **kwargs,
+        base_model_dir=setup["base"],
+        train_path=setup["train"],
+        out_dir=out,
+        recipe=rec,
+        data=DataSettings(max_seq_len=256, val_fraction=0.125),
+        seed=0,
+        dataset_name="tiny-mbpp",
+        tracking=TrackingSettings(mlflow=mlflow),
+        tracking_uri=None,
+        **kwargs,
     )
 
 
-def test_baseline_trains(setup, tmp_path):
-    model_dir = run(setup, tmp_path / "out", recipe())
+def final_params(model_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "algorithm, weighting",
+    [
+        ("baseline-mtp", {}),
+        ("rho1-weighted", {}),
+        ("rho1-tokenskip", {"skip_ratio": 0.3}),
+        ("rho1-weighted", {"rho1_base": "frozen", "rho1_mode": "abs"}),
+    ],
+)
+def test_algorithm_trains_with_finite_decreasing_loss(setup, tmp_path, algorithm, weighting):
+    model_dir = run(setup, tmp_path / "out", recipe(algorithm, weighting=weighting))
     metrics = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
     assert list(metrics["step"]) == [1, 2, 3, 4, 5, 6]
-    assert metrics["train_loss"].notna().all()
-    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
-    load_model(model_dir)
+    assert metrics["train_loss"].map(math.isfinite).all()
+    assert metrics["train_loss"].iloc[-2:].mean() < metrics["train_loss"].iloc[:2].mean()
+    assert metrics["val_loss"].notna().sum() == 2  # steps 3 and 6
+    # weights have mean 1 over valid tokens for every algorithm
+    assert metrics["weight_mean"].sub(1).abs().max() < 1e-4
+    if algorithm == "rho1-tokenskip":
+        assert (metrics["weight_frac_zero"] > 0.2).all()
+    if algorithm == "baseline-mtp":
+        assert (metrics["weight_std"] < 1e-6).all()
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["algorithm"] == algorithm and config["seed"] == 0
+    assert config["resolved config"]["recipe"]["weighting"]["rho1_base"] == weighting.get(
+        "rho1_base", "online"
+    )
+    assert not torch.equal(
+        load_model(model_dir).output.weight, load_model(setup["base"]).output.weight
+    )
+
+
+def test_critic_trains(setup, tmp_path):
+    critic = pytest.importorskip("wmtp.critic")
+    head = critic.ValueHead(setup["config"].dim, 16)
+    path = tmp_path / "value_head.safetensors"
+    critic.save_value_head(head, path)
+    rec = recipe("critic-wmtp")
+    run(setup, tmp_path / "out", rec, critic_path=path)
+    metrics = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
+    assert metrics["train_loss"].map(math.isfinite).all()
+    assert metrics["train_loss"].iloc[-2:].mean() < metrics["train_loss"].iloc[:2].mean()
+    assert metrics["weight_std"].min() > 0  # values vary, so weights do
+    wrong = tmp_path / "wrong_width.safetensors"
+    critic.save_value_head(critic.ValueHead(setup["config"].dim * 2, 16), wrong)
+    with pytest.raises(ConfigError, match="reads width 64"):
+        run(setup, tmp_path / "wrong", rec, critic_path=wrong)
+
+
+def test_resume_after_interrupt_gives_identical_weights(setup, tmp_path):
+    rec = recipe(
+        "rho1-weighted", max_steps=7, grad_accum_steps=2, micro_batch_size=2, checkpoint_every=2
+    )
+    straight = run(setup, tmp_path / "straight", rec)
+    with pytest.raises(train_lib.TrainingInterrupted):
+        run(setup, tmp_path / "resumed", rec, stop_after=5)  # last checkpoint: step 4
+    rows_before = [
+        json.loads(line)
+        for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in rows_before] == [1, 2, 3, 4, 5]
+    resumed = run(setup, tmp_path / "resumed", rec)
+    a, b = final_params(straight), final_params(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    metrics = pd.read_parquet(tmp_path / "resumed" / "metrics.parquet")
+    assert list(metrics["step"]) == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+        7,
+    ]  # rows from before the stop kept, none twice
+    reference = pd.read_parquet(tmp_path / "straight" / "metrics.parquet")
+    pd.testing.assert_series_equal(metrics["train_loss"], reference["train_loss"])
+    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir() if p.is_dir()] == [
+        "step7"
+    ]
+
+
+def test_finished_run_rerun_only_saves(setup, tmp_path):
+    rec = recipe(max_steps=3, warmup_steps=1)
+    first = final_params(run(setup, tmp_path / "out", rec))
+    second = final_params(run(setup, tmp_path / "out", rec))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert list(pd.read_parquet(tmp_path / "out" / "metrics.parquet")["step"]) == [1, 2, 3]
+
+
+def test_mlflow_run_has_params_metrics_and_resumes(setup, tmp_path):
+    from mlflow import MlflowClient
+
+    from wmtp import tracking
+
+    rec = recipe(max_steps=4, checkpoint_every=2, val_every=2)
+    with pytest.raises(train_lib.TrainingInterrupted):
+        run(setup, tmp_path / "out", rec, mlflow=True, stop_after=3)
+    model_dir = run(setup, tmp_path / "out", rec, mlflow=True)
+    record = json.loads((model_dir / "tracking.json").read_text())
+    assert record["experiment"] == "mtp/baseline-mtp/tiny-mbpp"
+    assert record["tracking_uri"] == tracking.default_tracking_uri(tmp_path / "out")
+    client = MlflowClient(record["tracking_uri"])
+    runs = client.search_runs([client.get_experiment_by_name(record["experiment"]).experiment_id])
+    assert [r.info.run_id for r in runs] == [record["run_id"]]  # the resumed run continued it
+    data = runs[0].data
+    assert runs[0].info.status == "FINISHED"
+    assert data.params["recipe.train.lr"] == "0.003" and data.params["seed"] == "0"
+    expected = {
+        "train/loss",
+        "train/head0_ce",
+        "train/head1_ce",
+        "val/loss",
+        "train/lr",
+        "perf/tokens_per_s",
+        *(f"weight_stats/{s}" for s in ("mean", "std", "min", "max", "frac_zero")),
+    }
+    assert expected <= set(data.metrics)
+    history = client.get_metric_history(record["run_id"], "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]  # step 3 logged once despite the restart
+    assert tracking.log_to_model_run(model_dir, {"eval/tiny-mbpp/pass@1": 0.25})
+    assert client.get_run(record["run_id"]).data.metrics["eval/tiny-mbpp/pass_at_1"] == 0.25
+
+
+def test_metrics_parquet_columns(setup, tmp_path):
+    run(setup, tmp_path / "out", recipe(max_steps=2, warmup_steps=0, log_every=2, val_every=2))
+    metrics = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
+    assert list(metrics.columns) == [
+        "step",
+        "tokens",
+        "wall_time",
+        "train_loss",
+        "head_ce_0",
+        "head_ce_1",
+        "val_loss",
+        "lr",
+        "tokens_per_s",
+        "weight_mean",
+        "weight_std",
+        "weight_min",
+        "weight_max",
+        "weight_frac_zero",
+    ]
+    assert list(metrics["step"]) == [2]
+    assert metrics["tokens"].iloc[0] > 0 and metrics["tokens_per_s"].iloc[0] > 0
+
+
+@pytest.mark.parametrize(
+    "algorithm, kwargs, message",
+    [
+        ("rho1-weighted", {"refce_path": None}, "needs the reference-CE table"),
+        ("critic-wmtp", {}, "needs the stage-1 value head"),
+        ("baseline-mtp", {"max_steps": 1}, "warmup_steps (1) must be < max_steps (1)"),
+    ],
+)
+def test_bad_setup_raises_before_compute(setup, tmp_path, monkeypatch, algorithm, kwargs, message):
+    monkeypatch.setattr(train_lib, "_init_distributed", lambda *a: pytest.fail("compute started"))
+    args = dict(
+        base_model_dir=setup["base"],
+        train_path=setup["train"],
+        out_dir=tmp_path,
+        recipe=recipe(algorithm),
+        data=DataSettings(),
+        seed=0,
+        dataset_name="tiny-mbpp",
+        tracking=TrackingSettings(mlflow=False),
+        tracking_uri=None,
+    )
+    args.update(kwargs)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        train_lib.train(**args)
+
+
+def test_bad_setup_lists_every_problem(setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_lib, "_init_distributed", lambda *a: pytest.fail("compute started"))
+    rec = recipe("rho1-tokenskip", zero_stage=3, deepspeed_config="config/deepspeed/zero0.json")
+    with pytest.raises(ConfigError) as error:
+        train_lib.train(
+            base_model_dir=tmp_path / "nothing",
+            train_path=tmp_path / "missing.parquet",
+            out_dir=tmp_path,
+            recipe=rec,
+            data=DataSettings(),
+            seed=0,
+            dataset_name="tiny-mbpp",
+            tracking=TrackingSettings(mlflow=False),
+            tracking_uri=None,
+        )
+    text = str(error.value)
+    for part in (
+        "not a wmtp model directory",
+        "missing.parquet not found",
+        "reference-CE table",
+        "zero_stage = 3 is not supported",
+        "template zero0.json is for stage 0",
+    ):
+        assert part in text
+
+
+def test_refce_from_another_tokenizer_is_refused(setup, tmp_path):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(setup["refce"])
+    meta = dict(table.schema.metadata)
+    meta[b"wmtp.tokenizer_hash"] = b"0" * 64
+    other = tmp_path / "other.parquet"
+    pq.write_table(table.replace_schema_metadata(meta), other)
+    with pytest.raises(ValueError, match="recompute the reference CE"):
+        run(setup, tmp_path / "out", recipe("rho1-weighted"), refce_path=other)
+
+
+def test_lr_schedule_warmup_then_cosine_to_floor():
+    f = [train_lib.lr_factor(s, warmup_steps=4, max_steps=20, min_lr_ratio=0.1) for s in range(20)]
+    assert f[:4] == [0.2, 0.4, 0.6, 0.8] and f[4] == 1.0
+    assert all(a >= b for a, b in zip(f[4:], f[5:], strict=False))
+    assert 0.1 < f[-1] < 0.11
+    assert train_lib.lr_factor(20, warmup_steps=4, max_steps=20, min_lr_ratio=0.1) == pytest.approx(
+        0.1
+    )
+
+
+def test_deepspeed_config_fills_template():
+    rec = recipe(
+        zero_stage=2,
+        deepspeed_config="config/deepspeed/zero2.json",
+        grad_accum_steps=3,
+        grad_clip=0.5,
+    )
+    config = train_lib.deepspeed_config(rec.train, bf16=False, device_type="cpu")
+    assert (
+        config["train_micro_batch_size_per_gpu"] == 4 and config["gradient_accumulation_steps"] == 3
+    )
+    assert config["gradient_clipping"] == 0.5 and config["zero_optimization"]["stage"] == 2
+    assert (
+        config["optimizer"]["params"]["lr"] == 3e-3 and config["optimizer"]["params"]["torch_adam"]
+    )
+    assert config["bf16"] == {"enabled": False}
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_matches_one_process_batch(setup, tmp_path):
+    """2 ranks x micro 2 see the same global batches as 1 rank x micro 4 (rank r
+    takes every 2nd example), so both runs end close (not bit-equal: the gradient
+    sum is ordered differently)."""
+    config = {
+        "run": "t",
+        "seeds": [0],
+        "algorithms": ["baseline-mtp"],
+        "benchmarks": ["tiny-mbpp"],
+        "recipes": {"baseline-mtp": str(tmp_path / "baseline.yaml")},
+        "models": {
+            "base": {"source": "tiny", "id": "base"},
+            "ref": {"source": "tiny", "id": "ref"},
+        },
+        "data": {"max_seq_len": 256, "val_fraction": 0.125},
+        "tracking": {"mlflow": False},
+    }
+    import yaml
+
+    rec = recipe(max_steps=4, micro_batch_size=2, checkpoint_every=2).model_dump(mode="json")
+    (tmp_path / "baseline.yaml").write_text(
+        yaml.safe_dump({k: v for k, v in rec.items() if v is not None})
+    )
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(train_lib._free_port()),
+        "-m",
+        "wmtp.train",
+        "--config",
+        str(tmp_path / "config.yaml"),
+        "--algorithm",
+        "baseline-mtp",
+        "--seed",
+        "0",
+        "--out",
+        str(tmp_path / "two"),
+        "--base-model",
+        str(setup["base"]),
+        "--train-data",
+        str(setup["train"]),
+        "--device",
+        "cpu",
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = run(setup, tmp_path / "one", recipe(max_steps=4, micro_batch_size=4, checkpoint_every=2))
+    a, b = final_params(tmp_path / "two" / "model"), final_params(one)
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    assert not all(torch.equal(a[k], final_params(setup["base"])[k]) for k in a)
+    two_rows = pd.read_parquet(tmp_path / "two" / "metrics.parquet")
+    one_rows = pd.read_parquet(tmp_path / "one" / "metrics.parquet")
+    assert list(two_rows["tokens"]) == list(one_rows["tokens"])  # tokens summed over both ranks
+    assert two_rows["train_loss"].tolist() == pytest.approx(
+        one_rows["train_loss"].tolist(), abs=1e-4
+    )
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_to_identical_weights(setup, tmp_path):
+    """A real kill (SIGKILL once the first checkpoint exists), then a resume."""
+    rec = recipe(max_steps=8, checkpoint_every=2, log_every=1)
+    straight = run(setup, tmp_path / "straight", rec)
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import sys, time\n"
+        "from wmtp import train as t\n"
+        "from wmtp.config import DataSettings, Recipe, TrackingSettings\n"
+        f"rec = Recipe.model_validate_json({rec.model_dump_json()!r})\n"
+        "slow = t.weighted_mtp_loss_details if hasattr(t, 'weighted_mtp_loss_details') else None\n"
+        "import wmtp.loss as loss\n"
+        "orig = loss.weighted_mtp_loss_details\n"
+        "def slowed(*a, **k):\n"
+        "    time.sleep(0.5)\n"
+        "    return orig(*a, **k)\n"
+        "loss.weighted_mtp_loss_details = slowed\n"
+        f"t.train(base_model_dir={str(setup['base'])!r}, train_path={str(setup['train'])!r},\n"
+        f"        out_dir={str(tmp_path / 'killed')!r}, recipe=rec,\n"
+        "        data=DataSettings(max_seq_len=256, val_fraction=0.125), seed=0, dataset_name='tiny-mbpp',\n"
+        "        tracking=TrackingSettings(mlflow=False), tracking_uri=None)\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    job = subprocess.Popen(
+        [sys.executable, str(script)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    latest = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while not latest.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert latest.exists() and not (tmp_path / "killed" / "model").exists()
+    resumed = run(setup, tmp_path / "killed", rec)
+    a, b = final_params(straight), final_params(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert list(pd.read_parquet(tmp_path / "killed" / "metrics.parquet")["step"]) == list(
+        range(1, 9)
+    )

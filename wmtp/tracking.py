@@ -26,6 +26,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -42,6 +43,12 @@ def default_tracking_uri(run_dir: str | Path) -> str:
 
 def experiment_name(algorithm: str, dataset: str) -> str:
     return f"mtp/{algorithm}/{dataset}"
+
+
+def metric_key(name: str) -> str:
+    """A name MLflow accepts: `@` becomes `_at_` (pass@k -> pass_at_k), any other
+    character outside alphanumerics and `_ - . : / space` becomes `_`."""
+    return re.sub(r"[^A-Za-z0-9_\-.:/ ]", "_", name.replace("@", "_at_"))
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -92,14 +99,14 @@ class Run:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log one row of metrics at `step` in a single batch; NaN values (e.g. a
-        val/loss not computed at this step) are skipped."""
+        val/loss not computed at this step) are skipped, names pass `metric_key`."""
         if not self.enabled:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [
-            Metric(key=k, value=float(v), timestamp=now, step=step)
+            Metric(key=metric_key(k), value=float(v), timestamp=now, step=step)
             for k, v in metrics.items()
             if v is not None and not math.isnan(float(v))
         ]

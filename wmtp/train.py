@@ -149,11 +149,13 @@ def validate_setup(
         problems.append(f"training data: {train_path} not found")
     if algorithm in RHO1 and (refce_path is None or not Path(refce_path).exists()):
         problems.append(
-            f"{algorithm} needs the reference-CE table (refce_path={refce_path!s}): run the refce stage"
+            f"{algorithm} needs the reference-CE table (refce_path={refce_path!s}): "
+            "run the refce stage"
         )
     if algorithm == "critic-wmtp" and (critic_path is None or not Path(critic_path).exists()):
         problems.append(
-            f"critic-wmtp needs the stage-1 value head (critic_path={critic_path!s}): run the critic stage"
+            f"critic-wmtp needs the stage-1 value head (critic_path={critic_path!s}): "
+            "run the critic stage"
         )
     if settings.warmup_steps >= max_steps:
         problems.append(f"warmup_steps ({settings.warmup_steps}) must be < max_steps ({max_steps})")
@@ -168,8 +170,8 @@ def validate_setup(
         else:
             if stage is not None and stage != settings.zero_stage:
                 problems.append(
-                    f"zero_stage = {settings.zero_stage} but the DeepSpeed template {template.name} is for "
-                    f"stage {stage}: use config/deepspeed/zero{settings.zero_stage}.json"
+                    f"zero_stage = {settings.zero_stage} but the DeepSpeed template "
+                    f"{template.name} is for stage {stage}: use config/deepspeed/zero{settings.zero_stage}.json"
                 )
     if (
         settings.precision == "bf16"
@@ -509,8 +511,8 @@ def train(
     per_micro_step = settings.micro_batch_size * world
     if per_micro_step > len(train_examples):
         raise ConfigError(
-            f"micro_batch_size ({settings.micro_batch_size}) x processes ({world}) = {per_micro_step} > "
-            f"{len(train_examples)} training examples"
+            f"micro_batch_size ({settings.micro_batch_size}) x processes ({world}) = "
+            f"{per_micro_step} > {len(train_examples)} training examples"
         )
     refce = frozen = value_head = None
     if algorithm in RHO1:
@@ -526,10 +528,10 @@ def train(
         from wmtp.critic import load_value_head
 
         value_head = load_value_head(critic_path).to(run_device).eval().requires_grad_(False)
-        head_dim = next(value_head.parameters()).shape[-1]
-        if head_dim != model_config.dim:
+        if value_head.dim != model_config.dim:
             raise ConfigError(
-                f"value head {critic_path} takes width {head_dim}, the base model has {model_config.dim}"
+                f"value head {critic_path} reads width {value_head.dim}, "
+                f"the base model's trunk has {model_config.dim}: retrain the critic"
             )
 
     model = load_model(base_model_dir)
