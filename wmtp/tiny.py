@@ -49,12 +49,21 @@ def write_tiny_mbpp(
     """The `tiny-mbpp` benchmark: `train.parquet` (noisy solutions) and `test.parquet`."""
     knobs = tiny_knobs(settings, **overrides)
     return write_splits(
-        out_dir, knobs["n_train_problems"], knobs["n_test_problems"], seed, knobs["noise_comment_prob"]
+        out_dir,
+        knobs["n_train_problems"],
+        knobs["n_test_problems"],
+        seed,
+        knobs["noise_comment_prob"],
     )
 
 
 def build_tiny_base(
-    out_dir: str | Path, settings: TinySettings | None = None, seed: int = 0, *, threads: int = 1, **overrides
+    out_dir: str | Path,
+    settings: TinySettings | None = None,
+    seed: int = 0,
+    *,
+    threads: int = 1,
+    **overrides,
 ) -> Path:
     """Pretrain and save the base MTP model; `threads` torch threads (1 when two
     download jobs share two cores). Same seed, settings and threads: same bytes."""
@@ -62,7 +71,12 @@ def build_tiny_base(
 
 
 def build_tiny_ref(
-    out_dir: str | Path, settings: TinySettings | None = None, seed: int = 0, *, threads: int = 1, **overrides
+    out_dir: str | Path,
+    settings: TinySettings | None = None,
+    seed: int = 0,
+    *,
+    threads: int = 1,
+    **overrides,
 ) -> Path:
     """Pretrain and save the reference causal LM (shares the base's tokenizer)."""
     return build_ref(out_dir, tiny_knobs(settings, **overrides), seed, threads)

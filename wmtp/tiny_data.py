@@ -100,7 +100,12 @@ def _const_fn(stems, texts, params, lines, inputs, lo=2, hi=9) -> Callable[[rand
     def make(rng: random.Random) -> tuple:
         c, p = rng.randint(lo, hi), rng.choice(params)
         body = "".join(f"    {line.format(p=p, c=c)}\n" for line in lines)
-        return rng.choice(texts).format(c=c), f"def {{name}}({p}):\n{body}", _name(rng, stems), inputs(rng)
+        return (
+            rng.choice(texts).format(c=c),
+            f"def {{name}}({p}):\n{body}",
+            _name(rng, stems),
+            inputs(rng),
+        )
 
     return make
 
@@ -111,116 +116,245 @@ def _char_fn(stems, texts, lines) -> Callable[[random.Random], tuple]:
     def make(rng: random.Random) -> tuple:
         ch, p = rng.choice("aeinorst"), rng.choice(STR_PARAMS)
         body = "".join(f"    {line.format(p=p, ch=ch)}\n" for line in lines)
-        return rng.choice(texts).format(ch=ch), f"def {{name}}({p}):\n{body}", _name(rng, stems), _strs(rng)
+        return (
+            rng.choice(texts).format(ch=ch),
+            f"def {{name}}({p}):\n{body}",
+            _name(rng, stems),
+            _strs(rng),
+        )
 
     return make
 
 
 FAMILIES: dict[str, Callable[[random.Random], tuple]] = {
-    "add": _int_fn(("add_const", "plus", "add_to", "increase"),
-                   ("Write a function to add {c} to a number.", "Write a function that returns a number plus {c}."),
-                   "{p} + {c}"),
-    "sub": _int_fn(("sub_const", "minus", "subtract", "decrease"),
-                   ("Write a function to subtract {c} from a number.", "Write a function that returns a number minus {c}."),
-                   "{p} - {c}"),
-    "mul": _int_fn(("multiply", "times", "scale", "mul_const"),
-                   ("Write a function to multiply a number by {c}.", "Write a function that returns {c} times a number."),
-                   "{p} * {c}"),
-    "mod": _int_fn(("remainder", "mod_const", "modulo", "rest"),
-                   ("Write a function to find the remainder of a number divided by {c}.",),
-                   "{p} % {c}", lo=2, hi=11, inputs=lambda r: _ints(r, 0, 99)),
-    "divisible": _int_fn(("is_divisible", "divides", "check_divisible", "is_multiple"),
-                         ("Write a function to check whether a number is divisible by {c}.",),
-                         "{p} % {c} == 0", lo=2, hi=9, inputs=lambda r: _ints(r, 0, 60)),
-    "greater": _int_fn(("is_greater", "above", "check_greater", "exceeds"),
-                       ("Write a function to check whether a number is greater than {c}.",),
-                       "{p} > {c}", lo=-5, hi=30),
-    "affine": _int_fn(("linear", "affine", "double_plus", "transform"),
-                      ("Write a function to multiply a number by {c} and add one.",),
-                      "{p} * {c} + 1"),
-    "square": _plain_fn(("square", "sq", "square_num", "power_two"),
-                        ("Write a function to find the square of a number.",), INT_PARAMS,
-                        ("return {p} * {p}",), _ints),
-    "absolute": _plain_fn(("absolute", "abs_value", "magnitude", "distance_zero"),
-                          ("Write a function to find the absolute value of a number.",), INT_PARAMS,
-                          ("if {p} < 0:", "    return -{p}", "return {p}"), _ints),
-    "sum_to": _plain_fn(("sum_to", "sum_upto", "triangle", "total_upto"),
-                        ("Write a function to find the sum of the numbers from 1 to n.",), INT_PARAMS,
-                        ("total = 0", "for i in range(1, {p} + 1):", "    total += i", "return total"),
-                        lambda r: _ints(r, 0, 30)),
-    "sign": _plain_fn(("sign", "sign_word", "describe_sign", "classify"),
-                      ("Write a function to return 'positive', 'negative' or 'zero' for a number.",),
-                      INT_PARAMS,
-                      ("if {p} > 0:", "    return 'positive'", "if {p} < 0:", "    return 'negative'",
-                       "return 'zero'"), _ints),
-    "squares": _plain_fn(("squares", "square_list", "square_all", "list_squares"),
-                         ("Write a function to return the list of squares of a list.",), LIST_PARAMS,
-                         ("return [v * v for v in {p}]",), _lists),
-    "sum_list": _plain_fn(("sum_list", "list_sum", "total", "add_all"),
-                          ("Write a function to find the sum of a list.",), LIST_PARAMS,
-                          ("total = 0", "for v in {p}:", "    total += v", "return total"), _lists),
-    "max_list": _plain_fn(("max_list", "largest", "biggest", "find_max"),
-                          ("Write a function to find the largest number in a list.",), LIST_PARAMS,
-                          ("best = {p}[0]", "for v in {p}:", "    if v > best:", "        best = v",
-                           "return best"), _lists),
-    "min_list": _plain_fn(("min_list", "smallest", "find_min", "lowest"),
-                          ("Write a function to find the smallest number in a list.",), LIST_PARAMS,
-                          ("best = {p}[0]", "for v in {p}:", "    if v < best:", "        best = v",
-                           "return best"), _lists),
-    "evens": _plain_fn(("evens", "even_numbers", "filter_even", "keep_even"),
-                       ("Write a function to return the even numbers of a list.",), LIST_PARAMS,
-                       ("return [v for v in {p} if v % 2 == 0]",), _lists),
-    "odds": _plain_fn(("odds", "odd_numbers", "filter_odd", "keep_odd"),
-                      ("Write a function to return the odd numbers of a list.",), LIST_PARAMS,
-                      ("return [v for v in {p} if v % 2 == 1]",), _lists),
-    "product": _plain_fn(("product", "list_product", "multiply_all", "prod"),
-                         ("Write a function to find the product of a list.",), LIST_PARAMS,
-                         ("result = 1", "for v in {p}:", "    result *= v", "return result"), _lists),
-    "reverse_list": _plain_fn(("reverse_list", "reversed_list", "flip", "backwards"),
-                              ("Write a function to reverse a list.",), LIST_PARAMS,
-                              ("return {p}[::-1]",), _lists),
-    "add_each": _const_fn(("add_each", "shift_all", "add_to_all", "increase_all"),
-                          ("Write a function to add {c} to every element of a list.",), LIST_PARAMS,
-                          ("return [v + {c} for v in {p}]",), _lists),
-    "count_greater": _const_fn(("count_greater", "count_above", "num_greater", "how_many_above"),
-                               ("Write a function to count the elements of a list greater than {c}.",),
-                               LIST_PARAMS,
-                               ("count = 0", "for v in {p}:", "    if v > {c}:", "        count += 1",
-                                "return count"), _lists),
-    "remove_value": _const_fn(("remove_value", "drop_value", "without", "filter_out"),
-                              ("Write a function to remove every {c} from a list.",), LIST_PARAMS,
-                              ("return [v for v in {p} if v != {c}]",),
-                              lambda r: _lists(r, 0, 9)),
-    "count_vowels": _plain_fn(("count_vowels", "vowel_count", "num_vowels", "vowels"),
-                              ("Write a function to count the vowels in a string.",), STR_PARAMS,
-                              ("count = 0", "for ch in {p}:", "    if ch in 'aeiou':", "        count += 1",
-                               "return count"), _strs),
-    "reverse_str": _plain_fn(("reverse_string", "reverse_str", "backwards_str", "flip_string"),
-                             ("Write a function to reverse a string.",), STR_PARAMS,
-                             ("return {p}[::-1]",), _strs),
-    "upper": _plain_fn(("to_upper", "upper_case", "shout", "capitalize_all"),
-                       ("Write a function to convert a string to upper case.",), STR_PARAMS,
-                       ("return {p}.upper()",), _strs),
-    "first_last": _plain_fn(("first_last", "ends", "first_and_last", "edge_chars"),
-                            ("Write a function to return the first and last character of a string.",),
-                            STR_PARAMS, ("return {p}[0] + {p}[-1]",), _strs),
-    "palindrome": _plain_fn(("is_palindrome", "palindrome", "check_palindrome", "same_backwards"),
-                            ("Write a function to check whether a string is a palindrome.",), STR_PARAMS,
-                            ("return {p} == {p}[::-1]",),
-                            lambda r: tuple((r.choice(("level", "noon", "kayak", r.choice(WORDS))),)
-                                            for _ in range(3))),
-    "repeat": _const_fn(("repeat", "repeat_string", "times_string", "echo"),
-                        ("Write a function to repeat a string {c} times.",), STR_PARAMS,
-                        ("return {p} * {c}",), _strs, lo=2, hi=4),
-    "count_char": _char_fn(("count_char", "char_count", "count_letter", "letter_count"),
-                           ("Write a function to count how many times the letter '{ch}' appears in a string.",),
-                           ("return {p}.count('{ch}')",)),
-    "has_char": _char_fn(("has_letter", "contains", "has_char", "includes"),
-                         ("Write a function to check whether a string contains the letter '{ch}'.",),
-                         ("return '{ch}' in {p}",)),
-    "replace_char": _char_fn(("replace_letter", "mask_letter", "hide_char", "star_letter"),
-                             ("Write a function to replace every '{ch}' in a string with '*'.",),
-                             ("return {p}.replace('{ch}', '*')",)),
+    "add": _int_fn(
+        ("add_const", "plus", "add_to", "increase"),
+        (
+            "Write a function to add {c} to a number.",
+            "Write a function that returns a number plus {c}.",
+        ),
+        "{p} + {c}",
+    ),
+    "sub": _int_fn(
+        ("sub_const", "minus", "subtract", "decrease"),
+        (
+            "Write a function to subtract {c} from a number.",
+            "Write a function that returns a number minus {c}.",
+        ),
+        "{p} - {c}",
+    ),
+    "mul": _int_fn(
+        ("multiply", "times", "scale", "mul_const"),
+        (
+            "Write a function to multiply a number by {c}.",
+            "Write a function that returns {c} times a number.",
+        ),
+        "{p} * {c}",
+    ),
+    "mod": _int_fn(
+        ("remainder", "mod_const", "modulo", "rest"),
+        ("Write a function to find the remainder of a number divided by {c}.",),
+        "{p} % {c}",
+        lo=2,
+        hi=11,
+        inputs=lambda r: _ints(r, 0, 99),
+    ),
+    "divisible": _int_fn(
+        ("is_divisible", "divides", "check_divisible", "is_multiple"),
+        ("Write a function to check whether a number is divisible by {c}.",),
+        "{p} % {c} == 0",
+        lo=2,
+        hi=9,
+        inputs=lambda r: _ints(r, 0, 60),
+    ),
+    "greater": _int_fn(
+        ("is_greater", "above", "check_greater", "exceeds"),
+        ("Write a function to check whether a number is greater than {c}.",),
+        "{p} > {c}",
+        lo=-5,
+        hi=30,
+    ),
+    "affine": _int_fn(
+        ("linear", "affine", "double_plus", "transform"),
+        ("Write a function to multiply a number by {c} and add one.",),
+        "{p} * {c} + 1",
+    ),
+    "square": _plain_fn(
+        ("square", "sq", "square_num", "power_two"),
+        ("Write a function to find the square of a number.",),
+        INT_PARAMS,
+        ("return {p} * {p}",),
+        _ints,
+    ),
+    "absolute": _plain_fn(
+        ("absolute", "abs_value", "magnitude", "distance_zero"),
+        ("Write a function to find the absolute value of a number.",),
+        INT_PARAMS,
+        ("if {p} < 0:", "    return -{p}", "return {p}"),
+        _ints,
+    ),
+    "sum_to": _plain_fn(
+        ("sum_to", "sum_upto", "triangle", "total_upto"),
+        ("Write a function to find the sum of the numbers from 1 to n.",),
+        INT_PARAMS,
+        ("total = 0", "for i in range(1, {p} + 1):", "    total += i", "return total"),
+        lambda r: _ints(r, 0, 30),
+    ),
+    "sign": _plain_fn(
+        ("sign", "sign_word", "describe_sign", "classify"),
+        ("Write a function to return 'positive', 'negative' or 'zero' for a number.",),
+        INT_PARAMS,
+        (
+            "if {p} > 0:",
+            "    return 'positive'",
+            "if {p} < 0:",
+            "    return 'negative'",
+            "return 'zero'",
+        ),
+        _ints,
+    ),
+    "squares": _plain_fn(
+        ("squares", "square_list", "square_all", "list_squares"),
+        ("Write a function to return the list of squares of a list.",),
+        LIST_PARAMS,
+        ("return [v * v for v in {p}]",),
+        _lists,
+    ),
+    "sum_list": _plain_fn(
+        ("sum_list", "list_sum", "total", "add_all"),
+        ("Write a function to find the sum of a list.",),
+        LIST_PARAMS,
+        ("total = 0", "for v in {p}:", "    total += v", "return total"),
+        _lists,
+    ),
+    "max_list": _plain_fn(
+        ("max_list", "largest", "biggest", "find_max"),
+        ("Write a function to find the largest number in a list.",),
+        LIST_PARAMS,
+        ("best = {p}[0]", "for v in {p}:", "    if v > best:", "        best = v", "return best"),
+        _lists,
+    ),
+    "min_list": _plain_fn(
+        ("min_list", "smallest", "find_min", "lowest"),
+        ("Write a function to find the smallest number in a list.",),
+        LIST_PARAMS,
+        ("best = {p}[0]", "for v in {p}:", "    if v < best:", "        best = v", "return best"),
+        _lists,
+    ),
+    "evens": _plain_fn(
+        ("evens", "even_numbers", "filter_even", "keep_even"),
+        ("Write a function to return the even numbers of a list.",),
+        LIST_PARAMS,
+        ("return [v for v in {p} if v % 2 == 0]",),
+        _lists,
+    ),
+    "odds": _plain_fn(
+        ("odds", "odd_numbers", "filter_odd", "keep_odd"),
+        ("Write a function to return the odd numbers of a list.",),
+        LIST_PARAMS,
+        ("return [v for v in {p} if v % 2 == 1]",),
+        _lists,
+    ),
+    "product": _plain_fn(
+        ("product", "list_product", "multiply_all", "prod"),
+        ("Write a function to find the product of a list.",),
+        LIST_PARAMS,
+        ("result = 1", "for v in {p}:", "    result *= v", "return result"),
+        _lists,
+    ),
+    "reverse_list": _plain_fn(
+        ("reverse_list", "reversed_list", "flip", "backwards"),
+        ("Write a function to reverse a list.",),
+        LIST_PARAMS,
+        ("return {p}[::-1]",),
+        _lists,
+    ),
+    "add_each": _const_fn(
+        ("add_each", "shift_all", "add_to_all", "increase_all"),
+        ("Write a function to add {c} to every element of a list.",),
+        LIST_PARAMS,
+        ("return [v + {c} for v in {p}]",),
+        _lists,
+    ),
+    "count_greater": _const_fn(
+        ("count_greater", "count_above", "num_greater", "how_many_above"),
+        ("Write a function to count the elements of a list greater than {c}.",),
+        LIST_PARAMS,
+        ("count = 0", "for v in {p}:", "    if v > {c}:", "        count += 1", "return count"),
+        _lists,
+    ),
+    "remove_value": _const_fn(
+        ("remove_value", "drop_value", "without", "filter_out"),
+        ("Write a function to remove every {c} from a list.",),
+        LIST_PARAMS,
+        ("return [v for v in {p} if v != {c}]",),
+        lambda r: _lists(r, 0, 9),
+    ),
+    "count_vowels": _plain_fn(
+        ("count_vowels", "vowel_count", "num_vowels", "vowels"),
+        ("Write a function to count the vowels in a string.",),
+        STR_PARAMS,
+        (
+            "count = 0",
+            "for ch in {p}:",
+            "    if ch in 'aeiou':",
+            "        count += 1",
+            "return count",
+        ),
+        _strs,
+    ),
+    "reverse_str": _plain_fn(
+        ("reverse_string", "reverse_str", "backwards_str", "flip_string"),
+        ("Write a function to reverse a string.",),
+        STR_PARAMS,
+        ("return {p}[::-1]",),
+        _strs,
+    ),
+    "upper": _plain_fn(
+        ("to_upper", "upper_case", "shout", "capitalize_all"),
+        ("Write a function to convert a string to upper case.",),
+        STR_PARAMS,
+        ("return {p}.upper()",),
+        _strs,
+    ),
+    "first_last": _plain_fn(
+        ("first_last", "ends", "first_and_last", "edge_chars"),
+        ("Write a function to return the first and last character of a string.",),
+        STR_PARAMS,
+        ("return {p}[0] + {p}[-1]",),
+        _strs,
+    ),
+    "palindrome": _plain_fn(
+        ("is_palindrome", "palindrome", "check_palindrome", "same_backwards"),
+        ("Write a function to check whether a string is a palindrome.",),
+        STR_PARAMS,
+        ("return {p} == {p}[::-1]",),
+        lambda r: tuple((r.choice(("level", "noon", "kayak", r.choice(WORDS))),) for _ in range(3)),
+    ),
+    "repeat": _const_fn(
+        ("repeat", "repeat_string", "times_string", "echo"),
+        ("Write a function to repeat a string {c} times.",),
+        STR_PARAMS,
+        ("return {p} * {c}",),
+        _strs,
+        lo=2,
+        hi=4,
+    ),
+    "count_char": _char_fn(
+        ("count_char", "char_count", "count_letter", "letter_count"),
+        ("Write a function to count how many times the letter '{ch}' appears in a string.",),
+        ("return {p}.count('{ch}')",),
+    ),
+    "has_char": _char_fn(
+        ("has_letter", "contains", "has_char", "includes"),
+        ("Write a function to check whether a string contains the letter '{ch}'.",),
+        ("return '{ch}' in {p}",),
+    ),
+    "replace_char": _char_fn(
+        ("replace_letter", "mask_letter", "hide_char", "star_letter"),
+        ("Write a function to replace every '{ch}' in a string with '*'.",),
+        ("return {p}.replace('{ch}', '*')",),
+    ),
 }
 
 
@@ -289,7 +423,9 @@ def sample_problems(n: int, rng: random.Random, exclude: set[tuple[str, str]]) -
     return problems
 
 
-def _rows(problems: list[Problem], first_id: int, noise_rng: random.Random | None, prob: float) -> pd.DataFrame:
+def _rows(
+    problems: list[Problem], first_id: int, noise_rng: random.Random | None, prob: float
+) -> pd.DataFrame:
     rows = []
     for offset, problem in enumerate(problems):
         tests = run_reference(problem)
@@ -318,7 +454,9 @@ def make_tiny_mbpp(
     if not 0 <= noise_comment_prob <= 1:
         raise ValueError(f"noise_comment_prob must be in [0, 1], got {noise_comment_prob}")
     if n_train < 1 or n_test < 1:
-        raise ValueError(f"need at least one problem per split, got n_train={n_train}, n_test={n_test}")
+        raise ValueError(
+            f"need at least one problem per split, got n_train={n_train}, n_test={n_test}"
+        )
     seen: set[tuple[str, str]] = set()
     test = sample_problems(n_test, random.Random(f"tiny-mbpp-test-{seed}"), seen)
     train = sample_problems(n_train, random.Random(f"tiny-mbpp-train-{seed}"), seen)
@@ -379,6 +517,8 @@ def prompt_documents(n: int, seed: int, noise_comment_prob: float = 0.0) -> list
     for i in range(n):
         problem = make_problem(families[i % len(families)], rng)
         tests = run_reference(problem)
-        code = add_noise(problem.code, rng, noise_comment_prob) if noise_comment_prob else problem.code
+        code = (
+            add_noise(problem.code, rng, noise_comment_prob) if noise_comment_prob else problem.code
+        )
         pairs.append((mbpp_prompt(problem.text, tests[0]), mbpp_solution(code)))
     return pairs

@@ -193,10 +193,18 @@ def build_base(out_dir: str | Path, knobs: dict, seed: int, threads: int = 1) ->
         model = MTPModel(model_config(knobs, len(tokenizer)))
         model.init_weights(seed)
         losses = pretrain(
-            model, mtp_loss, data, steps=knobs["pretrain_steps"], batch_size=knobs["pretrain_batch_size"],
-            lr=knobs["pretrain_lr"], seed=seed, desc="tiny base pretraining",
+            model,
+            mtp_loss,
+            data,
+            steps=knobs["pretrain_steps"],
+            batch_size=knobs["pretrain_batch_size"],
+            lr=knobs["pretrain_lr"],
+            seed=seed,
+            desc="tiny base pretraining",
         )
-    return save_model(model, out_dir, tokenizer=tokenizer, extra=_info(knobs, seed, "base", docs, losses))
+    return save_model(
+        model, out_dir, tokenizer=tokenizer, extra=_info(knobs, seed, "base", docs, losses)
+    )
 
 
 def build_ref(out_dir: str | Path, knobs: dict, seed: int, threads: int = 1) -> Path:
@@ -214,8 +222,13 @@ def build_ref(out_dir: str | Path, knobs: dict, seed: int, threads: int = 1) -> 
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
         losses = pretrain(
-            model, causal_lm_loss, data, steps=knobs["ref_pretrain_steps"],
-            batch_size=knobs["pretrain_batch_size"], lr=knobs["pretrain_lr"], seed=seed + 1,
+            model,
+            causal_lm_loss,
+            data,
+            steps=knobs["ref_pretrain_steps"],
+            batch_size=knobs["pretrain_batch_size"],
+            lr=knobs["pretrain_lr"],
+            seed=seed + 1,
             desc="tiny reference pretraining",
         )
     return _save_hf(model, tokenizer, out_dir, _info(knobs, seed, "ref", docs, losses))
