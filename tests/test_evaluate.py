@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
+from conftest import tiny_config
 
-from wmtp.evaluate import exact_match, pass_at_k
+from wmtp.benchmarks import load_benchmark
+from wmtp.checkpoints import save_model
+from wmtp.config import EvalSettings
+from wmtp.evaluate import evaluate_completions, evaluate_model, exact_match, pass_at_k, summarise
+from wmtp.model import MTPModel
 
 
 @pytest.mark.parametrize(
@@ -45,3 +52,116 @@ def test_exact_match_falls_back_to_text_when_unparsable():
     broken = "def f(a, b)\n    return a +   b  # comment"
     assert exact_match(broken, "def f(a, b)\n  return a + b")
     assert not exact_match(broken, "def f(a, b)\n  return a - b")
+
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _settings(**overrides) -> EvalSettings:
+    fields = dict(
+        n_samples=3, temperature=0.8, max_new_tokens=8, batch_size=4, workers=2,
+        ks={"tiny-mbpp": [1, 2], "mbpp": [1, 3], "codecontests": [1]},
+    )  # fmt: skip
+    fields.update(overrides)
+    return EvalSettings(**fields)
+
+
+def test_evaluate_completions_scores_each_problem():
+    problems = load_benchmark("mbpp", FIXTURES / "mbpp.jsonl")
+    first, second = problems
+    wrong = "def max_of_two(a, b):\n    return a\n"
+    restyled = "def max_of_two(a, b):\n    # larger one\n    if a > b: return a\n    return b\n"
+    completions = [[first.reference, wrong, restyled], [second.reference, "", "while True: pass"]]
+    records = evaluate_completions(problems, completions, _settings(timeout=1.0), exact=True)
+    assert [r["c"] for r in records] == [2, 1]
+    assert records[0]["statuses"] == ["passed", "failed", "passed"]
+    assert records[1]["statuses"] == ["passed", "error", "timeout"]  # "" never runs the tests
+    assert [r["exact"] for r in records] == [2, 1]
+    summary = summarise(records, [1, 3])
+    assert summary["pass@1"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert summary["pass@3"] == 1.0
+    assert summary["exact_match"] == pytest.approx(0.5)
+    assert (summary["n_passed"], summary["n_failed"], summary["n_timeout"], summary["n_error"]) == (
+        3, 1, 1, 1,
+    )  # fmt: skip
+
+
+def test_evaluate_completions_stdio_benchmark():
+    problems = load_benchmark("codecontests", FIXTURES / "codecontests.jsonl")
+    records = evaluate_completions(problems, [[problems[0].reference, "print(0)"]], _settings())
+    assert records[0]["c"] == 1 and "exact" not in records[0]
+
+
+def _model_dir(tmp_path, tiny_tokenizer) -> Path:
+    model = MTPModel(tiny_config(vocab_size=len(tiny_tokenizer)))
+    model.init_weights(seed=0)
+    return save_model(model, tmp_path / "model", tokenizer=tiny_tokenizer)
+
+
+def test_evaluate_model_writes_summary_and_per_problem_records(tmp_path, tiny_tokenizer):
+    model_dir = _model_dir(tmp_path, tiny_tokenizer)
+    out_json, out_jsonl = (
+        tmp_path / "eval" / "tiny-mbpp.json",
+        tmp_path / "eval" / "tiny-mbpp.jsonl",
+    )
+    summary = evaluate_model(
+        model_dir, "tiny-mbpp", FIXTURES / "mbpp.jsonl", _settings(), 0, out_json, out_jsonl
+    )
+    assert json.loads(out_json.read_text()) == summary
+    records = [json.loads(line) for line in out_jsonl.read_text().splitlines()]
+    assert [r["task_id"] for r in records] == ["601", "602"]
+    assert all(r["n"] == 3 == len(r["completions"]) == len(r["statuses"]) for r in records)
+    assert summary["benchmark"] == "tiny-mbpp" and summary["n_samples"] == 3
+    assert {"pass@1", "pass@2", "exact_match", "completion_tokens_per_s"} <= set(summary)
+    assert sum(summary[f"n_{s}"] for s in ("passed", "failed", "timeout", "error")) == 6
+    again = evaluate_model(
+        model_dir,
+        "tiny-mbpp",
+        FIXTURES / "mbpp.jsonl",
+        _settings(),
+        0,
+        out_json,
+        tmp_path / "b.jsonl",
+    )
+    assert [
+        json.loads(x)["completions"] for x in (tmp_path / "b.jsonl").read_text().splitlines()
+    ] == [r["completions"] for r in records]  # same seed, same samples
+    assert again["pass@1"] == summary["pass@1"]
+
+
+def test_evaluate_model_speculative_is_greedy(tmp_path, tiny_tokenizer):
+    model_dir = _model_dir(tmp_path, tiny_tokenizer)
+    with pytest.raises(ValueError, match="greedy"):
+        evaluate_model(model_dir, "tiny-mbpp", FIXTURES / "mbpp.jsonl", _settings(speculative=True),
+                       0, tmp_path / "a.json", tmp_path / "a.jsonl")  # fmt: skip
+    outputs = {}
+    for speculative in (False, True):
+        settings = _settings(speculative=speculative, temperature=0.0)
+        out = tmp_path / f"{speculative}.jsonl"
+        evaluate_model(model_dir, "tiny-mbpp", FIXTURES / "mbpp.jsonl", settings, 0,
+                       tmp_path / f"{speculative}.json", out)  # fmt: skip
+        outputs[speculative] = [json.loads(x)["completions"] for x in out.read_text().splitlines()]
+    assert outputs[True] == outputs[False]
+    assert all(len(set(c)) == 1 for c in outputs[True])  # greedy: the n samples agree
+
+
+@pytest.mark.slow
+def test_evaluate_model_logs_to_the_training_run(tmp_path, tiny_tokenizer):
+    import mlflow
+
+    model_dir = _model_dir(tmp_path, tiny_tokenizer)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("mtp/baseline-mtp/tiny-mbpp")
+    run_id = client.create_run(experiment).info.run_id
+    (model_dir / "tracking.json").write_text(
+        json.dumps(
+            {"tracking_uri": uri, "run_id": run_id, "experiment": "mtp/baseline-mtp/tiny-mbpp"}
+        )
+    )
+    summary = evaluate_model(model_dir, "tiny-mbpp", FIXTURES / "mbpp.jsonl", _settings(), 0,
+                             tmp_path / "e.json", tmp_path / "e.jsonl")  # fmt: skip
+    logged = client.get_run(run_id).data.metrics
+    pass_at_1 = [v for k, v in logged.items() if k.startswith("tiny_mbpp_pass") and k.endswith("1")]
+    assert pass_at_1 == [summary["pass@1"]]
+    assert logged["tiny_mbpp_exact_match"] == summary["exact_match"]

@@ -1,13 +1,39 @@
-"""Evaluation metrics: pass@k, MBPP exact match."""
+"""Evaluate a model on a benchmark: sample, judge in the sandbox, score.
+
+`evaluate_model` writes a summary json (pass@k for the benchmark's k, MBPP exact
+match, outcome counts, throughput) and a per-problem jsonl (n, c, statuses,
+completions) from which the report bootstraps confidence intervals over
+problems. `evaluate_completions` is the model-free part (judging + per-problem
+records), testable without any model.
+"""
 
 from __future__ import annotations
 
 import ast
 import io
+import json
+import os
 import re
+import tempfile
+import time
 import tokenize
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
+
+from wmtp.benchmarks import Problem, load_benchmark
+from wmtp.config import EvalSettings
+from wmtp.sandbox import STATUSES, run_many
+
+MBPP_FORMAT = ("mbpp", "tiny-mbpp")
+# Metric names in MLflow, as the earlier framework logged them.
+METRIC_PREFIX = {
+    "mbpp": "mbpp",
+    "tiny-mbpp": "tiny_mbpp",
+    "humaneval": "humaneval",
+    "codecontests": "contest",
+}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -58,3 +84,167 @@ def exact_match(code: str, reference: str) -> bool:
     """MBPP exact match: the completion equals the reference up to formatting,
     comments and docstrings."""
     return normalise_code(code) == normalise_code(reference)
+
+
+def evaluate_completions(
+    problems: list[Problem],
+    completions: list[list[str]],
+    settings: EvalSettings,
+    exact: bool = False,
+    progress: bool = False,
+) -> list[dict]:
+    """Judge every completion of every problem in the sandbox (in parallel) and
+    return one record per problem: task_id, n, c, statuses, details, completions
+    and, when `exact`, how many completions equal the reference (MBPP)."""
+    if len(problems) != len(completions):
+        raise ValueError(f"{len(problems)} problems but {len(completions)} completion lists")
+    jobs = [
+        problem.job(completion, settings.timeout, settings.memory_mb)
+        for problem, samples in zip(problems, completions, strict=True)
+        for completion in samples
+    ]
+    outcomes = iter(run_many(jobs, settings.workers, progress=progress))
+    records = []
+    for problem, samples in zip(problems, completions, strict=True):
+        judged = [next(outcomes) for _ in samples]
+        record = {
+            "task_id": problem.task_id,
+            "n": len(samples),
+            "c": sum(o.passed for o in judged),
+            "statuses": [o.status for o in judged],
+            "details": [o.detail for o in judged],
+            "completions": list(samples),
+        }
+        if exact:
+            record["exact"] = sum(exact_match(c, problem.reference) for c in samples)
+        records.append(record)
+    return records
+
+
+def summarise(records: list[dict], ks: list[int]) -> dict:
+    """Benchmark-level metrics: mean pass@k over problems, exact match (mean over
+    problems of the fraction of samples equal to the reference), outcome counts."""
+    counts = Counter(status for r in records for status in r["statuses"])
+    summary = {
+        "n_problems": len(records),
+        "n_samples": records[0]["n"] if records else 0,
+        **{
+            f"pass@{k}": float(np.mean([pass_at_k(r["n"], r["c"], k) for r in records])) for k in ks
+        },
+        **{f"n_{status}": counts.get(status, 0) for status in STATUSES},
+    }
+    if records and "exact" in records[0]:
+        summary["exact_match"] = float(np.mean([r["exact"] / r["n"] for r in records]))
+    return summary
+
+
+def _write_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sample_completions(
+    model, tokenizer, problems: list[Problem], settings: EvalSettings, seed: int
+):
+    """n completions per problem; greedy decoding is generated once and repeated
+    (every greedy sample is the same). Returns (completions, seconds, tokens)."""
+    from wmtp.sample import generate, speculative_generate
+
+    prompts = [p.prompt for p in problems]
+    stops = {p.stop for p in problems}
+    if len(stops) != 1:
+        raise ValueError(f"problems of one benchmark must share stop sequences, got {stops}")
+    stop = stops.pop()
+    greedy = settings.temperature == 0
+    started = time.perf_counter()
+    if settings.speculative:
+        texts, _ = speculative_generate(
+            model, tokenizer, prompts, settings.max_new_tokens, stop=stop, progress=True
+        )
+        completions = [[t] for t in texts]
+    else:
+        completions = generate(
+            model,
+            tokenizer,
+            prompts,
+            n=1 if greedy else settings.n_samples,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            max_new_tokens=settings.max_new_tokens,
+            seed=seed,
+            batch_size=settings.batch_size,
+            stop=stop,
+            progress=True,
+        )
+    seconds = time.perf_counter() - started
+    tokens = sum(
+        len(tokenizer(c, add_special_tokens=False)["input_ids"]) for s in completions for c in s
+    )
+    if greedy:
+        completions = [s * settings.n_samples for s in completions]
+    return completions, seconds, tokens
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    benchmark: str,
+    data_path: str | Path | None,
+    settings: EvalSettings,
+    seed: int,
+    out_json: str | Path,
+    out_jsonl: str | Path,
+    device: str = "cpu",
+) -> dict:
+    """Sample `settings.n_samples` completions per problem from the model in
+    `model_dir`, judge them in the sandbox, write the summary json and the
+    per-problem jsonl (atomically), log the metrics to the model's MLflow run if
+    it has one (`tracking.json`), and return the summary."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from wmtp.checkpoints import load_model
+    from wmtp.tracking import log_to_model_run
+
+    if settings.speculative and settings.temperature != 0:
+        raise ValueError("speculative decoding is greedy: set eval.temperature to 0")
+    ks = settings.ks.get(benchmark)
+    if not ks:
+        raise ValueError(f"eval.ks has no k values for benchmark {benchmark!r}")
+    started = time.perf_counter()
+    problems = load_benchmark(benchmark, data_path)[: settings.max_problems]
+    torch.manual_seed(seed)
+    model = load_model(model_dir, device)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    completions, gen_seconds, gen_tokens = _sample_completions(
+        model, tokenizer, problems, settings, seed
+    )
+    records = evaluate_completions(
+        problems, completions, settings, exact=benchmark in MBPP_FORMAT, progress=True
+    )
+    summary = {
+        "benchmark": benchmark,
+        **summarise(records, ks),
+        "model_dir": str(model_dir),
+        "data_path": None if data_path is None else str(data_path),
+        "seed": seed,
+        "speculative": settings.speculative,
+        "generation_seconds": gen_seconds,
+        "completion_tokens_per_s": gen_tokens / gen_seconds if gen_seconds > 0 else 0.0,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    _write_atomic(out_jsonl, "".join(json.dumps(r) + "\n" for r in records))
+    _write_atomic(out_json, json.dumps(summary, indent=2) + "\n")
+    prefix = METRIC_PREFIX.get(benchmark, benchmark.replace("-", "_"))
+    metrics = {f"{prefix}_pass@{k}": summary[f"pass@{k}"] for k in ks}
+    if "exact_match" in summary:
+        metrics[f"{prefix}_exact_match"] = summary["exact_match"]
+    log_to_model_run(model_dir, metrics)
+    return summary

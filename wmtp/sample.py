@@ -145,12 +145,8 @@ def generate(
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     work = [(i, j) for i in range(len(prompts)) for j in range(n)]
     results: list[list[str]] = [[""] * n for _ in prompts]
-    batches = range(0, len(work), batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, desc="generate", unit="batch")
-    for start in batches:
+    bar = _progress_bar(len(prompts), progress)
+    for start in range(0, len(work), batch_size):
         chunk = work[start : start + batch_size]
         generators = [torch.Generator().manual_seed(_sample_seed(seed, i, j)) for i, j in chunk]
         tokens = _generate_batch(
@@ -165,7 +161,15 @@ def generate(
         )
         for (i, j), row in zip(chunk, tokens, strict=True):
             results[i][j] = _finish(tokenizer, row, stop)
+        bar.update(sum(j == n - 1 for _, j in chunk))  # prompts whose last sample is done
+    bar.close()
     return results
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="generate", unit="prompt", disable=not enabled)
 
 
 def _all_heads(model: MTPModel, ids: torch.Tensor, cache) -> torch.Tensor:
@@ -210,6 +214,7 @@ def speculative_generate(
     prompts: list[str],
     max_new_tokens: int,
     stop: tuple[str, ...] = STOP_SEQUENCES,
+    progress: bool = False,
 ) -> tuple[list[str], float]:
     """Greedy completions decoded self-speculatively (Stern et al. 2018; Gloeckle
     et al. 2024 sec. 3.2): heads 0..H-1 propose the next H tokens, one forward of
@@ -224,6 +229,7 @@ def speculative_generate(
         raise TypeError("speculative_generate needs an MTPModel (its extra heads draft)")
     model.eval()
     completions, accepted = [], []
+    bar = _progress_bar(len(prompts), progress)
     for prompt in prompts:
         tokens, lengths = _speculate_one(
             model,
@@ -234,4 +240,6 @@ def speculative_generate(
         )
         completions.append(_finish(tokenizer, tokens, stop))
         accepted.extend(lengths)
+        bar.update(1)
+    bar.close()
     return completions, float(np.mean(accepted)) if accepted else 0.0
