@@ -3,17 +3,17 @@
 Inputs (paths follow DESIGN.md section 2; algorithm, seed and benchmark are read
 from the path, so a file cannot be attributed to the wrong row):
 
-- `eval/{algo}/seed{s}/{benchmark}.jsonl`: one JSON object per problem with
-  `task_id`, `n` (samples), `c` (samples that passed), optionally `statuses`
-  (one per sample) and `exact_match` (bool, or the share of samples whose
-  completion equals the reference solution; MBPP-format benchmarks).
+- `eval/{algo}/seed{s}/{benchmark}.jsonl` (`wmtp.evaluate`): one JSON object per
+  problem with `task_id`, `n` (samples), `c` (samples that passed), `statuses`
+  (one per sample) and, on MBPP-format benchmarks, `exact` (samples whose
+  completion equals the reference solution).
 - `eval/{algo}/seed{s}/{benchmark}.json`: the evaluation's summary, with
   `pass@{k}` keys (top level or under `metrics`) and optionally `exact_match`;
   quoted per seed in the appendix so the table can be checked against it.
-- `train/{algo}/seed{s}/metrics.parquet`: one row per logged step with `step`,
-  `loss`, cumulative `tokens`, `elapsed_s` (wall seconds since the start) and
-  weight statistics `weight_mean`, `weight_std`, `weight_min`, `weight_max`,
-  `weight_frac_zero` (a few alternative spellings are accepted, see `_COLUMNS`).
+- `train/{algo}/seed{s}/metrics.parquet` (`wmtp.train`): one row per logged step
+  with `step`, `train_loss`, cumulative `tokens`, `wall_time` (seconds since the
+  start) and weight statistics `weight_mean`, `weight_std`, `weight_min`,
+  `weight_max`, `weight_frac_zero` (see `_COLUMNS` for the names accepted).
 
 Statistics: every table cell is computed from per-problem values. For each
 algorithm the per-problem value (pass@k by the unbiased estimator, or exact
@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
+from wmtp import evaluate
 from wmtp.config import PipelineConfig, Recipe, config_hash
 
 BASELINE = "baseline-mtp"
@@ -49,14 +50,14 @@ _PATH = re.compile(r"(?P<algo>[^/]+)/seed(?P<seed>\d+)/(?P<name>[^/]+?)(?:\.json
 # metrics.parquet: our name -> accepted column names, first present wins.
 _COLUMNS = {
     "step": ("step", "global_step"),
-    "loss": ("loss", "train/loss", "train_loss"),
-    "tokens": ("tokens", "tokens_seen", "train/tokens"),
-    "elapsed_s": ("elapsed_s", "wall_time_s", "wall_time", "time_s"),
-    "weight_mean": ("weight_mean", "weights/mean", "w_mean"),
-    "weight_std": ("weight_std", "weights/std", "w_std"),
-    "weight_min": ("weight_min", "weights/min", "w_min"),
-    "weight_max": ("weight_max", "weights/max", "w_max"),
-    "weight_frac_zero": ("weight_frac_zero", "weights/frac_zero", "w_frac_zero"),
+    "loss": ("train_loss", "loss"),
+    "tokens": ("tokens",),
+    "elapsed_s": ("wall_time", "elapsed_s"),
+    "weight_mean": ("weight_mean",),
+    "weight_std": ("weight_std",),
+    "weight_min": ("weight_min",),
+    "weight_max": ("weight_max",),
+    "weight_frac_zero": ("weight_frac_zero",),
 }
 
 # Quoted from the paper (Gloeckle et al. 2024); only statements we could verify.
@@ -89,21 +90,9 @@ PUBLISHED = {
 
 
 def pass_at_k(n: np.ndarray, c: np.ndarray, k: int) -> np.ndarray:
-    """Unbiased pass@k per problem, 1 - C(n-c, k) / C(n, k) (Chen et al. 2021),
-    computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i) to stay finite for large n.
-    Problems with n < k raise: their pass@k is undefined."""
-    n, c = np.asarray(n, dtype=np.int64), np.asarray(c, dtype=np.int64)
-    if np.any(n < k):
-        raise ValueError(f"pass@{k} needs n >= {k} samples per problem; got n = {n.min()}")
-    if np.any((c < 0) | (c > n)):
-        raise ValueError("need 0 <= c <= n for every problem")
-    out = np.empty(n.shape, dtype=np.float64)
-    for i, (ni, ci) in enumerate(zip(n.ravel(), c.ravel(), strict=True)):
-        if ni - ci < k:
-            out.flat[i] = 1.0
-        else:
-            out.flat[i] = 1.0 - np.prod(1.0 - k / np.arange(ni - ci + 1, ni + 1))
-    return out
+    """Per-problem unbiased pass@k (`wmtp.evaluate.pass_at_k`, Chen et al. 2021)
+    over arrays of sample counts `n` and pass counts `c`."""
+    return np.array([evaluate.pass_at_k(int(ni), int(ci), k) for ni, ci in zip(n, c, strict=True)])
 
 
 def bootstrap_indices(n_problems: int, n_resamples: int, seed: int) -> np.ndarray:
@@ -211,9 +200,9 @@ class BenchmarkTable:
 
 def _per_problem(frame: pd.DataFrame, metric: str) -> np.ndarray | None:
     if metric == "exact_match":
-        if "exact_match" not in frame:
+        if "exact" not in frame:
             return None
-        return frame["exact_match"].astype(float).to_numpy()
+        return (frame["exact"] / frame["n"]).astype(float).to_numpy()
     k = int(metric.split("@")[1])
     return pass_at_k(frame["n"].to_numpy(), frame["c"].to_numpy(), k)
 
