@@ -16,7 +16,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 from wmtp.checkpoints import load_model, read_config
 from wmtp.data import check_same_vocabulary, read_split
 from wmtp.model import MTPModel
-from wmtp.tiny import build_tiny_base, build_tiny_ref, tiny_knobs, write_tiny_mbpp
+from wmtp.tiny import (
+    build_tiny_base,
+    build_tiny_ref,
+    tiny_knobs,
+    write_tiny_mbpp,
+    write_tiny_mbpp_split,
+)
 from wmtp.tiny_data import FAMILIES, MBPP_COLUMNS, make_tiny_mbpp, sample_problems
 from wmtp.tiny_models import build_tokenizer, lr_at, mtp_loss, pack, pretrain
 
@@ -174,6 +180,21 @@ def test_write_tiny_mbpp_round_trips(tmp_path):
         back = read_split(path)
         assert back.code.tolist() == frame.code.tolist()
         assert [list(t) for t in back.test_list] == frame.test_list.tolist()
+
+
+def test_write_one_split_matches_both(tmp_path):
+    write_tiny_mbpp(tmp_path / "both", seed=1, n_train_problems=12, n_test_problems=5)
+    for split in ("train", "test"):
+        path = write_tiny_mbpp_split(
+            tmp_path / "one" / f"{split}.parquet",
+            split,
+            seed=1,
+            n_train_problems=12,
+            n_test_problems=5,
+        )
+        assert read_split(path).equals(read_split(tmp_path / "both" / f"{split}.parquet"))
+    with pytest.raises(ValueError, match="splits"):
+        write_tiny_mbpp_split(tmp_path / "x.parquet", "validation")
 
 
 def test_tokenizer_round_trips_and_has_pad_eos():

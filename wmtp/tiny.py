@@ -1,6 +1,7 @@
 """The tiny built-in default: what the download stage builds for `source: tiny`.
 
     write_tiny_mbpp(dir, settings, seed)   -> dir/train.parquet, dir/test.parquet
+    write_tiny_mbpp_split(path, split, settings, seed) -> one of them at `path`
     build_tiny_base(dir, settings, seed)   -> base MTP model (our format + tokenizer)
     build_tiny_ref(dir, settings, seed)    -> reference LlamaForCausalLM (HF format)
 
@@ -15,10 +16,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from wmtp.config import TinySettings
-from wmtp.tiny_data import make_tiny_mbpp, write_splits
+from wmtp.tiny_data import make_tiny_mbpp, write_parquet, write_splits
 from wmtp.tiny_models import build_base, build_ref
 
-__all__ = ["build_tiny_base", "build_tiny_ref", "make_tiny_mbpp", "tiny_knobs", "write_tiny_mbpp"]
+__all__ = [
+    "build_tiny_base",
+    "build_tiny_ref",
+    "make_tiny_mbpp",
+    "tiny_knobs",
+    "write_tiny_mbpp",
+    "write_tiny_mbpp_split",
+]
 
 # Knobs the builders need that `TinySettings` does not have (yet); a field of the
 # same name in the settings wins.
@@ -55,6 +63,20 @@ def write_tiny_mbpp(
         seed,
         knobs["noise_comment_prob"],
     )
+
+
+def write_tiny_mbpp_split(
+    path: str | Path, split: str, settings: TinySettings | None = None, seed: int = 0, **overrides
+) -> Path:
+    """One split ("train" or "test") of `tiny-mbpp` to `path`, for a rule that makes
+    one file per split; identical to that split of `write_tiny_mbpp`."""
+    if split not in ("train", "test"):
+        raise ValueError(f"tiny-mbpp has splits 'train' and 'test', not {split!r}")
+    knobs = tiny_knobs(settings, **overrides)
+    train, test = make_tiny_mbpp(
+        knobs["n_train_problems"], knobs["n_test_problems"], seed, knobs["noise_comment_prob"]
+    )
+    return write_parquet(train if split == "train" else test, path)
 
 
 def build_tiny_base(

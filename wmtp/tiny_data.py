@@ -464,7 +464,10 @@ def make_tiny_mbpp(
     return _rows(train, 100001, noise_rng, noise_comment_prob), _rows(test, 1, None, 0.0)
 
 
-def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
+def write_parquet(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write one split atomically (temp file in the same directory, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
@@ -473,19 +476,17 @@ def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
 
 
 def write_splits(
     out_dir: str | Path, n_train: int, n_test: int, seed: int, noise_comment_prob: float
 ) -> tuple[Path, Path]:
     """Write `train.parquet` and `test.parquet` (atomically) into `out_dir`."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     train, test = make_tiny_mbpp(n_train, n_test, seed, noise_comment_prob)
-    paths = out_dir / "train.parquet", out_dir / "test.parquet"
-    _write_parquet(train, paths[0])
-    _write_parquet(test, paths[1])
-    return paths
+    return write_parquet(train, Path(out_dir) / "train.parquet"), write_parquet(
+        test, Path(out_dir) / "test.parquet"
+    )
 
 
 def corpus_documents(n: int, seed: int) -> list[str]:

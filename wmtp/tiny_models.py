@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from wmtp.checkpoints import save_model
+from wmtp.loss import weighted_mtp_loss
 from wmtp.model import MTPConfig, MTPModel
 from wmtp.tiny_data import corpus_documents, prompt_documents
 
@@ -82,15 +83,6 @@ def pack(docs: list[str], tokenizer, seq_len: int) -> torch.Tensor:
 
 def mtp_loss(model: MTPModel, ids: torch.Tensor) -> torch.Tensor:
     """Plain (all weights 1) MTP loss on every token: the fine-tuning loss with w = 1."""
-    try:
-        from wmtp.loss import weighted_mtp_loss
-    except ImportError:  # wmtp.loss not committed yet: the same formula, naively
-        logits = model(ids)  # (B, S, H, V)
-        per_head = [
-            F.cross_entropy(logits[:, : -k - 1, k].flatten(0, 1), ids[:, k + 1 :].flatten())
-            for k in range(model.n_heads)
-        ]
-        return torch.stack(per_head).mean()
     mask = torch.ones_like(ids, dtype=torch.bool)
     return weighted_mtp_loss(model, ids, mask, torch.ones(ids.shape, dtype=torch.float32))
 
