@@ -1,0 +1,192 @@
+"""The config schema: shipped configs validate, bad ones fail with messages that name
+the key, the value and what is allowed, and the JSON schema file is up to date."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wmtp.config import (
+    SCHEMA_PATH,
+    ConfigError,
+    PipelineConfig,
+    Recipe,
+    config_hash,
+    load_config,
+    load_recipe,
+    schema_text,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "config").glob("*.yaml"))
+RECIPES = sorted((REPO / "config" / "recipes").rglob("*.yaml"))
+
+
+def tiny() -> dict:
+    return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+def error_of(data: dict) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(data, base_dir=REPO)
+    return str(info.value)
+
+
+def merged(base: dict, override: dict) -> dict:
+    """Snakemake's merge of `--configfile` over the Snakefile's `configfile:`."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    config, recipes = load_config(path, base_dir=REPO)
+    assert set(recipes) == set(config.algorithms)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_shipped_recipes_validate_and_comment_every_key(path):
+    recipe = load_recipe(path)
+    assert recipe.algorithm == path.stem
+    keys = [line for line in path.read_text().splitlines() if re.match(r"^\s*\w+:", line)]
+    uncommented = [line for line in keys if "#" not in line and not line.rstrip().endswith(":")]
+    assert not uncommented, f"{path}: keys without a comment: {uncommented}"
+
+
+def test_the_tiny_default_is_the_issue_setting():
+    config, _ = load_config(REPO / "config" / "config.yaml", base_dir=REPO)
+    assert config.run == "tiny" and len(config.seeds) >= 2
+    assert sorted(config.algorithms) == sorted(Recipe.model_fields["algorithm"].annotation.__args__)
+    assert config.models.base.source == config.models.ref.source == "tiny"
+    assert config.eval.ks["tiny-mbpp"] == [1, 10] and config.eval.n_samples == 10
+
+
+def test_paper_restates_everything_the_tiny_default_sets():
+    """`--configfile config/paper.yaml` is merged over config/config.yaml: the result
+    must be the paper setting, with nothing of the tiny one leaking in (but `tiny:`)."""
+    paper = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    config, _ = load_config(merged(tiny(), paper), base_dir=REPO)
+    alone, _ = load_config(paper, base_dir=REPO)
+    got, want = config.model_dump(), alone.model_dump()
+    got.pop("tiny"), want.pop("tiny")
+    got["eval"]["ks"] = {b: k for b, k in got["eval"]["ks"].items() if b in config.benchmarks}
+    want["eval"]["ks"] = {b: k for b, k in want["eval"]["ks"].items() if b in config.benchmarks}
+    assert got == want
+    assert config.models.base.subfolder == "7B_1T_4"
+    assert config.eval.ks["codecontests"] == [1, 5]
+
+
+def test_unknown_key_names_the_key_and_the_allowed_ones():
+    data = tiny()
+    data["eval"]["n_sample"] = 5
+    message = error_of(data)
+    assert "eval.n_sample = 5" in message
+    assert "unknown key" in message and "n_samples" in message
+
+
+def test_unknown_algorithm_lists_the_allowed():
+    data = tiny()
+    data["algorithms"].append("rho2")
+    message = error_of(data)
+    assert 'algorithms.4 = "rho2"' in message
+    for name in ("baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip"):
+        assert name in message
+
+
+def test_k_above_n_samples():
+    data = tiny()
+    data["eval"]["ks"] = {"tiny-mbpp": [1, 20]}
+    message = error_of(data)
+    assert "eval.ks" in message and "20" in message and "n_samples (10)" in message
+
+
+def test_negative_learning_rate_in_a_recipe(tmp_path):
+    recipe = yaml.safe_load((REPO / "config" / "recipes" / "baseline-mtp.yaml").read_text())
+    recipe["train"]["lr"] = -1e-4
+    path = tmp_path / "baseline-mtp.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    data = tiny()
+    data["recipes"]["baseline-mtp"] = str(path)
+    message = error_of(data)
+    assert "train.lr = -0.0001" in message and "greater than 0" in message
+    assert str(path) in message
+
+
+def test_missing_recipe_file():
+    data = tiny()
+    data["recipes"]["rho1-weighted"] = "config/recipes/nope.yaml"
+    message = error_of(data)
+    assert "recipes.rho1-weighted = 'config/recipes/nope.yaml': file not found" in message
+
+
+def test_all_problems_at_once():
+    data = tiny()
+    data["seeds"] = [0, 0]
+    data["benchmarks"] = ["humaneval"]
+    data["data"]["train_dataset"] = "humaneval"
+    data["eval"]["ks"] = {"tiny-mbpp": [1]}
+    message = error_of(data)
+    assert "seeds = [0, 0]: duplicates" in message
+    assert "no k values for benchmarks ['humaneval']" in message
+    assert "data.train_dataset = 'humaneval': has no train split" in message
+
+
+def test_recipe_for_another_algorithm_and_missing_critic_section(tmp_path):
+    data = tiny()
+    data["recipes"]["rho1-weighted"] = "config/recipes/rho1-tokenskip.yaml"
+    assert "is a recipe for 'rho1-tokenskip'" in error_of(data)
+    path = tmp_path / "critic-wmtp.yaml"
+    path.write_text("algorithm: critic-wmtp\n")
+    with pytest.raises(ConfigError, match="critic = null: critic-wmtp needs"):
+        load_recipe(path)
+
+
+def test_reward_model_critic_needs_a_reward_model(tmp_path):
+    recipe = yaml.safe_load((REPO / "config" / "recipes" / "critic-wmtp.yaml").read_text())
+    recipe["critic"]["reward"] = "reward_model"
+    path = tmp_path / "critic-wmtp.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    data = tiny()
+    data["recipes"]["critic-wmtp"] = str(path)
+    assert "models.reward = null" in error_of(data)
+
+
+def test_settings_are_frozen():
+    config, _ = load_config(REPO / "config" / "config.yaml", base_dir=REPO)
+    with pytest.raises(ValueError):
+        config.eval.n_samples = 3
+
+
+def test_config_hash_changes_with_a_recipe():
+    config, recipes = load_config(REPO / "config" / "config.yaml", base_dir=REPO)
+    changed = dict(recipes)
+    changed["baseline-mtp"] = recipes["baseline-mtp"].model_copy(
+        update={"train": recipes["baseline-mtp"].train.model_copy(update={"lr": 0.5})}
+    )
+    assert config_hash(config, recipes) == config_hash(config, dict(recipes))
+    assert config_hash(config, recipes) != config_hash(config, changed)
+
+
+def test_schema_file_is_up_to_date():
+    assert SCHEMA_PATH.read_text() == schema_text(), "run `python -m wmtp.config`"
+
+
+def test_schema_accepts_the_shipped_configs_and_rejects_unknown_keys():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    for path in CONFIGS:
+        jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+    data = tiny()
+    data["bogus"] = 1
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(data, schema)
+    assert schema["title"] == PipelineConfig.__name__
