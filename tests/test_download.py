@@ -316,3 +316,25 @@ def test_tiny_mbpp_split_matches_generator(tmp_path):
 def test_unknown_dataset(tmp_path):
     with pytest.raises(ValueError, match="unknown dataset 'apps'"):
         download.download_dataset("apps", "test", tmp_path / "x.parquet")
+
+
+def test_download_workflow_scripts(tmp_path, monkeypatch, tiny_tokenizer):
+    from test_report import run_workflow_script
+
+    src = _hf_llama(tmp_path / "src", tiny_tokenizer)
+    run_workflow_script(
+        "download_model.py", monkeypatch, wildcards={"role": "ref"},
+        output=[str(tmp_path / "models" / "ref")],
+        params={"settings": {"source": {"source": "local", "id": str(src)}}},
+        log=[str(tmp_path / "model.log")], config={"storage": {"endpoint_url": None}},
+    )
+    storage.verify_manifest(tmp_path / "models" / "ref")
+    settings = TinySettings(n_train_problems=5, n_test_problems=3)
+    run_workflow_script(
+        "download_data.py", monkeypatch, wildcards={"dataset": "tiny-mbpp", "split": "test"},
+        output=[str(tmp_path / "data" / "tiny-mbpp" / "test.parquet")],
+        params={"settings": {"tiny": settings.model_dump(mode="json")}},
+        log=[str(tmp_path / "data.log")], config={},
+    )
+    assert len(pd.read_parquet(tmp_path / "data" / "tiny-mbpp" / "test.parquet")) == 3
+    assert "data/tiny-mbpp/test" in (tmp_path / "data.log").read_text()

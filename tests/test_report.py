@@ -253,3 +253,42 @@ def test_different_problem_sets_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="different problem set"):
         report.build_report(files["jsons"], files["jsonls"], files["parquets"], config, recipes,
                             tmp_path / "r.md", tmp_path / "f")
+
+
+def run_workflow_script(name: str, monkeypatch, wildcards: dict | None = None, **fields):
+    """Run workflow_scripts/<name> as Snakemake's `script:` would, with a stand-in
+    `snakemake` object; stderr is restored afterwards."""
+    import runpy
+    import sys
+    from types import SimpleNamespace
+
+    from snakemake.iocontainers import Namedlist
+
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    parts = {k: Namedlist(fromdict=v) if isinstance(v, dict) else Namedlist(v) for k, v in fields.items()
+             if k in ("input", "output", "params", "log")}
+    smk = SimpleNamespace(**parts, config=fields.get("config", {}), threads=1,
+                          wildcards=Namedlist(fromdict=wildcards or {}))
+    runpy.run_path(str(REPO / "workflow_scripts" / name), init_globals={"snakemake": smk})
+
+
+def test_report_workflow_script(tmp_path, monkeypatch):
+    files = _write_results(tmp_path)
+    config, recipes = _config(bootstrap=50)
+    monkeypatch.chdir(REPO)  # recipe paths are relative to the repository root
+    run_workflow_script(
+        "report.py", monkeypatch,
+        input={"evals": [str(p) for p in files["jsons"]], "samples": [str(p) for p in files["jsonls"]],
+               "metrics": [str(p) for p in files["parquets"]]},
+        output={"report": str(tmp_path / "report.md"), "figures": str(tmp_path / "figures")},
+        params={"settings": {"report": config.report.model_dump(mode="json"),
+                             "config_hash": report.config_hash(config, recipes)}},
+        log=[str(tmp_path / "report.log")],
+        config=config.model_dump(mode="json"),
+    )
+    text = (tmp_path / "report.md").read_text()
+    assert f"config hash: `{report.config_hash(config, recipes)}`" in text
+    assert re.search(r"git commit: `[0-9a-f]{40}(-dirty)?`", text)  # HEAD moves as others commit
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "loss_curves.png", "pass_at_k.png", "weights.png"]
+    assert "report written to" in (tmp_path / "report.log").read_text()

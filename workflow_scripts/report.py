@@ -1,0 +1,31 @@
+"""Snakemake adapter of the report rule: the paper table and figures
+(wmtp.report.build_report).
+
+input:  evals   = every eval/{algo}/seed{s}/{benchmark}.json of the table,
+        samples = every eval/{algo}/seed{s}/{benchmark}.jsonl,
+        metrics = every train/{algo}/seed{s}/metrics.parquet
+        (algorithm, seed and benchmark are read from each path)
+output: report  = results/{run}/report.md, figures = results/{run}/figures (directory)
+params: settings = {"report": ReportSettings, "config_hash": str} (a rerun trigger
+        only: the full config is re-validated from snakemake.config here)
+"""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
+
+from wmtp.config import load_config  # noqa: E402
+from wmtp.report import build_report, current_git_commit  # noqa: E402
+
+sm = snakemake  # noqa: F821
+config, recipes = load_config(dict(sm.config), base_dir=".")
+build_report(
+    eval_jsons=list(sm.input.evals),
+    eval_jsonls=list(sm.input.samples),
+    metrics_parquets=list(sm.input.metrics),
+    config=config,
+    recipes=recipes,
+    out_md=sm.output.report,
+    figures_dir=sm.output.figures,
+    git_commit=current_git_commit("."),
+)
