@@ -90,11 +90,11 @@ def next_token_logits(
 def token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Per-target CE `(B, S-1)`: entry j-1 is -log p(x_j | x_<j), from the logits
     at position j-1. Computed in float32 whatever the model dtype."""
-    vocab = logits.shape[-1]
-    ce = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, vocab), input_ids[:, 1:].reshape(-1), reduction="none"
-    )
-    return ce.view(input_ids.shape[0], -1)
+    # Targets shifted left with an ignored last slot: the logits are used in place
+    # (no copy of a sliced (B, S-1, V) tensor).
+    targets = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # (B, S)
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none", ignore_index=-100)
+    return ce.view(input_ids.shape)[:, :-1]
 
 
 def _write_parquet(table: pa.Table, out_path: str | Path) -> Path:
