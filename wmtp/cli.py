@@ -28,11 +28,13 @@ import yaml
 from wmtp.config import (
     SCHEMA_PATH,
     ConfigError,
+    EvalSettings,
     PipelineConfig,
     Recipe,
     load_config,
     load_recipe,
     schema_text,
+    validate_section,
 )
 
 RHO1 = ("rho1-weighted", "rho1-tokenskip")
@@ -250,7 +252,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     benchmarks = parse_list(args.benchmarks) if args.benchmarks else list(config.benchmarks)
     updates = {"n_samples": args.n_samples, "max_problems": args.max_problems}
     settings = config.eval.model_copy(update={k: v for k, v in updates.items() if v is not None})
-    settings = type(settings).model_validate(settings.model_dump())  # re-check k <= n_samples
+    settings = validate_section(EvalSettings, settings.model_dump(), "eval with CLI overrides")
     layout = Layout(Path(args.results), config.run)
     data = {
         b: Path(args.data_dir) / b / "test.parquet" if args.data_dir else layout.data(b, "test")

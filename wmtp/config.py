@@ -302,7 +302,8 @@ def format_errors(error: ValidationError, source: str, model: type[BaseModel]) -
     return "\n".join(lines)
 
 
-def _validate(model: type[BaseModel], data: Any, source: str) -> Any:
+def validate_section(model: type[BaseModel], data: Any, source: str) -> Any:
+    """`model.model_validate(data)`, with every problem in one `ConfigError`."""
     try:
         return model.model_validate(data)
     except ValidationError as error:
@@ -315,7 +316,7 @@ def load_yaml(path: str | Path) -> Any:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    return _validate(Recipe, load_yaml(path), str(path))
+    return validate_section(Recipe, load_yaml(path), str(path))
 
 
 def load_config(data_or_path: dict | str | Path, base_dir: str | Path = ".") -> tuple[PipelineConfig, dict[str, Recipe]]:
@@ -323,7 +324,7 @@ def load_config(data_or_path: dict | str | Path, base_dir: str | Path = ".") -> 
     listing all problems of all files at once."""
     source = str(data_or_path) if not isinstance(data_or_path, dict) else "config"
     data = load_yaml(data_or_path) if not isinstance(data_or_path, dict) else data_or_path
-    config = _validate(PipelineConfig, data, source)
+    config = validate_section(PipelineConfig, data, source)
     recipes, problems = {}, []
     for algorithm in config.algorithms:
         path = Path(base_dir) / config.recipes[algorithm]

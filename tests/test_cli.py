@@ -1,0 +1,218 @@
+"""`python -m wmtp`: argument handling, the train dry run (plan, validation, nothing
+written), clear errors, and agreement of its paths with the workflow's."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from test_workflow import copy_workflow
+
+from wmtp.checkpoints import save_model
+from wmtp.cli import Layout, main, parse_tags
+from wmtp.config import SCHEMA_PATH, schema_text
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "config" / "config.yaml")
+RECIPES = REPO / "config" / "recipes"
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["--help"] if not argv else list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def train_args(results: Path, *extra: str) -> list[str]:
+    return ["train", "--config", CONFIG, "--base-dir", str(REPO), "--results", str(results), *extra]
+
+
+@pytest.fixture
+def prepared(tmp_path, tiny_model, tiny_tokenizer) -> Path:
+    """A results/ tree with what the workflow's download stage would have written."""
+    layout = Layout(tmp_path / "results", "tiny")
+    save_model(tiny_model, layout.model("base"), tokenizer=tiny_tokenizer)
+    rows = pd.DataFrame(
+        {
+            "task_id": [1, 2],
+            "text": ["Add two numbers.", "Negate a number."],
+            "code": ["def add(a, b):\n    return a + b", "def neg(a):\n    return -a"],
+            "test_list": [["assert add(1, 2) == 3"], ["assert neg(1) == -1"]],
+        }
+    )
+    path = layout.data("tiny-mbpp", "train")
+    path.parent.mkdir(parents=True)
+    rows.to_parquet(path)
+    return tmp_path / "results"
+
+
+def test_parse_tags():
+    assert parse_tags("a, b,team=nlp") == {"a": "true", "b": "true", "team": "nlp"}
+    assert parse_tags(None) == {} and parse_tags("") == {}
+
+
+def test_train_dry_run_prints_resolved_config_and_plan_and_writes_nothing(capsys, prepared):
+    before = sorted(p for p in prepared.rglob("*"))
+    code, out, err = run(
+        capsys,
+        *train_args(prepared, "--recipe", str(RECIPES / "baseline-mtp.yaml")),
+        "--run-name",
+        "try1",
+        "--tags",
+        "debug,sweep=lr",
+        "--max-steps",
+        "20",
+        "--seed",
+        "1",
+        "--dry-run",
+    )
+    assert code == 0, err
+    resolved = yaml.safe_load(out.split("\ndry run:")[0])
+    assert resolved["run_name"] == "try1" and resolved["seed"] == 1
+    assert resolved["tags"] == {"run": "tiny", "source": "cli", "debug": "true", "sweep": "lr"}
+    assert resolved["recipe"]["algorithm"] == "baseline-mtp"
+    assert resolved["recipe"]["train"]["max_steps"] == 20
+    plan = resolved["plan"]
+    assert plan["steps"] == 20
+    assert plan["max_tokens_per_step"] == 8 * 1 * 256  # micro batch x accumulation x max_seq_len
+    assert plan["max_tokens"] == 20 * plan["max_tokens_per_step"]
+    assert plan["reads"]["base model"].endswith("models/base (ok)")
+    assert "reference CE" not in plan["reads"] and "value head" not in plan["reads"]
+    assert plan["writes"]["model"] == str(prepared / "tiny" / "cli" / "try1" / "model")
+    assert "nothing was trained" in out
+    assert sorted(p for p in prepared.rglob("*")) == before
+
+
+def test_train_dry_run_names_the_missing_inputs(capsys, tmp_path):
+    code, out, err = run(capsys, *train_args(tmp_path, "--algorithm", "rho1-weighted", "--dry-run"))
+    assert code == 2
+    assert "reference CE: " in out and "(MISSING)" in out
+    assert "training data" in err and "refce" in err and "nothing was trained" not in out
+
+
+def test_train_rejects_inconsistent_arguments(capsys, tmp_path):
+    code, _, err = run(
+        capsys,
+        *train_args(tmp_path, "--recipe", str(RECIPES / "rho1-weighted.yaml")),
+        "--algorithm",
+        "baseline-mtp",
+        "--dry-run",
+    )
+    assert code == 2 and "is for 'rho1-weighted'" in err
+    code, _, err = run(capsys, *train_args(tmp_path, "--algorithm", "rho2", "--dry-run"))
+    assert code == 2 and "'rho2'" in err and "baseline-mtp" in err
+    code, _, err = run(
+        capsys,
+        *train_args(tmp_path, "--algorithm", "baseline-mtp", "--max-steps", "3", "--dry-run"),
+    )
+    assert code == 2 and "--max-steps = 3" in err and "warmup_steps (8)" in err
+    code, _, err = run(capsys, *train_args(tmp_path, "--recipe", "nope.yaml", "--dry-run"))
+    assert code == 2 and "nope.yaml" in err
+
+
+def test_bad_config_is_a_clear_error(capsys, tmp_path):
+    bad = yaml.safe_load(Path(CONFIG).read_text())
+    bad["eval"]["n_samples"] = 0
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    code, _, err = run(capsys, "validate", "--config", str(path), "--base-dir", str(REPO))
+    assert code == 2 and "eval.n_samples = 0" in err and "greater than 0" in err
+
+
+def test_validate_prints_the_resolved_config(capsys):
+    code, out, _ = run(
+        capsys, "validate", "--config", str(REPO / "config" / "paper.yaml"), "--base-dir", str(REPO)
+    )
+    assert code == 0 and out.rstrip().endswith("valid")
+    resolved = yaml.safe_load(out.rsplit("\n", 2)[0])
+    assert resolved["config"]["models"]["base"]["subfolder"] == "7B_1T_4"
+    assert resolved["recipes"]["critic-wmtp"]["train"]["zero_stage"] == 2
+
+
+def test_eval_checks_its_inputs_before_loading_anything(capsys, tmp_path):
+    code, _, err = run(
+        capsys,
+        "eval",
+        "--config",
+        CONFIG,
+        "--base-dir",
+        str(REPO),
+        "--checkpoint",
+        str(tmp_path / "none"),
+    )
+    assert code == 2 and "not a directory" in err
+    code, _, err = run(
+        capsys,
+        "eval",
+        "--config",
+        CONFIG,
+        "--base-dir",
+        str(REPO),
+        "--checkpoint",
+        str(tmp_path),
+        "--benchmarks",
+        "tiny-mbpp,mbpp",
+        "--results",
+        str(tmp_path / "results"),
+    )
+    assert code == 2
+    assert "'mbpp' has no k values" in err and "tiny-mbpp: test split" in err
+    code, _, err = run(
+        capsys,
+        "eval",
+        "--config",
+        CONFIG,
+        "--base-dir",
+        str(REPO),
+        "--checkpoint",
+        str(tmp_path),
+        "--n-samples",
+        "5",
+    )
+    assert code == 2 and "n_samples (5)" in err
+
+
+def test_schema_command_writes_the_checked_in_schema(capsys, tmp_path):
+    out = tmp_path / "schema.json"
+    code, _, _ = run(capsys, "schema", "--out", str(out))
+    assert code == 0 and out.read_text() == schema_text() == SCHEMA_PATH.read_text()
+
+
+def test_layout_matches_the_workflow(tmp_path):
+    """The CLI finds inputs where the workflow's rules write them."""
+    layout = Layout(Path("results"), "tiny")
+    workdir = copy_workflow(tmp_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-n",
+            "results/tiny/train/rho1-weighted/seed0/model",
+            "results/tiny/train/critic-wmtp/seed0/model",
+        ],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    for path in (
+        layout.model("base"),
+        layout.model("ref"),
+        layout.data("tiny-mbpp", "train"),
+        layout.refce("tiny-mbpp"),
+        layout.critic(),
+    ):
+        assert f"output: {path}" in result.stdout
+
+
+def test_module_entry_point():
+    result = subprocess.run(
+        [sys.executable, "-m", "wmtp", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and "train" in result.stdout and "eval" in result.stdout
