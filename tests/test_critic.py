@@ -224,3 +224,22 @@ def test_reward_model_scores_are_probabilities(tiny_tokenizer, tmp_path):
         assert len(scores) == 3 and all(0 < s < 1 for s in scores)
         assert scores == pytest.approx(critic.reward_model_scores(texts[::-1], directory, batch_size=3)[::-1],
                                        abs=1e-5)
+
+
+def test_train_critic_with_real_sampling(tiny_tokenizer, tmp_path):
+    """Rollouts from wmtp.sample.generate on a random tiny model: garbage code, so
+    every reward is 0, balancing is skipped, and the stage still finishes."""
+    model = MTPModel(tiny_config(vocab_size=len(tiny_tokenizer)))
+    model.init_weights(seed=0)
+    base = save_model(model, tmp_path / "base", tokenizer=tiny_tokenizer)
+    pd.DataFrame({
+        "task_id": [1, 2], "text": ["Add.", "Negate."],
+        "code": ["def add(a, b):\n    return a + b\n", "def neg(a):\n    return -a\n"],
+        "test_list": [["assert add(1, 2) == 3"], ["assert neg(1) == -1"]],
+    }).to_parquet(tmp_path / "train.parquet")
+    settings = CriticSettings(samples_per_problem=2, hidden_dim=8, epochs=1, batch_size=4, max_new_tokens=8)
+    _, metrics_path = train_critic(base, tmp_path / "train.parquet", settings, seed=0, out_dir=tmp_path / "c",
+                                   timeout=2.0)
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["n_rollouts"] == 4 and metrics["reward_all"]["max"] == 0.0
+    assert not metrics["selection"]["length_balance_applied"]

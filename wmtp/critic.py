@@ -139,7 +139,7 @@ def sample_completions(model, tokenizer, prompts: list[str], settings: CriticSet
 
     return generate(
         model, tokenizer, prompts, n=settings.samples_per_problem, temperature=settings.temperature,
-        top_p=settings.top_p, max_new_tokens=settings.max_new_tokens, seed=seed,
+        top_p=settings.top_p, max_new_tokens=settings.max_new_tokens, seed=seed, progress=True,
     )
 
 

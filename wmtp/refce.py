@@ -63,18 +63,20 @@ META_TOTAL = b"wmtp.n_total_samples"  # samples over all shards
 
 def load_reference(model_dir: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Load a reference model directory: ours (config.json says model_type
-    "wmtp-mtp"; scored with head 0) or any HF causal LM."""
+    "wmtp-mtp"; scored with head 0) or any HF causal LM. bf16 on GPU (the CE
+    itself is computed in float32), float32 on CPU."""
     config_path = Path(model_dir) / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{model_dir}: no config.json; not a model directory")
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if json.loads(config_path.read_text()).get("model_type") == "wmtp-mtp":
         from wmtp.checkpoints import load_model
 
-        model = load_model(model_dir, device=device)
+        model = load_model(model_dir, device=device).to(dtype)
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
     return model.eval()
 
 
