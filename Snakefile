@@ -1,6 +1,6 @@
 # Weighted Multi-Token Prediction: config -> download -> refce/critic -> train -> eval -> report.
 # Run the tiny default with `snakemake all` (profiles/default/ is loaded automatically);
-# the paper setting with `snakemake --configfile config/paper.yaml --profile profiles/slurm all`.
+# the paper setting with `snakemake all --configfile config/paper.yaml --profile profiles/slurm`.
 
 
 configfile: "config/config.yaml"

@@ -4,15 +4,18 @@ the samples against one benchmark's tests (wmtp.evaluate.evaluate_model).
 Inputs: model (trained model directory), data (the benchmark's test parquet).
 Outputs: summary (json with pass@k), samples (jsonl, one line per problem).
 Params: settings (EvalSettings as a dict). Wildcards: benchmark, seed.
+Torch threads follow the rule's threads (Snakemake sets OMP_NUM_THREADS); so do the
+sandbox workers unless eval.workers is set.
 """
 
 import sys
 
 sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake is injected)
 
-from wmtp.evaluate import evaluate_model  # noqa: E402
+import torch  # noqa: E402
 
 from wmtp.config import EvalSettings  # noqa: E402
+from wmtp.evaluate import evaluate_model  # noqa: E402
 
 sm = snakemake  # noqa: F821
 settings = EvalSettings.model_validate(sm.params.settings)
@@ -26,4 +29,5 @@ evaluate_model(
     seed=int(sm.wildcards.seed),
     out_json=sm.output.summary,
     out_jsonl=sm.output.samples,
+    device="cuda" if torch.cuda.is_available() else "cpu",
 )
