@@ -471,3 +471,52 @@ def test_killed_process_resumes_to_identical_weights(setup, tmp_path):
     assert list(pd.read_parquet(tmp_path / "killed" / "metrics.parquet")["step"]) == list(
         range(1, 9)
     )
+
+
+def test_workflow_script_runs_the_train_rule(setup, tmp_path, monkeypatch):
+    """workflow_scripts/train.py as Snakemake's `script:` runs it (stand-in object)."""
+    import runpy
+    from types import SimpleNamespace
+
+    from snakemake.iocontainers import Namedlist
+
+    out = tmp_path / "results" / "t" / "train" / "rho1-tokenskip" / "seed0"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = {
+        "data": DataSettings(max_seq_len=256, val_fraction=0.125).model_dump(mode="json"),
+        "tracking": TrackingSettings(tracking_uri=uri).model_dump(mode="json"),
+    }
+    smk = SimpleNamespace(
+        input=Namedlist(
+            fromdict={
+                "base": str(setup["base"]),
+                "data": str(setup["train"]),
+                "refce": str(setup["refce"]),
+            }
+        ),
+        output=Namedlist(
+            fromdict={"model": str(out / "model"), "metrics": str(out / "metrics.parquet")}
+        ),
+        params=Namedlist(
+            fromdict={
+                "algorithm": "rho1-tokenskip",
+                "recipe": recipe("rho1-tokenskip", max_steps=2, log_every=1).model_dump(
+                    mode="json"
+                ),
+                "settings": settings,
+            }
+        ),
+        log=Namedlist([str(tmp_path / "train.log")]),
+        wildcards=Namedlist(fromdict={"run": "t", "algo": "rho1-tokenskip", "seed": "0"}),
+        threads=1,
+        config={},
+    )
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    runpy.run_path(str(REPO / "workflow_scripts" / "train.py"), init_globals={"snakemake": smk})
+    assert list(pd.read_parquet(out / "metrics.parquet")["step"]) == [1, 2]
+    record = json.loads((out / "model" / "tracking.json").read_text())
+    assert record["tracking_uri"] == uri and record["experiment"] == "mtp/rho1-tokenskip/tiny-mbpp"
+    assert json.loads((out / "model" / "config.json").read_text())["algorithm"] == "rho1-tokenskip"
+    assert (
+        "train rho1-tokenskip" in (tmp_path / "train.log").read_text()
+    )  # progress bar went to the log

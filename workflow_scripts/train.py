@@ -1,0 +1,47 @@
+"""Snakemake adapter of the train rule: weighted-MTP fine-tuning of one (algorithm, seed).
+
+input:  base (base model dir), data (MBPP-format train parquet), refce (ref-CE
+        parquet, rho1-* only), critic (value head safetensors, critic-wmtp only)
+output: model (model dir), metrics (metrics.parquet; same directory as model)
+params: algorithm, recipe (Recipe as a dict), settings = {"data": DataSettings,
+        "tracking": TrackingSettings} as dicts
+The DeepSpeed checkpoints in `<output dir>/checkpoints/` are not outputs: a rerun
+after a failed or killed job resumes from them.
+"""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
+
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from wmtp.config import DataSettings, Recipe, TrackingSettings  # noqa: E402
+from wmtp.tracking import default_tracking_uri  # noqa: E402
+from wmtp.train import train  # noqa: E402
+
+torch.set_num_threads(snakemake.threads)  # noqa: F821
+inputs, wildcards = snakemake.input, snakemake.wildcards  # noqa: F821
+params = dict(snakemake.params.items())  # noqa: F821
+recipe = Recipe.model_validate(params["recipe"])
+tracking = TrackingSettings(**params["settings"]["tracking"])
+data = DataSettings(**params["settings"]["data"])
+out_dir = Path(snakemake.output.model).parent  # noqa: F821
+if Path(snakemake.output.metrics).parent != out_dir:  # noqa: F821
+    raise ValueError("the train rule must write model/ and metrics.parquet into the same directory")
+train(
+    base_model_dir=inputs.base,
+    train_path=inputs.data,
+    out_dir=out_dir,
+    recipe=recipe,
+    data=data,
+    seed=int(wildcards.seed),
+    dataset_name=data.train_dataset,
+    tracking=tracking,
+    tracking_uri=tracking.tracking_uri or default_tracking_uri(Path("results") / wildcards.run),
+    refce_path=inputs.get("refce"),
+    critic_path=inputs.get("critic"),
+    run_name=f"{params['algorithm']}-seed{wildcards.seed}",
+    tags={"run": wildcards.run},
+)
