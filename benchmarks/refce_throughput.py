@@ -33,7 +33,8 @@ def make_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator([source], trainer)
@@ -55,8 +56,10 @@ def make_examples(n: int, vocab: int, seed: int) -> list[Example]:
 def bare_forward(model: MTPModel, examples: list[Example], batch_size: int, pad_id: int) -> float:
     """Seconds for the forward passes alone over the batches compute_refce forms."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    batches = [collate([examples[i] for i in order[k : k + batch_size]], pad_id)
-               for k in range(0, len(order), batch_size)]
+    batches = [
+        collate([examples[i] for i in order[k : k + batch_size]], pad_id)
+        for k in range(0, len(order), batch_size)
+    ]
     start = time.perf_counter()
     for batch in batches:
         padded = bool((batch.attention_mask == 0).any())
@@ -66,22 +69,44 @@ def bare_forward(model: MTPModel, examples: list[Example], batch_size: int, pad_
 
 def measure(dim: int, tokenizer, args) -> dict:
     """Best-of-`repeats` seconds of both passes for one model width."""
-    config = MTPConfig(dim=dim, n_layers=6, n_heads=4, n_kv_heads=2, vocab_size=len(tokenizer),
-                       n_future_tokens=2, multiple_of=32, max_seq_len=512)
+    config = MTPConfig(
+        dim=dim,
+        n_layers=6,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=len(tokenizer),
+        n_future_tokens=2,
+        multiple_of=32,
+        max_seq_len=512,
+    )
     model = MTPModel(config)
     model.init_weights(seed=0)
     model.eval()
     examples = make_examples(args.examples, len(tokenizer), seed=0)
-    bare_forward(model, examples[: args.batch_size], args.batch_size, tokenizer.pad_token_id)  # warm-up
+    bare_forward(
+        model, examples[: args.batch_size], args.batch_size, tokenizer.pad_token_id
+    )  # warm-up
     bare_times, refce_times = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            bare_times.append(bare_forward(model, examples, args.batch_size, tokenizer.pad_token_id))
+            bare_times.append(
+                bare_forward(model, examples, args.batch_size, tokenizer.pad_token_id)
+            )
             start = time.perf_counter()
-            compute_refce(model, tokenizer, examples, Path(tmp) / f"ce{r}.parquet",
-                          batch_size=args.batch_size, model_id="bench")
+            compute_refce(
+                model,
+                tokenizer,
+                examples,
+                Path(tmp) / f"ce{r}.parquet",
+                batch_size=args.batch_size,
+                model_id="bench",
+            )
             refce_times.append(time.perf_counter() - start)
-    return {"tokens": sum(len(e.input_ids) for e in examples), "bare": min(bare_times), "refce": min(refce_times)}
+    return {
+        "tokens": sum(len(e.input_ids) for e in examples),
+        "bare": min(bare_times),
+        "refce": min(refce_times),
+    }
 
 
 def main() -> None:
@@ -90,18 +115,29 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--dims", type=int, nargs="+", default=[128, 256],
-                        help="model widths; 128 is the tiny pipeline's default base/ref model")
+    parser.add_argument(
+        "--dims",
+        type=int,
+        nargs="+",
+        default=[128, 256],
+        help="model widths; 128 is the tiny pipeline's default base/ref model",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tokenizer = make_tokenizer(2048)
     rows = [(dim, measure(dim, tokenizer, args)) for dim in args.dims]
-    print(f"\n6 blocks, vocab {len(tokenizer)}, {args.examples} examples, batch {args.batch_size}, "
-          f"{args.threads} thread(s), best of {args.repeats}")
-    print(f"{'dim':>5}{'tokens':>8}{'bare s':>9}{'bare tok/s':>12}{'ref-CE s':>10}{'ref-CE tok/s':>14}{'ratio':>8}")
+    print(
+        f"\n6 blocks, vocab {len(tokenizer)}, {args.examples} examples, batch {args.batch_size}, "
+        f"{args.threads} thread(s), best of {args.repeats}"
+    )
+    print(
+        f"{'dim':>5}{'tokens':>8}{'bare s':>9}{'bare tok/s':>12}{'ref-CE s':>10}{'ref-CE tok/s':>14}{'ratio':>8}"
+    )
     for dim, r in rows:
-        print(f"{dim:>5}{r['tokens']:>8}{r['bare']:>9.3f}{r['tokens'] / r['bare']:>12.0f}{r['refce']:>10.3f}"
-              f"{r['tokens'] / r['refce']:>14.0f}{r['bare'] / r['refce']:>8.3f}")
+        print(
+            f"{dim:>5}{r['tokens']:>8}{r['bare']:>9.3f}{r['tokens'] / r['bare']:>12.0f}{r['refce']:>10.3f}"
+            f"{r['tokens'] / r['refce']:>14.0f}{r['bare'] / r['refce']:>8.3f}"
+        )
     print("ratio = ref-CE tokens/s / bare-forward tokens/s (goal >= 0.9)")
 
 

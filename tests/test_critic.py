@@ -45,11 +45,15 @@ def test_gae_matches_hand_computation():
 
 def test_gae_with_gamma_lam_one_returns_the_reward_and_rows_are_independent():
     values = torch.randn(3, 6)
-    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    mask = torch.tensor(
+        [[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool
+    )
     rewards = torch.zeros(3, 6)
     rewards[0, 2], rewards[1, 5], rewards[2, 5] = 0.5, 1.0, 0.0
     got = gae_returns(rewards, values, mask, gamma=1.0, lam=1.0)
-    expected = torch.where(mask, torch.tensor([[0.5], [1.0], [0.0]]).expand(3, 6), torch.zeros(3, 6))
+    expected = torch.where(
+        mask, torch.tensor([[0.5], [1.0], [0.0]]).expand(3, 6), torch.zeros(3, 6)
+    )
     torch.testing.assert_close(got, expected)
     # lam = 0: one-step TD targets r_t + gamma V_{t+1}
     td = gae_returns(rewards, values, mask, gamma=0.5, lam=0.0)
@@ -159,14 +163,22 @@ def test_train_critic_end_to_end(tiny_tokenizer, tmp_path, monkeypatch):
     model = MTPModel(tiny_config(vocab_size=len(tiny_tokenizer)))
     model.init_weights(seed=0)
     base = save_model(model, tmp_path / "base", tokenizer=tiny_tokenizer)
-    rows = pd.DataFrame({
-        "task_id": [11, 12, 13],
-        "text": ["Add two numbers.", "Multiply two numbers.", "Subtract."],
-        "code": ["def add(a, b):\n    return a + b\n", "def mul(a, b):\n    return a * b\n",
-                 "def sub(a, b):\n    return a - b\n"],
-        "test_list": [ADD_TESTS, ["assert mul(2, 3) == 6", "assert mul(0, 3) == 0"],
-                      ["assert sub(3, 1) == 2", "assert sub(1, 1) == 0"]],
-    })
+    rows = pd.DataFrame(
+        {
+            "task_id": [11, 12, 13],
+            "text": ["Add two numbers.", "Multiply two numbers.", "Subtract."],
+            "code": [
+                "def add(a, b):\n    return a + b\n",
+                "def mul(a, b):\n    return a * b\n",
+                "def sub(a, b):\n    return a - b\n",
+            ],
+            "test_list": [
+                ADD_TESTS,
+                ["assert mul(2, 3) == 6", "assert mul(0, 3) == 0"],
+                ["assert sub(3, 1) == 2", "assert sub(1, 1) == 0"],
+            ],
+        }
+    )
     rows.to_parquet(tmp_path / "train.parquet")
     answers = {
         "add": ["def add(a, b):\n    return a + b", "def add(a, b):\n    return 0"],
@@ -180,10 +192,23 @@ def test_train_critic_end_to_end(tiny_tokenizer, tmp_path, monkeypatch):
         return [answers[next(k for k in answers if f"{k}(" in p)] for p in prompts]
 
     monkeypatch.setattr(critic, "sample_completions", fake_sample)
-    settings = CriticSettings(samples_per_problem=2, max_samples_per_problem=2, hidden_dim=16,
-                              epochs=3, batch_size=2, max_new_tokens=16)
-    head_path, metrics_path = train_critic(base, tmp_path / "train.parquet", settings, seed=5,
-                                           out_dir=tmp_path / "critic", max_seq_len=256, timeout=2.0)
+    settings = CriticSettings(
+        samples_per_problem=2,
+        max_samples_per_problem=2,
+        hidden_dim=16,
+        epochs=3,
+        batch_size=2,
+        max_new_tokens=16,
+    )
+    head_path, metrics_path = train_critic(
+        base,
+        tmp_path / "train.parquet",
+        settings,
+        seed=5,
+        out_dir=tmp_path / "critic",
+        max_seq_len=256,
+        timeout=2.0,
+    )
     assert calls == [(3, 2, 5)]
     metrics = json.loads(metrics_path.read_text())
     assert metrics["n_rollouts"] == 6
@@ -196,12 +221,21 @@ def test_train_critic_end_to_end(tiny_tokenizer, tmp_path, monkeypatch):
 
     # The Snakemake adapter gives the same head for the same settings and seed.
     run_workflow_script(
-        "critic.py", monkeypatch, input={"base": str(base), "data": str(tmp_path / "train.parquet")},
-        output={"head": str(tmp_path / "smk" / "value_head.safetensors"),
-                "metrics": str(tmp_path / "smk" / "metrics.json")},
-        params={"settings": {"critic": settings.model_dump(mode="json"),
-                             "data": DataSettings(max_seq_len=256).model_dump(mode="json")}},
-        log=[str(tmp_path / "critic.log")], config={"seeds": [5], "eval": {"timeout": 2.0}},
+        "critic.py",
+        monkeypatch,
+        input={"base": str(base), "data": str(tmp_path / "train.parquet")},
+        output={
+            "head": str(tmp_path / "smk" / "value_head.safetensors"),
+            "metrics": str(tmp_path / "smk" / "metrics.json"),
+        },
+        params={
+            "settings": {
+                "critic": settings.model_dump(mode="json"),
+                "data": DataSettings(max_seq_len=256).model_dump(mode="json"),
+            }
+        },
+        log=[str(tmp_path / "critic.log")],
+        config={"seeds": [5], "eval": {"timeout": 2.0}},
     )
     from_script = load_value_head(tmp_path / "smk" / "value_head.safetensors")
     for a, b in zip(head.state_dict().values(), from_script.state_dict().values(), strict=True):
@@ -212,9 +246,15 @@ def test_reward_model_scores_are_probabilities(tiny_tokenizer, tmp_path):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     for n_labels in (1, 2):
-        config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=16, intermediate_size=32,
-                             num_hidden_layers=1, num_attention_heads=2, num_labels=n_labels,
-                             pad_token_id=tiny_tokenizer.pad_token_id)
+        config = LlamaConfig(
+            vocab_size=len(tiny_tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_labels=n_labels,
+            pad_token_id=tiny_tokenizer.pad_token_id,
+        )
         torch.manual_seed(0)
         directory = tmp_path / f"rm{n_labels}"
         LlamaForSequenceClassification(config).save_pretrained(directory)
@@ -222,8 +262,9 @@ def test_reward_model_scores_are_probabilities(tiny_tokenizer, tmp_path):
         texts = ["def f():\n    return 1\n", "x", "def g(a):\n    return a * 2\n"]
         scores = critic.reward_model_scores(texts, directory, batch_size=2)
         assert len(scores) == 3 and all(0 < s < 1 for s in scores)
-        assert scores == pytest.approx(critic.reward_model_scores(texts[::-1], directory, batch_size=3)[::-1],
-                                       abs=1e-5)
+        assert scores == pytest.approx(
+            critic.reward_model_scores(texts[::-1], directory, batch_size=3)[::-1], abs=1e-5
+        )
 
 
 def test_train_critic_with_real_sampling(tiny_tokenizer, tmp_path):
@@ -232,14 +273,20 @@ def test_train_critic_with_real_sampling(tiny_tokenizer, tmp_path):
     model = MTPModel(tiny_config(vocab_size=len(tiny_tokenizer)))
     model.init_weights(seed=0)
     base = save_model(model, tmp_path / "base", tokenizer=tiny_tokenizer)
-    pd.DataFrame({
-        "task_id": [1, 2], "text": ["Add.", "Negate."],
-        "code": ["def add(a, b):\n    return a + b\n", "def neg(a):\n    return -a\n"],
-        "test_list": [["assert add(1, 2) == 3"], ["assert neg(1) == -1"]],
-    }).to_parquet(tmp_path / "train.parquet")
-    settings = CriticSettings(samples_per_problem=2, hidden_dim=8, epochs=1, batch_size=4, max_new_tokens=8)
-    _, metrics_path = train_critic(base, tmp_path / "train.parquet", settings, seed=0, out_dir=tmp_path / "c",
-                                   timeout=2.0)
+    pd.DataFrame(
+        {
+            "task_id": [1, 2],
+            "text": ["Add.", "Negate."],
+            "code": ["def add(a, b):\n    return a + b\n", "def neg(a):\n    return -a\n"],
+            "test_list": [["assert add(1, 2) == 3"], ["assert neg(1) == -1"]],
+        }
+    ).to_parquet(tmp_path / "train.parquet")
+    settings = CriticSettings(
+        samples_per_problem=2, hidden_dim=8, epochs=1, batch_size=4, max_new_tokens=8
+    )
+    _, metrics_path = train_critic(
+        base, tmp_path / "train.parquet", settings, seed=0, out_dir=tmp_path / "c", timeout=2.0
+    )
     metrics = json.loads(metrics_path.read_text())
     assert metrics["n_rollouts"] == 4 and metrics["reward_all"]["max"] == 0.0
     assert not metrics["selection"]["length_balance_applied"]

@@ -48,7 +48,9 @@ def test_loss_mask_covers_exactly_solution_and_eos(tiny_tokenizer):
     examples = build_examples(rows, tiny_tokenizer, max_seq_len=512)
     assert [e.sample_id for e in examples] == ["100", "101", "102"]
     for example, row in zip(examples, rows.itertuples(), strict=True):
-        prompt = tiny_tokenizer(mbpp_prompt(row.text, row.test_list[0]), add_special_tokens=False)["input_ids"]
+        prompt = tiny_tokenizer(mbpp_prompt(row.text, row.test_list[0]), add_special_tokens=False)[
+            "input_ids"
+        ]
         solution = tiny_tokenizer(mbpp_solution(row.code), add_special_tokens=False)["input_ids"]
         assert example.input_ids == prompt + solution + [tiny_tokenizer.eos_token_id]
         assert example.loss_mask == [0] * len(prompt) + [1] * (len(solution) + 1)
@@ -71,7 +73,12 @@ def test_collate_right_pads_for_any_batch_size(tiny_tokenizer):
     for size in (1, 2, 5):
         batch = collate(examples[:size], pad_id=tiny_tokenizer.pad_token_id)
         seq = max(len(e.input_ids) for e in examples[:size])
-        assert batch.input_ids.shape == batch.loss_mask.shape == batch.attention_mask.shape == (size, seq)
+        assert (
+            batch.input_ids.shape
+            == batch.loss_mask.shape
+            == batch.attention_mask.shape
+            == (size, seq)
+        )
         assert batch.loss_mask.dtype == torch.bool and batch.input_ids.dtype == torch.long
         for b, example in enumerate(examples[:size]):
             n = len(example.input_ids)
@@ -107,9 +114,14 @@ def test_batch_order_is_seeded_resumable_and_covers_each_epoch():
     stream = iterate_batches(examples, size, seed=7, pad_id=0)
     straight = [next(stream) for _ in range(8)]
     resumed = iterate_batches(examples, size, seed=7, pad_id=0, start_step=5)
-    for (step_a, a), (step_b, b) in zip(straight[5:], [next(resumed) for _ in range(3)], strict=True):
+    for (step_a, a), (step_b, b) in zip(
+        straight[5:], [next(resumed) for _ in range(3)], strict=True
+    ):
         assert step_a == step_b and a.sample_ids == b.sample_ids
-    ranks = [next(iterate_batches(examples, 2, seed=7, pad_id=0, rank=r, world_size=2))[1] for r in (0, 1)]
+    ranks = [
+        next(iterate_batches(examples, 2, seed=7, pad_id=0, rank=r, world_size=2))[1]
+        for r in (0, 1)
+    ]
     assert sorted(ranks[0].sample_ids + ranks[1].sample_ids) == sorted(straight[0][1].sample_ids)
 
 
@@ -136,7 +148,8 @@ def _other_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"],
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(["def add(a, b):\n    return a + b\n" * 50], trainer)

@@ -76,7 +76,11 @@ def save_value_head(head: ValueHead, path: str | Path) -> Path:
     os.close(fd)
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-        meta = {"format": "wmtp-value-head", "dim": str(head.dim), "hidden_dim": str(head.hidden_dim)}
+        meta = {
+            "format": "wmtp-value-head",
+            "dim": str(head.dim),
+            "hidden_dim": str(head.hidden_dim),
+        }
         save_file(state, tmp, metadata=meta)
         os.replace(tmp, path)
     except BaseException:
@@ -132,14 +136,23 @@ class Rollout:
     reward: float
 
 
-def sample_completions(model, tokenizer, prompts: list[str], settings: CriticSettings, seed: int) -> list[list[str]]:
+def sample_completions(
+    model, tokenizer, prompts: list[str], settings: CriticSettings, seed: int
+) -> list[list[str]]:
     """`settings.samples_per_problem` completions per prompt from the base model
     (wmtp.sample.generate: head 0, truncated at stop sequences)."""
     from wmtp.sample import generate
 
     return generate(
-        model, tokenizer, prompts, n=settings.samples_per_problem, temperature=settings.temperature,
-        top_p=settings.top_p, max_new_tokens=settings.max_new_tokens, seed=seed, progress=True,
+        model,
+        tokenizer,
+        prompts,
+        n=settings.samples_per_problem,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        max_new_tokens=settings.max_new_tokens,
+        seed=seed,
+        progress=True,
     )
 
 
@@ -162,8 +175,14 @@ def execution_rewards(
         if not asserts:
             raise ValueError(f"program {i} has no tests; its reward would be undefined")
         for test in asserts:
-            jobs.append(Job(program=program, tests=f"{setup}\n{test}\n" if setup else f"{test}\n",
-                            timeout=timeout, memory_mb=memory_mb))
+            jobs.append(
+                Job(
+                    program=program,
+                    tests=f"{setup}\n{test}\n" if setup else f"{test}\n",
+                    timeout=timeout,
+                    memory_mb=memory_mb,
+                )
+            )
             owner.append(i)
     outcomes = run_many(jobs, workers=workers, progress=True)
     passed = np.zeros(len(programs))
@@ -174,7 +193,11 @@ def execution_rewards(
 
 @torch.inference_mode()
 def reward_model_scores(
-    texts: Sequence[str], reward_dir: str | Path, *, batch_size: int = 8, device: str | torch.device = "cpu"
+    texts: Sequence[str],
+    reward_dir: str | Path,
+    *,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
 ) -> list[float]:
     """Score decoded prompt + completion texts with an HF sequence classifier:
     sigmoid of the logit for one label, else the probability of label 1 (positive)."""
@@ -187,10 +210,16 @@ def reward_model_scores(
     model.config.pad_token_id = tokenizer.pad_token_id
     scores: list[float] = []
     for first in tqdm(range(0, len(texts), batch_size), desc="reward model", unit="batch"):
-        enc = tokenizer(list(texts[first : first + batch_size]), return_tensors="pt", padding=True,
-                        truncation=True).to(device)
+        enc = tokenizer(
+            list(texts[first : first + batch_size]),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+        ).to(device)
         logits = model(**enc).logits.float()  # (B, n_labels)
-        probs = torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, -1)[:, 1]
+        probs = (
+            torch.sigmoid(logits[:, 0]) if logits.shape[1] == 1 else torch.softmax(logits, -1)[:, 1]
+        )
         scores.extend(probs.tolist())
     return scores
 
@@ -235,7 +264,10 @@ def select_rollouts(
             high = np.flatnonzero((bucket == b) & is_high)
             low = np.flatnonzero((bucket == b) & ~is_high)
             k = min(len(high), len(low))
-            chosen.extend(rng.choice(high, k, replace=False).tolist() + rng.choice(low, k, replace=False).tolist())
+            chosen.extend(
+                rng.choice(high, k, replace=False).tolist()
+                + rng.choice(low, k, replace=False).tolist()
+            )
         if chosen:
             kept = [capped[i] for i in sorted(chosen)]
             stats.update(length_balance_applied=True, length_bucket_edges=edges.tolist())
@@ -245,7 +277,9 @@ def select_rollouts(
         log.warning("length balancing skipped: all rollouts are in one reward class")
     kept_rollouts = [rollouts[i] for i in kept]
     stats["n_kept"] = len(kept_rollouts)
-    stats["length_reward_corr_before"] = _pearson([len(r.completion_ids) for r in rollouts], [r.reward for r in rollouts])
+    stats["length_reward_corr_before"] = _pearson(
+        [len(r.completion_ids) for r in rollouts], [r.reward for r in rollouts]
+    )
     stats["length_reward_corr_after"] = _pearson(
         [len(r.completion_ids) for r in kept_rollouts], [r.reward for r in kept_rollouts]
     )
@@ -253,7 +287,9 @@ def select_rollouts(
 
 
 @torch.inference_mode()
-def completion_hidden(model, rollouts: Sequence[Rollout], batch_size: int, device) -> list[torch.Tensor]:
+def completion_hidden(
+    model, rollouts: Sequence[Rollout], batch_size: int, device
+) -> list[torch.Tensor]:
     """Frozen trunk output at the completion tokens of each rollout: (C_i, D) each,
     on CPU. Computed once, since the base model never changes in stage 1."""
     out: list[torch.Tensor] = []
@@ -267,7 +303,9 @@ def completion_hidden(model, rollouts: Sequence[Rollout], batch_size: int, devic
             ids[b, : len(s)] = torch.tensor(s)
             attention[b, : len(s)] = 1
         padded = bool((attention == 0).any())
-        hidden = model.trunk(ids.to(device), attention.to(device) if padded else None)[0]  # (B, S, D)
+        hidden = model.trunk(ids.to(device), attention.to(device) if padded else None)[
+            0
+        ]  # (B, S, D)
         for b, rollout in enumerate(chunk):
             start = len(rollout.prompt_ids)
             out.append(hidden[b, start : start + len(rollout.completion_ids)].float().cpu())
@@ -275,7 +313,10 @@ def completion_hidden(model, rollouts: Sequence[Rollout], batch_size: int, devic
 
 
 def fit_value_head(
-    hiddens: Sequence[torch.Tensor], rewards: Sequence[float], settings: CriticSettings, seed: int,
+    hiddens: Sequence[torch.Tensor],
+    rewards: Sequence[float],
+    settings: CriticSettings,
+    seed: int,
     device: str | torch.device = "cpu",
 ) -> tuple[ValueHead, dict]:
     """Train a value head on fixed (C_i, D) hidden states with MSE towards GAE
@@ -311,7 +352,9 @@ def fit_value_head(
     return head.eval(), {"loss_per_step": step_losses, "loss_per_epoch": epoch_losses}
 
 
-def _pad(hiddens: Sequence[torch.Tensor], rewards: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pad(
+    hiddens: Sequence[torch.Tensor], rewards: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-pad completions: hidden (B, C, D), mask (B, C), per-token rewards (B, C)
     with the reward on each row's last token."""
     length = max(h.shape[0] for h in hiddens)
@@ -337,8 +380,15 @@ def _reward_stats(rewards: Sequence[float]) -> dict:
     r = np.asarray(rewards, float)
     if not len(r):
         return {"n": 0}
-    return {"n": len(r), "mean": float(r.mean()), "std": float(r.std()), "min": float(r.min()),
-            "max": float(r.max()), "frac_zero": float((r == 0).mean()), "frac_one": float((r == 1).mean())}
+    return {
+        "n": len(r),
+        "mean": float(r.mean()),
+        "std": float(r.std()),
+        "min": float(r.min()),
+        "max": float(r.max()),
+        "frac_zero": float((r == 0).mean()),
+        "frac_one": float((r == 1).mean()),
+    }
 
 
 def train_critic(
@@ -366,37 +416,57 @@ def train_critic(
         raise ValueError("critic.reward = reward_model needs a reward model directory")
     rows = read_split(train_path)
     if settings.max_problems is not None and settings.max_problems < len(rows):
-        chosen = np.sort(np.random.default_rng(seed).permutation(len(rows))[: settings.max_problems])
+        chosen = np.sort(
+            np.random.default_rng(seed).permutation(len(rows))[: settings.max_problems]
+        )
         rows = rows.iloc[chosen].reset_index(drop=True)
     tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir))
     model = load_model(base_model_dir, device=device).eval()
     for param in model.parameters():
         param.requires_grad_(False)
 
-    prompts = [mbpp_prompt(row.text, list(row.test_list)[0]) for row in rows.itertuples(index=False)]
+    prompts = [
+        mbpp_prompt(row.text, list(row.test_list)[0]) for row in rows.itertuples(index=False)
+    ]
     completions = sample_completions(model, tokenizer, prompts, settings, seed)
     flat = [(i, c) for i, group in enumerate(completions) for c in group]
     if settings.reward == "execution":
-        setups = rows["test_setup_code"].fillna("").tolist() if "test_setup_code" in rows else [""] * len(rows)
+        setups = (
+            rows["test_setup_code"].fillna("").tolist()
+            if "test_setup_code" in rows
+            else [""] * len(rows)
+        )
         rewards = execution_rewards(
-            [prompts[i] + c for i, c in flat], [list(rows["test_list"].iloc[i]) for i, _ in flat],
-            [setups[i] for i, _ in flat], timeout=timeout, memory_mb=memory_mb, workers=workers,
+            [prompts[i] + c for i, c in flat],
+            [list(rows["test_list"].iloc[i]) for i, _ in flat],
+            [setups[i] for i, _ in flat],
+            timeout=timeout,
+            memory_mb=memory_mb,
+            workers=workers,
         )
     else:
-        rewards = reward_model_scores([prompts[i] + c for i, c in flat], reward_model_dir, device=device)
+        rewards = reward_model_scores(
+            [prompts[i] + c for i, c in flat], reward_model_dir, device=device
+        )
 
     prefix = special_prefix(tokenizer)
     rollouts, too_long = [], 0
     for (i, completion), reward in zip(flat, rewards, strict=True):
         prompt_ids = prefix + tokenizer(prompts[i], add_special_tokens=False)["input_ids"]
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [
+            tokenizer.eos_token_id
+        ]
         if len(prompt_ids) + len(completion_ids) > max_seq_len:
             too_long += 1
             continue
         rollouts.append(Rollout(str(rows["task_id"].iloc[i]), prompt_ids, completion_ids, reward))
-    kept, selection = select_rollouts(rollouts, settings.max_samples_per_problem, settings.length_balance, seed)
+    kept, selection = select_rollouts(
+        rollouts, settings.max_samples_per_problem, settings.length_balance, seed
+    )
     if not kept:
-        raise ValueError(f"no rollouts left to train the value head on ({len(flat)} sampled, {too_long} too long)")
+        raise ValueError(
+            f"no rollouts left to train the value head on ({len(flat)} sampled, {too_long} too long)"
+        )
     hiddens = completion_hidden(model, kept, settings.batch_size, device)
     kept_rewards = [r.reward for r in kept]
     head, curve = fit_value_head(hiddens, kept_rewards, settings, seed, device)
@@ -422,4 +492,3 @@ def train_critic(
     metrics_path = out_dir / METRICS_FILE
     _write_json(metrics, metrics_path)
     return head_path, metrics_path
-

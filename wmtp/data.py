@@ -107,8 +107,13 @@ def build_examples(rows: pd.DataFrame, tokenizer, max_seq_len: int) -> list[Exam
     for row in rows.itertuples(index=False):
         tests = list(row.test_list)
         if not tests:
-            raise ValueError(f"task {row.task_id}: empty test_list; the prompt shows the first test")
-        prompt = prefix + tokenizer(mbpp_prompt(row.text, tests[0]), add_special_tokens=False)["input_ids"]
+            raise ValueError(
+                f"task {row.task_id}: empty test_list; the prompt shows the first test"
+            )
+        prompt = (
+            prefix
+            + tokenizer(mbpp_prompt(row.text, tests[0]), add_special_tokens=False)["input_ids"]
+        )
         solution = tokenizer(mbpp_solution(row.code), add_special_tokens=False)["input_ids"]
         solution = solution + [tokenizer.eos_token_id]
         if len(prompt) + len(solution) > max_seq_len:
@@ -122,7 +127,9 @@ def build_examples(rows: pd.DataFrame, tokenizer, max_seq_len: int) -> list[Exam
             )
         )
     if dropped:
-        log.warning("dropped %d of %d examples longer than max_seq_len=%d", dropped, len(rows), max_seq_len)
+        log.warning(
+            "dropped %d of %d examples longer than max_seq_len=%d", dropped, len(rows), max_seq_len
+        )
     ids = [e.sample_id for e in examples]
     if len(set(ids)) != len(ids):
         raise ValueError("duplicate task_id in the training rows; sample ids must be unique")
@@ -158,7 +165,9 @@ def pack(examples: Sequence[Example], max_seq_len: int) -> list[Example]:
         if PACK_SEPARATOR in example.sample_id:
             raise ValueError(f"sample id {example.sample_id!r} contains {PACK_SEPARATOR!r}")
         if len(example.input_ids) > max_seq_len:
-            raise ValueError(f"example {example.sample_id} ({len(example.input_ids)} tokens) > {max_seq_len}")
+            raise ValueError(
+                f"example {example.sample_id} ({len(example.input_ids)} tokens) > {max_seq_len}"
+            )
         if tokens and len(tokens) + len(example.input_ids) > max_seq_len:
             packed.append(Example(PACK_SEPARATOR.join(ids), tokens, mask))
             ids, tokens, mask = [], [], []
@@ -179,7 +188,9 @@ def split_train_val(
     if val_fraction > 0:
         n_val = max(n_val, 1)
     if n_val >= len(examples):
-        raise ValueError(f"val_fraction={val_fraction} leaves no training examples out of {len(examples)}")
+        raise ValueError(
+            f"val_fraction={val_fraction} leaves no training examples out of {len(examples)}"
+        )
     chosen = set(np.random.default_rng(seed).permutation(len(examples))[:n_val].tolist())
     train = [e for i, e in enumerate(examples) if i not in chosen]
     val = [e for i, e in enumerate(examples) if i in chosen]
@@ -246,7 +257,9 @@ def check_same_vocabulary(base_tokenizer, ref_tokenizer, base_name: str, ref_nam
     base_ids = base_tokenizer(VOCAB_PROBE, add_special_tokens=False)["input_ids"]
     ref_ids = ref_tokenizer(VOCAB_PROBE, add_special_tokens=False)["input_ids"]
     if base_ids != ref_ids:
-        first = next((i for i, (a, b) in enumerate(zip(base_ids, ref_ids, strict=False)) if a != b), None)
+        first = next(
+            (i for i, (a, b) in enumerate(zip(base_ids, ref_ids, strict=False)) if a != b), None
+        )
         first = min(len(base_ids), len(ref_ids)) if first is None else first
         problems.append(
             f"probe text ids differ from token {first}: {base_ids[first : first + 5]} vs "

@@ -95,7 +95,9 @@ def token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     # Targets shifted left with an ignored last slot: the logits are used in place
     # (no copy of a sliced (B, S-1, V) tensor).
     targets = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # (B, S)
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none", ignore_index=-100)
+    ce = F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), reduction="none", ignore_index=-100
+    )
     return ce.view(input_ids.shape)[:, :-1]
 
 
@@ -114,13 +116,17 @@ def _write_parquet(table: pa.Table, out_path: str | Path) -> Path:
     return out_path
 
 
-def _table(sample_ids: list[str], token_rows: list[np.ndarray], ce_rows: list[np.ndarray], meta: dict) -> pa.Table:
+def _table(
+    sample_ids: list[str], token_rows: list[np.ndarray], ce_rows: list[np.ndarray], meta: dict
+) -> pa.Table:
     """Rows for positions 1..L-1 of each sample, in the given sample order."""
     lengths = np.array([len(c) for c in ce_rows], dtype=np.int64)
     columns = {
         "sample_id": pa.array(np.repeat(np.array(sample_ids, dtype=object), lengths), pa.string()),
         "position": pa.array(
-            np.concatenate([np.arange(1, n + 1, dtype=np.int32) for n in lengths]) if len(lengths) else [],
+            np.concatenate([np.arange(1, n + 1, dtype=np.int32) for n in lengths])
+            if len(lengths)
+            else [],
             pa.int32(),
         ),
         "token_id": pa.array(np.concatenate(token_rows) if token_rows else [], pa.int32()),
@@ -158,7 +164,9 @@ def compute_refce(
             raise ValueError("compute reference CE on unpacked examples (one sample per row)")
     part = list(examples)[index::n_shards]
     ref_model.eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
     order = sorted(range(len(part)), key=lambda i: -len(part[i].input_ids))
     tokens_out: list[np.ndarray | None] = [None] * len(part)
     ce_out: list[np.ndarray | None] = [None] * len(part)
@@ -169,7 +177,9 @@ def compute_refce(
             chosen = order[first : first + batch_size]
             batch = collate([part[i] for i in chosen], pad_id).to(device)
             padded = bool((batch.attention_mask == 0).any())
-            logits = next_token_logits(ref_model, batch.input_ids, batch.attention_mask if padded else None)
+            logits = next_token_logits(
+                ref_model, batch.input_ids, batch.attention_mask if padded else None
+            )
             ce = token_ce(logits, batch.input_ids).cpu().numpy()  # (B, S-1)
             for row, i in enumerate(chosen):
                 n = len(part[i].input_ids)
@@ -235,9 +245,14 @@ def merge_shards(parts: Sequence[str | Path], out_path: str | Path) -> Path:
         by_shard.append([g for _, g in frame.groupby("sample_id", sort=False)])
     # Shard i held examples i, i+n, i+2n, ...: interleave back to the original order.
     ordered = [
-        by_shard[i][r] for r in range(max(len(s) for s in by_shard)) for i in range(n_shards) if r < len(by_shard[i])
+        by_shard[i][r]
+        for r in range(max(len(s) for s in by_shard))
+        for i in range(n_shards)
+        if r < len(by_shard[i])
     ]
-    merged = pd.concat(ordered, ignore_index=True) if ordered else pd.DataFrame(columns=SCHEMA.names)
+    merged = (
+        pd.concat(ordered, ignore_index=True) if ordered else pd.DataFrame(columns=SCHEMA.names)
+    )
     ids = [g["sample_id"].iloc[0] for g in ordered]
     duplicates = sorted({s for s in ids if ids.count(s) > 1})
     n_total = int(metas[0][META_TOTAL])
@@ -246,17 +261,25 @@ def merge_shards(parts: Sequence[str | Path], out_path: str | Path) -> Path:
             f"merged parts hold {len(ids)} samples, expected {n_total}"
             + (f"; duplicated sample ids {duplicates[:10]}" if duplicates else "")
         )
-    meta = {META_MODEL: metas[0][META_MODEL].decode(), META_TOKENIZER: metas[0][META_TOKENIZER].decode(),
-            META_SAMPLES: n_total, META_TOTAL: n_total}
+    meta = {
+        META_MODEL: metas[0][META_MODEL].decode(),
+        META_TOKENIZER: metas[0][META_TOKENIZER].decode(),
+        META_SAMPLES: n_total,
+        META_TOTAL: n_total,
+    }
     table = pa.Table.from_pandas(merged, schema=SCHEMA, preserve_index=False)
-    return _write_parquet(table.replace_schema_metadata({k: str(v).encode() for k, v in meta.items()}), out_path)
+    return _write_parquet(
+        table.replace_schema_metadata({k: str(v).encode() for k, v in meta.items()}), out_path
+    )
 
 
 class RefCETable:
     """In-memory ce_ref table for trainers: `lookup` turns a batch into a (B, S)
     tensor aligned with its tokens."""
 
-    def __init__(self, tokens: dict[str, np.ndarray], ce: dict[str, np.ndarray], model_id: str, tok_hash: str):
+    def __init__(
+        self, tokens: dict[str, np.ndarray], ce: dict[str, np.ndarray], model_id: str, tok_hash: str
+    ):
         self.tokens = tokens  # sample_id -> token ids of positions 1..L-1
         self.ce = ce  # sample_id -> ce_ref of positions 1..L-1
         self.model_id = model_id
@@ -267,7 +290,9 @@ class RefCETable:
         """Load a table; with `tokenizer`, refuse one computed with another tokenizer."""
         meta = _metadata(path)
         if META_TOKENIZER not in meta:
-            raise ValueError(f"{path}: not a reference-CE table (no {META_TOKENIZER.decode()} metadata)")
+            raise ValueError(
+                f"{path}: not a reference-CE table (no {META_TOKENIZER.decode()} metadata)"
+            )
         if META_SHARD in meta:
             raise ValueError(f"{path} is shard {meta[META_SHARD].decode()}; merge the parts first")
         tok_hash = meta[META_TOKENIZER].decode()
@@ -282,7 +307,9 @@ class RefCETable:
         for sample_id, group in frame.groupby("sample_id", sort=False):
             positions = group["position"].to_numpy()
             if not np.array_equal(positions, np.arange(1, len(positions) + 1)):
-                raise ValueError(f"{path}: sample {sample_id} positions are not 1..{len(positions)}")
+                raise ValueError(
+                    f"{path}: sample {sample_id} positions are not 1..{len(positions)}"
+                )
             tokens[sample_id] = group["token_id"].to_numpy(np.int64)
             ce[sample_id] = group["ce_ref"].to_numpy(np.float32)
         return cls(tokens, ce, meta[META_MODEL].decode(), tok_hash)
@@ -290,7 +317,9 @@ class RefCETable:
     def __len__(self) -> int:
         return len(self.ce)
 
-    def lookup(self, sample_ids: Sequence[str], input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    def lookup(
+        self, sample_ids: Sequence[str], input_ids: torch.Tensor, loss_mask: torch.Tensor
+    ) -> torch.Tensor:
         """ce_ref `(B, S)` float32 for a (right-padded, possibly packed) batch; 0 where
         there is no value (first token of a sample, padding).
 
@@ -306,7 +335,9 @@ class RefCETable:
             offset = 0
             for sample_id in joined.split(PACK_SEPARATOR):
                 if sample_id not in self.ce:
-                    raise ValueError(f"sample {sample_id!r} is not in the reference-CE table ({len(self)} samples)")
+                    raise ValueError(
+                        f"sample {sample_id!r} is not in the reference-CE table ({len(self)} samples)"
+                    )
                 stored = self.tokens[sample_id]
                 end = offset + 1 + len(stored)
                 if end > ids.shape[1]:
@@ -328,7 +359,9 @@ class RefCETable:
         uncovered = mask & ~covered
         if uncovered.any():
             b, j = (int(x) for x in np.argwhere(uncovered)[0])
-            raise ValueError(f"loss-mask token at row {b}, position {j} ({sample_ids[b]!r}) has no ce_ref")
+            raise ValueError(
+                f"loss-mask token at row {b}, position {j} ({sample_ids[b]!r}) has no ce_ref"
+            )
         return torch.from_numpy(out).to(input_ids.device)
 
 
@@ -355,6 +388,12 @@ def refce_stage(
     examples = build_examples(read_split(data_path), base_tokenizer, data.max_seq_len)
     model = load_reference(ref_dir, device=device)
     return compute_refce(
-        model, base_tokenizer, examples, out_path, batch_size=batch_size, device=device,
-        model_id=model_id or str(ref_dir), shard=shard,
+        model,
+        base_tokenizer,
+        examples,
+        out_path,
+        batch_size=batch_size,
+        device=device,
+        model_id=model_id or str(ref_dir),
+        shard=shard,
     )

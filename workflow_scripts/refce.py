@@ -9,25 +9,26 @@ params: settings = {"data": DataSettings}; optional batch_size (default 8) and
 
 import sys
 
-sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
+smk = snakemake  # noqa: F821 (injected by Snakemake)
+sys.stderr = open(smk.log[0], "w", buffering=1)
 
 import torch  # noqa: E402
 
 from wmtp.config import DataSettings  # noqa: E402
 from wmtp.refce import refce_stage  # noqa: E402
 
-torch.set_num_threads(snakemake.threads)  # noqa: F821
-params = dict(snakemake.params.items())  # noqa: F821
-ref = snakemake.config["models"]["ref"]  # noqa: F821
-shard = tuple(int(x) for x in params.get("shard", "0/1").split("/"))
+torch.set_num_threads(smk.threads)
+params = dict(smk.params.items())
+ref = smk.config["models"]["ref"]
+model_id = f"{ref['source']}:{ref['id']}" + (f"@{ref['revision']}" if ref.get("revision") else "")
 refce_stage(
-    snakemake.input.ref,  # noqa: F821
-    snakemake.input.base,  # noqa: F821
-    snakemake.input.data,  # noqa: F821
-    snakemake.output[0],  # noqa: F821
+    smk.input.ref,
+    smk.input.base,
+    smk.input.data,
+    smk.output[0],
     DataSettings(**params["settings"]["data"]),
-    model_id=f"{ref['source']}:{ref['id']}" + (f"@{ref['revision']}" if ref.get("revision") else ""),
+    model_id=model_id,
     batch_size=int(params.get("batch_size", 8)),
     device="cuda" if torch.cuda.is_available() else "cpu",
-    shard=shard,
+    shard=tuple(int(x) for x in params.get("shard", "0/1").split("/")),
 )
