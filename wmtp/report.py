@@ -134,7 +134,7 @@ def _parse_path(path: str | Path) -> tuple[str, int, str]:
 
 
 def read_problems(path: str | Path) -> pd.DataFrame:
-    """Per-problem records of one evaluation: task_id, n, c[, exact_match], sorted by task_id."""
+    """Per-problem records of one evaluation: task_id, n, c[, exact], sorted by task_id."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     if not rows:
         raise ValueError(f"{path}: no problems")
