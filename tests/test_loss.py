@@ -247,3 +247,44 @@ def test_never_builds_all_heads_logits(monkeypatch):
 
     monkeypatch.setattr(model, "forward", forbidden)
     weighted_mtp_loss(model, input_ids, loss_mask, weights, attention_mask).backward()
+
+
+def deepspeed_sgd_step(model, loss_fn, batches, zero_stage: int) -> dict[str, torch.Tensor]:
+    """One optimizer step of a 1-process DeepSpeed engine (SGD, grad accumulation
+    over `batches`); returns the updated parameters."""
+    import os
+
+    import deepspeed
+
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29513", RANK="0", WORLD_SIZE="1",
+                           LOCAL_RANK="0").items():
+        os.environ.setdefault(key, value)
+    config = {
+        "train_micro_batch_size_per_gpu": batches[0][0].shape[0],
+        "gradient_accumulation_steps": len(batches),
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,
+    }
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    for input_ids, loss_mask, attention_mask, weights in batches:
+        engine.backward(loss_fn(engine.module, input_ids, loss_mask, weights, attention_mask))
+        engine.step()
+    return {name: p.detach().clone() for name, p in engine.module.named_parameters()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_deepspeed_engine_backward_gives_the_naive_update(zero_stage):
+    batches = [make_batch(20), make_batch(21)]
+
+    def naive(model, *args):
+        return naive_loss(model, *args)[0]
+
+    expected = deepspeed_sgd_step(make_model(2), naive, batches, zero_stage)
+    got = deepspeed_sgd_step(make_model(2), weighted_mtp_loss, batches, zero_stage)
+    start = dict(make_model(2).named_parameters())
+    for name, value in expected.items():
+        assert not torch.equal(value, start[name]), f"{name} was not updated"
+        assert torch.allclose(got[name], value, atol=1e-6, rtol=1e-4), name
