@@ -203,6 +203,17 @@ def test_finished_run_rerun_only_saves(setup, tmp_path):
     assert list(pd.read_parquet(tmp_path / "out" / "metrics.parquet")["step"]) == [1, 2, 3]
 
 
+def test_checkpoint_of_other_settings_is_not_resumed(setup, tmp_path):
+    """After a config change the workflow reruns the job: it must start over, not
+    resume (or, when finished, re-save) the old training."""
+    with pytest.raises(train_lib.TrainingInterrupted):
+        run(setup, tmp_path / "out", recipe(max_steps=4, checkpoint_every=2, lr=1e-3), stop_after=2)
+    run(setup, tmp_path / "out", recipe(max_steps=4, checkpoint_every=2, lr=2e-3))
+    metrics = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
+    assert list(metrics["step"]) == [1, 2, 3, 4]
+    assert metrics["lr"].iloc[0] == pytest.approx(1e-3)  # warmup 1 step: half of the new lr
+
+
 def test_mlflow_run_has_params_metrics_and_resumes(setup, tmp_path):
     from mlflow import MlflowClient
 

@@ -19,7 +19,9 @@ decay). The learning rate follows linear warmup then cosine decay to
 Resume: every `checkpoint_every` steps (and at the end) a DeepSpeed checkpoint
 `out_dir/checkpoints/step{n}` stores model, optimizer, scheduler and a client
 state (step, tokens seen, RNG states, MLflow run id); only the newest is kept.
-If `out_dir/checkpoints/latest` exists, training resumes there. The data order
+If `out_dir/checkpoints` holds a checkpoint of the same training (fingerprint of
+the resolved settings and input files), training resumes there; a checkpoint of
+anything else is deleted and training starts over. The data order
 is a pure function of (seed, step) (`wmtp.data.iterate_batches`), so a resumed
 run ends with exactly the weights of an uninterrupted one. Metric rows go to
 `out_dir/metrics.jsonl` as they are produced (rows written before a crash are
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -76,6 +79,7 @@ log = logging.getLogger(__name__)
 RHO1 = ("rho1-weighted", "rho1-tokenskip")
 CHECKPOINTS = "checkpoints"
 METRICS_JSONL = "metrics.jsonl"
+FINGERPRINT = "fingerprint.json"
 METRICS_PARQUET = "metrics.parquet"
 WEIGHT_STATS = ("mean", "std", "min", "max", "frac_zero")
 
@@ -565,8 +569,12 @@ def train(
 
     # ---- resume
     ckpt_dir = out_dir / CHECKPOINTS
+    fingerprint = run_fingerprint(resolved, [base_model_dir, train_path, refce_path, critic_path])
     start_step, tokens_seen, wall_before, client = 0, 0, 0.0, {}
-    if (ckpt_dir / "latest").exists():
+    if not _resumable(ckpt_dir, fingerprint, rank, world):
+        if rank == 0:
+            _write_json_atomic(ckpt_dir / FINGERPRINT, {"fingerprint": fingerprint})
+    else:
         loaded, client = engine.load_checkpoint(str(ckpt_dir))
         if loaded is None:
             raise RuntimeError(f"could not load the DeepSpeed checkpoint in {ckpt_dir}")
@@ -695,6 +703,52 @@ def train(
 
         dist.barrier()
     return model_dir
+
+
+def run_fingerprint(resolved: dict, inputs: Sequence[str | Path | None]) -> str:
+    """Identity of a training: resolved settings plus each input file's size and
+    mtime (cheap even for 7B weights). A checkpoint of another identity is stale."""
+    stats = []
+    for path in inputs:
+        files = sorted(Path(path).rglob("*")) if path and Path(path).is_dir() else [path]
+        for file in files:
+            if file is not None and Path(file).is_file():
+                info = Path(file).stat()
+                stats.append([str(file), info.st_size, info.st_mtime_ns])
+    payload = json.dumps({"resolved": resolved, "inputs": stats}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(payload) + "\n")
+    os.replace(tmp, path)
+
+
+def _resumable(ckpt_dir: Path, fingerprint: str, rank: int, world: int) -> bool:
+    """True when `ckpt_dir` holds a checkpoint of this very training. A checkpoint
+    of other settings or inputs (the workflow reruns a job after a config change)
+    is deleted, and training starts over instead of resuming something else."""
+    import torch.distributed as dist
+
+    marker = ckpt_dir / FINGERPRINT
+    has_checkpoint = (ckpt_dir / "latest").exists()
+    same = marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
+    if world > 1:
+        dist.barrier()  # every rank has looked before rank 0 deletes anything
+    if has_checkpoint and same:
+        return True
+    if ckpt_dir.exists() and rank == 0:
+        if has_checkpoint:
+            log.warning(
+                "%s holds a checkpoint of other settings or inputs: starting over", ckpt_dir
+            )
+        shutil.rmtree(ckpt_dir)
+    if world > 1:
+        dist.barrier()
+    return False
 
 
 def _save_checkpoint(
