@@ -288,3 +288,11 @@ def test_deepspeed_engine_backward_gives_the_naive_update(zero_stage):
     for name, value in expected.items():
         assert not torch.equal(value, start[name]), f"{name} was not updated"
         assert torch.allclose(got[name], value, atol=1e-6, rtol=1e-4), name
+
+
+def test_zero3_partitioned_parameters_are_refused():
+    model = make_model(2)
+    model.output.weight.ds_status = "NOT_AVAILABLE"  # what ZeRO-3 attaches to partitioned parameters
+    input_ids, loss_mask, _, weights = make_batch(14)
+    with pytest.raises(ValueError, match="ZeRO stage 3"):
+        weighted_mtp_loss(model, input_ids, loss_mask, weights)

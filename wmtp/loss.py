@@ -95,8 +95,11 @@ def weighted_mtp_loss_details(
     if attention_mask is not None:
         valid = valid & attention_mask.bool()
 
-    hidden, context = model.trunk(input_ids, attention_mask)  # (B, S, D)
     params = [p for p in _head_parameters(model) if p.requires_grad]
+    if any(hasattr(p, "ds_status") for p in params):
+        raise ValueError("weighted_mtp_loss does not support DeepSpeed ZeRO stage 3 (partitioned "
+                         "parameters); use ZeRO stage 0, 1 or 2")
+    hidden, context = model.trunk(input_ids, attention_mask)  # (B, S, D)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or bool(params))
     heads = _HeadPass(model, context, input_ids, valid, weights)
     if needs_grad:
