@@ -135,7 +135,14 @@ class _HeadPass:
     """One pass over the heads for a fixed trunk output: loss value, statistics and
     (optionally) gradients w.r.t. the trunk output and the given head parameters."""
 
-    def __init__(self, model: MTPModel, context: dict, input_ids, valid, weights) -> None:
+    def __init__(
+        self,
+        model: MTPModel,
+        context: dict,
+        input_ids: torch.Tensor,  # (B, S)
+        valid: torch.Tensor,  # (B, S) bool, by target token
+        weights: torch.Tensor | WeightFn,
+    ) -> None:
         self.model, self.context, self.input_ids, self.valid = model, context, input_ids, valid
         self.weight_source = weights
         batch, seq = input_ids.shape
@@ -189,7 +196,9 @@ class _HeadPass:
                 self._backward_head(k, x, head_out, head_out_grad, params, slot, param_grads, hidden_grad)
         return loss, ([hidden_grad, *param_grads] if with_grads else None)
 
-    def _resolve_weights(self, rows, targets, unembedding, hidden) -> torch.Tensor:
+    def _resolve_weights(
+        self, rows: torch.Tensor, targets: torch.Tensor, unembedding: torch.Tensor, hidden: torch.Tensor
+    ) -> torch.Tensor:
         """The `(B, S)` weights, 0 where invalid. A callable gets head 0's CE first
         (an extra no-grad unembedding of head 0's rows: CE must be known before the
         weighted gradient can be formed)."""
