@@ -754,14 +754,21 @@ def _resumable(ckpt_dir: Path, fingerprint: str, rank: int, world: int) -> bool:
 def _save_checkpoint(
     engine, ckpt_dir: Path, step: int, rank: int, world: int, client_state: dict
 ) -> None:
-    """DeepSpeed checkpoint `step{n}` (a collective call), then drop older ones."""
+    """DeepSpeed checkpoint `step{n}` (a collective call); then, once every rank has
+    written its part, `latest` is pointed at it atomically and older ones are
+    dropped. DeepSpeed's own `latest` is written in place: a job killed during that
+    write would leave an empty `latest` and a checkpoint that cannot resume."""
     tag = f"step{step}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
     if rank == 0:
+        fd, tmp = tempfile.mkstemp(prefix=".latest.", dir=ckpt_dir)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(tag)
+        os.replace(tmp, ckpt_dir / "latest")
         for old in ckpt_dir.iterdir():
             if old.is_dir() and old.name.startswith("step") and old.name != tag:
                 shutil.rmtree(old, ignore_errors=True)
