@@ -13,7 +13,7 @@ import yaml
 from test_workflow import copy_workflow
 
 from wmtp.checkpoints import save_model
-from wmtp.cli import Layout, main, parse_tags
+from wmtp.cli import Layout, main, parse_tags, torchrun_argv
 from wmtp.config import SCHEMA_PATH, schema_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,3 +216,30 @@ def test_module_entry_point():
         [sys.executable, "-m", "wmtp", "--help"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and "train" in result.stdout and "eval" in result.stdout
+
+
+def test_torchrun_argv():
+    argv = torchrun_argv(4, ["script.py", "--x"])
+    assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--nproc_per_node=4" in argv and argv[-2:] == ["script.py", "--x"]
+
+
+@pytest.mark.slow
+def test_relaunch_distributed_runs_one_process_per_gpu(tmp_path):
+    """What a workflow script does when its job has resources.gpu = 2 (CPU stand-in)."""
+    script = tmp_path / "job.py"
+    script.write_text(
+        "import os, sys\n"
+        "from wmtp.cli import relaunch_distributed\n"
+        "relaunch_distributed(int(sys.argv[1]))\n"
+        "print('rank', os.environ.get('RANK', 'none'), os.environ.get('WORLD_SIZE', '1'))\n"
+    )
+    two = subprocess.run(
+        [sys.executable, str(script), "2"], capture_output=True, text=True, timeout=120
+    )
+    assert two.returncode == 0, two.stderr
+    assert sorted(two.stdout.split("\n")[:2]) == ["rank 0 2", "rank 1 2"]
+    one = subprocess.run(
+        [sys.executable, str(script), "1"], capture_output=True, text=True, timeout=60
+    )
+    assert one.stdout.strip() == "rank none 1"

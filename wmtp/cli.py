@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -308,6 +309,37 @@ def cmd_schema(args: argparse.Namespace) -> int:
     path.write_text(schema_text())
     print(f"wrote {path}")
     return 0
+
+
+# ---- multi-GPU launch -----------------------------------------------------------------
+
+
+def torchrun_argv(n_procs: int, argv: Sequence[str]) -> list[str]:
+    """The command that runs `python argv...` as `n_procs` processes on this node
+    (torchrun sets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* for each; DeepSpeed reads them)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={n_procs}",
+        *argv,
+    ]
+
+
+def relaunch_distributed(n_procs: int) -> None:
+    """Re-execute the running script under torchrun when a job got several GPUs.
+
+    Why: Snakemake's `script:` runs one Python process, but a multi-GPU training
+    needs one process per GPU. Called first thing in a workflow script with the
+    job's `resources.gpu`, it replaces the process (same PID, so Snakemake still
+    waits for it and the script file with its pickled job stays in place) by
+    torchrun over the same file; inside, LOCAL_RANK is set and it returns at once.
+    With 0 or 1 GPU (the CPU default) it does nothing.
+    """
+    if n_procs > 1 and "LOCAL_RANK" not in os.environ:
+        argv = torchrun_argv(n_procs, sys.argv)
+        os.execv(argv[0], argv)
 
 
 # ---- parser --------------------------------------------------------------------------
