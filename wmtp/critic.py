@@ -40,7 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from wmtp.config import CriticSettings
-from wmtp.data import read_split, special_prefix
+from wmtp.data import Example, collate, read_split, special_prefix
 from wmtp.prompts import mbpp_prompt
 
 log = logging.getLogger(__name__)
@@ -296,16 +296,13 @@ def completion_hidden(
     for first in tqdm(range(0, len(rollouts), batch_size), desc="trunk states", unit="batch"):
         chunk = rollouts[first : first + batch_size]
         seqs = [r.prompt_ids + r.completion_ids for r in chunk]
-        seq = max(len(s) for s in seqs)
-        ids = torch.zeros((len(seqs), seq), dtype=torch.long)  # (B, S)
-        attention = torch.zeros((len(seqs), seq), dtype=torch.long)  # (B, S)
-        for b, s in enumerate(seqs):
-            ids[b, : len(s)] = torch.tensor(s)
-            attention[b, : len(s)] = 1
-        padded = bool((attention == 0).any())
-        hidden = model.trunk(ids.to(device), attention.to(device) if padded else None)[
-            0
-        ]  # (B, S, D)
+        batch = collate(
+            [Example(r.sample_id, s, [0] * len(s)) for r, s in zip(chunk, seqs, strict=True)],
+            pad_id=0,
+        ).to(device)
+        padded = bool((batch.attention_mask == 0).any())
+        mask = batch.attention_mask if padded else None
+        hidden = model.trunk(batch.input_ids, mask)[0]  # (B, S, D)
         for b, rollout in enumerate(chunk):
             start = len(rollout.prompt_ids)
             out.append(hidden[b, start : start + len(rollout.completion_ids)].float().cpu())
