@@ -531,3 +531,24 @@ def test_workflow_script_runs_the_train_rule(setup, tmp_path, monkeypatch):
     assert (
         "train rho1-tokenskip" in (tmp_path / "train.log").read_text()
     )  # progress bar went to the log
+
+
+@pytest.mark.parametrize(
+    "train",
+    [
+        {"zero_stage": 1, "deepspeed_config": "config/deepspeed/zero1.json"},
+        {"zero_stage": 2, "deepspeed_config": "config/deepspeed/zero2.json"},
+        {"precision": "bf16"},
+    ],
+    ids=["zero1", "zero2", "bf16"],
+)
+def test_zero_stages_and_bf16_train_and_resume(setup, tmp_path, train):
+    rec = recipe(max_steps=4, checkpoint_every=2, **train)
+    straight = final_params(run(setup, tmp_path / "straight", rec))
+    with pytest.raises(train_lib.TrainingInterrupted):
+        run(setup, tmp_path / "resumed", rec, stop_after=3)
+    resumed = final_params(run(setup, tmp_path / "resumed", rec))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    metrics = pd.read_parquet(tmp_path / "resumed" / "metrics.parquet")
+    assert metrics["train_loss"].map(math.isfinite).all()
+    assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
