@@ -146,6 +146,10 @@ def collate(examples: Sequence[Example], pad_id: int) -> Batch:
     attention_mask = torch.zeros((len(examples), seq), dtype=torch.long)  # (B, S)
     for b, example in enumerate(examples):
         n = len(example.input_ids)
+        if len(example.loss_mask) != n:
+            raise ValueError(
+                f"example {example.sample_id}: {n} tokens but {len(example.loss_mask)} mask entries"
+            )
         input_ids[b, :n] = torch.tensor(example.input_ids, dtype=torch.long)
         loss_mask[b, :n] = torch.tensor(example.loss_mask, dtype=torch.bool)
         attention_mask[b, :n] = 1
