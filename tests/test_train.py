@@ -536,9 +536,12 @@ def test_workflow_script_runs_the_train_rule(setup, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "train",
     [
-        {"zero_stage": 1, "deepspeed_config": "config/deepspeed/zero1.json"},
+        pytest.param(
+            {"zero_stage": 1, "deepspeed_config": "config/deepspeed/zero1.json"},
+            marks=pytest.mark.slow,
+        ),
         {"zero_stage": 2, "deepspeed_config": "config/deepspeed/zero2.json"},
-        {"precision": "bf16"},
+        pytest.param({"precision": "bf16"}, marks=pytest.mark.slow),
     ],
     ids=["zero1", "zero2", "bf16"],
 )

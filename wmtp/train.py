@@ -464,11 +464,8 @@ def train(
     # ---- set-up: validate, distributed, seeds
     settings, algorithm = recipe.train, recipe.algorithm
     steps = max_steps or settings.max_steps
-    device_type = (
-        "cuda"
-        if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-        else "cpu"
-    )
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
     validate_setup(
         recipe=recipe,
         data=data,
@@ -528,6 +525,7 @@ def train(
             refce.lookup(batch.sample_ids, batch.input_ids, batch.loss_mask)
         if recipe.weighting.rho1_base == "frozen":
             frozen = load_model(base_model_dir, device=run_device).eval().requires_grad_(False)
+            frozen = frozen.to(torch.bfloat16) if bf16 else frozen  # (its CE is taken in fp32)
     if algorithm == "critic-wmtp":
         from wmtp.critic import load_value_head
 
