@@ -182,6 +182,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--reuse", action="store_true", help="reuse models already in --out")
     parser.add_argument("--eval-ref", action="store_true", help="also evaluate the reference model")
+    parser.add_argument("--skip-ref", action="store_true", help="do not build the reference model")
+    parser.add_argument(
+        "--max-problems", type=int, default=None, help="evaluate the first N test problems"
+    )
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=JSON", help="tiny settings overrides"
     )
@@ -191,7 +195,8 @@ def main() -> None:
     print("tiny settings:", json.dumps(tiny_knobs(**overrides)), flush=True)
 
     times, results = {}, {}
-    for name, build in (("base", build_tiny_base), ("ref", build_tiny_ref)):
+    builds = (("base", build_tiny_base),) + (() if args.skip_ref else (("ref", build_tiny_ref),))
+    for name, build in builds:
         if not (args.reuse and (args.out / name).exists()):
             start = time.time()
             build(args.out / name, seed=args.seed, **overrides)
@@ -205,7 +210,7 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.out / "base")
     train_df = pd.read_parquet(args.out / "data" / "train.parquet")
-    test_df = pd.read_parquet(args.out / "data" / "test.parquet")
+    test_df = pd.read_parquet(args.out / "data" / "test.parquet").head(args.max_problems)
     model = load_model(args.out / "base")
     start = time.time()
     results["base"] = evaluate(

@@ -198,12 +198,13 @@ def test_write_one_split_matches_both(tmp_path):
 
 
 def test_tokenizer_round_trips_and_has_pad_eos():
-    tokenizer = build_tokenizer(vocab_size=300, n_docs=60, seed=0)
+    knobs = tiny_knobs(vocab_size=300, corpus_documents=60)
+    tokenizer = build_tokenizer(knobs, seed=0)
     assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 1
     assert len(tokenizer) == 300
     for text in ("def f(x):\n    return x + 7  # apple\n", "s = 'ünïcödé → ok'\n\tx = [1,2]\n"):
         assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
-    again = build_tokenizer(vocab_size=300, n_docs=60, seed=0)
+    again = build_tokenizer(knobs, seed=0)
     assert again.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
 
 
@@ -214,11 +215,11 @@ def test_lr_schedule():
 
 
 def test_pretraining_lowers_the_loss():
-    from wmtp.tiny_models import corpus_documents, model_config
+    from wmtp.tiny_models import base_corpus, model_config
 
     knobs = tiny_knobs(**SMALL)
-    tokenizer = build_tokenizer(300, 120, 0)
-    data = pack(corpus_documents(120, 0), tokenizer, 32)  # (N, 32)
+    tokenizer = build_tokenizer(knobs, 0)
+    data = pack(base_corpus(knobs, 0), tokenizer, 32)  # (N, 32)
     model = MTPModel(model_config(knobs, len(tokenizer)))
     model.init_weights(0)
     losses = pretrain(model, mtp_loss, data, steps=40, batch_size=4, lr=3e-3, seed=0, desc="test")

@@ -33,6 +33,7 @@ __all__ = [
 EXTRA_DEFAULTS = {
     "pretrain_seq_len": 256,  # tokens per pretraining row (documents packed, EOS-separated)
     "corpus_documents": 3000,  # generated functions in the pretraining corpus
+    "corpus_statement_prob": 0.7,  # share of corpus functions with a "# statement" comment
     "ref_prompt_documents": 1000,  # clean prompt/solution pairs the reference also sees
     "ref_n_layers": 4,  # decoder blocks of the reference causal LM
 }

@@ -489,11 +489,13 @@ def write_splits(
     )
 
 
-def corpus_documents(n: int, seed: int) -> list[str]:
+def corpus_documents(n: int, seed: int, statement_prob: float = 0.7) -> list[str]:
     """Pretraining documents: clean functions of the same families followed by a few
-    asserts or prints, as in ordinary code files. No problem statements and no
-    prompt format: the base model knows the functions but not the task format,
-    which is what fine-tuning teaches."""
+    asserts or prints, as in ordinary code files; with probability `statement_prob`
+    a comment above the function states what it does. Never the docstring prompt
+    format with the test before the code: the base model learns the functions,
+    the statements and to reuse a name, not the task format that fine-tuning
+    teaches."""
     rng = random.Random(f"tiny-corpus-{seed}")
     families = list(FAMILIES)
     docs = []
@@ -502,7 +504,8 @@ def corpus_documents(n: int, seed: int) -> list[str]:
         tests = run_reference(problem)
         if rng.random() < 0.5:
             tests = [t.replace("assert ", "print(", 1).split(" == ")[0] + ")" for t in tests]
-        docs.append(problem.code + "\n" + "\n".join(tests[: rng.randint(1, 3)]) + "\n")
+        header = f"# {problem.text}\n" if rng.random() < statement_prob else ""
+        docs.append(header + problem.code + "\n" + "\n".join(tests[: rng.randint(1, 3)]) + "\n")
     return docs
 
 

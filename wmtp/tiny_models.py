@@ -61,11 +61,17 @@ def corpus_sha256(docs: list[str]) -> str:
     return digest.hexdigest()
 
 
-def build_tokenizer(vocab_size: int, n_docs: int, seed: int) -> PreTrainedTokenizerFast:
+def base_corpus(knobs: dict, seed: int) -> list[str]:
+    return corpus_documents(knobs["corpus_documents"], seed, knobs["corpus_statement_prob"])
+
+
+def build_tokenizer(knobs: dict, seed: int) -> PreTrainedTokenizerFast:
     """The miniature's tokenizer: trained on the base corpus plus noisy prompt/solution
     pairs from their own pool, so comment words are in the vocabulary too."""
-    pairs = prompt_documents(n_docs // 4, seed, noise_comment_prob=0.5)
-    return train_tokenizer(corpus_documents(n_docs, seed) + [p + s for p, s in pairs], vocab_size)
+    pairs = prompt_documents(knobs["corpus_documents"] // 4, seed, noise_comment_prob=0.5)
+    return train_tokenizer(
+        base_corpus(knobs, seed) + [p + s for p, s in pairs], knobs["vocab_size"]
+    )
 
 
 def pack(docs: list[str], tokenizer, seq_len: int) -> torch.Tensor:
@@ -179,8 +185,8 @@ def build_base(out_dir: str | Path, knobs: dict, seed: int, threads: int = 1) ->
     """Pretrain the base MTP model on the code corpus (plain MTP loss, all heads) and
     save it in our model format with the tokenizer."""
     with deterministic_threads(threads):
-        tokenizer = build_tokenizer(knobs["vocab_size"], knobs["corpus_documents"], seed)
-        docs = corpus_documents(knobs["corpus_documents"], seed)
+        tokenizer = build_tokenizer(knobs, seed)
+        docs = base_corpus(knobs, seed)
         data = pack(docs, tokenizer, knobs["pretrain_seq_len"])
         model = MTPModel(model_config(knobs, len(tokenizer)))
         model.init_weights(seed)
@@ -204,9 +210,9 @@ def build_ref(out_dir: str | Path, knobs: dict, seed: int, threads: int = 1) -> 
     (its "high-quality" data, from a pool disjoint by seed from the benchmark) and
     save it as a Hugging Face `LlamaForCausalLM` directory with the same tokenizer."""
     with deterministic_threads(threads):
-        tokenizer = build_tokenizer(knobs["vocab_size"], knobs["corpus_documents"], seed)
+        tokenizer = build_tokenizer(knobs, seed)
         pairs = prompt_documents(knobs["ref_prompt_documents"], seed + 1)
-        docs = corpus_documents(knobs["corpus_documents"], seed) + [p + s for p, s in pairs]
+        docs = base_corpus(knobs, seed) + [p + s for p, s in pairs]
         data = pack(docs, tokenizer, knobs["pretrain_seq_len"])
         config = model_config(knobs, len(tokenizer)).to_llama_config()
         config.num_hidden_layers = knobs["ref_n_layers"]
