@@ -779,7 +779,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     """`python -m wmtp.train --config config/config.yaml --algorithm rho1-weighted --seed 0
     --out results/tiny/train/rho1-weighted/seed0`; input paths default to the
     pipeline's layout under `--results/{run}/`."""
-    from wmtp.config import load_config
+    from wmtp.config import load_config, load_recipe
 
     parser = argparse.ArgumentParser(
         prog="python -m wmtp.train", description=__doc__.split("\n")[0]
@@ -789,6 +789,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     )
     parser.add_argument("--base-dir", default=".", help="directory recipe paths are relative to")
     parser.add_argument("--algorithm", required=True)
+    parser.add_argument(
+        "--recipe", help="recipe YAML to use instead of the config's for --algorithm"
+    )
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument(
         "--out", required=True, help="output dir: model/, metrics.parquet, checkpoints/"
@@ -812,9 +815,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parser.parse_args(argv)
 
     config, recipes = load_config(args.config, args.base_dir)
-    if args.algorithm not in recipes:
+    recipe = load_recipe(args.recipe) if args.recipe else recipes.get(args.algorithm)
+    if recipe is None or recipe.algorithm != args.algorithm:
         raise ConfigError(
-            f"algorithm {args.algorithm!r} is not in the config's algorithms {list(recipes)}"
+            f"no recipe for {args.algorithm!r}: the config's algorithms are {list(recipes)}"
+            + (f" and {args.recipe} is a {recipe.algorithm} recipe" if args.recipe else "")
         )
     run_dir = Path(args.results) / config.run
     dataset = config.data.train_dataset
@@ -822,7 +827,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         base_model_dir=args.base_model or run_dir / "models" / "base",
         train_path=args.train_data or run_dir / "data" / dataset / "train.parquet",
         out_dir=args.out,
-        recipe=recipes[args.algorithm],
+        recipe=recipe,
         data=config.data,
         seed=args.seed,
         dataset_name=dataset,
