@@ -78,10 +78,15 @@ def _finish(tokenizer, tokens: list[int], stop: tuple[str, ...]) -> str:
     return truncate_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop)
 
 
-def _stopped(tokenizer, tokens: list[int], stop: tuple[str, ...]) -> bool:
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in tokens:
+def _stopped(tokenizer, tokens: list[int], stop: tuple[str, ...], tail: int = 48) -> bool:
+    """EOS generated, or a stop sequence in the last `tail` tokens (checked after
+    every step, so a stop is always seen while it is recent; decoding only the tail
+    keeps the check O(1) per step instead of O(length))."""
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in tokens[-tail:]:
         return True
-    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    if not stop:
+        return False
+    text = tokenizer.decode(tokens[-tail:], skip_special_tokens=True)
     return any(s in text for s in stop)
 
 
