@@ -1,4 +1,7 @@
 # Weighted multi-token-prediction fine-tuning: one job per (algorithm, seed).
+# On the CPU default one process with `threads` torch threads; with resources.gpu > 1
+# (profiles/slurm) the adapter re-executes itself under torchrun, one process per GPU
+# (wmtp.cli.relaunch_distributed). The recipe is a param: editing it reruns this job.
 
 
 rule train:

@@ -209,6 +209,10 @@ def test_end_to_end_rerun_regenerate_and_recipe_change(workdir):
     assert "baseline-mtp" in report.read_text()
     assert "Report: results/report.md" in result.stdout + result.stderr
 
+    # the Snakemake HTML report embeds the files marked with report()
+    html = snakemake(workdir, "--report", "results/report.html", *CI)
+    assert html.returncode == 0 and (workdir / "results/report.html").stat().st_size > 0, html.stderr
+
     # nothing changed: nothing to do
     again = snakemake(workdir, "all", "-n", *CI)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout, again.stdout[-3000:]
