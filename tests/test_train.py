@@ -190,6 +190,7 @@ def test_resume_after_interrupt_gives_identical_weights(setup, tmp_path):
     ]  # rows from before the stop kept, none twice
     reference = pd.read_parquet(tmp_path / "straight" / "metrics.parquet")
     pd.testing.assert_series_equal(metrics["train_loss"], reference["train_loss"])
+    assert list(metrics["tokens"]) == list(reference["tokens"])
     assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir() if p.is_dir()] == [
         "step7"
     ]

@@ -35,7 +35,6 @@ several processes: `torchrun --nproc_per_node N -m wmtp.train ...`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import hashlib
 import json
@@ -61,6 +60,7 @@ from wmtp.config import ConfigError, DataSettings, Recipe, TrackingSettings, Tra
 from wmtp.data import (
     Batch,
     Example,
+    batch_indices,
     build_examples,
     collate,
     iterate_batches,
@@ -337,7 +337,6 @@ class Window:
         return {
             "train_loss": loss_sum / max(n_micro, 1),
             **{f"head_ce_{k}": v for k, v in enumerate(head_ce)},
-            "window_tokens": tokens,
             "tokens_per_s": tokens / max(elapsed, 1e-9),
             "weight_mean": mean,
             "weight_std": math.sqrt(max(w_sq / max(w_n, 1) - mean * mean, 0.0)),
@@ -368,6 +367,17 @@ def val_loss(
         n = int(batch.loss_mask.sum())
         total, count = total + float(loss) * n, count + n
     return total / max(count, 1)
+
+
+def global_tokens(
+    examples: Sequence[Example], global_batch: int, seed: int, micro_step: int
+) -> int:
+    """Tokens (padding excluded) of one micro-step over all ranks: a pure function of
+    the step, like the batch order, so the count survives a resume exactly."""
+    return sum(
+        len(examples[i].input_ids)
+        for i in batch_indices(len(examples), global_batch, seed, micro_step)
+    )
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -623,7 +633,8 @@ def train(
     for step in range(start_step + 1, steps + 1):
         lr = float(engine.get_lr()[0])
         for _ in range(accum):
-            _, batch = next(stream)
+            micro_step, batch = next(stream)
+            tokens_seen += global_tokens(train_examples, per_micro_step, seed, micro_step)
             batch = batch.to(run_device)
             weights = make_weights(recipe, batch, refce=refce, frozen=frozen, value_head=value_head)
             out = weighted_mtp_loss_details(
@@ -640,7 +651,6 @@ def train(
         is_val = step % settings.val_every == 0 or step == steps
         if step % settings.log_every == 0 or is_val:
             metrics = window.reduce(world)
-            tokens_seen += int(metrics.pop("window_tokens"))
             row = {
                 "step": step,
                 "tokens": tokens_seen,
@@ -681,15 +691,9 @@ def train(
 
     # ---- save
     model_dir = out_dir / "model"
-    gather = (
-        deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
-        if settings.zero_stage == 3
-        else contextlib.nullcontext()
-    )
-    with gather:
-        if rank == 0:
-            extra = {"algorithm": algorithm, "seed": seed, "resolved config": resolved}
-            save_model(engine.module, model_dir, tokenizer=tokenizer, extra=extra)
+    if rank == 0:
+        extra = {"algorithm": algorithm, "seed": seed, "resolved config": resolved}
+        save_model(engine.module, model_dir, tokenizer=tokenizer, extra=extra)
     if rank == 0:
         tracking_lib.write_tracking_file(
             model_dir, uri if run.enabled else None, run.run_id, experiment if run.enabled else None
