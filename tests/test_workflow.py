@@ -236,3 +236,15 @@ def test_end_to_end_rerun_regenerate_and_recipe_change(workdir):
     ), plan.stdout[-3000:]
     changed = re.findall(r"results/ci/train/([\w-]+)/seed\d/model", plan.stdout)
     assert set(changed) == {"rho1-weighted"}
+
+
+@pytest.mark.slow
+def test_slurm_profile_puts_gpu_rules_on_a100s(workdir):
+    result = snakemake(
+        workdir, "all", "-n", "--configfile", "config/paper.yaml", "--profile", "profiles/slurm"
+    )
+    assert result.returncode == 0, result.stderr
+    trainings = re.findall(r"^rule train:\n(?:    .*\n)*?    resources: (.*)$", result.stdout, re.M)
+    assert len(trainings) == 12
+    assert all("gpu=4" in line and "gpu_model=a100" in line for line in trainings)
+    assert "slurm_partition=<gpu-partition>" in trainings[0]
