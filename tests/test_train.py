@@ -223,6 +223,14 @@ def test_mlflow_run_has_params_metrics_and_resumes(setup, tmp_path):
     rec = recipe(max_steps=4, checkpoint_every=2, val_every=2)
     with pytest.raises(train_lib.TrainingInterrupted):
         run(setup, tmp_path / "out", rec, mlflow=True, stop_after=3)
+    interrupted = MlflowClient(tracking.default_tracking_uri(tmp_path / "out")).search_runs(
+        [
+            MlflowClient(tracking.default_tracking_uri(tmp_path / "out"))
+            .get_experiment_by_name("mtp/baseline-mtp/tiny-mbpp")
+            .experiment_id
+        ]
+    )
+    assert [r.info.status for r in interrupted] == ["FAILED"]
     model_dir = run(setup, tmp_path / "out", rec, mlflow=True)
     record = json.loads((model_dir / "tracking.json").read_text())
     assert record["experiment"] == "mtp/baseline-mtp/tiny-mbpp"

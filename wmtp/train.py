@@ -614,80 +614,90 @@ def train(
     # ---- loop
     from tqdm import tqdm
 
-    accum = settings.grad_accum_steps
-    stream = iterate_batches(
-        train_examples,
-        settings.micro_batch_size,
-        seed,
-        pad_id,
-        start_step=start_step * accum,
-        rank=rank,
-        world_size=world,
-    )
-    engine.train()
-    window = Window(model_config.n_future_tokens, run_device)
-    started = time.perf_counter() - wall_before
-    bar = tqdm(
-        total=steps, initial=start_step, disable=rank != 0, desc=f"train {algorithm}", unit="step"
-    )
-    for step in range(start_step + 1, steps + 1):
-        lr = float(engine.get_lr()[0])
-        for _ in range(accum):
-            micro_step, batch = next(stream)
-            tokens_seen += global_tokens(train_examples, per_micro_step, seed, micro_step)
-            batch = batch.to(run_device)
-            weights = make_weights(recipe, batch, refce=refce, frozen=frozen, value_head=value_head)
-            out = weighted_mtp_loss_details(
-                engine.module,
-                batch.input_ids,
-                batch.loss_mask,
-                weights,
-                attention_mask=batch.attention_mask,
-            )
-            engine.backward(out.loss)
-            engine.step()
-            window.add(out.loss, out.head_ce, out.weights, batch)
-        bar.update(1)
-        is_val = step % settings.val_every == 0 or step == steps
-        if step % settings.log_every == 0 or is_val:
-            metrics = window.reduce(world)
-            row = {
-                "step": step,
-                "tokens": tokens_seen,
-                "wall_time": time.perf_counter() - started,
-                "lr": lr,
-                **metrics,
-                "val_loss": math.nan,
-            }
-            if is_val:
-                row["val_loss"] = val_loss(
-                    engine.module, val_examples, settings.micro_batch_size, pad_id, run_device
+    try:  # an attempt that raised (or got Ctrl-C) shows as FAILED in MLflow until resumed
+        accum = settings.grad_accum_steps
+        stream = iterate_batches(
+            train_examples,
+            settings.micro_batch_size,
+            seed,
+            pad_id,
+            start_step=start_step * accum,
+            rank=rank,
+            world_size=world,
+        )
+        engine.train()
+        window = Window(model_config.n_future_tokens, run_device)
+        started = time.perf_counter() - wall_before
+        bar = tqdm(
+            total=steps,
+            initial=start_step,
+            disable=rank != 0,
+            desc=f"train {algorithm}",
+            unit="step",
+        )
+        for step in range(start_step + 1, steps + 1):
+            lr = float(engine.get_lr()[0])
+            for _ in range(accum):
+                micro_step, batch = next(stream)
+                tokens_seen += global_tokens(train_examples, per_micro_step, seed, micro_step)
+                batch = batch.to(run_device)
+                weights = make_weights(
+                    recipe, batch, refce=refce, frozen=frozen, value_head=value_head
                 )
-            window = Window(model_config.n_future_tokens, run_device)
-            if rank == 0 and step > logged_upto:
-                _append_row(jsonl, row)
-                rows.append(row)
-                run.log_metrics(mlflow_metrics(row, model_config.n_future_tokens), step)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        if step % settings.checkpoint_every == 0 or step == steps:
-            _save_checkpoint(
-                engine,
-                ckpt_dir,
-                step,
-                rank,
-                world,
-                {
+                out = weighted_mtp_loss_details(
+                    engine.module,
+                    batch.input_ids,
+                    batch.loss_mask,
+                    weights,
+                    attention_mask=batch.attention_mask,
+                )
+                engine.backward(out.loss)
+                engine.step()
+                window.add(out.loss, out.head_ce, out.weights, batch)
+            bar.update(1)
+            is_val = step % settings.val_every == 0 or step == steps
+            if step % settings.log_every == 0 or is_val:
+                metrics = window.reduce(world)
+                row = {
                     "step": step,
                     "tokens": tokens_seen,
                     "wall_time": time.perf_counter() - started,
-                    "rng": _rng_state(),
-                    "mlflow_run_id": run.run_id,
-                },
-            )
-        if stop_after is not None and step >= stop_after:
-            bar.close()
-            raise TrainingInterrupted(f"stopped after step {step} (stop_after={stop_after})")
-    bar.close()
+                    "lr": lr,
+                    **metrics,
+                    "val_loss": math.nan,
+                }
+                if is_val:
+                    row["val_loss"] = val_loss(
+                        engine.module, val_examples, settings.micro_batch_size, pad_id, run_device
+                    )
+                window = Window(model_config.n_future_tokens, run_device)
+                if rank == 0 and step > logged_upto:
+                    _append_row(jsonl, row)
+                    rows.append(row)
+                    run.log_metrics(mlflow_metrics(row, model_config.n_future_tokens), step)
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if step % settings.checkpoint_every == 0 or step == steps:
+                _save_checkpoint(
+                    engine,
+                    ckpt_dir,
+                    step,
+                    rank,
+                    world,
+                    {
+                        "step": step,
+                        "tokens": tokens_seen,
+                        "wall_time": time.perf_counter() - started,
+                        "rng": _rng_state(),
+                        "mlflow_run_id": run.run_id,
+                    },
+                )
+            if stop_after is not None and step >= stop_after:
+                bar.close()
+                raise TrainingInterrupted(f"stopped after step {step} (stop_after={stop_after})")
+        bar.close()
+    except BaseException:
+        run.finish("FAILED")
+        raise
 
     # ---- save
     model_dir = out_dir / "model"
