@@ -243,3 +243,59 @@ def test_relaunch_distributed_runs_one_process_per_gpu(tmp_path):
         [sys.executable, str(script), "1"], capture_output=True, text=True, timeout=60
     )
     assert one.stdout.strip() == "rank none 1"
+
+
+@pytest.mark.slow
+def test_cli_trains_then_evaluates(capsys, tmp_path, tiny_tokenizer):
+    """The real commands on a toy model: same library calls as the workflow's jobs."""
+    from conftest import tiny_config
+
+    from wmtp.config import TinySettings
+    from wmtp.model import MTPModel
+    from wmtp.tiny import write_tiny_mbpp
+
+    results = tmp_path / "results"
+    layout = Layout(results, "ci")
+    model = MTPModel(tiny_config(vocab_size=len(tiny_tokenizer)))
+    model.init_weights(seed=0)
+    save_model(model, layout.model("base"), tokenizer=tiny_tokenizer)
+    write_tiny_mbpp(
+        layout.run_dir / "data" / "tiny-mbpp", TinySettings(n_train_problems=16, n_test_problems=2)
+    )
+    common = [
+        "--config",
+        str(REPO / "config" / "ci.yaml"),
+        "--base-dir",
+        str(REPO),
+        "--results",
+        str(results),
+    ]
+    code, out, err = run(
+        capsys,
+        "train",
+        *common,
+        "--algorithm",
+        "baseline-mtp",
+        "--max-steps",
+        "2",
+        "--run-name",
+        "smoke",
+    )
+    assert code == 0, err
+    trained = layout.cli_run("smoke") / "model"
+    assert (trained / "config.json").exists()
+    assert (layout.cli_run("smoke") / "metrics.parquet").exists()
+    code, out, err = run(
+        capsys, "eval", *common, "--checkpoint", str(trained), "--benchmarks", "tiny-mbpp"
+    )
+    assert code == 0, err
+    summary = yaml.safe_load((trained.parent / "eval" / "tiny-mbpp.json").read_text())
+    assert "pass@1" in json_keys(summary)
+
+
+def json_keys(summary: dict) -> set[str]:
+    keys = set(summary)
+    for value in summary.values():
+        if isinstance(value, dict):
+            keys |= set(value)
+    return keys
