@@ -150,9 +150,14 @@ def get_refce_params(wildcards):
 
 
 def get_critic_params(wildcards):
+    """The critic reads its recipe section, the data settings, the first seed and the
+    sandbox limits of the eval section (for rollout rewards)."""
+    sandbox = ("timeout", "memory_mb", "workers")
     return {
         "critic": RECIPES["critic-wmtp"].critic.model_dump(mode="json"),
         "data": CONFIG.data.model_dump(mode="json"),
+        "seed": CONFIG.seeds[0],
+        "sandbox": {key: getattr(CONFIG.eval, key) for key in sandbox},
     }
 
 
