@@ -190,3 +190,27 @@ def test_schema_accepts_the_shipped_configs_and_rejects_unknown_keys():
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(data, schema)
     assert schema["title"] == PipelineConfig.__name__
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_recipes_pass_the_trainers_set_up_checks(path, tmp_path):
+    """Beyond the schema: DeepSpeed template and ZeRO stage agree, warmup fits, etc.
+    (inputs are faked: only the recipe's own consistency is under test)."""
+    from wmtp.train import validate_setup
+
+    base, data = tmp_path / "base", tmp_path / "train.parquet"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    data.write_text("")
+    config, recipes = load_config(path, base_dir=REPO)
+    for recipe in recipes.values():
+        validate_setup(
+            recipe=recipe,
+            data=config.data,
+            max_steps=recipe.train.max_steps,
+            base_model_dir=base,
+            train_path=data,
+            refce_path=data,
+            critic_path=data,
+            device_type="cpu",
+        )
