@@ -25,6 +25,9 @@ rule report:
         "../workflow_scripts/report.py"
 
 
+# results/report.md: a copy of the report of the configured run, the one file the
+# README points to; each run keeps its own results/{run}/report.md (and figures/).
+# `run` is a param, so switching configs re-copies even when the copy is newer.
 rule publish_report:
     input:
         report_path(),
