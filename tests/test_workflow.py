@@ -211,7 +211,9 @@ def test_end_to_end_rerun_regenerate_and_recipe_change(workdir):
 
     # the Snakemake HTML report embeds the files marked with report()
     html = snakemake(workdir, "--report", "results/report.html", *CI)
-    assert html.returncode == 0 and (workdir / "results/report.html").stat().st_size > 0, html.stderr
+    assert html.returncode == 0 and (workdir / "results/report.html").stat().st_size > 0, (
+        html.stderr
+    )
 
     # nothing changed: nothing to do
     again = snakemake(workdir, "all", "-n", *CI)
