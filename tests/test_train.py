@@ -370,6 +370,7 @@ def test_deepspeed_config_fills_template():
         config["optimizer"]["params"]["lr"] == 3e-3 and config["optimizer"]["params"]["torch_adam"]
     )
     assert config["bf16"] == {"enabled": False}
+    assert config["optimizer"]["params"]["betas"] == [0.9, 0.95]  # the template's own knobs stay
 
 
 @pytest.mark.slow
