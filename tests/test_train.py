@@ -529,6 +529,7 @@ def test_workflow_script_runs_the_train_rule(setup, tmp_path, monkeypatch):
         ),
         log=Namedlist([str(tmp_path / "train.log")]),
         wildcards=Namedlist(fromdict={"run": "t", "algo": "rho1-tokenskip", "seed": "0"}),
+        resources=Namedlist(fromdict={"gpu": 0}),
         threads=1,
         config={},
     )
@@ -565,3 +566,58 @@ def test_zero_stages_and_bf16_train_and_resume(setup, tmp_path, train):
     metrics = pd.read_parquet(tmp_path / "resumed" / "metrics.parquet")
     assert metrics["train_loss"].map(math.isfinite).all()
     assert metrics["train_loss"].iloc[-1] < metrics["train_loss"].iloc[0]
+
+
+STAND_IN = """
+import json, sys
+from types import SimpleNamespace
+from snakemake.iocontainers import Namedlist
+spec = json.load(open(sys.argv[1]))
+snakemake = SimpleNamespace(
+    **{k: Namedlist(fromdict=v) for k, v in spec.items() if k not in ("log", "script")},
+    log=Namedlist(spec["log"]), threads=1, config={},
+)
+exec(compile(open(spec["script"]).read(), spec["script"], "exec"))
+"""
+
+
+@pytest.mark.slow
+def test_workflow_script_relaunches_itself_under_torchrun(setup, tmp_path):
+    """With resources.gpu = 2 the adapter re-executes its own file under torchrun
+    (as a Snakemake `script:` job would); both ranks train on CPU, one log."""
+    out = tmp_path / "results" / "t" / "train" / "baseline-mtp" / "seed0"
+    rec = recipe(max_steps=2, micro_batch_size=2, log_every=1).model_dump(mode="json")
+    data = DataSettings(max_seq_len=256, val_fraction=0.125).model_dump(mode="json")
+    spec = {
+        "script": str(REPO / "workflow_scripts" / "train.py"),
+        "input": {"base": str(setup["base"]), "data": str(setup["train"])},
+        "output": {"model": str(out / "model"), "metrics": str(out / "metrics.parquet")},
+        "params": {
+            "algorithm": "baseline-mtp",
+            "recipe": rec,
+            "settings": {"data": data, "tracking": {"mlflow": False, "tracking_uri": None}},
+        },
+        "log": [str(tmp_path / "train.log")],
+        "wildcards": {"run": "t", "algo": "baseline-mtp", "seed": "0"},
+        "resources": {"gpu": 2},
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    (tmp_path / "job.py").write_text(STAND_IN)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "job.py"), str(tmp_path / "spec.json")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert (tmp_path / "train.log").exists(), done.stderr[-3000:]
+    log = (tmp_path / "train.log").read_text()
+    assert done.returncode == 0, log[-3000:]
+    assert list(pd.read_parquet(out / "metrics.parquet")["step"]) == [1, 2]
+    resolved = json.loads((out / "model" / "config.json").read_text())["resolved config"]
+    assert resolved["world_size"] == 2
+    assert "train baseline-mtp" in log  # rank 0's progress bar reached the job's log

@@ -5,15 +5,26 @@ input:  base (base model dir), data (MBPP-format train parquet), refce (ref-CE
 output: model (model dir), metrics (metrics.parquet; same directory as model)
 params: algorithm, recipe (Recipe as a dict), settings = {"data": DataSettings,
         "tracking": TrackingSettings} as dicts
+resources: gpu (> 1: the script re-executes itself under torchrun, one process
+        per GPU, via wmtp.cli.relaunch_distributed)
 The DeepSpeed checkpoints in `<output dir>/checkpoints/` are not outputs: a rerun
 after a failed or killed job resumes from them.
 """
 
+import os
 import sys
 
-sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
+# Under torchrun (LOCAL_RANK set) every rank appends to the log the launcher opened.
+sys.stderr = open(snakemake.log[0], "a" if "LOCAL_RANK" in os.environ else "w", buffering=1)  # noqa: F821
 
 from pathlib import Path  # noqa: E402
+
+from wmtp.cli import relaunch_distributed  # noqa: E402
+
+gpus = int(getattr(snakemake.resources, "gpu", 0) or 0)  # noqa: F821
+if gpus > 1 and "LOCAL_RANK" not in os.environ:
+    os.dup2(sys.stderr.fileno(), 2)  # torchrun and its ranks inherit the log as stderr
+relaunch_distributed(gpus)  # several GPUs: re-executes this script under torchrun, one rank each
 
 import torch  # noqa: E402
 
