@@ -177,39 +177,74 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, desc="generate", unit="prompt", disable=not enabled)
 
 
-def _all_heads(model: MTPModel, ids: torch.Tensor, cache) -> torch.Tensor:
-    """Greedy token of every head at every position: (S, H) for ids (1, S). Every
-    head block runs so each keeps its KV cache in step with the trunk."""
-    hidden, context = model.trunk(ids, None, cache)  # (1, S, D)
-    heads = [model.head_logits(hidden, k, context)[0].argmax(-1) for k in range(model.n_heads)]
-    return torch.stack(heads, dim=-1)  # (S, H)
+def _slice_context(context: dict, keep: int, past: int) -> dict:
+    """The attention context of the first `keep` of a forward's positions (those the
+    extra heads still have to see), for blocks whose cache holds `past` positions.
+    A None mask (no padding, and a prefill or a single token) stays None: it means
+    causal attention over everything, which holds for any prefix of the positions."""
+    mask = context["attention_mask"]
+    cos, sin = context["position_embeddings"]  # (1, S, head_dim) each
+    return {
+        "attention_mask": None if mask is None else mask[:, :, :keep, : past + keep],
+        "position_ids": context["position_ids"][:, :keep],
+        "position_embeddings": (cos[:, :keep], sin[:, :keep]),
+        "past_key_values": context["past_key_values"],
+    }
+
+
+def _draft(model: MTPModel, hidden: torch.Tensor, context: dict, first: torch.Tensor) -> torch.Tensor:
+    """The next proposal (H,): `first` (head 0's token after the last kept position)
+    followed by heads 1..H-1's greedy guesses at that position.
+
+    Each extra head's block runs over every kept position `hidden` (1, S, D) so its
+    KV cache stays in step with the trunk's, but only the last position is
+    normalised and unembedded, all heads in one matmul."""
+    last = [model.heads[k](hidden, **context)[:, -1] for k in range(1, model.n_heads)]  # (1, D) each
+    if not last:
+        return first
+    guesses = model.output(model.norm(torch.cat(last))).argmax(-1)  # (H-1,)
+    return torch.cat([first, guesses])
 
 
 @torch.inference_mode()
 def _speculate_one(model: MTPModel, prompt: list[int], max_new_tokens: int, eos, stop_check):
     """Self-speculative greedy decoding of one prompt. Returns (tokens, accepted
-    lengths per verification forward)."""
+    lengths per verification forward).
+
+    Per verification forward: trunk + head 0 over the H drafted tokens (head 0 at
+    draft position i gives the greedy token after draft[: i + 1], so draft[i + 1]
+    stands if it matches), one transfer of the draft and the verdict to the host,
+    the trunk's and head 0's KV cache cropped to the kept tokens, then heads
+    1..H-1 over the kept positions only. A plain greedy step runs trunk + head 0
+    over one token, so a forward costs H - 1 blocks more than a greedy step and
+    yields 1..H tokens."""
     device = _device(model)
+    n_heads = model.n_heads
+    n_verified = model.config.n_trunk_layers + 1  # cache slots of the trunk and head 0
     cache = model.new_cache()
-    draft = _all_heads(model, torch.tensor([prompt], device=device), cache)[-1]  # (H,)
+    hidden, context = model.trunk(torch.tensor([prompt], device=device), None, cache)  # (1, L, D)
+    first = model.output(model.head_hidden(hidden, 0, context)[:, -1]).argmax(-1)  # (1,)
+    draft = _draft(model, hidden, context, first)  # (H,)
     out: list[int] = []
     accepted: list[int] = []
     while len(out) < max_new_tokens:
-        # One forward over the H drafted tokens: head 0 at draft position i gives the
-        # greedy token after draft[: i + 1]; draft[i + 1] stands if it matches.
-        greedy = _all_heads(model, draft.unsqueeze(0), cache)  # (H, H)
-        matched = 0
-        while matched + 1 < len(draft) and draft[matched + 1] == greedy[matched, 0]:
-            matched += 1
-        keep = matched + 1
-        out.extend(draft[:keep].tolist())
+        past = cache.get_seq_length()
+        hidden, context = model.trunk(draft.unsqueeze(0), None, cache)  # (1, H, D)
+        greedy = model.head_logits(hidden, 0, context)[0].argmax(-1)  # (H,)
+        both = torch.cat([draft, greedy]).tolist()  # the step's only transfer to the host
+        proposed, verdict = both[:n_heads], both[n_heads:]
+        keep = 1
+        while keep < n_heads and proposed[keep] == verdict[keep - 1]:
+            keep += 1
+        out.extend(proposed[:keep])
         accepted.append(keep)
-        if keep < len(draft):
-            cache.crop(keep - len(draft))  # negative: drop the rejected drafts' KV
-        # the correction (head 0) plus the other heads' guesses after the last kept token
-        draft = greedy[matched]
-        if (eos is not None and eos in out) or stop_check(out):
+        if len(out) >= max_new_tokens or eos in proposed[:keep] or stop_check(out):
             break
+        if keep < n_heads:
+            for layer in cache.layers[:n_verified]:
+                layer.crop(keep - n_heads)  # drop the rejected drafts' KV
+            hidden, context = hidden[:, :keep], _slice_context(context, keep, past)  # (1, keep, D)
+        draft = _draft(model, hidden, context, greedy[keep - 1 : keep])
     return out[:max_new_tokens], accepted
 
 
