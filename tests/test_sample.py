@@ -104,6 +104,33 @@ def _greedy_without_cache(model: MTPModel, prompt: list[int], steps: int) -> lis
     return ids[len(prompt) :]
 
 
+def _speculate_without_cache(model: MTPModel, prompt: list[int], steps: int) -> list[int]:
+    """Reference self-speculative decoding recomputing the whole sequence every step:
+    the accepted length of every verification forward."""
+    ids, accepted = list(prompt), []
+    with torch.no_grad():
+        while len(ids) - len(prompt) < steps:
+            draft = model(torch.tensor([ids]))[0, -1].argmax(-1).tolist()  # (H,) every head
+            greedy = model.next_token_logits(torch.tensor([ids + draft]))[0].argmax(-1).tolist()
+            keep = 1
+            while keep < len(draft) and draft[keep] == greedy[len(ids) + keep - 1]:
+                keep += 1
+            ids += draft[:keep]
+            accepted.append(keep)
+    return accepted
+
+
+def test_extra_heads_draft_from_an_up_to_date_cache(trained, tiny_tokenizer):
+    """Stale or misaligned KV caches of heads 1..H-1 would not change the output
+    (head 0 verifies) but would draft worse: the accepted lengths must be those of
+    decoding without any cache."""
+    for prompt in PROMPTS:
+        ids = tiny_tokenizer(prompt)["input_ids"]
+        _, accepted = _speculate_one(trained, ids, 30, None, lambda out: False)
+        reference = _speculate_without_cache(trained, ids, 30)
+        assert accepted == reference and max(accepted) > 1
+
+
 @pytest.mark.parametrize("heads_trained", [False, True])
 def test_speculative_equals_greedy_token_for_token(heads_trained, request, tiny_tokenizer):
     model = request.getfixturevalue("trained" if heads_trained else "model")
