@@ -310,7 +310,7 @@ class Window:
             [
                 loss.detach().double(),
                 torch.ones((), dtype=torch.float64, device=w.device),
-                torch.as_tensor(float(batch.n_tokens), dtype=torch.float64, device=w.device),
+                batch.attention_mask.sum().double(),  # a tensor: no device sync per micro-step
                 w.sum(),
                 (w * w).sum(),
                 (w == 0).sum().double(),
