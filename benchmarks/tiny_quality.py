@@ -7,7 +7,7 @@ process, no DeepSpeed), then samples n completions per test problem (temperature
 0.8, top-p 0.95) from the base, the fine-tuned model and optionally the reference,
 and prints pass@1 / pass@10 and the wall time of every part.
 
-    python benchmarks/tiny_quality.py --out /tmp/tinyq [--steps 200] [--set dim=96 ...]
+    python benchmarks/tiny_quality.py --out /tmp/tinyq [--steps 300] [--set dim=96 ...]
 
 Sampling and execution are the benchmark's own (a KV-cached sampler; each
 program runs in a forked child with an alarm), so it measures the miniature,
@@ -175,8 +175,8 @@ def main() -> None:
         "--out", type=Path, required=True, help="directory for the built models and data"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
-    parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak learning rate")
+    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps")
+    parser.add_argument("--lr", type=float, default=2e-3, help="fine-tuning peak learning rate")
     parser.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size")
     parser.add_argument("--n", type=int, default=10, help="samples per test problem")
     parser.add_argument("--max-new-tokens", type=int, default=128)

@@ -31,7 +31,7 @@ __all__ = [
 # Knobs the builders need that `TinySettings` does not have (yet); a field of the
 # same name in the settings wins.
 EXTRA_DEFAULTS = {
-    "pretrain_seq_len": 256,  # tokens per pretraining row (documents packed, EOS-separated)
+    "pretrain_seq_len": 128,  # tokens per pretraining row (documents packed, EOS-separated)
     "corpus_documents": 3000,  # generated functions in the pretraining corpus
     "corpus_statement_prob": 0.7,  # share of corpus functions with a "# statement" comment
     "ref_prompt_documents": 1000,  # clean prompt/solution pairs the reference also sees
