@@ -43,7 +43,6 @@ import math
 import os
 import random
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -195,26 +194,19 @@ def validate_setup(
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _init_distributed(device_type: str) -> tuple[int, int]:
     """Join (or, alone, create) the process group; returns (rank, world size).
-    A lone process gets the env a launcher would set."""
+
+    A lone process (no launcher set RANK) gets an in-process store instead of a TCP
+    rendezvous: a free port picked and released here could be taken by a parallel
+    job before gloo binds it (seen as EADDRINUSE with two trainings at once)."""
     import deepspeed
     import torch.distributed as dist
 
-    if "RANK" not in os.environ:
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(_free_port()),
-            RANK="0",
-            WORLD_SIZE="1",
-            LOCAL_RANK="0",
-        )
+    if "RANK" not in os.environ and not dist.is_initialized():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        backend = "gloo" if device_type == "cpu" else "nccl"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl")
     return dist.get_rank(), dist.get_world_size()
 
