@@ -3,9 +3,9 @@
 Trains a small MTP model (a deep trunk and H one-block heads, as in the 7B
 models: 28 trunk blocks + 4 heads) with the plain MTP loss (all weights 1) on a
 predictable code corpus: tiny-mbpp training problems in the MBPP prompt format
-with their solutions, generated functions with asserts/prints
-(`wmtp.tiny_data.corpus_documents`) and some Python standard library source,
-joined by blank lines like the functions of a code file. Then it decodes
+with their solutions and ~10 KB of Python standard library source (optionally
+also generated functions with asserts/prints, `--corpus-functions`), joined by
+blank lines like the functions of a code file. Then it decodes
 held-out tiny-mbpp test prompts with batch size 1 both ways, greedy and
 self-speculative, checks the outputs are identical and prints a table.
 
@@ -68,8 +68,10 @@ def documents(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         mbpp_prompt(row.text, row.test_list[0]) + mbpp_solution(row.code)
         for row in train.itertuples()
     ]
-    docs = solved + corpus_documents(args.corpus_functions, args.seed) + stdlib_files(
-        args.stdlib_bytes
+    docs = (
+        solved
+        + corpus_documents(args.corpus_functions, args.seed)
+        + stdlib_files(args.stdlib_bytes)
     )
     random.Random(args.seed).shuffle(docs)
     prompts = [mbpp_prompt(row.text, row.test_list[0]) for row in test.itertuples()]
@@ -125,7 +127,9 @@ def decode(name: str, model: MTPModel, tokenizer, prompt: str, new_tokens: int):
         )[0][0]  # fmt: skip
         accepted = 1.0
     else:
-        completions, accepted = speculative_generate(model, tokenizer, [prompt], new_tokens, stop=())
+        completions, accepted = speculative_generate(
+            model, tokenizer, [prompt], new_tokens, stop=()
+        )
         completion = completions[0]
     return completion, time.perf_counter() - started, accepted
 
@@ -133,20 +137,20 @@ def decode(name: str, model: MTPModel, tokenizer, prompt: str, new_tokens: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--trunk-layers", type=int, default=12)
+    parser.add_argument("--trunk-layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=1024)
     parser.add_argument("--train-problems", type=int, default=3000)
-    parser.add_argument("--corpus-functions", type=int, default=3000)
-    parser.add_argument("--stdlib-bytes", type=int, default=100_000)
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--corpus-functions", type=int, default=0)
+    parser.add_argument("--stdlib-bytes", type=int, default=10_000)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--prompts", type=int, default=12, help="held-out tiny-mbpp problems")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-threads", type=int, default=2)
+    parser.add_argument("--train-threads", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads while decoding")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -183,7 +187,9 @@ def main() -> None:
                 forwards += len(tokenizer(completion, add_special_tokens=False)["input_ids"]) / mean
 
     identical = outputs["greedy"] == outputs["speculative"]
-    tokens = sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in outputs["greedy"])
+    tokens = sum(
+        len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in outputs["greedy"]
+    )
     rates = {name: tokens / seconds[name] for name in names}
     print(
         f"\nmodel: dim {args.dim}, {args.trunk_layers} trunk blocks + {args.heads} heads, vocab "

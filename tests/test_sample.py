@@ -147,6 +147,14 @@ def test_speculative_equals_greedy_token_for_token(heads_trained, request, tiny_
         assert mean_accepted > 1.3, "trained heads should get drafts accepted"
 
 
+def test_speculative_with_a_single_head_is_plain_greedy(tiny_tokenizer):
+    model = MTPModel(tiny_config(vocab_size=len(tiny_tokenizer), n_future_tokens=1))
+    model.init_weights(seed=1)
+    ids = tiny_tokenizer(PROMPTS[0])["input_ids"]
+    tokens, accepted = _speculate_one(model, ids, 7, None, lambda out: False)
+    assert tokens == _greedy_without_cache(model, ids, 7) and accepted == [1] * 7
+
+
 def test_bad_settings_raise(model, tiny_tokenizer):
     with pytest.raises(ValueError, match="sampling settings"):
         _sample(model, tiny_tokenizer, top_p=0.0)

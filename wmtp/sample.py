@@ -192,14 +192,18 @@ def _slice_context(context: dict, keep: int, past: int) -> dict:
     }
 
 
-def _draft(model: MTPModel, hidden: torch.Tensor, context: dict, first: torch.Tensor) -> torch.Tensor:
+def _draft(
+    model: MTPModel, hidden: torch.Tensor, context: dict, first: torch.Tensor
+) -> torch.Tensor:
     """The next proposal (H,): `first` (head 0's token after the last kept position)
     followed by heads 1..H-1's greedy guesses at that position.
 
     Each extra head's block runs over every kept position `hidden` (1, S, D) so its
     KV cache stays in step with the trunk's, but only the last position is
     normalised and unembedded, all heads in one matmul."""
-    last = [model.heads[k](hidden, **context)[:, -1] for k in range(1, model.n_heads)]  # (1, D) each
+    last = [
+        model.heads[k](hidden, **context)[:, -1] for k in range(1, model.n_heads)
+    ]  # (1, D) each
     if not last:
         return first
     guesses = model.output(model.norm(torch.cat(last))).argmax(-1)  # (H-1,)
