@@ -109,7 +109,8 @@ def test_train_rejects_inconsistent_arguments(capsys, tmp_path):
         capsys,
         *train_args(tmp_path, "--algorithm", "baseline-mtp", "--max-steps", "3", "--dry-run"),
     )
-    assert code == 2 and "--max-steps = 3" in err and "warmup_steps (8)" in err
+    warmup = yaml.safe_load((RECIPES / "baseline-mtp.yaml").read_text())["train"]["warmup_steps"]
+    assert code == 2 and "--max-steps = 3" in err and f"warmup_steps ({warmup})" in err
     code, _, err = run(capsys, *train_args(tmp_path, "--recipe", "nope.yaml", "--dry-run"))
     assert code == 2 and "nope.yaml" in err
 

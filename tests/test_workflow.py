@@ -187,7 +187,9 @@ def test_each_bad_config_stops_before_any_job(workdir, update, expected):
 
 def test_negative_learning_rate_in_a_recipe_stops_the_dry_run(workdir):
     recipe = workdir / "config" / "recipes" / "rho1-weighted.yaml"
-    recipe.write_text(recipe.read_text().replace("lr: 1.0e-3", "lr: -1.0e-3", 1))
+    text, replaced = re.subn(r"(?m)^  lr: \S+", "  lr: -1.0e-3", recipe.read_text(), count=1)
+    assert replaced == 1
+    recipe.write_text(text)
     result = snakemake(workdir, "-n", "all")
     output = result.stdout + result.stderr
     assert result.returncode != 0

@@ -64,14 +64,25 @@ class ModelsSettings(Strict):
 class TinySettings(Strict):
     """The built-in miniature (see wmtp/tiny.py): corpus, tokenizer, models, benchmark."""
 
-    vocab_size: PositiveInt = Field(2048, description="byte-level BPE vocabulary trained on the corpus")
+    vocab_size: PositiveInt = Field(1024, description="byte-level BPE vocabulary trained on the corpus")
     dim: PositiveInt = Field(128, description="model width")
     n_layers: PositiveInt = Field(6, description="decoder blocks including the heads")
     n_heads: PositiveInt = Field(4, description="attention heads")
-    n_future_tokens: PositiveInt = Field(4, description="MTP heads (H)")
+    n_future_tokens: PositiveInt = Field(
+        2, description="MTP heads (H); 2, not the paper's 4: at this size 4 heads starve head 0 (docs/tiny.md)"
+    )
     max_seq_len: PositiveInt = Field(512, description="longest sequence the models see")
-    pretrain_steps: PositiveInt = Field(600, description="optimizer steps of base-model pretraining")
-    ref_pretrain_steps: PositiveInt = Field(600, description="optimizer steps of reference pretraining")
+    pretrain_seq_len: PositiveInt = Field(128, description="tokens per pretraining row (documents packed)")
+    pretrain_steps: PositiveInt = Field(400, description="optimizer steps of base-model pretraining")
+    ref_pretrain_steps: PositiveInt = Field(400, description="optimizer steps of reference pretraining")
+    ref_n_layers: PositiveInt = Field(4, description="decoder blocks of the reference causal LM")
+    corpus_documents: PositiveInt = Field(3000, description="generated functions in the pretraining corpus")
+    corpus_statement_prob: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.7, description="share of corpus functions preceded by a '# statement' comment"
+    )
+    ref_prompt_documents: Annotated[int, Field(ge=0)] = Field(
+        1000, description="clean prompt/solution pairs the reference also sees (its 'high-quality data')"
+    )
     pretrain_batch_size: PositiveInt = Field(16, description="sequences per pretraining step")
     pretrain_lr: PositiveFloat = Field(3e-3, description="peak learning rate of pretraining")
     n_train_problems: PositiveInt = Field(400, description="problems in the tiny-mbpp train split")

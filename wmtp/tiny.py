@@ -28,23 +28,9 @@ __all__ = [
     "write_tiny_mbpp_split",
 ]
 
-# Knobs the builders need that `TinySettings` does not have (yet); a field of the
-# same name in the settings wins.
-EXTRA_DEFAULTS = {
-    "pretrain_seq_len": 128,  # tokens per pretraining row (documents packed, EOS-separated)
-    "corpus_documents": 3000,  # generated functions in the pretraining corpus
-    "corpus_statement_prob": 0.7,  # share of corpus functions with a "# statement" comment
-    "ref_prompt_documents": 1000,  # clean prompt/solution pairs the reference also sees
-    "ref_n_layers": 4,  # decoder blocks of the reference causal LM
-}
-
-
 def tiny_knobs(settings: TinySettings | None = None, **overrides) -> dict:
-    """The settings as a plain dict, completed with `EXTRA_DEFAULTS` and `overrides`
-    (unknown override names raise)."""
+    """The settings as a plain dict with `overrides` applied (unknown names raise)."""
     knobs = (settings or TinySettings()).model_dump()
-    for key, value in EXTRA_DEFAULTS.items():
-        knobs.setdefault(key, value)
     unknown = sorted(set(overrides) - set(knobs))
     if unknown:
         raise ValueError(f"unknown tiny settings {unknown}; known: {sorted(knobs)}")
