@@ -199,6 +199,7 @@ def test_train_critic_end_to_end(tiny_tokenizer, tmp_path, monkeypatch):
         epochs=3,
         batch_size=2,
         max_new_tokens=16,
+        include_references=False,
     )
     head_path, metrics_path = train_critic(
         base,
@@ -282,7 +283,12 @@ def test_train_critic_with_real_sampling(tiny_tokenizer, tmp_path):
         }
     ).to_parquet(tmp_path / "train.parquet")
     settings = CriticSettings(
-        samples_per_problem=2, hidden_dim=8, epochs=1, batch_size=4, max_new_tokens=8
+        samples_per_problem=2,
+        hidden_dim=8,
+        epochs=1,
+        batch_size=4,
+        max_new_tokens=8,
+        include_references=False,
     )
     _, metrics_path = train_critic(
         base, tmp_path / "train.parquet", settings, seed=0, out_dir=tmp_path / "c", timeout=2.0
@@ -290,3 +296,15 @@ def test_train_critic_with_real_sampling(tiny_tokenizer, tmp_path):
     metrics = json.loads(metrics_path.read_text())
     assert metrics["n_rollouts"] == 4 and metrics["reward_all"]["max"] == 0.0
     assert not metrics["selection"]["length_balance_applied"]
+
+    # With the reference solutions as extra rollouts the critic sees both reward
+    # classes even though the base model solves nothing; references are executed
+    # like any sample, not assumed correct.
+    settings = settings.model_copy(update={"include_references": True})
+    _, metrics_path = train_critic(
+        base, tmp_path / "train.parquet", settings, seed=0, out_dir=tmp_path / "r", timeout=2.0
+    )
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["n_rollouts"] == 6
+    assert metrics["reward_all"]["max"] == 1.0
+    assert metrics["reward_all"]["mean"] == pytest.approx(2 / 6)

@@ -152,6 +152,11 @@ class CriticSettings(Strict):
     samples_per_problem: PositiveInt = Field(4, description="completions sampled per training problem (m)")
     max_samples_per_problem: PositiveInt = Field(4, description="cap kept per problem after length balancing")
     length_balance: bool = Field(True, description="balance kept samples by length so V cannot learn length")
+    include_references: bool = Field(
+        True,
+        description="add each problem's reference solution as one more rollout (rewarded like the samples): "
+        "a base model that solves nothing would otherwise give the critic no contrast",
+    )
     max_problems: PositiveInt | None = Field(None, description="training problems used (None = all)")
     temperature: PositiveFloat = Field(1.0, description="sampling temperature of the rollouts")
     top_p: Annotated[float, Field(gt=0, le=1)] = Field(0.95, description="nucleus sampling of the rollouts")

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from wmtp.config import CriticSettings
 from wmtp.data import Example, collate, read_split, special_prefix
-from wmtp.prompts import mbpp_prompt
+from wmtp.prompts import mbpp_prompt, mbpp_solution
 
 log = logging.getLogger(__name__)
 
@@ -426,6 +426,11 @@ def train_critic(
         mbpp_prompt(row.text, list(row.test_list)[0]) for row in rows.itertuples(index=False)
     ]
     completions = sample_completions(model, tokenizer, prompts, settings, seed)
+    if settings.include_references:
+        completions = [
+            group + [mbpp_solution(code)]
+            for group, code in zip(completions, rows["code"], strict=True)
+        ]
     flat = [(i, c) for i, group in enumerate(completions) for c in group]
     if settings.reward == "execution":
         setups = (
