@@ -20,15 +20,13 @@ assigned to it; the dtype is the checkpoint's.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from wmtp.atomic import atomic_dir
 from wmtp.model import MTPConfig, MTPModel
 
 CONFIG_FILE = "config.json"
@@ -59,16 +57,15 @@ META_IGNORED_KEYS = {"rope.freqs"}
 def save_model(model: MTPModel, directory: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
     """Write the model (and tokenizer) atomically: into a temp dir, then rename, so
     a killed job never leaves a directory that looks finished."""
-
-    def write(tmp: Path) -> None:
+    directory = Path(directory)
+    with atomic_dir(directory) as tmp:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
         payload = {"model_type": "wmtp-mtp", **model.config.to_dict(), **(extra or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-
-    return _atomic_dir(Path(directory), write)
+    return directory
 
 
 def read_config(directory: str | Path) -> MTPConfig:
@@ -93,21 +90,6 @@ def _model_from_state(config: MTPConfig, state: dict[str, torch.Tensor]) -> MTPM
     model.load_state_dict(state, assign=True)
     model.rotary_emb = LlamaRotaryEmbedding(model.llama_config)
     return model
-
-
-def _atomic_dir(directory: Path, write) -> Path:
-    """Run `write(tmp_dir)` then rename tmp_dir to `directory` (replacing it)."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        write(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
 
 
 def meta_to_hf_rotary(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -233,12 +215,11 @@ def save_meta_mtp(model: MTPModel, directory: str | Path) -> Path:
             prefix = f"extra_heads.{index - 1}"
         meta[f"{prefix}.{ours_to_meta[param]}"] = tensor
     params = {k: v for k, v in config.to_dict().items() if k not in ("max_seq_len", "intermediate_size")}
-
-    def write(tmp: Path) -> None:
+    directory = Path(directory)
+    with atomic_dir(directory) as tmp:
         torch.save(meta, tmp / META_WEIGHTS_FILE)
         (tmp / META_PARAMS_FILE).write_text(json.dumps(params, indent=2) + "\n")
-
-    return _atomic_dir(Path(directory), write)
+    return directory
 
 
 def mtp_from_hf_llama(hf_model_or_dir, n_future_tokens: int) -> MTPModel:

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from wmtp.atomic import atomic_file, write_text_atomic
 from wmtp.config import CriticSettings
 from wmtp.data import Example, collate, read_split, special_prefix
 from wmtp.prompts import mbpp_prompt, mbpp_solution
@@ -71,21 +70,14 @@ class ValueHead(nn.Module):
 def save_value_head(head: ValueHead, path: str | Path) -> Path:
     """Atomic safetensors write; the shape lives in the file's metadata."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-        meta = {
-            "format": "wmtp-value-head",
-            "dim": str(head.dim),
-            "hidden_dim": str(head.hidden_dim),
-        }
-        save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    meta = {
+        "format": "wmtp-value-head",
+        "dim": str(head.dim),
+        "hidden_dim": str(head.hidden_dim),
+    }
+    with atomic_file(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
     return path
 
 
@@ -366,11 +358,7 @@ def _pad(
 
 
 def _write_json(payload: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def _reward_stats(rewards: Sequence[float]) -> dict:

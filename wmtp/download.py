@@ -39,6 +39,7 @@ from pathlib import Path
 import pandas as pd
 
 from wmtp import checkpoints, storage
+from wmtp.atomic import atomic_file, write_json_atomic
 from wmtp.config import ModelSource, TinySettings
 
 log = logging.getLogger(__name__)
@@ -326,12 +327,11 @@ def download_dataset(
         missing = [c for c in REQUIRED_COLUMNS[name] if c not in frame.columns]
         if missing:
             raise ValueError(f"{name}/{split} from {info.get('repo')}: missing columns {missing}")
-        staged = stage / out_path.name
-        frame.to_parquet(staged, index=False)
-        manifest = {"dataset": name, "split": split, **info, "rows": len(frame),
-                    "columns": list(frame.columns), "sha256": storage.sha256_file(staged)}
-        storage.write_json_atomic(manifest, manifest_path(out_path))
-        os.replace(staged, out_path)
+        with atomic_file(out_path) as staged:
+            frame.to_parquet(staged, index=False)
+            manifest = {"dataset": name, "split": split, **info, "rows": len(frame),
+                        "columns": list(frame.columns), "sha256": storage.sha256_file(staged)}
+            write_json_atomic(manifest, manifest_path(out_path))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out_path

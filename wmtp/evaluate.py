@@ -12,9 +12,7 @@ from __future__ import annotations
 import ast
 import io
 import json
-import os
 import re
-import tempfile
 import time
 import tokenize
 from collections import Counter
@@ -22,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wmtp.atomic import write_text_atomic
 from wmtp.benchmarks import Problem, load_benchmark
 from wmtp.config import EvalSettings
 from wmtp.sandbox import STATUSES, run_many
@@ -138,19 +137,6 @@ def summarise(records: list[dict], ks: list[int]) -> dict:
     return summary
 
 
-def _write_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _sample_completions(
     model, tokenizer, problems: list[Problem], settings: EvalSettings, seed: int
 ):
@@ -240,8 +226,8 @@ def evaluate_model(
         "completion_tokens_per_s": gen_tokens / gen_seconds if gen_seconds > 0 else 0.0,
         "wall_seconds": time.perf_counter() - started,
     }
-    _write_atomic(out_jsonl, "".join(json.dumps(r) + "\n" for r in records))
-    _write_atomic(out_json, json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out_jsonl, "".join(json.dumps(r) + "\n" for r in records))
+    write_text_atomic(out_json, json.dumps(summary, indent=2) + "\n")
     prefix = METRIC_PREFIX.get(benchmark, benchmark.replace("-", "_"))
     metrics = {f"{prefix}_pass@{k}": summary[f"pass@{k}"] for k in ks}
     if "exact_match" in summary:

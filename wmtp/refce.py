@@ -20,8 +20,6 @@ Work can be split: shard i of n takes examples i::n and writes a part file;
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from wmtp.atomic import atomic_file
 from wmtp.config import DataSettings
 from wmtp.data import (
     PACK_SEPARATOR,
@@ -107,15 +106,8 @@ def token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 def _write_parquet(table: pa.Table, out_path: str | Path) -> Path:
     """Atomic parquet write: temp file in the target directory, then rename."""
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp", dir=out_path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(out_path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out_path
 
 

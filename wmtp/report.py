@@ -33,7 +33,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from wmtp import evaluate
+from wmtp.atomic import atomic_file, write_text_atomic
 from wmtp.config import PipelineConfig, Recipe, config_hash
 
 BASELINE = "baseline-mtp"
@@ -306,14 +306,8 @@ def _seed_mean_curve(metrics: dict[tuple[str, int], pd.DataFrame], algo: str, co
 
 def _save_png(fig, path: Path) -> None:
     """Atomic PNG write with no timestamps in the metadata (same inputs, same bytes)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def make_figures(
@@ -478,14 +472,6 @@ def build_report(
         figures={name: os.path.relpath(path, out_md.parent) for name, path in figures.items()},
         published=PUBLISHED,
     )
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_md.name}.", dir=out_md.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, out_md)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(out_md, text)
     print(f"report written to {out_md}", file=sys.stderr)
     return out_md

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
+
+from wmtp.atomic import atomic_dir, write_json_atomic
 
 MANIFEST_FILE = "manifest.json"
 _CHUNK = 1 << 20
@@ -61,22 +60,6 @@ def sha256_tree(path: str | Path, exclude: tuple[str, ...] = (MANIFEST_FILE,)) -
         for p in files
         if (rel := p.relative_to(root).as_posix()) not in exclude
     }
-
-
-def write_json_atomic(payload: dict, path: str | Path) -> Path:
-    """Write JSON via a temp file in the same directory and `os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_manifest(directory: str | Path, info: dict, files: dict[str, str] | None = None) -> Path:
@@ -135,9 +118,7 @@ def download_prefix(s3_uri: str, local: str | Path, endpoint_url: str | None = N
     keys = [k for k in _list_keys(client, bucket, prefix) if not k.endswith("/")]
     if not keys:
         raise FileNotFoundError(f"no objects under {s3_uri}")
-    local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{local.name}.", dir=local.parent))
-    try:
+    with atomic_dir(local) as tmp:
         for key in keys:
             rel = key[len(prefix) + 1 :] if prefix else key
             target = tmp / rel
@@ -145,10 +126,4 @@ def download_prefix(s3_uri: str, local: str | Path, endpoint_url: str | None = N
             client.download_file(bucket, key, str(target))
         if (tmp / MANIFEST_FILE).exists():
             verify_manifest(tmp)
-        if local.exists():
-            shutil.rmtree(local)
-        os.replace(tmp, local)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return local

@@ -13,9 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from wmtp.atomic import atomic_dir
 from wmtp.checkpoints import save_model
 from wmtp.loss import weighted_mtp_loss
 from wmtp.model import MTPConfig, MTPModel
@@ -235,16 +233,8 @@ def build_ref(out_dir: str | Path, knobs: dict, seed: int, threads: int = 1) -> 
 def _save_hf(model: LlamaForCausalLM, tokenizer, out_dir: str | Path, info: dict) -> Path:
     """`save_pretrained` into a temp dir next to `out_dir`, then rename (atomic)."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -25,13 +25,13 @@ import contextlib
 import fcntl
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from wmtp.atomic import write_text_atomic
 
 TRACKING_FILE = "tracking.json"
 
@@ -156,11 +156,7 @@ def write_tracking_file(
     """Record where the model's training run lives (atomically), for evaluation."""
     path = Path(model_dir) / TRACKING_FILE
     payload = {"tracking_uri": uri, "run_id": run_id, "experiment": experiment}
-    fd, tmp = tempfile.mkstemp(prefix=f".{TRACKING_FILE}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def read_tracking_file(model_dir: str | Path) -> dict[str, str | None]:

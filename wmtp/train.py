@@ -43,7 +43,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -54,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from wmtp import tracking as tracking_lib
+from wmtp.atomic import atomic_file, write_text_atomic
 from wmtp.checkpoints import CONFIG_FILE, load_model, read_config, save_model
 from wmtp.config import ConfigError, DataSettings, Recipe, TrackingSettings, TrainSettings
 from wmtp.data import (
@@ -406,14 +406,8 @@ def write_metrics_parquet(rows: list[dict], path: Path, n_heads: int) -> Path:
         *[f"weight_{s}" for s in WEIGHT_STATS],
     ]
     frame = pd.DataFrame(rows, columns=columns).astype({"step": "int64", "tokens": "int64"})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -724,11 +718,7 @@ def run_fingerprint(resolved: dict, inputs: Sequence[str | Path | None]) -> str:
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(json.dumps(payload) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload) + "\n")
 
 
 def _resumable(ckpt_dir: Path, fingerprint: str, rank: int, world: int) -> bool:
@@ -769,10 +759,7 @@ def _save_checkpoint(
 
         dist.barrier()
     if rank == 0:
-        fd, tmp = tempfile.mkstemp(prefix=".latest.", dir=ckpt_dir)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(tag)
-        os.replace(tmp, ckpt_dir / "latest")
+        write_text_atomic(ckpt_dir / "latest", tag)
         for old in ckpt_dir.iterdir():
             if old.is_dir() and old.name.startswith("step") and old.name != tag:
                 shutil.rmtree(old, ignore_errors=True)
