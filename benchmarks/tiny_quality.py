@@ -9,18 +9,14 @@ and prints pass@1 / pass@10 and the wall time of every part.
 
     python benchmarks/tiny_quality.py --out /tmp/tinyq [--steps 300] [--set dim=96 ...]
 
-Sampling and execution are the benchmark's own (a KV-cached sampler; each
-program runs in a forked child with an alarm), so it measures the miniature,
-not the evaluation stage.
+Sampling and execution are the pipeline's own (`wmtp.sample.generate`, the
+sandbox via `wmtp.evaluate`), so its pass@k means what the report's does.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -28,10 +24,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from wmtp.benchmarks import load_mbpp
 from wmtp.checkpoints import load_model
+from wmtp.config import EvalSettings
 from wmtp.data import build_examples, iterate_batches
+from wmtp.evaluate import evaluate_completions, summarise
 from wmtp.loss import weighted_mtp_loss
-from wmtp.prompts import STOP_SEQUENCES, mbpp_prompt, truncate_at_stop
+from wmtp.sample import generate
 from wmtp.tiny import build_tiny_base, build_tiny_ref, tiny_knobs, write_tiny_mbpp
 from wmtp.tiny_models import lr_at
 
@@ -64,99 +63,37 @@ def finetune(
     return losses
 
 
-def next_logits(model, ids: torch.Tensor, cache) -> torch.Tensor:
-    """Last-position logits `(B, V)` of an MTP model (head 0) or an HF causal LM."""
-    if hasattr(model, "next_token_logits"):
-        return model.next_token_logits(ids, past_key_values=cache)[:, -1]
-    return model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
-
-
-@torch.no_grad()
-def sample(
-    model,
-    tokenizer,
-    prompt: str,
-    *,
-    n: int,
-    temperature: float,
-    top_p: float,
-    max_new_tokens: int,
-    generator: torch.Generator,
-) -> list[str]:
-    """n completions of one prompt (one batch of n copies: no padding needed)."""
-    from transformers.cache_utils import DynamicCache
-
-    ids = torch.tensor([tokenizer(prompt)["input_ids"]] * n)  # (n, P)
-    cache = model.new_cache() if hasattr(model, "new_cache") else DynamicCache(config=model.config)
-    logits = next_logits(model, ids, cache)  # (n, V)
-    out = torch.empty((n, 0), dtype=torch.long)
-    done = torch.zeros(n, dtype=torch.bool)
-    for step in range(max_new_tokens):
-        probs = torch.softmax(logits / temperature, dim=-1)  # (n, V)
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) > top_p] = 0
-        token = order.gather(1, torch.multinomial(sorted_probs, 1, generator=generator))  # (n, 1)
-        token[done] = tokenizer.eos_token_id
-        out = torch.cat([out, token], dim=1)
-        done |= token[:, 0] == tokenizer.eos_token_id
-        if step % 16 == 15:
-            texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-            done |= torch.tensor([truncate_at_stop(t) != t for t in texts])
-        if done.all():
-            break
-        logits = next_logits(model, token, cache)
-    texts = []
-    for row in out.tolist():
-        if tokenizer.eos_token_id in row:
-            row = row[: row.index(tokenizer.eos_token_id)]
-        texts.append(truncate_at_stop(tokenizer.decode(row), STOP_SEQUENCES))
-    return texts
-
-
-def passes(program: str, tests: list[str], timeout: int = 2) -> bool:
-    """Run program + asserts in a forked child with an alarm; True on exit 0.
-    Throwaway isolation for a benchmark of our own tiny models' output."""
-    pid = os.fork()
-    if pid == 0:
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.dup2(devnull, 2)
-            signal.alarm(timeout)
-            exec(program + "\n" + "\n".join(tests), {"__name__": "__sample__"})  # noqa: S102
-            os._exit(0)
-        except BaseException:
-            os._exit(1)
-    return os.waitpid(pid, 0)[1] == 0
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased estimator 1 - C(n-c, k) / C(n, k) (Chen et al. 2021)."""
-    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
 def evaluate(
-    model, tokenizer, test_df, *, n: int, seed: int, max_new_tokens: int, desc: str
+    model, tokenizer, test_path: Path, *, n: int, seed: int, max_new_tokens: int, max_problems: int
 ) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    correct, lengths = [], []
-    for row in tqdm(list(test_df.itertuples(index=False)), desc=desc):
-        tests = list(row.test_list)
-        completions = sample(
-            model,
-            tokenizer,
-            mbpp_prompt(row.text, tests[0]),
-            n=n,
-            temperature=0.8,
-            top_p=0.95,
-            max_new_tokens=max_new_tokens,
-            generator=generator,
-        )
-        correct.append(sum(passes(c, tests) for c in completions))
-        lengths.extend(len(c) for c in completions)
+    """pass@1/pass@10 with the pipeline's own sampler and sandbox (wmtp.sample,
+    wmtp.evaluate), so the figures mean what the report's mean."""
+    problems = load_mbpp(test_path)[:max_problems]
+    ks = [1, min(10, n)]
+    settings = EvalSettings(
+        n_samples=n,
+        temperature=0.8,
+        top_p=0.95,
+        max_new_tokens=max_new_tokens,
+        ks={"tiny-mbpp": ks},
+    )
+    completions = generate(
+        model,
+        tokenizer,
+        [p.prompt for p in problems],
+        n=n,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        progress=True,
+    )
+    records = evaluate_completions(problems, completions, settings, progress=True)
+    summary = summarise(records, ks)
+    lengths = [len(c) for group in completions for c in group]
     return {
-        "pass@1": sum(pass_at_k(n, c, 1) for c in correct) / len(correct),
-        "pass@10": sum(pass_at_k(n, c, min(10, n)) for c in correct) / len(correct),
+        "pass@1": summary["pass@1"],
+        "pass@10": summary[f"pass@{min(10, n)}"],
         "mean_chars": sum(lengths) / len(lengths),
     }
 
@@ -210,17 +147,16 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.out / "base")
     train_df = pd.read_parquet(args.out / "data" / "train.parquet")
-    test_df = pd.read_parquet(args.out / "data" / "test.parquet").head(args.max_problems)
     model = load_model(args.out / "base")
     start = time.time()
     results["base"] = evaluate(
         model,
         tokenizer,
-        test_df,
+        args.out / "data" / "test.parquet",
         n=args.n,
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
-        desc="eval base",
+        max_problems=args.max_problems,
     )
     times["eval_base"] = time.time() - start
     if args.eval_ref:
@@ -229,11 +165,11 @@ def main() -> None:
         results["ref"] = evaluate(
             ref,
             tokenizer,
-            test_df,
+            args.out / "data" / "test.parquet",
             n=args.n,
             seed=args.seed,
             max_new_tokens=args.max_new_tokens,
-            desc="eval ref",
+            max_problems=args.max_problems,
         )
         times["eval_ref"] = time.time() - start
     torch.manual_seed(args.seed)
@@ -252,11 +188,11 @@ def main() -> None:
     results["finetuned"] = evaluate(
         model,
         tokenizer,
-        test_df,
+        args.out / "data" / "test.parquet",
         n=args.n,
         seed=args.seed,
         max_new_tokens=args.max_new_tokens,
-        desc="eval fine-tuned",
+        max_problems=args.max_problems,
     )
     times["eval_finetuned"] = time.time() - start
     results["finetune_loss_first_last"] = [sum(losses[:10]) / 10, sum(losses[-10:]) / 10]
