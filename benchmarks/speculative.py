@@ -17,19 +17,30 @@ first), so load changes hit both alike. Prefill is included in both timings.
 No stop sequences: a completion runs to `--new-tokens` or EOS, so after the
 solution the model goes on writing the next function of the "file".
 
-Measured 2026-11-22 on the shared 2-core machine (load 2-5), outputs identical:
-defaults (400 steps, trained in 225 s; 4 min 12 s in all): greedy 172.8 tokens/s,
-speculative 278.3 tokens/s at 2.48 accepted/forward, 1.61x. `--steps 600` (262 s;
-4 min 52 s in all): 123.8 vs 190.6 tokens/s at 2.71 accepted/forward, 1.54x.
+Measured 2026-11-22 on the shared 2-core machine, outputs identical, defaults
+(400 steps), after batching heads 1..H-1 (`wmtp.sample._ExtraHeads`) and
+precomputing rotary tables/masks (`_Positions`), two runs (3 min 13 s and 2 min
+59 s in all): greedy 187.9 / 234.8 tokens/s, speculative 355.2 / 406.9 tokens/s
+at 2.48 accepted/forward, 1.89x / 1.73x (the run-to-run spread is machine load).
+Before (per-layer transformers blocks for heads 1..3, `MTPModel.trunk` context
+every forward): 172.8 vs 278.3 tokens/s, 1.61x; `--steps 600`: 123.8 vs 190.6
+tokens/s at 2.71 accepted/forward, 1.54x.
 
 Why the speed-up is below the mean accepted length: a verification forward runs
 the trunk and head 0 over H tokens instead of one (on CPU not free, even for a
 tiny model), and then heads 1..H-1 over the accepted positions to keep their KV
 caches and draft the next tokens; a greedy step runs the trunk and head 0 over
-one token. Measured per step at these shapes (cache of 150 tokens, 1 thread):
+one token. Per step at these shapes (cache of 150 tokens, 1 thread), before:
 greedy step 5.5-7.6 ms, verification over 4 tokens 8.1 ms, heads 1..3 over 2 kept
-positions 3.6 ms, so a speculative forward costs ~1.5-1.8 greedy steps and
-needs > 3 accepted tokens for 2x.
+positions 3.6 ms. Now heads 1..3 run as one batched block that projects every
+kept position to K/V but attends and runs the MLP at the last position only:
+0.35 ms (1.7 ms for the three transformers blocks in the same micro-benchmark),
+0.5 ms with the unembedding and argmax; a whole speculative forward averages
+6.1-7.0 ms against 4.3-5.3 ms per greedy token, i.e. ~1.3-1.4 greedy steps, so
+2x needs ~2.7+ accepted tokens per forward. Note the greedy baseline (`generate`,
+any HF model) still builds its rotary embeddings and mask through
+`MTPModel.attention_context` every step (~0.5 ms of a step in one micro-benchmark); the
+speculative decoder does not.
 """
 
 from __future__ import annotations

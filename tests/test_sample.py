@@ -10,7 +10,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from wmtp.loss import weighted_mtp_loss
 from wmtp.model import MTPModel
-from wmtp.sample import _speculate_one, generate, speculative_generate
+from wmtp.sample import (
+    _ExtraHeads,
+    _Positions,
+    _speculate_one,
+    _trunk,
+    generate,
+    speculative_generate,
+)
 
 PROMPTS = ["def add(a, b):\n", "class Model:\n    def forward(self, x", "import"]
 TEXT = "def f(x):\n    return x + 1\n\n" * 4 + "for i in range(10):\n    print(i)\n" * 4
@@ -129,6 +136,42 @@ def test_extra_heads_draft_from_an_up_to_date_cache(trained, tiny_tokenizer):
         _, accepted = _speculate_one(trained, ids, 30, None, lambda out: False)
         reference = _speculate_without_cache(trained, ids, 30)
         assert accepted == reference and max(accepted) > 1
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 4])
+def test_batched_extra_heads_match_the_per_layer_blocks(n_kv_heads, tiny_tokenizer):
+    """`_ExtraHeads` (stacked weights, batched matmuls, own KV, last position only)
+    computes what the transformers blocks of heads 1..H-1 compute, over a prefill
+    and then chunks of new positions after a growing cache (GQA too)."""
+    config = tiny_config(
+        vocab_size=len(tiny_tokenizer), n_future_tokens=4, n_layers=6, n_kv_heads=n_kv_heads
+    )
+    model = MTPModel(config)
+    model.init_weights(seed=2)
+    ids = torch.tensor([tiny_tokenizer(TEXT)["input_ids"][:40]])  # (1, 40)
+    cache, extra = model.new_cache(), _ExtraHeads(model, 40)
+    with torch.no_grad():
+        for chunk in (ids[:, :31], ids[:, 31:34], ids[:, 34:35], ids[:, 35:]):
+            hidden, context = model.trunk(chunk, None, cache)
+            reference = torch.cat(
+                [model.heads[k](hidden, **context)[:, -1] for k in range(1, 4)]
+            )  # (3, D)
+            batched = extra.step(hidden, *context["position_embeddings"])
+            torch.testing.assert_close(batched, reference, rtol=1e-5, atol=1e-5)
+        assert extra.length == cache.get_seq_length() == 40
+
+
+def test_precomputed_positions_give_the_trunk_of_the_model(model, tiny_tokenizer):
+    """`_trunk` (rotary tables and causal masks computed once) equals `model.trunk`
+    over a prefill, multi-token chunks after a cache and single tokens."""
+    ids = torch.tensor([tiny_tokenizer(TEXT)["input_ids"][:30]])  # (1, 30)
+    cache, reference_cache = model.new_cache(), model.new_cache()
+    positions = _Positions(model, 30, ids.device)
+    with torch.no_grad():
+        for chunk in (ids[:, :20], ids[:, 20:24], ids[:, 24:25], ids[:, 25:]):
+            hidden, _ = _trunk(model, chunk, cache, positions)
+            reference, _ = model.trunk(chunk, None, reference_cache)
+            torch.testing.assert_close(hidden, reference, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("heads_trained", [False, True])

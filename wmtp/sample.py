@@ -177,37 +177,140 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, desc="generate", unit="prompt", disable=not enabled)
 
 
-def _slice_context(context: dict, keep: int, past: int) -> dict:
-    """The attention context of the first `keep` of a forward's positions (those the
-    extra heads still have to see), for blocks whose cache holds `past` positions.
-    A None mask (no padding, and a prefill or a single token) stays None: it means
-    causal attention over everything, which holds for any prefix of the positions."""
-    mask = context["attention_mask"]
-    cos, sin = context["position_embeddings"]  # (1, S, head_dim) each
-    return {
-        "attention_mask": None if mask is None else mask[:, :, :keep, : past + keep],
-        "position_ids": context["position_ids"][:, :keep],
-        "position_embeddings": (cos[:, :keep], sin[:, :keep]),
-        "past_key_values": context["past_key_values"],
-    }
+class _ExtraHeads:
+    """Heads 1..H-1 of an `MTPModel` as ONE batched computation for decoding.
+
+    Their decoder blocks (RMSNorm, RoPE attention, SwiGLU) have the same shapes, so
+    their weights are stacked along a leading head dim `K = H - 1` and run with
+    batched matmuls over one shared input, with their own preallocated KV tensors
+    `(K, n_kv_heads, capacity, head_dim)` instead of `DynamicCache` slots.
+
+    Drafting needs a head's output at the last position only, and a one-block head
+    needs the other positions only as keys and values, so `step` projects every new
+    position to K/V but runs the query, attention, output projection and MLP for the
+    last position alone. It agrees with the per-layer transformers blocks to float
+    rounding (tested)."""
+
+    def __init__(self, model: MTPModel, capacity: int) -> None:
+        config = model.config
+        heads = list(model.heads[1:])
+        self.n = len(heads)
+        self.eps = config.norm_eps
+        self.n_q, self.n_kv = config.n_heads, config.kv_heads
+        self.head_dim = config.dim // config.n_heads
+        if not heads:
+            return  # a next-token model: nothing to draft with
+
+        def stack(get) -> torch.Tensor:
+            return torch.stack([get(block) for block in heads]).detach()
+
+        self.w_in = stack(lambda b: b.input_layernorm.weight).unsqueeze(1)  # (K, 1, D)
+        self.w_post = stack(lambda b: b.post_attention_layernorm.weight).unsqueeze(1)
+        self.w_q = stack(lambda b: b.self_attn.q_proj.weight.t())  # (K, D, Hq*hd)
+        self.w_kv = stack(  # (K, D, 2*Hkv*hd): keys then values
+            lambda b: torch.cat([b.self_attn.k_proj.weight, b.self_attn.v_proj.weight]).t()
+        )
+        self.w_o = stack(lambda b: b.self_attn.o_proj.weight.t())  # (K, Hq*hd, D)
+        self.w_gate_up = stack(  # (K, D, 2F)
+            lambda b: torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight]).t()
+        )
+        self.w_down = stack(lambda b: b.mlp.down_proj.weight.t())  # (K, F, D)
+        shape = (self.n, self.n_kv, capacity, self.head_dim)
+        weight = model.output.weight
+        self.keys = torch.empty(shape, dtype=weight.dtype, device=weight.device)
+        self.values = torch.empty_like(self.keys)
+        self.length = 0
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """LlamaRMSNorm, per head."""
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * x.to(dtype)
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def step(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Append the trunk outputs `hidden` (1, S, D) at the next S positions (rotary
+        `cos`/`sin` (1, S, head_dim)) to every head's KV and return the heads' block
+        outputs at the last position `(K, D)` (before the shared final norm)."""
+        n, seq, hd = self.n, hidden.shape[1], self.head_dim
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, S, hd)
+        normed = self._norm(hidden, self.w_in)  # (K, S, D)
+        kv = torch.bmm(normed, self.w_kv).view(n, seq, 2, self.n_kv, hd)
+        keys = self._rope(kv[:, :, 0].transpose(1, 2), cos, sin)  # (K, Hkv, S, hd)
+        end = self.length + seq
+        self.keys[:, :, self.length : end] = keys
+        self.values[:, :, self.length : end] = kv[:, :, 1].transpose(1, 2)
+        self.length = end
+        query = torch.bmm(normed[:, -1:], self.w_q).view(n, 1, self.n_q, hd).transpose(1, 2)
+        query = self._rope(query, cos[:, :, -1:], sin[:, :, -1:])  # (K, Hq, 1, hd)
+        attn = torch.nn.functional.scaled_dot_product_attention(
+            query,
+            self.keys[:, :, :end],
+            self.values[:, :, :end],
+            enable_gqa=self.n_q != self.n_kv,
+        )  # (K, Hq, 1, hd): the last position sees every cached position
+        x = hidden[:, -1:] + torch.bmm(attn.transpose(1, 2).reshape(n, 1, -1), self.w_o)
+        gate, up = torch.bmm(self._norm(x, self.w_post), self.w_gate_up).chunk(2, dim=-1)
+        x = x + torch.bmm(torch.nn.functional.silu(gate) * up, self.w_down)  # (K, 1, D)
+        return x[:, 0]
 
 
 def _draft(
-    model: MTPModel, hidden: torch.Tensor, context: dict, first: torch.Tensor
-) -> torch.Tensor:
+    model: MTPModel, extra: _ExtraHeads, hidden: torch.Tensor, context: dict, keep: int,
+    first: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
     """The next proposal (H,): `first` (head 0's token after the last kept position)
-    followed by heads 1..H-1's greedy guesses at that position.
-
-    Each extra head's block runs over every kept position `hidden` (1, S, D) so its
-    KV cache stays in step with the trunk's, but only the last position is
-    normalised and unembedded, all heads in one matmul."""
-    last = [
-        model.heads[k](hidden, **context)[:, -1] for k in range(1, model.n_heads)
-    ]  # (1, D) each
-    if not last:
+    followed by heads 1..H-1's greedy guesses there. The heads see the first `keep`
+    positions of `hidden` (1, S, D) (their KV stays in step with the trunk's); all
+    guesses come from one batched head computation and one unembedding matmul."""
+    if extra.n == 0:
         return first
-    guesses = model.output(model.norm(torch.cat(last))).argmax(-1)  # (H-1,)
+    cos, sin = context["position_embeddings"]  # (1, S, head_dim) each
+    last = extra.step(hidden[:, :keep], cos[:, :keep], sin[:, :keep])  # (K, D)
+    guesses = model.output(model.norm(last)).argmax(-1)  # (H-1,)
     return torch.cat([first, guesses])
+
+
+class _Positions:
+    """Rotary cos/sin and causal masks of one decode, computed once for positions
+    `0..capacity-1` and sliced per forward (instead of `MTPModel.attention_context`
+    recomputing them and building the mask through transformers every forward).
+    No padding (one prompt), so position = cache index."""
+
+    def __init__(self, model: MTPModel, capacity: int, device: torch.device) -> None:
+        weight = model.output.weight
+        positions = torch.arange(capacity, device=device).unsqueeze(0)  # (1, capacity)
+        self.cos, self.sin = model.rotary_emb(weight, positions)  # (1, capacity, head_dim)
+        self.causal = torch.ones(capacity, capacity, dtype=torch.bool, device=device).tril()
+
+    def context(self, cache, past: int, seq: int) -> dict:
+        """The attention context of `seq` new positions after `past` cached ones."""
+        end = past + seq
+        return {
+            # SDPA's causal kernel needs no mask for a prefill or one query; else a
+            # boolean (1, 1, seq, past + seq) mask, True = attend
+            "attention_mask": None
+            if past == 0 or seq == 1
+            else self.causal[None, None, past:end, :end],
+            "position_ids": None,
+            "position_embeddings": (self.cos[:, past:end], self.sin[:, past:end]),
+            "past_key_values": cache,
+        }
+
+
+def _trunk(model: MTPModel, ids: torch.Tensor, cache, positions: _Positions):
+    """`model.trunk(ids, None, cache)` with the precomputed attention context."""
+    hidden = model.tok_embeddings(ids)  # (1, S, D)
+    context = positions.context(cache, cache.get_seq_length(), ids.shape[1])
+    for layer in model.layers:
+        hidden = layer(hidden, **context)
+    return hidden, context
 
 
 @torch.inference_mode()
@@ -219,21 +322,25 @@ def _speculate_one(model: MTPModel, prompt: list[int], max_new_tokens: int, eos,
     draft position i gives the greedy token after draft[: i + 1], so draft[i + 1]
     stands if it matches), one transfer of the draft and the verdict to the host,
     the trunk's and head 0's KV cache cropped to the kept tokens, then heads
-    1..H-1 over the kept positions only. A plain greedy step runs trunk + head 0
-    over one token, so a forward costs H - 1 blocks more than a greedy step and
-    yields 1..H tokens."""
+    1..H-1 as one batched computation (`_ExtraHeads`: K/V of the kept positions,
+    everything else at the last one only). Rotary tables and causal masks are
+    computed once per prompt (`_Positions`). A plain greedy step runs trunk + head
+    0 over one token; a forward costs that plus H - 1 more tokens through the trunk
+    and the batched heads, and yields 1..H tokens."""
     device = _device(model)
     n_heads = model.n_heads
     n_verified = model.config.n_trunk_layers + 1  # cache slots of the trunk and head 0
     cache = model.new_cache()
-    hidden, context = model.trunk(torch.tensor([prompt], device=device), None, cache)  # (1, L, D)
+    capacity = len(prompt) + max_new_tokens + n_heads
+    extra = _ExtraHeads(model, capacity)
+    positions = _Positions(model, capacity, device)
+    hidden, context = _trunk(model, torch.tensor([prompt], device=device), cache, positions)
     first = model.output(model.head_hidden(hidden, 0, context)[:, -1]).argmax(-1)  # (1,)
-    draft = _draft(model, hidden, context, first)  # (H,)
+    draft = _draft(model, extra, hidden, context, hidden.shape[1], first)  # (H,)
     out: list[int] = []
     accepted: list[int] = []
     while len(out) < max_new_tokens:
-        past = cache.get_seq_length()
-        hidden, context = model.trunk(draft.unsqueeze(0), None, cache)  # (1, H, D)
+        hidden, context = _trunk(model, draft.unsqueeze(0), cache, positions)  # (1, H, D)
         greedy = model.head_logits(hidden, 0, context)[0].argmax(-1)  # (H,)
         both = torch.cat([draft, greedy]).tolist()  # the step's only transfer to the host
         proposed, verdict = both[:n_heads], both[n_heads:]
@@ -247,8 +354,7 @@ def _speculate_one(model: MTPModel, prompt: list[int], max_new_tokens: int, eos,
         if keep < n_heads:
             for layer in cache.layers[:n_verified]:
                 layer.crop(keep - n_heads)  # drop the rejected drafts' KV
-            hidden, context = hidden[:, :keep], _slice_context(context, keep, past)  # (1, keep, D)
-        draft = _draft(model, hidden, context, greedy[keep - 1 : keep])
+        draft = _draft(model, extra, hidden, context, keep, greedy[keep - 1 : keep])
     return out[:max_new_tokens], accepted
 
 
