@@ -19,6 +19,17 @@ torch.set_num_threads(1)
 from wmtp.model import MTPConfig, MTPModel  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Undo what a test (or library code it runs in-process, like a lone trainer
+    setting RANK) does to os.environ: a leaked RANK/MASTER_PORT makes later
+    subprocess trainings rendezvous over one TCP port and collide (EADDRINUSE)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def tiny_config(**overrides) -> MTPConfig:
     fields = dict(
         dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=97, n_future_tokens=2,

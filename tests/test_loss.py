@@ -252,13 +252,11 @@ def test_never_builds_all_heads_logits(monkeypatch):
 def deepspeed_sgd_step(model, loss_fn, batches, zero_stage: int) -> dict[str, torch.Tensor]:
     """One optimizer step of a 1-process DeepSpeed engine (SGD, grad accumulation
     over `batches`); returns the updated parameters."""
-    import os
-
     import deepspeed
 
-    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29513", RANK="0", WORLD_SIZE="1",
-                           LOCAL_RANK="0").items():
-        os.environ.setdefault(key, value)
+    from wmtp.train import _init_distributed
+
+    _init_distributed("cpu")  # an in-process store: no TCP port to collide on
     config = {
         "train_micro_batch_size_per_gpu": batches[0][0].shape[0],
         "gradient_accumulation_steps": len(batches),

@@ -8,6 +8,7 @@ so results/, logs/ and .snakemake/ of the repository are never touched.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -39,9 +40,16 @@ def copy_workflow(tmp_path: Path) -> Path:
     return tmp_path
 
 
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def snakemake(workdir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run snakemake as a user would: without a launcher's rank variables, which
+    would make every lone training job rendezvous on the same TCP port."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     return subprocess.run(
-        [*SNAKEMAKE, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout
+        [*SNAKEMAKE, *args], cwd=workdir, env=env, capture_output=True, text=True,
+        timeout=timeout,
     )
 
 

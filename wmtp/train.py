@@ -203,10 +203,11 @@ def _init_distributed(device_type: str) -> tuple[int, int]:
     import deepspeed
     import torch.distributed as dist
 
-    if "RANK" not in os.environ and not dist.is_initialized():
+    if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        backend = "gloo" if device_type == "cpu" else "nccl"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        if not dist.is_initialized():
+            backend = "gloo" if device_type == "cpu" else "nccl"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend="gloo" if device_type == "cpu" else "nccl")
     return dist.get_rank(), dist.get_world_size()
 
