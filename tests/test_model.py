@@ -20,6 +20,8 @@ def test_config_takes_meta_params_and_rejects_bad_ones():
     with pytest.raises(ValueError) as error:
         MTPConfig(dim=30, n_layers=2, n_heads=4, n_future_tokens=3)
     assert "n_layers" in str(error.value) and "divisible" in str(error.value)  # all problems at once
+    with pytest.raises(ValueError, match="n_heads"):
+        MTPConfig(dim=32, n_layers=2, n_heads=0, n_future_tokens=1)  # not a ZeroDivisionError
 
 
 def test_forward_shapes_and_heads_agree(tiny_model):

@@ -64,10 +64,17 @@ class MTPConfig:
                 f"n_layers ({self.n_layers}) counts the head blocks too and must be "
                 f">= n_future_tokens ({self.n_future_tokens})"
             )
-        if self.dim % self.n_heads:
-            problems.append(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
-        if self.n_heads % self.kv_heads:
-            problems.append(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})")
+        if self.n_heads < 1 or self.kv_heads < 1:
+            problems.append(
+                f"n_heads ({self.n_heads}) and n_kv_heads ({self.kv_heads}) must be >= 1"
+            )
+        else:
+            if self.dim % self.n_heads:
+                problems.append(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+            if self.n_heads % self.kv_heads:
+                problems.append(
+                    f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.kv_heads})"
+                )
         if problems:
             raise ValueError("invalid MTPConfig: " + "; ".join(problems))
 
