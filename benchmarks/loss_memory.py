@@ -78,7 +78,7 @@ def measure(args) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     config = MTPConfig(
-        dim=args.dim, n_layers=args.trunk_layers + args.heads, n_heads=args.dim // 64, vocab_size=args.vocab,
+        dim=args.dim, n_layers=args.trunk_layers + args.heads, n_heads=max(1, args.dim // 64), vocab_size=args.vocab,
         n_future_tokens=args.heads, multiple_of=256, max_seq_len=args.seq,
     )
     model = MTPModel(config)

@@ -1,0 +1,43 @@
+"""The benchmarks still run: each at toy size, in a subprocess, as a researcher
+would call it. The figures they print are not checked here (speed and memory goals
+belong to the benchmarks themselves); what is checked is that they get to their
+table and that the speculative decoder's output equals greedy decoding."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(name: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / name), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_speculative_benchmark_runs_and_matches_greedy():
+    out = run_benchmark(
+        "speculative.py", "--dim", "32", "--trunk-layers", "2", "--heads", "3",
+        "--vocab", "300", "--train-problems", "40", "--stdlib-bytes", "2000",
+        "--steps", "20", "--seq", "64", "--prompts", "2", "--new-tokens", "24",
+    )  # fmt: skip
+    assert "outputs identical to greedy: True" in out
+    assert "speed-up" in out
+
+
+@pytest.mark.slow
+def test_loss_memory_benchmark_runs():
+    out = run_benchmark(
+        "loss_memory.py", "--vocab", "500", "--seq", "64", "--heads", "2", "--dim", "32",
+        "--trunk-layers", "1", "--steps", "1", "--threads", "1",
+    )  # fmt: skip
+    assert "wmtp-loss" in out and "naive-mtp" in out
