@@ -54,6 +54,14 @@ def test_exact_match_falls_back_to_text_when_unparsable():
     assert not exact_match(broken, "def f(a, b)\n  return a - b")
 
 
+def test_exact_match_survives_garbage_a_sampler_can_produce():
+    """Found by a tiny model: a lone carriage return and control characters made
+    tokenize.untokenize raise ValueError, which stopped the whole evaluation."""
+    garbage = "\x13\n    \rqst i"
+    assert not exact_match(garbage, "def f(a, b):\n    return a + b")
+    assert exact_match("x = 1\ry = 2", "x = 1\ny = 2")  # Python reads a lone \r as a newline
+
+
 FIXTURES = Path(__file__).parent / "fixtures"
 
 

@@ -64,7 +64,8 @@ def _without_comments(code: str) -> str:
     try:
         tokens = tokenize.generate_tokens(io.StringIO(code).readline)
         return tokenize.untokenize(t for t in tokens if t.type != tokenize.COMMENT)
-    except (tokenize.TokenError, IndentationError, SyntaxError):
+    except (tokenize.TokenError, IndentationError, SyntaxError, ValueError):
+        # ValueError: untokenize rejects positions it cannot lay out again
         return re.sub(r"#[^\n]*", "", code)
 
 
@@ -72,7 +73,7 @@ def normalise_code(code: str) -> str:
     """Canonical form for exact match: the AST dump without docstrings (comments and
     formatting vanish in parsing); unparsable code falls back to its text without
     comments, whitespace collapsed."""
-    code = code.replace("\r\n", "\n").strip()
+    code = code.replace("\r\n", "\n").replace("\r", "\n").strip()  # a lone \r ends a line too
     try:
         return ast.dump(_strip_docstrings(ast.parse(code)))
     except SyntaxError:
