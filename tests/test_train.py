@@ -442,7 +442,9 @@ def test_torchrun_two_processes_matches_one_process_batch(setup, tmp_path):
     a, b = final_params(tmp_path / "two" / "model"), final_params(one)
     base = final_params(setup["base"])
     for k in a:  # both moved the same way: their gap is a small share of the update
-        assert (a[k] - b[k]).abs().max() <= 0.05 * (b[k] - base[k]).abs().max() + 1e-6, k
+        # (norms, not max-abs: Adam's first steps move every weight by ~lr whatever its
+        # gradient, so one near-zero gradient of other sign flips one element's update)
+        assert (a[k] - b[k]).norm() <= 0.02 * (b[k] - base[k]).norm(), k
 
 
 @pytest.mark.slow
