@@ -233,7 +233,10 @@ def test_relaunch_distributed_runs_one_process_per_gpu(tmp_path):
         "import os, sys\n"
         "from wmtp.cli import relaunch_distributed\n"
         "relaunch_distributed(int(sys.argv[1]))\n"
-        "print('rank', os.environ.get('RANK', 'none'), os.environ.get('WORLD_SIZE', '1'))\n"
+        # one write per rank: a pipe write this short is atomic, while print() may
+        # write word by word (unbuffered) and interleave with the other rank
+        "line = f\"rank {os.environ.get('RANK', 'none')} {os.environ.get('WORLD_SIZE', '1')}\\n\"\n"
+        "os.write(1, line.encode())\n"
     )
     two = subprocess.run(
         [sys.executable, str(script), "2"], capture_output=True, text=True, timeout=120
