@@ -19,26 +19,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from wmtp.data import Example, collate
 from wmtp.model import MTPConfig, MTPModel
 from wmtp.refce import compute_refce, next_token_logits
+from wmtp.tiny_models import train_tokenizer
 
 
-def make_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+def make_tokenizer(vocab_size: int):
+    """A byte-level BPE trained on this package's own source (realistic code tokens)."""
     package = Path(__file__).resolve().parents[1] / "wmtp"
-    source = "".join(path.read_text() for path in sorted(package.glob("*.py")))
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    return train_tokenizer(
+        ["".join(p.read_text() for p in sorted(package.glob("*.py")))], vocab_size
     )
-    tok.train_from_iterator([source], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
 def make_examples(n: int, vocab: int, seed: int) -> list[Example]:

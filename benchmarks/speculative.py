@@ -56,15 +56,14 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerFast
 
 from wmtp.loss import weighted_mtp_loss
 from wmtp.model import MTPConfig, MTPModel
 from wmtp.prompts import mbpp_prompt, mbpp_solution
 from wmtp.sample import generate, speculative_generate
 from wmtp.tiny_data import corpus_documents, make_tiny_mbpp
+from wmtp.tiny_models import train_tokenizer
 
 
 def stdlib_files(max_bytes: int) -> list[str]:
@@ -98,20 +97,6 @@ def documents(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     random.Random(args.seed).shuffle(docs)
     prompts = [mbpp_prompt(row.text, row.test_list[0]) for row in test.itertuples()]
     return docs, prompts
-
-
-def train_tokenizer(text: str, vocab_size: int) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([text], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
 def train(model: MTPModel, ids: torch.Tensor, args: argparse.Namespace) -> float:
@@ -179,7 +164,7 @@ def main() -> None:
 
     docs, prompts = documents(args)
     text = "\n\n".join(docs)
-    tokenizer = train_tokenizer(text, args.vocab)
+    tokenizer = train_tokenizer([text], args.vocab)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])  # (N,)
     config = MTPConfig(
         dim=args.dim, n_layers=args.trunk_layers + args.heads, n_heads=4,

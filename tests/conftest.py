@@ -53,16 +53,6 @@ def tiny_tokenizer():
 
     The source is the standard library's `os.py`, not this project's: tests' numbers
     must not move because an unrelated module of ours was edited."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from wmtp.tiny_models import train_tokenizer
 
-    text = Path(os.__file__).read_text(encoding="utf-8")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([text], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    return train_tokenizer([Path(os.__file__).read_text(encoding="utf-8")], 300)

@@ -7,8 +7,6 @@ import logging
 import pandas as pd
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from wmtp.data import (
     Example,
@@ -23,6 +21,7 @@ from wmtp.data import (
     tokenizer_hash,
 )
 from wmtp.prompts import mbpp_prompt, mbpp_solution
+from wmtp.tiny_models import train_tokenizer
 
 
 def mbpp_rows(n: int = 6, long_every: int = 0) -> pd.DataFrame:
@@ -144,16 +143,8 @@ def test_read_split_roundtrip_and_missing_columns(tmp_path):
         read_split(tmp_path / "bad.parquet")
 
 
-def _other_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(["def add(a, b):\n    return a + b\n" * 50], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+def _other_tokenizer(vocab_size: int):
+    return train_tokenizer(["def add(a, b):\n    return a + b\n" * 50], vocab_size)
 
 
 def test_vocabulary_check_names_both_models(tiny_tokenizer):
