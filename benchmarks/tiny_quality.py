@@ -148,22 +148,12 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.out / "base")
     train_df = pd.read_parquet(args.out / "data" / "train.parquet")
     model = load_model(args.out / "base")
-    start = time.time()
-    results["base"] = evaluate(
-        model,
-        tokenizer,
-        args.out / "data" / "test.parquet",
-        n=args.n,
-        seed=args.seed,
-        max_new_tokens=args.max_new_tokens,
-        max_problems=args.max_problems,
-    )
-    times["eval_base"] = time.time() - start
-    if args.eval_ref:
-        ref = AutoModelForCausalLM.from_pretrained(args.out / "ref").eval()
+
+    def judge(name: str, judged_model) -> None:
+        """Evaluate on the test split; result and wall time go under `name`."""
         start = time.time()
-        results["ref"] = evaluate(
-            ref,
+        results[name] = evaluate(
+            judged_model,
             tokenizer,
             args.out / "data" / "test.parquet",
             n=args.n,
@@ -171,7 +161,11 @@ def main() -> None:
             max_new_tokens=args.max_new_tokens,
             max_problems=args.max_problems,
         )
-        times["eval_ref"] = time.time() - start
+        times[f"eval_{name}"] = time.time() - start
+
+    judge("base", model)
+    if args.eval_ref:
+        judge("ref", AutoModelForCausalLM.from_pretrained(args.out / "ref").eval())
     torch.manual_seed(args.seed)
     start = time.time()
     losses = finetune(
@@ -184,17 +178,7 @@ def main() -> None:
         seed=args.seed,
     )
     times["finetune"] = time.time() - start
-    start = time.time()
-    results["finetuned"] = evaluate(
-        model,
-        tokenizer,
-        args.out / "data" / "test.parquet",
-        n=args.n,
-        seed=args.seed,
-        max_new_tokens=args.max_new_tokens,
-        max_problems=args.max_problems,
-    )
-    times["eval_finetuned"] = time.time() - start
+    judge("finetuned", model)
     results["finetune_loss_first_last"] = [sum(losses[:10]) / 10, sum(losses[-10:]) / 10]
     print(
         json.dumps(
