@@ -41,3 +41,19 @@ def test_loss_memory_benchmark_runs():
         "--trunk-layers", "1", "--steps", "1", "--threads", "1",
     )  # fmt: skip
     assert "wmtp-loss" in out and "naive-mtp" in out
+
+
+@pytest.mark.slow
+def test_refce_throughput_benchmark_runs():
+    out = run_benchmark("refce_throughput.py", "--examples", "8", "--repeats", "1")
+    assert "ref-CE tok/s" in out
+
+
+@pytest.mark.slow
+def test_tiny_quality_benchmark_runs(tmp_path):
+    out = run_benchmark(
+        "tiny_quality.py", "--out", str(tmp_path), "--skip-ref", "--steps", "3", "--n", "1",
+        "--max-problems", "3", "--max-new-tokens", "16",
+        "--set", "pretrain_steps=5", "corpus_documents=200",
+    )  # fmt: skip
+    assert '"eval_base"' in out and '"eval_finetuned"' in out
