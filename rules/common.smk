@@ -7,7 +7,15 @@ import re
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
-from wmtp.config import ALGORITHMS, BENCHMARKS, ConfigError, config_hash, load_config
+from wmtp.config import (
+    ALGORITHMS,
+    BASE_ROW,
+    BENCHMARKS,
+    TRAINED,
+    ConfigError,
+    config_hash,
+    load_config,
+)
 
 min_version("9.0")
 
@@ -76,6 +84,11 @@ def report_path():
     return f"results/{RUN}/report.md"
 
 
+def trained_alternatives():
+    """The `algo` wildcard of the train rule: training methods only ('base' is not trained)."""
+    return _alternatives(TRAINED)
+
+
 def get_final_outputs():
     """What `snakemake all` builds: the run's report and its copy at results/report.md."""
     return [report_path(), REPORT_COPY]
@@ -104,15 +117,20 @@ def get_critic_inputs(wildcards):
 
 
 def get_eval_inputs(wildcards):
-    return {
-        "model": trained_model(wildcards.algo, wildcards.seed),
-        "data": data_path(wildcards.benchmark, TEST_SPLIT),
-    }
+    """The model a row evaluates: the `base` row the downloaded base model itself
+    (same protocol, no training), every other row its fine-tuned model."""
+    if wildcards.algo == BASE_ROW:
+        model = model_dir("base")
+    else:
+        model = trained_model(wildcards.algo, wildcards.seed)
+    return {"model": model, "data": data_path(wildcards.benchmark, TEST_SPLIT)}
 
 
 def get_report_inputs(wildcards):
-    """All evaluations and training metrics of the configured table, in a fixed order."""
+    """All evaluations of the configured table and the training metrics of its trained
+    rows, in a fixed order."""
     runs = [(a, s) for a in CONFIG.algorithms for s in CONFIG.seeds]
+    trained = [(a, s) for a in CONFIG.trained_algorithms for s in CONFIG.seeds]
     return {
         "evals": [
             eval_file(a, s, b, "json") for a, s in runs for b in CONFIG.benchmarks
@@ -120,7 +138,7 @@ def get_report_inputs(wildcards):
         "samples": [
             eval_file(a, s, b, "jsonl") for a, s in runs for b in CONFIG.benchmarks
         ],
-        "metrics": [train_metrics(a, s) for a, s in runs],
+        "metrics": [train_metrics(a, s) for a, s in trained],
     }
 
 

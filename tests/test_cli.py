@@ -75,7 +75,7 @@ def test_train_dry_run_prints_resolved_config_and_plan_and_writes_nothing(capsys
     assert resolved["run_name"] == "try1" and resolved["seed"] == 1
     assert resolved["tags"] == {"run": "tiny", "source": "cli", "debug": "true", "sweep": "lr"}
     assert resolved["recipe"]["algorithm"] == "baseline-mtp"
-    assert resolved["recipe"]["train"]["max_steps"] == 20
+    assert resolved["recipe"]["train"]["lr"] == yaml.safe_load(Path(CONFIG).read_text())["train"]["lr"]
     plan = resolved["plan"]
     assert plan["steps"] == 20
     assert plan["max_tokens_per_step"] == 8 * 1 * 256  # micro batch x accumulation x max_seq_len
@@ -109,7 +109,7 @@ def test_train_rejects_inconsistent_arguments(capsys, tmp_path):
         capsys,
         *train_args(tmp_path, "--algorithm", "baseline-mtp", "--max-steps", "3", "--dry-run"),
     )
-    warmup = yaml.safe_load((RECIPES / "baseline-mtp.yaml").read_text())["train"]["warmup_steps"]
+    warmup = yaml.safe_load(Path(CONFIG).read_text())["train"]["warmup_steps"]
     assert code == 2 and "--max-steps = 3" in err and f"warmup_steps ({warmup})" in err
     code, _, err = run(capsys, *train_args(tmp_path, "--recipe", "nope.yaml", "--dry-run"))
     assert code == 2 and "nope.yaml" in err

@@ -11,10 +11,11 @@ import pytest
 import yaml
 
 from wmtp.config import (
+    ALGORITHMS,
     SCHEMA_PATH,
+    TRAINED,
     ConfigError,
     PipelineConfig,
-    Recipe,
     config_hash,
     load_config,
     load_recipe,
@@ -50,7 +51,9 @@ def merged(base: dict, override: dict) -> dict:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     config, recipes = load_config(path, base_dir=REPO)
-    assert set(recipes) == set(config.algorithms)
+    assert set(recipes) == set(config.trained_algorithms) == set(config.algorithms) - {"base"}
+    # the two reference rows every reader asks for are in every shipped table
+    assert {"base", "ntp", "baseline-mtp"} <= set(config.algorithms)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
@@ -65,7 +68,8 @@ def test_shipped_recipes_validate_and_comment_every_key(path):
 def test_the_tiny_default_is_the_issue_setting():
     config, _ = load_config(REPO / "config" / "config.yaml", base_dir=REPO)
     assert config.run == "tiny" and len(config.seeds) >= 2
-    assert sorted(config.algorithms) == sorted(Recipe.model_fields["algorithm"].annotation.__args__)
+    assert sorted(config.trained_algorithms) == sorted(TRAINED)
+    assert sorted(config.algorithms) == sorted(ALGORITHMS)
     assert config.models.base.source == config.models.ref.source == "tiny"
     assert config.eval.ks["tiny-mbpp"] == [1, 10] and config.eval.n_samples == 10
 
@@ -97,7 +101,7 @@ def test_unknown_algorithm_lists_the_allowed():
     data = tiny()
     data["algorithms"].append("rho2")
     message = error_of(data)
-    assert 'algorithms.4 = "rho2"' in message
+    assert f'algorithms.{len(data["algorithms"]) - 1} = "rho2"' in message
     for name in ("baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip"):
         assert name in message
 
@@ -111,7 +115,7 @@ def test_k_above_n_samples():
 
 def test_negative_learning_rate_in_a_recipe(tmp_path):
     recipe = yaml.safe_load((REPO / "config" / "recipes" / "baseline-mtp.yaml").read_text())
-    recipe["train"]["lr"] = -1e-4
+    recipe["train"] = {"lr": -1e-4}
     path = tmp_path / "baseline-mtp.yaml"
     path.write_text(yaml.safe_dump(recipe))
     data = tiny()
@@ -214,3 +218,91 @@ def test_shipped_recipes_pass_the_trainers_set_up_checks(path, tmp_path):
             critic_path=data,
             device_type="cpu",
         )
+
+
+# ---- one place per shared knob -------------------------------------------------------
+
+
+def test_a_shared_knob_changed_in_its_one_place_reaches_every_algorithm():
+    data = tiny()
+    data["train"]["lr"] = 7.5e-4
+    data["weighting"]["temperature"] = 1.3
+    config, recipes = load_config(data, base_dir=REPO)
+    assert set(recipes) == set(config.trained_algorithms)
+    assert {a: r.train.lr for a, r in recipes.items()} == {a: 7.5e-4 for a in recipes}
+    assert {a: r.weighting.temperature for a, r in recipes.items()} == {a: 1.3 for a in recipes}
+    # and the shipped recipes set none of them: nobody has copies to keep in sync
+    for path in RECIPES:
+        assert "train" not in yaml.safe_load(path.read_text()), path
+
+
+def test_a_recipe_override_applies_to_its_method_only_and_is_recorded(tmp_path):
+    path = tmp_path / "rho1-tokenskip.yaml"
+    path.write_text("algorithm: rho1-tokenskip\ntrain: {lr: 5.0e-4}\nweighting: {skip_ratio: 0.5}\n")
+    data = tiny()
+    data["recipes"]["rho1-tokenskip"] = str(path)
+    config, recipes = load_config(data, base_dir=REPO)
+    assert recipes["rho1-tokenskip"].train.lr == 5.0e-4
+    assert recipes["rho1-tokenskip"].weighting.skip_ratio == 0.5
+    assert recipes["rho1-tokenskip"].overrides == {"train": {"lr": 5.0e-4}, "weighting": {"skip_ratio": 0.5}}
+    others = {a: r for a, r in recipes.items() if a != "rho1-tokenskip"}
+    assert all(r.train.lr == config.train.lr and not r.overrides for r in others.values())
+
+
+def test_a_recipe_may_not_set_a_weighting_knob_its_method_never_reads(tmp_path):
+    path = tmp_path / "baseline-mtp.yaml"
+    path.write_text("algorithm: baseline-mtp\nweighting: {skip_ratio: 0.5}\n")
+    message = error_of({**tiny(), "recipes": {**tiny()["recipes"], "baseline-mtp": str(path)}})
+    assert "baseline-mtp does not use ['skip_ratio']" in message and str(path) in message
+
+
+def test_an_override_that_breaks_a_cross_field_check_names_the_recipe(tmp_path):
+    path = tmp_path / "ntp.yaml"
+    path.write_text("algorithm: ntp\ntrain: {max_steps: 5, warmup_steps: 5}\n")
+    message = error_of({**tiny(), "recipes": {**tiny()["recipes"], "ntp": str(path)}})
+    assert str(path) in message and "warmup_steps = 5: must be < max_steps (5)" in message
+
+
+def test_base_row_needs_no_recipe_but_every_training_method_does():
+    data = tiny()
+    data["recipes"].pop("ntp")
+    assert "no recipe given for algorithms ['ntp']" in error_of(data)
+    data = tiny()
+    data["algorithms"] = ["base"]
+    data["recipes"] = {}
+    config, recipes = load_config(data, base_dir=REPO)
+    assert config.trained_algorithms == [] and recipes == {}
+
+
+# ---- training length in epochs -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("epochs", "n", "micro", "processes", "accum", "cap", "steps"),
+    [
+        (1, 100, 10, 1, 1, None, 10),  # 10 batches of 10
+        (1, 105, 10, 1, 1, None, 10),  # the 5 left over wait for the next shuffle
+        (3, 100, 10, 1, 1, None, 30),
+        (3, 100, 5, 2, 1, None, 30),  # 2 ranks x 5 = 10 per micro-step
+        (3, 100, 10, 1, 4, None, 8),  # 30 micro-steps / 4 per optimizer step, rounded up
+        (0.5, 100, 10, 1, 1, None, 5),
+        (6, 380, 8, 1, 1, None, 282),  # the tiny default: 47 batches per epoch
+        (3, 355, 4, 4, 2, None, 33),  # the paper setting: 22 micro-steps per epoch on 4 GPUs
+        (6, 380, 8, 1, 1, 100, 100),  # max_steps caps
+        (0.01, 100, 10, 1, 1, None, 1),  # at least one step
+    ],
+)
+def test_epochs_to_optimizer_steps(epochs, n, micro, processes, accum, cap, steps):
+    from wmtp.config import TrainSettings, optimizer_steps
+
+    settings = TrainSettings(
+        epochs=epochs, micro_batch_size=micro, grad_accum_steps=accum, max_steps=cap, warmup_steps=0
+    )
+    assert optimizer_steps(settings, n, processes) == steps
+
+
+def test_a_batch_larger_than_the_data_is_refused():
+    from wmtp.config import TrainSettings, optimizer_steps
+
+    with pytest.raises(ValueError, match=r"micro_batch_size \(8\) x processes \(4\) = 32 > 20"):
+        optimizer_steps(TrainSettings(micro_batch_size=8), 20, processes=4)

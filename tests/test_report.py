@@ -15,13 +15,15 @@ from wmtp import report
 from wmtp.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-ALGOS = ["baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip"]
+ALGOS = ["base", "ntp", "baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip"]
+TRAINED = [a for a in ALGOS if a != "base"]
 SEEDS = [0, 1]
 BENCHES = ["tiny-mbpp", "humaneval"]
 N = 10
 P = 30
 # success probability per algorithm: rho1-weighted clearly better, tokenskip clearly worse
-RATE = {"baseline-mtp": 0.4, "critic-wmtp": 0.42, "rho1-weighted": 0.8, "rho1-tokenskip": 0.1}
+RATE = {"base": 0.2, "ntp": 0.38, "baseline-mtp": 0.4, "critic-wmtp": 0.42, "rho1-weighted": 0.8,
+        "rho1-tokenskip": 0.1}
 
 
 # ---------------------------------------------------------------- pure math
@@ -99,6 +101,8 @@ def _write_results(root: Path) -> dict[str, list[Path]]:
                 (run / f"{bench}.json").write_text(json.dumps(summary))
                 files["jsonls"].append(run / f"{bench}.jsonl")
                 files["jsons"].append(run / f"{bench}.json")
+            if algo == "base":
+                continue  # evaluated, never trained: no metrics
             train = root / "train" / algo / f"seed{seed}"
             train.mkdir(parents=True)
             steps = np.arange(0, 50, 5)
@@ -113,22 +117,25 @@ def _write_results(root: Path) -> dict[str, list[Path]]:
                 "weight_min": np.full(len(steps), 1.0 - (algo != "baseline-mtp")),
                 "weight_max": np.full(len(steps), 1.0 + 2 * (algo != "baseline-mtp")),
                 "weight_frac_zero": np.full(len(steps), skip),
+                "val_loss": np.where(steps % 20 == 0, 2.5 - steps / 100, np.nan),
+                "val_head_ce_0": np.where(steps % 20 == 0, 2.0 - steps / 100, np.nan),
             }).to_parquet(train / "metrics.parquet")
             files["parquets"].append(train / "metrics.parquet")
     return files
 
 
-def _config(bootstrap: int = 300):
+def _config(bootstrap: int = 300, recipes: dict | None = None):
     data = {
         "run": "fixture",
         "seeds": SEEDS,
         "algorithms": ALGOS,
         "benchmarks": BENCHES,
-        "recipes": {a: f"config/recipes/{a}.yaml" for a in ALGOS},
+        "recipes": {a: f"config/recipes/{a}.yaml" for a in TRAINED},
         "models": {"base": {"source": "tiny", "id": "base"}, "ref": {"source": "tiny", "id": "ref"}},
         "eval": {"n_samples": N, "ks": {"tiny-mbpp": [1, 5], "humaneval": [1]}},
         "report": {"bootstrap_samples": bootstrap},
     }
+    data["recipes"].update(recipes or {})
     return load_config(data, REPO)
 
 
@@ -213,10 +220,41 @@ def test_cost_and_weight_tables(rendered):
     assert stats == ["1.000", "0.500", "0.000", "3.000", "0.300"]
 
 
-def test_published_block_is_labelled_quoted(rendered):
+def test_published_figures_are_quoted_beside_the_table(rendered):
     _, text, _, _ = rendered
-    block = text[text.index("## Published reference (quoted)"):]
-    assert "17 % more on" in block and "arXiv:2404.19737" in block
+    block = text[text.index("### Published figures (quoted)"):]
+    assert "arXiv:2404.19737" in block and "oracle" in block
+    assert _row(block, "### Published", "7B_1T_4 (n = 4 heads, the released base)") == [
+        "43.1", "65.9", "83.7", "31.6", "57.3", "86.2"]
+    assert _row(block, "### Published", "7B_1T_1 (next-token)") == [
+        "40.7", "65.4", "83.4", "31.7", "57.6", "83.0"]
+
+
+def test_base_and_ntp_are_rows_with_differences_but_only_trained_rows_cost(rendered):
+    _, text, _, _ = rendered
+    diffs = text[text.index("Difference to"):text.index("### humaneval")]
+    assert "| base |" in diffs and "| ntp |" in diffs
+    assert _numbers(_row(diffs, "Difference to", "base")[0])[0] < 0  # 0.2 vs 0.4
+    cost = text[text.index("## Training cost"):text.index("## Token weights")]
+    assert "| ntp |" in cost and "| base |" not in cost
+
+
+def test_recipe_overrides_are_listed_under_the_table(tmp_path):
+    files = _write_results(tmp_path)
+    recipe = tmp_path / "rho1-tokenskip.yaml"
+    recipe.write_text("algorithm: rho1-tokenskip\ntrain: {lr: 0.5}\nweighting: {skip_ratio: 0.5}\n")
+    config, recipes = _config(bootstrap=10, recipes={"rho1-tokenskip": str(recipe)})
+    out = report.build_report(files["jsons"], files["jsonls"], files["parquets"], config, recipes,
+                              tmp_path / "r.md", tmp_path / "f")
+    text = out.read_text()
+    assert _row(text, "Per-method settings", "rho1-tokenskip") == ["`train.lr`", "0.5"]
+    lines = [ln for ln in text.splitlines() if ln.startswith("| rho1-tokenskip | `")]
+    assert lines == ["| rho1-tokenskip | `train.lr` | 0.5 |", "| rho1-tokenskip | `weighting.skip_ratio` | 0.5 |"]
+
+
+def test_shipped_recipes_override_nothing(rendered):
+    _, text, _, _ = rendered
+    assert "no recipe overrides a shared knob" in text
 
 
 def test_figures_are_valid_deterministic_pngs(rendered, tmp_path):

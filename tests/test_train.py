@@ -76,6 +76,7 @@ def setup(tmp_path_factory, tiny_tokenizer) -> dict:
 
 def recipe(algorithm: str = "baseline-mtp", *, weighting: dict | None = None, **train) -> Recipe:
     settings = dict(
+        epochs=100,  # many: max_steps decides the length of every test training
         max_steps=6,
         micro_batch_size=4,
         grad_accum_steps=1,
@@ -268,6 +269,8 @@ def test_metrics_parquet_columns(setup, tmp_path):
         "head_ce_0",
         "head_ce_1",
         "val_loss",
+        "val_head_ce_0",
+        "val_head_ce_1",
         "lr",
         "tokens_per_s",
         "weight_mean",
@@ -278,6 +281,24 @@ def test_metrics_parquet_columns(setup, tmp_path):
     ]
     assert list(metrics["step"]) == [2]
     assert metrics["tokens"].iloc[0] > 0 and metrics["tokens_per_s"].iloc[0] > 0
+    # val_loss is the unweighted MTP loss: the mean of the heads' validation CE
+    row = metrics.iloc[0]
+    assert row["val_loss"] == pytest.approx((row["val_head_ce_0"] + row["val_head_ce_1"]) / 2)
+
+
+def test_ntp_trains_head_0_only_on_the_plain_ce(setup, tmp_path):
+    """Next-token fine-tuning: trunk, head 0, shared norm and unembedding move; the
+    extra heads stay exactly as downloaded; the loss is head 0's CE alone."""
+    model_dir = run(setup, tmp_path / "out", recipe("ntp", max_steps=3, log_every=1, val_every=3))
+    before, after = final_params(setup["base"]), final_params(model_dir)
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert {name for name in before if name.startswith("heads.1.")}.isdisjoint(moved)
+    for prefix in ("heads.0.", "layers.", "norm.", "output.", "tok_embeddings."):
+        assert any(name.startswith(prefix) for name in moved), prefix
+    metrics = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
+    assert "head_ce_1" not in metrics and "val_head_ce_1" in metrics  # trained vs validated heads
+    assert metrics["train_loss"].tolist() == pytest.approx(metrics["head_ce_0"].tolist(), rel=1e-5)
+    assert (metrics["weight_std"] < 1e-6).all()
 
 
 @pytest.mark.parametrize(

@@ -100,7 +100,7 @@ class TrainPlan:
     seed: int
     run_name: str
     tags: dict[str, str]
-    max_steps: int
+    max_steps: int | None  # None: the recipe's epochs decide (known once the data is read)
     base_model: Path
     train_data: Path
     refce: Path | None
@@ -132,7 +132,7 @@ class TrainPlan:
 def train_plan(
     config: PipelineConfig, recipes: dict[str, Recipe], args: argparse.Namespace
 ) -> TrainPlan:
-    recipe = load_recipe(args.recipe) if args.recipe else None
+    recipe = load_recipe(args.recipe, config) if args.recipe else None
     if recipe is None:
         if args.algorithm is None:
             raise ConfigError("train: give --recipe FILE or --algorithm NAME")
@@ -176,8 +176,8 @@ def train_plan(
 def describe_train(config: PipelineConfig, plan: TrainPlan) -> str:
     """The resolved settings and the plan, as YAML a person can read and diff."""
     recipe = plan.recipe.model_dump(mode="json")
-    recipe["train"]["max_steps"] = plan.max_steps
     per_step = plan.tokens_per_step(config.data.max_seq_len)
+    steps = plan.max_steps or f"{plan.recipe.train.epochs} epochs (counted when the data is read)"
     resolved = {
         "run": config.run,
         "run_name": plan.run_name,
@@ -192,9 +192,9 @@ def describe_train(config: PipelineConfig, plan: TrainPlan) -> str:
                 for name, path in plan.inputs().items()
             },
             "writes": {name: str(path) for name, path in plan.outputs().items()},
-            "steps": plan.max_steps,
+            "steps": steps,
             "max_tokens_per_step": per_step,
-            "max_tokens": per_step * plan.max_steps,
+            "max_tokens": per_step * plan.max_steps if plan.max_steps else "per step x steps",
         },
     }
     return yaml.safe_dump(resolved, sort_keys=False)
@@ -364,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--algorithm", help="use the config's recipe of this algorithm")
     train.add_argument("--run-name", help="MLflow run name and output folder (default algo-seedS)")
     train.add_argument("--tags", help="comma-separated MLflow tags: a,b,key=value")
-    train.add_argument("--max-steps", type=int, help="override the recipe's max_steps")
+    train.add_argument(
+        "--max-steps", type=int, help="train exactly this many optimizer steps (instead of the epochs)"
+    )
     train.add_argument("--seed", type=int, help="default: the config's first seed")
     train.add_argument("--out", help="default: results/{run}/cli/{run_name}")
     train.add_argument("--base-model", help="default: results/{run}/models/base")

@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-ALGORITHMS = ("baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip")
-Algorithm = Literal["baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip"]
+# Training methods (each has a recipe and a train job per seed) ...
+Algorithm = Literal["baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip", "ntp"]
+TRAINED = get_args(Algorithm)
+# ... and rows of the table that evaluate a model without training it.
+BASE_ROW = "base"
+Row = Literal["base", "baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip", "ntp"]
+ALGORITHMS = get_args(Row)  # every row name (the `algo` wildcard of the eval paths)
 BENCHMARKS = ("mbpp", "humaneval", "codecontests", "tiny-mbpp")
 Benchmark = Literal["mbpp", "humaneval", "codecontests", "tiny-mbpp"]
 TRAIN_DATASETS = ("mbpp", "codecontests", "tiny-mbpp")  # HumanEval has only a test split
@@ -117,12 +123,26 @@ class WeightingSettings(Strict):
 
 
 class TrainSettings(Strict):
-    max_steps: PositiveInt = Field(200, description="optimizer steps")
+    """Optimisation of one fine-tuning. Written once per setting (the `train:` section of
+    config/config.yaml, paper.yaml, ...) and shared by every algorithm, so a comparison
+    cannot silently differ in lr or length; a recipe overrides a key only deliberately
+    (and the report lists it)."""
+
+    epochs: PositiveFloat = Field(
+        3.0,
+        description="passes over the training examples; optimizer steps = "
+        "ceil(epochs * floor(examples / (micro_batch_size * processes)) / grad_accum_steps)",
+    )
+    max_steps: PositiveInt | None = Field(
+        None, description="cap on the optimizer steps the epochs give (None = no cap)"
+    )
     micro_batch_size: PositiveInt = Field(8, description="sequences per process per forward")
     grad_accum_steps: PositiveInt = Field(1, description="micro-batches per optimizer step")
     lr: PositiveFloat = Field(1e-4, description="peak learning rate (AdamW)")
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = Field(0.1, description="cosine floor as a share of lr")
-    warmup_steps: Annotated[int, Field(ge=0)] = Field(10, description="linear warmup steps")
+    warmup_steps: Annotated[int, Field(ge=0)] = Field(
+        10, description="linear warmup steps; must be < the training's optimizer steps"
+    )
     weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="AdamW weight decay")
     grad_clip: PositiveFloat = Field(1.0, description="global gradient-norm clip")
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage")
@@ -136,11 +156,31 @@ class TrainSettings(Strict):
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainSettings:
-        if self.warmup_steps >= self.max_steps:
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
             raise ValueError(
                 f"warmup_steps = {self.warmup_steps}: must be < max_steps ({self.max_steps})"
             )
         return self
+
+
+def optimizer_steps(
+    settings: TrainSettings, n_examples: int, processes: int = 1
+) -> int:
+    """Optimizer steps of a training over `n_examples` (after the val hold-out and any
+    packing) on `processes` ranks: `settings.epochs` passes, capped by `max_steps`.
+
+    An epoch is `floor(n / (micro_batch_size * processes))` micro-steps, the batches
+    `wmtp.data.batch_indices` draws before it reshuffles; an optimizer step takes
+    `grad_accum_steps` of them. At least one step."""
+    per_micro_step = settings.micro_batch_size * processes
+    if per_micro_step > n_examples:
+        raise ValueError(
+            f"micro_batch_size ({settings.micro_batch_size}) x processes ({processes}) = "
+            f"{per_micro_step} > {n_examples} training examples"
+        )
+    micro_steps = settings.epochs * (n_examples // per_micro_step)
+    steps = max(1, math.ceil(micro_steps / settings.grad_accum_steps - 1e-9))
+    return min(steps, settings.max_steps) if settings.max_steps is not None else steps
 
 
 class CriticSettings(Strict):
@@ -169,21 +209,82 @@ class CriticSettings(Strict):
     batch_size: PositiveInt = Field(16, description="rollouts per value-head step")
 
 
-class Recipe(Strict):
-    """One training method: the file `config/recipes/<algorithm>.yaml`."""
+def _overrides_of(section: type[BaseModel]) -> type[BaseModel]:
+    """A model with `section`'s fields, each optional (None = not overridden) with the
+    same constraints: what a recipe may set of a shared section."""
+    fields = {}
+    for name, info in section.model_fields.items():
+        annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        fields[name] = (annotation | None, Field(None, description=info.description))
+    return create_model(f"{section.__name__}Overrides", __base__=Strict, **fields)
 
-    algorithm: Algorithm = Field(description="selects the weight function (wmtp.weights.ALGORITHMS)")
-    train: TrainSettings = Field(default_factory=TrainSettings)
-    weighting: WeightingSettings = Field(default_factory=WeightingSettings)
+
+TrainOverrides = _overrides_of(TrainSettings)
+WeightingOverrides = _overrides_of(WeightingSettings)
+
+# The weighting knobs each algorithm reads; a recipe overriding any other one would
+# set a knob that is validated but never used.
+WEIGHTING_KNOBS: dict[str, tuple[str, ...]] = {
+    "baseline-mtp": (),
+    "ntp": (),
+    "rho1-weighted": ("temperature", "eps", "w_max", "strength", "rho1_mode", "rho1_base"),
+    "rho1-tokenskip": ("strength", "rho1_mode", "rho1_base", "skip_ratio"),
+    "critic-wmtp": ("temperature", "eps", "w_max", "strength"),
+}
+
+
+class RecipeFile(Strict):
+    """One training method as written in `config/recipes/<algorithm>.yaml`: the
+    algorithm, its own section (critic-wmtp's `critic:`) and deliberate overrides of
+    the setting's shared `train:` / `weighting:` sections (each listed in the report)."""
+
+    algorithm: Algorithm = Field(description="selects the weight function (wmtp.weights.WEIGHT_FUNCTIONS)")
+    train: TrainOverrides = Field(  # type: ignore[valid-type]
+        default_factory=TrainOverrides, description="overrides of the setting's train section"
+    )
+    weighting: WeightingOverrides = Field(  # type: ignore[valid-type]
+        default_factory=WeightingOverrides, description="overrides of the setting's weighting section"
+    )
     critic: CriticSettings | None = Field(None, description="required by critic-wmtp, rejected otherwise")
 
     @model_validator(mode="after")
-    def _critic_only_for_critic(self) -> Recipe:
+    def _own_sections(self) -> RecipeFile:
+        problems = []
         if self.algorithm == "critic-wmtp" and self.critic is None:
-            raise ValueError("critic = null: critic-wmtp needs a 'critic' section")
+            problems.append("critic = null: critic-wmtp needs a 'critic' section")
         if self.algorithm != "critic-wmtp" and self.critic is not None:
-            raise ValueError(f"critic: section given for {self.algorithm}, which has no critic")
+            problems.append(f"critic: section given for {self.algorithm}, which has no critic")
+        unused = [k for k in self.weighting.model_fields_set if k not in WEIGHTING_KNOBS[self.algorithm]]
+        if unused:
+            problems.append(
+                f"weighting: {self.algorithm} does not use {sorted(unused)} "
+                f"(it reads {list(WEIGHTING_KNOBS[self.algorithm]) or 'no weighting knob'})"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    def overrides(self) -> dict[str, dict[str, Any]]:
+        """The keys this recipe sets of the shared sections, by section."""
+        return {
+            name: section.model_dump(mode="json", include=section.model_fields_set)
+            for name, section in (("train", self.train), ("weighting", self.weighting))
+            if section.model_fields_set
+        }
+
+
+class Recipe(Strict):
+    """One training method resolved against its setting: the shared `train:` and
+    `weighting:` sections with the recipe's overrides applied. This is what the
+    trainer reads (and Snakemake's rerun trigger sees)."""
+
+    algorithm: Algorithm = Field(description="selects the weight function (wmtp.weights.WEIGHT_FUNCTIONS)")
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    weighting: WeightingSettings = Field(default_factory=WeightingSettings)
+    critic: CriticSettings | None = Field(None, description="required by critic-wmtp, rejected otherwise")
+    overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="what the recipe file sets of the shared sections (reported)"
+    )
 
 
 class EvalSettings(Strict):
@@ -238,11 +339,20 @@ class PipelineConfig(Strict):
     seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = Field(
         description="every training and evaluation runs once per seed"
     )
-    algorithms: Annotated[list[Algorithm], Field(min_length=1)] = Field(description="rows of the table")
+    algorithms: Annotated[list[Row], Field(min_length=1)] = Field(
+        description="rows of the table: training methods (each needs a recipe) and 'base' "
+        "(the downloaded base model evaluated without training)"
+    )
     benchmarks: Annotated[list[Benchmark], Field(min_length=1)] = Field(description="columns of the table")
     recipes: dict[Algorithm, str] = Field(description="algorithm -> recipe YAML path")
     models: ModelsSettings
     data: DataSettings = Field(default_factory=DataSettings)
+    train: TrainSettings = Field(
+        default_factory=TrainSettings, description="optimisation shared by every algorithm of this setting"
+    )
+    weighting: WeightingSettings = Field(
+        default_factory=WeightingSettings, description="weighting knobs shared by every algorithm of this setting"
+    )
     tiny: TinySettings = Field(default_factory=TinySettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
@@ -254,7 +364,7 @@ class PipelineConfig(Strict):
         """Cross-field checks, all reported together: a config that passes them
         builds a DAG whose every job has what it needs."""
         problems = []
-        missing = [a for a in self.algorithms if a not in self.recipes]
+        missing = [a for a in self.trained_algorithms if a not in self.recipes]
         if missing:
             problems.append(f"recipes: no recipe given for algorithms {missing}")
         for name in ("seeds", "algorithms", "benchmarks"):
@@ -279,6 +389,11 @@ class PipelineConfig(Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def trained_algorithms(self) -> list[str]:
+        """The rows that are fine-tunings (every row but 'base'), in table order."""
+        return [a for a in self.algorithms if a != BASE_ROW]
 
 
 class ConfigError(ValueError):
@@ -331,18 +446,41 @@ def load_yaml(path: str | Path) -> Any:
         return yaml.safe_load(handle)
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    return validate_section(Recipe, load_yaml(path), str(path))
+def resolve_recipe(
+    recipe: RecipeFile, train: TrainSettings, weighting: WeightingSettings, source: str
+) -> Recipe:
+    """The recipe's overrides applied to a setting's shared sections. Cross-field checks
+    (warmup < max_steps) run on the result, so an override that breaks one names the file."""
+    overrides = recipe.overrides()
+    merged = {
+        "train": {**train.model_dump(), **overrides.get("train", {})},
+        "weighting": {**weighting.model_dump(), **overrides.get("weighting", {})},
+    }
+    return validate_section(
+        Recipe,
+        {"algorithm": recipe.algorithm, **merged, "critic": recipe.critic, "overrides": overrides},
+        f"{source} (over the config's shared train/weighting sections)",
+    )
+
+
+def load_recipe(path: str | Path, setting: PipelineConfig | None = None) -> Recipe:
+    """The recipe file at `path` resolved against `setting`'s shared `train:` and
+    `weighting:` sections (None: the schema defaults)."""
+    recipe = validate_section(RecipeFile, load_yaml(path), str(path))
+    train = setting.train if setting is not None else TrainSettings()
+    weighting = setting.weighting if setting is not None else WeightingSettings()
+    return resolve_recipe(recipe, train, weighting, str(path))
 
 
 def load_config(data_or_path: dict | str | Path, base_dir: str | Path = ".") -> tuple[PipelineConfig, dict[str, Recipe]]:
-    """Validate the pipeline config and every recipe it names; raise `ConfigError`
-    listing all problems of all files at once."""
+    """Validate the pipeline config and every recipe it names (resolved against the
+    config's shared sections); raise `ConfigError` listing all problems of all files
+    at once."""
     source = str(data_or_path) if not isinstance(data_or_path, dict) else "config"
     data = load_yaml(data_or_path) if not isinstance(data_or_path, dict) else data_or_path
     config = validate_section(PipelineConfig, data, source)
     recipes, problems = {}, []
-    for algorithm in config.algorithms:
+    for algorithm in config.trained_algorithms:
         path = Path(base_dir) / config.recipes[algorithm]
         if not path.exists():
             problems.append(
@@ -351,7 +489,7 @@ def load_config(data_or_path: dict | str | Path, base_dir: str | Path = ".") -> 
             )
             continue
         try:
-            recipe = load_recipe(path)
+            recipe = load_recipe(path, config)
         except ConfigError as error:
             problems.append(str(error))
             continue

@@ -47,7 +47,7 @@ WeightFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # () differentiable weighted MTP loss
-    head_ce: torch.Tensor  # (H,) detached unweighted mean CE per head (0 for a head with no valid token)
+    head_ce: torch.Tensor  # (n_heads,) detached unweighted mean CE per trained head (0 for a head with no valid token)
     weights: torch.Tensor  # (B, S) detached weights used, 0 at invalid targets
     ce_head0: torch.Tensor  # (B, S) detached head-0 CE per target token, 0 where invalid
 
@@ -58,9 +58,10 @@ def weighted_mtp_loss(
     loss_mask: torch.Tensor,
     weights: torch.Tensor | WeightFn,
     attention_mask: torch.Tensor | None = None,
+    n_heads: int | None = None,
 ) -> torch.Tensor:
     """The weighted MTP loss as a differentiable scalar; see `weighted_mtp_loss_details`."""
-    return weighted_mtp_loss_details(model, input_ids, loss_mask, weights, attention_mask).loss
+    return weighted_mtp_loss_details(model, input_ids, loss_mask, weights, attention_mask, n_heads).loss
 
 
 def weighted_mtp_loss_details(
@@ -69,6 +70,7 @@ def weighted_mtp_loss_details(
     loss_mask: torch.Tensor,
     weights: torch.Tensor | WeightFn,
     attention_mask: torch.Tensor | None = None,
+    n_heads: int | None = None,
 ) -> LossOutput:
     """Weighted MTP loss plus the per-head CE, the weights and head 0's per-token CE.
 
@@ -81,9 +83,14 @@ def weighted_mtp_loss_details(
     how Rho-1 gets the current model's CE and the critic its value-head input
     without a second forward. Head k at position t uses w[t+k+1].
 
+    `n_heads` (default all H) restricts the loss to heads 0..n_heads-1 (the mean is
+    over those): `ntp` trains head 0 alone (`wmtp.weights.TRAINED_HEADS`).
     `model` is the bare `MTPModel` (pass `engine.module` under DeepSpeed).
     Under `torch.no_grad()` only the value is computed.
     """
+    n_heads = model.n_heads if n_heads is None else n_heads
+    if not 1 <= n_heads <= model.n_heads:
+        raise ValueError(f"n_heads = {n_heads}: the model has heads 0..{model.n_heads - 1}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (B, S), got shape {tuple(input_ids.shape)}")
     for name, tensor in (("loss_mask", loss_mask), ("attention_mask", attention_mask)):
@@ -101,7 +108,7 @@ def weighted_mtp_loss_details(
                          "parameters); use ZeRO stage 0, 1 or 2")
     hidden, context = model.trunk(input_ids, attention_mask)  # (B, S, D)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or bool(params))
-    heads = _HeadPass(model, context, input_ids, valid, weights)
+    heads = _HeadPass(model, context, input_ids, valid, weights, n_heads)
     if needs_grad:
         loss = _HeadsLoss.apply(heads, hidden, *params)
     else:
@@ -142,11 +149,12 @@ class _HeadPass:
         input_ids: torch.Tensor,  # (B, S)
         valid: torch.Tensor,  # (B, S) bool, by target token
         weights: torch.Tensor | WeightFn,
+        n_heads: int,
     ) -> None:
         self.model, self.context, self.input_ids, self.valid = model, context, input_ids, valid
-        self.weight_source = weights
+        self.weight_source, self.n_heads = weights, n_heads
         batch, seq = input_ids.shape
-        self.head_ce = torch.zeros(model.n_heads, device=input_ids.device)
+        self.head_ce = torch.zeros(n_heads, device=input_ids.device)
         self.ce_head0 = torch.zeros(batch, seq, device=input_ids.device)
         self.weights = torch.zeros(batch, seq, device=input_ids.device)
 
@@ -157,7 +165,7 @@ class _HeadPass:
         gradients of the loss w.r.t. `[hidden, *params]` (None for hidden when it
         needs none)."""
         model, input_ids, valid = self.model, self.input_ids, self.valid
-        n_heads, seq = model.n_heads, input_ids.shape[1]
+        n_heads, seq = self.n_heads, input_ids.shape[1]
         unembedding = model.output.weight  # (V, D)
         x = hidden.detach().requires_grad_(with_grads and hidden.requires_grad)  # (B, S, D)
         slot = {id(p): i for i, p in enumerate(params)}

@@ -55,7 +55,14 @@ import torch.nn.functional as F
 from wmtp import tracking as tracking_lib
 from wmtp.atomic import atomic_file, write_text_atomic
 from wmtp.checkpoints import CONFIG_FILE, load_model, read_config, save_model
-from wmtp.config import ConfigError, DataSettings, Recipe, TrackingSettings, TrainSettings
+from wmtp.config import (
+    ConfigError,
+    DataSettings,
+    Recipe,
+    TrackingSettings,
+    TrainSettings,
+    optimizer_steps,
+)
 from wmtp.data import (
     Batch,
     Example,
@@ -76,6 +83,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 log = logging.getLogger(__name__)
 
 RHO1 = ("rho1-weighted", "rho1-tokenskip")
+UNWEIGHTED = ("baseline-mtp", "ntp")  # weights need no input (w = 1)
 CHECKPOINTS = "checkpoints"
 METRICS_JSONL = "metrics.jsonl"
 FINGERPRINT = "fingerprint.json"
@@ -133,7 +141,7 @@ def validate_setup(
     *,
     recipe: Recipe,
     data: DataSettings,
-    max_steps: int,
+    max_steps: int | None,
     base_model_dir: str | Path,
     train_path: str | Path,
     refce_path: str | Path | None,
@@ -141,7 +149,9 @@ def validate_setup(
     device_type: str,
 ) -> None:
     """Every problem that would make the run fail (or silently mean something else),
-    collected and raised at once as `ConfigError` before any model work."""
+    collected and raised at once as `ConfigError` before any model work. `max_steps`
+    None: the steps follow from the epochs and the data, and warmup is checked once
+    the examples are counted (still before any model work)."""
     settings, problems = recipe.train, []
     algorithm = recipe.algorithm
     if not (Path(base_model_dir) / CONFIG_FILE).exists():
@@ -160,7 +170,7 @@ def validate_setup(
             f"critic-wmtp needs the stage-1 value head (critic_path={critic_path!s}): "
             "run the critic stage"
         )
-    if settings.warmup_steps >= max_steps:
+    if max_steps is not None and settings.warmup_steps >= max_steps:
         problems.append(f"warmup_steps ({settings.warmup_steps}) must be < max_steps ({max_steps})")
     template = _template_path(settings.deepspeed_config)
     if not template.exists():
@@ -259,7 +269,7 @@ def make_weights(
     from wmtp.weights import algorithm_weights
 
     algorithm, settings, mask = recipe.algorithm, recipe.weighting, batch.loss_mask
-    if algorithm == "baseline-mtp":
+    if algorithm in UNWEIGHTED:
         return lambda ce_head0, trunk_hidden: algorithm_weights(algorithm, mask, settings)
     if algorithm in RHO1:
         ce_ref = refce.lookup(batch.sample_ids, batch.input_ids, mask).to(mask.device)  # (B, S)
@@ -342,24 +352,34 @@ class Window:
 @torch.no_grad()
 def val_loss(
     model: torch.nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int, device
-) -> float:
-    """Unweighted MTP loss (all heads) over the held-out examples, averaged over
-    batches weighted by their valid tokens. Every rank evaluates all of them: the
-    set is small, and ZeRO-3 needs every rank to run the same forwards."""
-    from wmtp.loss import weighted_mtp_loss
+) -> dict[str, float]:
+    """Unweighted CE of every head over the held-out examples: `val_head_ce_k` (head k's
+    mean over its valid targets) and `val_loss` (their mean, the unweighted MTP loss).
+    The same for every algorithm, so methods with different training objectives can be
+    compared on it. Every rank evaluates all examples: the set is small, and ZeRO-3
+    needs every rank to run the same forwards."""
+    from wmtp.loss import weighted_mtp_loss_details
 
+    n_heads = model.n_heads
     if not examples:
-        return math.nan
-    total, count = 0.0, 0
+        return {"val_loss": math.nan, **{f"val_head_ce_{k}": math.nan for k in range(n_heads)}}
+    totals = torch.zeros(n_heads, dtype=torch.float64)  # (H,) sum of CE over valid targets
+    counts = torch.zeros(n_heads, dtype=torch.float64)  # (H,) valid targets per head
     for first in range(0, len(examples), batch_size):
         batch = collate(examples[first : first + batch_size], pad_id).to(device)
-        ones = batch.loss_mask.float()  # (B, S)
-        loss = weighted_mtp_loss(
-            model, batch.input_ids, batch.loss_mask, ones, attention_mask=batch.attention_mask
-        )
-        n = int(batch.loss_mask.sum())
-        total, count = total + float(loss) * n, count + n
-    return total / max(count, 1)
+        out = weighted_mtp_loss_details(
+            model, batch.input_ids, batch.loss_mask, batch.loss_mask.float(),
+            attention_mask=batch.attention_mask,
+        )  # fmt: skip
+        valid = batch.loss_mask.bool() & batch.attention_mask.bool()  # (B, S) by target
+        n = torch.tensor([float(valid[:, k + 1 :].sum()) for k in range(n_heads)], dtype=torch.float64)
+        totals += out.head_ce.double().cpu() * n
+        counts += n
+    per_head = (totals / counts.clamp(min=1)).tolist()
+    return {
+        "val_loss": float(np.mean(per_head)),
+        **{f"val_head_ce_{k}": ce for k, ce in enumerate(per_head)},
+    }
 
 
 def global_tokens(
@@ -393,35 +413,45 @@ def _append_row(path: Path, row: dict) -> None:
         os.fsync(handle.fileno())
 
 
-def write_metrics_parquet(rows: list[dict], path: Path, n_heads: int) -> Path:
-    """`metrics.parquet` (one row per logged step), written atomically."""
-    columns = [
+def metric_columns(n_trained: int, n_heads: int) -> list[str]:
+    """Columns of `metrics.parquet`: training CE of the `n_trained` trained heads,
+    validation CE of all `n_heads` heads."""
+    return [
         "step",
         "tokens",
         "wall_time",
         "train_loss",
-        *[f"head_ce_{k}" for k in range(n_heads)],
+        *[f"head_ce_{k}" for k in range(n_trained)],
         "val_loss",
+        *[f"val_head_ce_{k}" for k in range(n_heads)],
         "lr",
         "tokens_per_s",
         *[f"weight_{s}" for s in WEIGHT_STATS],
     ]
+
+
+def write_metrics_parquet(rows: list[dict], path: Path, columns: list[str]) -> Path:
+    """`metrics.parquet` (one row per logged step, `columns` from `metric_columns`),
+    written atomically."""
     frame = pd.DataFrame(rows, columns=columns).astype({"step": "int64", "tokens": "int64"})
     with atomic_file(path) as tmp:
         frame.to_parquet(tmp, index=False)
     return path
 
 
-def mlflow_metrics(row: dict, n_heads: int) -> dict[str, float]:
-    """A metric row under its MLflow names."""
+def mlflow_metrics(row: dict) -> dict[str, float]:
+    """A metric row under its MLflow names (`val/head{k}_ce` only on validation steps)."""
     metrics = {
         "train/loss": row["train_loss"],
-        "val/loss": row["val_loss"],
+        "val/loss": row.get("val_loss", math.nan),
         "train/lr": row["lr"],
         "perf/tokens_per_s": row["tokens_per_s"],
         "train/tokens": row["tokens"],
     }
-    metrics.update({f"train/head{k}_ce": row[f"head_ce_{k}"] for k in range(n_heads)})
+    for column, value in row.items():
+        head = column.removeprefix("val_head_ce_").removeprefix("head_ce_")
+        if head.isdigit():
+            metrics[f"{'val' if column.startswith('val_') else 'train'}/head{head}_ce"] = value
     metrics.update({f"weight_stats/{s}": row[f"weight_{s}"] for s in WEIGHT_STATS})
     return metrics
 
@@ -452,7 +482,9 @@ def train(
     (MBPP-format parquet); write `out_dir/model/` (+ tracking.json) and
     `out_dir/metrics.parquet`. Returns the model directory.
 
-    `max_steps` overrides the recipe's (smoke tests); `tracking_uri` overrides
+    The optimizer steps follow from `recipe.train.epochs` and the number of training
+    examples (`wmtp.config.optimizer_steps`); `max_steps` replaces that number (smoke
+    tests, the CLI's `--max-steps`). `tracking_uri` overrides
     `tracking.tracking_uri`, and with both None the store is
     `sqlite:///<out_dir>/mlflow.db` (the workflow passes `results/{run}/mlflow.db`).
     `stop_after=n` (tests) raises `TrainingInterrupted` right after step n, as if
@@ -460,13 +492,12 @@ def train(
     """
     # ---- set-up: validate, distributed, seeds
     settings, algorithm = recipe.train, recipe.algorithm
-    steps = max_steps or settings.max_steps
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     validate_setup(
         recipe=recipe,
         data=data,
-        max_steps=steps,
+        max_steps=max_steps,
         base_model_dir=base_model_dir,
         train_path=train_path,
         refce_path=refce_path,
@@ -481,6 +512,7 @@ def train(
     from transformers import AutoTokenizer
 
     from wmtp.loss import weighted_mtp_loss_details
+    from wmtp.weights import trained_heads
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -507,10 +539,15 @@ def train(
     if data.pack:
         train_examples = pack(train_examples, data.max_seq_len)
     per_micro_step = settings.micro_batch_size * world
-    if per_micro_step > len(train_examples):
+    try:
+        steps = max_steps or optimizer_steps(settings, len(train_examples), world)
+    except ValueError as error:
+        raise ConfigError(f"training set-up for {algorithm}: {error}") from None
+    if settings.warmup_steps >= steps:
         raise ConfigError(
-            f"micro_batch_size ({settings.micro_batch_size}) x processes ({world}) = "
-            f"{per_micro_step} > {len(train_examples)} training examples"
+            f"training set-up for {algorithm}: warmup_steps ({settings.warmup_steps}) must be < "
+            f"the {steps} optimizer steps that {settings.epochs} epochs of "
+            f"{len(train_examples)} examples give"
         )
     refce = frozen = value_head = None
     if algorithm in RHO1:
@@ -534,6 +571,10 @@ def train(
             )
 
     model = load_model(base_model_dir)
+    n_trained = trained_heads(algorithm, model_config.n_future_tokens)
+    for head in model.heads[n_trained:]:  # ntp: heads 1..H-1 keep the base's weights
+        head.requires_grad_(False)
+    columns = metric_columns(n_trained, model_config.n_future_tokens)
     ds_config = deepspeed_config(settings, bf16=bf16, device_type=device_type)
     schedule = functools.partial(
         lr_factor,
@@ -613,7 +654,7 @@ def train(
             world_size=world,
         )
         engine.train()
-        window = Window(model_config.n_future_tokens, run_device)
+        window = Window(n_trained, run_device)
         started = time.perf_counter() - wall_before
         bar = tqdm(
             total=steps,
@@ -637,6 +678,7 @@ def train(
                     batch.loss_mask,
                     weights,
                     attention_mask=batch.attention_mask,
+                    n_heads=n_trained,
                 )
                 engine.backward(out.loss)
                 engine.step()
@@ -651,17 +693,16 @@ def train(
                     "wall_time": time.perf_counter() - started,
                     "lr": lr,
                     **metrics,
-                    "val_loss": math.nan,
                 }
                 if is_val:
-                    row["val_loss"] = val_loss(
+                    row |= val_loss(
                         engine.module, val_examples, settings.micro_batch_size, pad_id, run_device
                     )
-                window = Window(model_config.n_future_tokens, run_device)
+                window = Window(n_trained, run_device)
                 if rank == 0 and step > logged_upto:
                     _append_row(jsonl, row)
                     rows.append(row)
-                    run.log_metrics(mlflow_metrics(row, model_config.n_future_tokens), step)
+                    run.log_metrics(mlflow_metrics(row), step)
                 bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if step % settings.checkpoint_every == 0 or step == steps:
                 _save_checkpoint(
@@ -695,7 +736,7 @@ def train(
         tracking_lib.write_tracking_file(
             model_dir, uri if run.enabled else None, run.run_id, experiment if run.enabled else None
         )
-        write_metrics_parquet(rows, out_dir / METRICS_PARQUET, model_config.n_future_tokens)
+        write_metrics_parquet(rows, out_dir / METRICS_PARQUET, columns)
         run.finish()
     if world > 1:
         import torch.distributed as dist
@@ -804,12 +845,14 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument(
         "--tracking-uri", help="default: config tracking.tracking_uri or <results>/<run>/mlflow.db"
     )
-    parser.add_argument("--max-steps", type=int, help="override the recipe's max_steps")
+    parser.add_argument(
+        "--max-steps", type=int, help="train exactly this many optimizer steps (instead of the epochs)"
+    )
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     args = parser.parse_args(argv)
 
     config, recipes = load_config(args.config, args.base_dir)
-    recipe = load_recipe(args.recipe) if args.recipe else recipes.get(args.algorithm)
+    recipe = load_recipe(args.recipe, config) if args.recipe else recipes.get(args.algorithm)
     if recipe is None or recipe.algorithm != args.algorithm:
         raise ConfigError(
             f"no recipe for {args.algorithm!r}: the config's algorithms are {list(recipes)}"

@@ -9,8 +9,9 @@ Weights have mean 1 over the valid tokens of the batch, so a weighted loss stays
 on the scale of plain cross-entropy, and they never carry gradient: every
 function runs under `torch.no_grad()` on detached inputs and returns float32.
 
-An algorithm name selects one function from `WEIGHT_FUNCTIONS`;
-`algorithm_weights` adds the recipe's weight strength on top.
+An algorithm name selects one function from `WEIGHT_FUNCTIONS` and, through
+`TRAINED_HEADS`, the heads it trains; `algorithm_weights` adds the recipe's weight
+strength on top.
 """
 
 from __future__ import annotations
@@ -187,11 +188,25 @@ def _critic(mask, settings, *, ce_base=None, ce_ref=None, values=None) -> torch.
 
 # algorithm name -> fn(mask, settings, *, ce_base, ce_ref, values) -> (B, S) weights
 WEIGHT_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "ntp": _baseline,
     "baseline-mtp": _baseline,
     "rho1-weighted": _rho1_weighted,
     "rho1-tokenskip": _rho1_tokenskip,
     "critic-wmtp": _critic,
 }
+
+
+# How many heads, counted from head 0, an algorithm trains (absent: all H). ntp is
+# next-token fine-tuning of the MTP base: only head 0 (with the trunk, shared norm and
+# unembedding) learns, on the plain CE; heads 1..H-1 keep the downloaded weights.
+TRAINED_HEADS: dict[str, int] = {"ntp": 1}
+
+
+def trained_heads(algorithm: str, n_heads: int) -> int:
+    """Heads 0..n-1 that `algorithm` trains out of a model's `n_heads`."""
+    if algorithm not in WEIGHT_FUNCTIONS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; allowed: {', '.join(WEIGHT_FUNCTIONS)}")
+    return min(TRAINED_HEADS.get(algorithm, n_heads), n_heads)
 
 
 @torch.no_grad()
