@@ -173,3 +173,27 @@ def test_evaluate_model_logs_to_the_training_run(tmp_path, tiny_tokenizer):
     pass_at_1 = [v for k, v in logged.items() if k.startswith("tiny_mbpp_pass") and k.endswith("1")]
     assert pass_at_1 == [summary["pass@1"]]
     assert logged["tiny_mbpp_exact_match"] == summary["exact_match"]
+
+
+def test_with_temperatures_keeps_each_problems_counts_per_temperature():
+    from wmtp.evaluate import with_temperatures
+
+    fixed = [{"task_id": "a", "n": 2, "c": 1}, {"task_id": "b", "n": 2, "c": 0}]
+    hot = [{"task_id": "a", "n": 2, "c": 2}, {"task_id": "b", "n": 2, "c": 1}]
+    out = with_temperatures(fixed, {0.8: fixed, 1.2: hot})
+    assert [r["by_temperature"] for r in out] == [
+        {"0.8": {"n": 2, "c": 1}, "1.2": {"n": 2, "c": 2}},
+        {"0.8": {"n": 2, "c": 0}, "1.2": {"n": 2, "c": 1}},
+    ]
+    assert out[0]["c"] == 1  # the fixed temperature stays the record's own
+    with pytest.raises(ValueError, match="out of order"):
+        with_temperatures(fixed, {0.8: fixed, 1.2: hot[::-1]})
+
+
+def test_eval_settings_temperatures_fixed_first_without_duplicates():
+    from wmtp.config import EvalSettings
+
+    assert EvalSettings().temperatures == [0.8]
+    assert EvalSettings(oracle_temperatures=[0.2, 0.8, 1.0]).temperatures == [0.8, 0.2, 1.0]
+    with pytest.raises(ValueError, match="duplicates"):
+        EvalSettings(oracle_temperatures=[0.2, 0.2])

@@ -330,3 +330,38 @@ def test_report_workflow_script(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
         "loss_curves.png", "pass_at_k.png", "weights.png"]
     assert "report written to" in (tmp_path / "report.log").read_text()
+
+
+def test_oracle_temperature_picks_the_best_per_row_and_k_and_is_marked(tmp_path):
+    """eval.oracle_temperatures: each pass@k cell is the row's best temperature on the
+    test scores (the paper's protocol), computed from the by_temperature records."""
+    files = _write_results(tmp_path)
+    # every problem: at T=0.2 a pass rate that beats pass@1 at 0.8 for base only,
+    # at T=1.0 one that beats pass@5 for every row (more diverse samples)
+    for path in files["jsonls"]:
+        lines = [json.loads(x) for x in path.read_text().splitlines()]
+        for line in lines:
+            line["by_temperature"] = {
+                "0.8": {"n": line["n"], "c": line["c"]},
+                "0.2": {"n": N, "c": 9 if "/base/" in path.as_posix() else 0},
+                "1.0": {"n": N, "c": 1},
+            }
+        path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    data_eval = {"n_samples": N, "ks": {"tiny-mbpp": [1, 5], "humaneval": [1]},
+                 "oracle_temperatures": [0.2, 1.0]}
+    config, recipes = _config(bootstrap=10)
+    config = config.model_copy(update={"eval": config.eval.model_validate(
+        {**config.eval.model_dump(), **data_eval})})
+    text = report.build_report(files["jsons"], files["jsonls"], files["parquets"], config, recipes,
+                               tmp_path / "r.md", tmp_path / "f").read_text()
+    base = _row(text, "### tiny-mbpp", "base")
+    assert base[0].endswith("(oracle T = 0.2)")
+    assert _numbers(base[0].split(" (oracle")[0])[0] == pytest.approx(90.0)
+    best = _row(text, "### tiny-mbpp", "rho1-weighted")  # 0.8 rate at T=0.8 beats 0.1 at 1.0
+    assert best[0].endswith("(oracle T = 0.8)")
+    assert "oracle, the paper's protocol" in text
+
+
+def test_without_oracle_no_cell_is_marked(rendered):
+    _, text, _, _ = rendered
+    assert "(oracle T =" not in text and "for every k" in text

@@ -292,7 +292,15 @@ class EvalSettings(Strict):
     table compares like with like."""
 
     n_samples: PositiveInt = Field(10, description="samples per problem (n of pass@k)")
-    temperature: Annotated[float, Field(ge=0)] = Field(0.8, description="0 = greedy")
+    temperature: Annotated[float, Field(ge=0)] = Field(
+        0.8, description="sampling temperature of every pass@k (0 = greedy)"
+    )
+    oracle_temperatures: Annotated[list[Annotated[float, Field(ge=0)]], Field(min_length=1)] | None = Field(
+        None,
+        description="also sample at each of these temperatures and report, per k, the best one "
+        "on the test scores (the paper's protocol; marked 'oracle T' in the table); None = the "
+        "fixed `temperature` only. Costs one sampling pass per temperature",
+    )
     top_p: Annotated[float, Field(gt=0, le=1)] = Field(0.95, description="nucleus sampling")
     max_new_tokens: PositiveInt = Field(256, description="generation length cap")
     batch_size: PositiveInt = Field(16, description="sequences generated at once")
@@ -313,7 +321,16 @@ class EvalSettings(Strict):
         bad = {b: ks for b, ks in self.ks.items() if any(k > self.n_samples for k in ks)}
         if bad:
             raise ValueError(f"ks = {bad}: pass@k needs every k <= n_samples ({self.n_samples})")
+        temperatures = self.oracle_temperatures or []
+        if len(set(temperatures)) != len(temperatures):
+            raise ValueError(f"oracle_temperatures = {temperatures}: duplicates are not allowed")
         return self
+
+    @property
+    def temperatures(self) -> list[float]:
+        """Every temperature evaluation samples at: the fixed one first, then the
+        oracle candidates (the fixed one is a candidate too)."""
+        return [self.temperature] + [t for t in self.oracle_temperatures or [] if t != self.temperature]
 
 
 class TrackingSettings(Strict):

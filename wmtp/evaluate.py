@@ -138,6 +138,21 @@ def summarise(records: list[dict], ks: list[int]) -> dict:
     return summary
 
 
+def with_temperatures(records: list[dict], by_temperature: dict[float, list[dict]]) -> list[dict]:
+    """`records` (at the fixed temperature) with each problem's pass counts at every
+    sampled temperature under `by_temperature: {"T": {"n": .., "c": ..}}`, from which
+    the report picks the oracle temperature per k."""
+    out = []
+    for i, record in enumerate(records):
+        counts = {}
+        for temperature, judged in by_temperature.items():
+            if judged[i]["task_id"] != record["task_id"]:
+                raise ValueError(f"temperature {temperature}: problems out of order at {i}")
+            counts[str(temperature)] = {"n": judged[i]["n"], "c": judged[i]["c"]}
+        out.append({**record, "by_temperature": counts})
+    return out
+
+
 def _sample_completions(
     model, tokenizer, problems: list[Problem], settings: EvalSettings, seed: int
 ):
@@ -216,9 +231,18 @@ def evaluate_model(
     records = evaluate_completions(
         problems, completions, settings, exact=benchmark in MBPP_FORMAT, progress=True
     )
+    by_temperature = {settings.temperature: records}
+    for temperature in settings.temperatures[1:]:  # the oracle's other candidates
+        at = settings.model_copy(update={"temperature": temperature})
+        sampled, _, _ = _sample_completions(model, tokenizer, problems, at, seed)
+        by_temperature[temperature] = evaluate_completions(problems, sampled, at, progress=True)
+    if len(by_temperature) > 1:
+        records = with_temperatures(records, by_temperature)
     summary = {
         "benchmark": benchmark,
         **summarise(records, ks),
+        **({"by_temperature": {str(t): summarise(r, ks) for t, r in by_temperature.items()}}
+           if len(by_temperature) > 1 else {}),
         "model_dir": str(model_dir),
         "data_path": None if data_path is None else str(data_path),
         "seed": seed,
