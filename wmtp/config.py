@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from wmtp.preflight import missing_paths
+
 ALGORITHMS = ("baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip")
 Algorithm = Literal["baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip"]
 BENCHMARKS = ("mbpp", "humaneval", "codecontests", "tiny-mbpp")
@@ -336,8 +338,9 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def load_config(data_or_path: dict | str | Path, base_dir: str | Path = ".") -> tuple[PipelineConfig, dict[str, Recipe]]:
-    """Validate the pipeline config and every recipe it names; raise `ConfigError`
-    listing all problems of all files at once."""
+    """Validate the pipeline config, every recipe it names and every file or
+    directory they name (`wmtp.preflight`); raise `ConfigError` listing all
+    problems of all files at once."""
     source = str(data_or_path) if not isinstance(data_or_path, dict) else "config"
     data = load_yaml(data_or_path) if not isinstance(data_or_path, dict) else data_or_path
     config = validate_section(PipelineConfig, data, source)
@@ -366,6 +369,7 @@ def load_config(data_or_path: dict | str | Path, base_dir: str | Path = ".") -> 
                 "a reward model (or use critic.reward = 'execution')"
             )
         recipes[algorithm] = recipe
+    problems += missing_paths(config, recipes, base_dir)
     if problems:
         raise ConfigError("\n".join(problems))
     return config, recipes
