@@ -32,7 +32,8 @@ def _resolve(path: str, base_dir: Path, *fallbacks: Path) -> Path:
 def _template_problems(key: str, path: str, base_dir: Path) -> list[str]:
     resolved = _resolve(path, base_dir, REPO)
     if not resolved.is_file():
-        return [f"{key} = {path!r}: DeepSpeed template not found (looked in {base_dir} and {REPO})"]
+        where = " and ".join(dict.fromkeys(str(d) for d in (base_dir, REPO)))
+        return [f"{key} = {path!r}: DeepSpeed template not found (looked in {where})"]
     try:
         json.loads(resolved.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
