@@ -201,8 +201,12 @@ class EvalSettings(Strict):
         default_factory=lambda: {"mbpp": [1, 10], "humaneval": [1, 10], "codecontests": [1, 5], "tiny-mbpp": [1, 10]},
         description="k values of pass@k per benchmark; each k must be <= n_samples",
     )
-    timeout: PositiveFloat = Field(3.0, description="seconds of wall time per program")
-    memory_mb: PositiveInt = Field(1024, description="address-space limit per program")
+    timeout: PositiveFloat = Field(
+        3.0, description="seconds of wall time per program (per test case for stdin/stdout problems)"
+    )
+    memory_mb: PositiveInt = Field(
+        1024, description="memory of everything one program starts (cgroup; per process where none can be made)"
+    )
     workers: PositiveInt | None = Field(
         None, description="parallel sandboxes (None = the eval rule's threads, or the CPU count)"
     )
