@@ -8,6 +8,7 @@ import dataclasses
 import os
 import socket
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -204,3 +205,24 @@ def test_run_groups_are_removed_after_each_run():
     run_many([Job(ADD, ADD_TESTS), Job("print(input())", cases=(("x", "x"),))], workers=2)
     for parent in backend.parents.values():
         assert list(Path(parent).glob(f"{cgroups.PREFIX}-{os.getpid()}-*")) == []
+
+
+def test_waiting_and_scratch_files_work_on_old_kernels(monkeypatch):
+    """Without pidfd_open (Linux < 5.3) and memfd_create (< 3.17) the supervisor
+    polls and uses O_TMPFILE files instead."""
+    from wmtp import sandbox_inside
+
+    monkeypatch.delattr(os, "pidfd_open", raising=False)
+    monkeypatch.delattr(os, "memfd_create", raising=False)
+    quick = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(0.2); sys.exit(3)"])
+    assert os.waitstatus_to_exitcode(sandbox_inside.wait_with_timeout(quick.pid, 10)) == 3
+    slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert sandbox_inside.wait_with_timeout(slow.pid, 0.2) is None
+    finally:
+        slow.kill()
+        slow.wait()
+    fd = sandbox_inside.private_file("stdout")
+    os.write(fd, b"data")
+    assert os.pread(fd, 4, 0) == b"data"
+    os.close(fd)

@@ -365,17 +365,38 @@ def read_exact(fd: int, size: int) -> bytes:
 
 
 def wait_with_timeout(pid: int, timeout: float) -> int | None:
-    """Exit status of `pid` if it ends within `timeout` seconds, else None (pidfd
-    and poll: no polling loop)."""
+    """Exit status of `pid` if it ends within `timeout` seconds, else None: a pidfd
+    where the kernel has them (5.3+), else polling with a growing interval."""
     import select
+    import time
 
-    pidfd = os.pidfd_open(pid)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        deadline, delay = time.monotonic() + timeout, 0.0005
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return status
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.01)
     try:
         if not select.select([pidfd], [], [], timeout)[0]:
             return None
         return os.waitpid(pid, 0)[1]
     finally:
         os.close(pidfd)
+
+
+def private_file(name: str) -> int:
+    """An unnamed read-write file no program can open by path: a memfd (Linux
+    3.17+), else an O_TMPFILE in /tmp."""
+    try:
+        return os.memfd_create(name)
+    except (AttributeError, OSError):
+        return os.open("/tmp", os.O_TMPFILE | os.O_RDWR, 0o600)
 
 
 def kill_case(config: dict, pid: int) -> None:
@@ -441,7 +462,7 @@ def run_case(config: dict, stdin: bytes, kernel: Kernel | None) -> tuple[dict, b
     """One `python -I program.py` with `stdin`; returns its record and stdout."""
     import time
 
-    fds = [os.memfd_create(name) for name in ("stdin", "stdout", "stderr")]
+    fds = [private_file(name) for name in ("stdin", "stdout", "stderr")]
     os.write(fds[0], stdin)
     os.lseek(fds[0], 0, os.SEEK_SET)
     started = time.monotonic()
@@ -478,6 +499,7 @@ def supervise(config: dict, result_fd: int, control_fd: int, kernel: Kernel | No
     config["program_path"] = program_path
     if kernel is not None:
         kernel.prctl(PR_SET_NO_NEW_PRIVS, 1)
+        kernel.prctl(PR_SET_DUMPABLE, 0)  # programs of the same uid (user namespace) cannot ptrace it
     first = True
     while True:
         size = int.from_bytes(read_exact(control_fd, 8), "little")
