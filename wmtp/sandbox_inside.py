@@ -445,13 +445,7 @@ def start_case(config: dict, fds: list[int], kernel: Kernel | None) -> int:
             os.dup2(fd, target)
         os.closerange(3, 65536)
         set_limits({**config["limits"], "RLIMIT_CPU": config["cpu_seconds"]})
-        uid = config["uid"]
-        if uid is not None:
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-        elif config["drop_capabilities"] and kernel is not None:
-            kernel.drop_capabilities()
+        drop_privileges(config, kernel)  # no_new_privs already set by the supervisor, inherited
         os.chdir(config["cwd"])
         os.execve(config["python"], [config["python"], "-I", config["program_path"]], config["env"])
     finally:
