@@ -396,7 +396,10 @@ class _Run:
         result_r, result_w = os.pipe()
         control_r, control_w = os.pipe()
         fds = (self.files[0].fileno(), result_w, control_r)
-        command = [*iso.launcher, iso.python, "-I", "-c", INSIDE, *map(str, fds)]
+        # the stdio supervisor needs no site (each program gets its own `python -I`);
+        # the assert harness keeps it: the program runs in its interpreter
+        flags = ["-I", "-S"] if mode == "stdio" else ["-I"]
+        command = [*iso.launcher, iso.python, *flags, "-c", INSIDE, *map(str, fds)]
         self.started = time.monotonic()
         try:
             self.proc = subprocess.Popen(
