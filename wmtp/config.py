@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from wmtp.preflight import missing_paths
+
 # Training methods (each has a recipe and a train job per seed) ...
 Algorithm = Literal["baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip", "ntp"]
 TRAINED = get_args(Algorithm)
@@ -308,8 +310,12 @@ class EvalSettings(Strict):
         default_factory=lambda: {"mbpp": [1, 10], "humaneval": [1, 10], "codecontests": [1, 5], "tiny-mbpp": [1, 10]},
         description="k values of pass@k per benchmark; each k must be <= n_samples",
     )
-    timeout: PositiveFloat = Field(3.0, description="seconds of wall time per program")
-    memory_mb: PositiveInt = Field(1024, description="address-space limit per program")
+    timeout: PositiveFloat = Field(
+        3.0, description="seconds of wall time per program (per test case for stdin/stdout problems)"
+    )
+    memory_mb: PositiveInt = Field(
+        1024, description="memory of everything one program starts (cgroup; per process where none can be made)"
+    )
     workers: PositiveInt | None = Field(
         None, description="parallel sandboxes (None = the eval rule's threads, or the CPU count)"
     )
@@ -490,9 +496,9 @@ def load_recipe(path: str | Path, setting: PipelineConfig | None = None) -> Reci
 
 
 def load_config(data_or_path: dict | str | Path, base_dir: str | Path = ".") -> tuple[PipelineConfig, dict[str, Recipe]]:
-    """Validate the pipeline config and every recipe it names (resolved against the
-    config's shared sections); raise `ConfigError` listing all problems of all files
-    at once."""
+    """Validate the pipeline config, every recipe it names (resolved against the
+    config's shared sections) and every file or directory they name
+    (`wmtp.preflight`); raise `ConfigError` listing all problems of all files at once."""
     source = str(data_or_path) if not isinstance(data_or_path, dict) else "config"
     data = load_yaml(data_or_path) if not isinstance(data_or_path, dict) else data_or_path
     config = validate_section(PipelineConfig, data, source)
@@ -521,6 +527,7 @@ def load_config(data_or_path: dict | str | Path, base_dir: str | Path = ".") -> 
                 "a reward model (or use critic.reward = 'execution')"
             )
         recipes[algorithm] = recipe
+    problems += missing_paths(config, recipes, base_dir)
     if problems:
         raise ConfigError("\n".join(problems))
     return config, recipes

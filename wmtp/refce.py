@@ -75,6 +75,9 @@ def load_reference(model_dir: str | Path, device: str | torch.device = "cpu") ->
     else:
         from transformers import AutoModelForCausalLM
 
+        from wmtp.checkpoints import verify_model_files
+
+        verify_model_files(model_dir)  # the download stage's manifest
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
     return model.eval()
 
@@ -104,11 +107,54 @@ def token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _write_parquet(table: pa.Table, out_path: str | Path) -> Path:
-    """Atomic parquet write: temp file in the target directory, then rename."""
+    """Atomic parquet write: temp file in the target directory, then rename. Every
+    page carries a CRC, so a damaged byte is caught when the table is read."""
     out_path = Path(out_path)
     with atomic_file(out_path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, write_page_checksum=True)
     return out_path
+
+
+def read_table(path: str | Path) -> pa.Table:
+    """The whole table, page checksums verified; any unreadable, truncated or
+    damaged file raises ValueError naming `path` (pyarrow's own messages do not)."""
+    try:
+        return pq.read_table(path, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as error:
+        raise ValueError(
+            f"{path}: not a readable reference-CE table ({error}); recompute it (rerun the refce stage)"
+        ) from None
+
+
+def check_table(path: str | Path) -> list[str]:
+    """Problems of the reference-CE table at `path` that would stop (or silently
+    distort) training, each naming the path: unreadable or damaged file, wrong
+    columns, missing metadata, a part file, non-finite ce_ref. Trainers call it
+    before any training work."""
+    try:
+        table = read_table(path)
+    except ValueError as error:
+        return [str(error)]
+    problems = []
+    if table.schema.remove_metadata() != SCHEMA:
+        problems.append(f"{path}: columns {table.schema.remove_metadata()} are not {SCHEMA}")
+    meta = table.schema.metadata or {}
+    if META_TOKENIZER not in meta:
+        problems.append(f"{path}: not a reference-CE table (no {META_TOKENIZER.decode()} metadata)")
+    if META_SHARD in meta:
+        problems.append(f"{path} is shard {meta[META_SHARD].decode()}; merge the parts first")
+    if "ce_ref" in table.column_names:
+        ce = table.column("ce_ref").to_numpy(zero_copy_only=False)
+        if not np.isfinite(ce).all():
+            problems.append(f"{path}: {int((~np.isfinite(ce)).sum())} ce_ref values are NaN or inf")
+    return problems
+
+
+def require_table(path: str | Path) -> None:
+    """`check_table`, raising ValueError with every problem."""
+    problems = check_table(path)
+    if problems:
+        raise ValueError("reference-CE table unusable:\n  - " + "\n  - ".join(problems))
 
 
 def _table(
@@ -194,7 +240,10 @@ def compute_refce(
 
 
 def _metadata(path: str | Path) -> dict[bytes, bytes]:
-    return pq.read_schema(path).metadata or {}
+    try:
+        return pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException) as error:
+        raise ValueError(f"{path}: not a readable parquet file ({error})") from None
 
 
 def merge_shards(parts: Sequence[str | Path], out_path: str | Path) -> Path:
@@ -236,7 +285,7 @@ def merge_shards(parts: Sequence[str | Path], out_path: str | Path) -> Path:
     n_shards = len(shards)
     by_shard = []
     for i in range(n_shards):
-        frame = pq.read_table(shards[(i, n_shards)]).to_pandas()
+        frame = read_table(shards[(i, n_shards)]).to_pandas()
         by_shard.append([g for _, g in frame.groupby("sample_id", sort=False)])
     # Shard i held examples i, i+n, i+2n, ...: interleave back to the original order.
     ordered = [
@@ -296,7 +345,7 @@ class RefCETable:
                 f"{path} was computed with tokenizer {tok_hash[:12]}, but the training tokenizer is "
                 f"{tokenizer_hash(tokenizer)[:12]}: recompute the reference CE"
             )
-        frame = pq.read_table(path).to_pandas()
+        frame = read_table(path).to_pandas()
         frame = frame.sort_values(["sample_id", "position"], kind="stable")
         tokens, ce = {}, {}
         for sample_id, group in frame.groupby("sample_id", sort=False):

@@ -95,6 +95,10 @@ class TrainingInterrupted(RuntimeError):
     """Raised by the `stop_after` test hook: the run stops as if killed."""
 
 
+class NonFiniteLoss(FloatingPointError):
+    """A NaN or inf loss stopped training (never skipped silently)."""
+
+
 # ---------------------------------------------------------------------------- set-up
 
 
@@ -289,6 +293,31 @@ def make_weights(
         return algorithm_weights(algorithm, mask, settings, values=values)
 
     return critic_weights
+
+
+def check_finite_loss(
+    loss: torch.Tensor, step: int, micro: int, batch: Batch, world: int, ckpt_dir: Path
+) -> None:
+    """Raise `NonFiniteLoss` naming the step, the micro-batch and its sample ids when
+    any rank's loss is NaN or inf, before it reaches backward and the optimizer.
+    All ranks call it together (one all-reduce), so all stop at the same point;
+    the checkpoints on disk are untouched. Costs one device sync per micro-step."""
+    bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)  # (1,)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() == 0:
+        return
+    latest = ckpt_dir / "latest"
+    kept = f"the last good checkpoint ({latest.read_text().strip()}) is kept in {ckpt_dir}" if (
+        latest.exists()) else f"no checkpoint was written yet ({ckpt_dir})"
+    raise NonFiniteLoss(
+        f"loss is {float(loss)} on this rank (non-finite on at least one rank) at step {step}, "
+        f"micro-batch {micro + 1}, samples {list(batch.sample_ids)}; {kept}. A rerun with the "
+        "same settings resumes there and meets the same batch: lower train.lr, check those "
+        "samples, or (rho1) the reference-CE table"
+    )
 
 
 # --------------------------------------------------------------------------- metrics
@@ -504,6 +533,10 @@ def train(
         critic_path=critic_path,
         device_type=device_type,
     )
+    if algorithm in RHO1:  # a damaged table fails here, not after DeepSpeed has started
+        from wmtp.refce import require_table
+
+        require_table(refce_path)
     if refce_path is not None and algorithm not in RHO1:
         log.warning("refce_path given but %s does not use it; ignored", algorithm)
     if critic_path is not None and algorithm != "critic-wmtp":
@@ -665,7 +698,7 @@ def train(
         )
         for step in range(start_step + 1, steps + 1):
             lr = float(engine.get_lr()[0])
-            for _ in range(accum):
+            for micro in range(accum):
                 micro_step, batch = next(stream)
                 tokens_seen += global_tokens(train_examples, per_micro_step, seed, micro_step)
                 batch = batch.to(run_device)
@@ -680,6 +713,7 @@ def train(
                     attention_mask=batch.attention_mask,
                     n_heads=n_trained,
                 )
+                check_finite_loss(out.loss, step, micro, batch, world, ckpt_dir)
                 engine.backward(out.loss)
                 engine.step()
                 window.add(out.loss, out.head_ce, out.weights, batch)
