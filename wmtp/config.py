@@ -106,8 +106,19 @@ class WeightingSettings(Strict):
     temperature: PositiveFloat = Field(0.7, description="softmax temperature T of normalise()")
     eps: Annotated[float, Field(ge=0, le=1)] = Field(0.05, description="lower clip of weights; must be <= 1")
     w_max: Annotated[float, Field(ge=1)] = Field(3.0, description="upper clip of weights; must be >= 1")
-    strength: Annotated[float, Field(ge=0, le=1)] = Field(
-        1.0, description="lambda of w <- 1 + lambda (w - 1); 0 = baseline, 1 = full weights"
+    strength: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = Field(
+        1.0,
+        description="lambda of w <- 1 + lambda (w - 1); 0 = baseline, 1 = full weights; "
+        "auto (critic-wmtp only) = the critic's held-out explained variance, clipped to [0, 1]",
+    )
+    critic_scores: Literal["softmax", "exp"] = Field(
+        "softmax",
+        description="critic-wmtp: softmax = normalise(delta) (z-scored, so any critic gets weights of "
+        "the same spread); exp = exp(delta / critic_beta) scaled to mean 1 and clipped to [eps, w_max] "
+        "(not z-scored: small deltas give weights near 1)",
+    )
+    critic_beta: PositiveFloat = Field(
+        1.0, description="critic-wmtp with critic_scores = exp: temperature in reward units"
     )
     rho1_mode: Literal["signed", "abs"] = Field("signed", description="Rho-1 excess loss, or its absolute value")
     rho1_base: Literal["online", "frozen"] = Field(
@@ -167,6 +178,11 @@ class CriticSettings(Strict):
     lr: PositiveFloat = Field(1e-3, description="value-head learning rate")
     epochs: PositiveInt = Field(3, description="passes over the rollouts")
     batch_size: PositiveInt = Field(16, description="rollouts per value-head step")
+    holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.2,
+        description="share of the rolled-out problems held out (never fitted) to measure the "
+        "value head's explained variance of the returns, which strength: auto uses",
+    )
 
 
 class Recipe(Strict):
@@ -176,6 +192,15 @@ class Recipe(Strict):
     train: TrainSettings = Field(default_factory=TrainSettings)
     weighting: WeightingSettings = Field(default_factory=WeightingSettings)
     critic: CriticSettings | None = Field(None, description="required by critic-wmtp, rejected otherwise")
+
+    @model_validator(mode="after")
+    def _auto_strength_needs_a_critic(self) -> Recipe:
+        if self.weighting.strength == "auto" and self.algorithm != "critic-wmtp":
+            raise ValueError(
+                f"weighting.strength = 'auto': only critic-wmtp has a confidence measure (its "
+                f"critic's explained variance); give {self.algorithm} a number in [0, 1]"
+            )
+        return self
 
     @model_validator(mode="after")
     def _critic_only_for_critic(self) -> Recipe:
