@@ -208,6 +208,7 @@ def test_train_critic_end_to_end(tiny_tokenizer, tmp_path, monkeypatch):
         batch_size=2,
         max_new_tokens=16,
         include_references=False,
+        mutants_per_problem=0,
     )
     outputs = train_critic(
         base,
@@ -339,6 +340,7 @@ def test_train_critic_with_real_sampling(tiny_tokenizer, tmp_path):
         batch_size=4,
         max_new_tokens=8,
         include_references=False,
+        mutants_per_problem=0,
     )
     outputs = train_critic(
         base, tmp_path / "train.parquet", settings, seed=0, out_dir=tmp_path / "c", timeout=2.0
@@ -416,3 +418,35 @@ def test_strength_auto_only_for_the_critic(tmp_path):
         load_recipe(path)
     shipped = load_recipe(REPO / "config" / "recipes" / "critic-wmtp.yaml")
     assert shipped.weighting.strength == "auto"
+
+
+def test_mutants_change_one_code_token_and_fail():
+    """Mutants of tiny-mbpp's noisy references differ from the reference in exactly
+    one Python token (never a comment), are seeded, and mostly fail the tests."""
+    import io
+    import random
+    import tokenize
+
+    from wmtp.mutants import mutants
+    from wmtp.prompts import mbpp_solution
+    from wmtp.tiny_data import make_tiny_mbpp
+
+    def tokens(code):
+        return [(t.type, t.string) for t in tokenize.generate_tokens(io.StringIO(code).readline)]
+
+    rows, _ = make_tiny_mbpp(12, 2, seed=0, noise_comment_prob=0.5)
+    programs, tests = [], []
+    for code, asserts in zip(rows["code"], rows["test_list"], strict=True):
+        reference = mbpp_solution(code)
+        found = mutants(reference, 3, random.Random("0-1"))
+        assert found == mutants(reference, 3, random.Random("0-1")) and len(found) == 3
+        for mutant in found:
+            a, b = tokens(reference), tokens(mutant)
+            assert len(a) == len(b)
+            changed = [(x, y) for x, y in zip(a, b, strict=True) if x != y]
+            assert len(changed) == 1 and changed[0][0][0] != tokenize.COMMENT
+            programs.append(mutant)
+            tests.append(list(asserts))
+    assert mutants("x = 'unterminated\n", 2, random.Random(0)) == []
+    rewards = execution_rewards(programs, tests, timeout=2.0, workers=2)
+    assert np.mean(np.array(rewards) < 1) > 0.7

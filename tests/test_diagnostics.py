@@ -185,3 +185,46 @@ def test_probe_choice_is_deterministic_and_noisy(tiny_tokenizer):
         for e in examples
         if classes.counts(e.sample_id).sum() <= diagnostics.PROBE_MAX_TOKENS
     )
+
+
+def test_report_shows_the_critic_and_what_each_method_weights(tmp_path):
+    """build_report with the critics' metrics.json: the critic table (held-out EV
+    and lambda per seed) and the per-class weight table (n/a where a run logged
+    no class columns, as the fixture's metrics do)."""
+    from test_report import SEEDS, _config, _write_results
+
+    files = _write_results(tmp_path)
+    critics = []
+    for seed, ev in zip(SEEDS, (0.42, -0.1), strict=True):
+        path = tmp_path / "critic" / f"seed{seed}" / "metrics.json"
+        path.parent.mkdir(parents=True)
+        payload = {
+            "seed": seed,
+            "explained_variance": ev,
+            "auto_strength": max(ev, 0.0),
+            "n_rollouts_kept": 120,
+            "held_out": {"n_rollouts": 24},
+            "fit": {"explained_variance": 0.5},
+            "value_table": {"mean_delta_by_class": {"comment": -0.01, "code": 0.02}},
+        }
+        path.write_text(json.dumps(payload))
+        critics.append(path)
+    config, recipes = _config()
+    text = report.build_report(
+        files["jsons"],
+        files["jsonls"],
+        files["parquets"],
+        config,
+        recipes,
+        tmp_path / "report.md",
+        tmp_path / "figures",
+        critic_metrics=critics,
+    ).read_text()
+    critic_section = text[text.index("## Critic") :]
+    rows = [line for line in critic_section.splitlines() if line.startswith(f"| {SEEDS[0]} |")]
+    assert rows[0].startswith(
+        f"| {SEEDS[0]} | 0.420 | 0.420 | 0.500 | 120 / 24 | -0.0100 | +0.0200 | n/a |"
+    )
+    assert f"| {SEEDS[1]} | -0.100 | 0.000 |" in critic_section
+    weights_section = text[text.index("## What each method weights") : text.index("## Critic")]
+    assert "| baseline-mtp | n/a → n/a | n/a → n/a | n/a → n/a | n/a → n/a |" in weights_section

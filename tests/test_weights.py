@@ -12,6 +12,7 @@ from wmtp.weights import (
     WEIGHT_FUNCTIONS,
     algorithm_weights,
     critic_deltas,
+    exp_weights,
     normalize,
     rho1_scores,
     strength,
@@ -150,7 +151,9 @@ def test_critic_deltas_matches_definition():
         for j in range(9):
             previous = values[b, j - 1] if j > 0 else 0.0
             expected = (values[b, j] - previous) if mask[b, j] else 0.0
-            assert torch.isclose(deltas[b, j], torch.as_tensor(expected, dtype=torch.float32), atol=1e-6)
+            assert torch.isclose(
+                deltas[b, j], torch.as_tensor(expected, dtype=torch.float32), atol=1e-6
+            )
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.25, 1.0])
@@ -209,10 +212,13 @@ def test_algorithm_weights_use_each_setting():
     assert close(algorithm_weights("rho1-weighted", mask, settings, **extra), expected)
     abs_settings = WeightingSettings(rho1_mode="abs")
     assert close(
-        algorithm_weights("rho1-weighted", mask, abs_settings, **extra), normalize(scores.abs(), mask)
+        algorithm_weights("rho1-weighted", mask, abs_settings, **extra),
+        normalize(scores.abs(), mask),
     )
     skip = WeightingSettings(skip_ratio=0.5)
-    assert close(algorithm_weights("rho1-tokenskip", mask, skip, **extra), tokenskip(scores, mask, 0.5))
+    assert close(
+        algorithm_weights("rho1-tokenskip", mask, skip, **extra), tokenskip(scores, mask, 0.5)
+    )
     critic = algorithm_weights("critic-wmtp", mask, WeightingSettings(), **extra)
     assert close(critic, normalize(extra["deltas"], mask))
     assert close(algorithm_weights("baseline-mtp", mask, WeightingSettings()), mask.float())
@@ -220,7 +226,9 @@ def test_algorithm_weights_use_each_setting():
 
 def test_algorithm_weights_errors():
     mask, extra = inputs(10)
-    with pytest.raises(ValueError, match="baseline-mtp.*rho1-weighted.*rho1-tokenskip.*critic-wmtp"):
+    with pytest.raises(
+        ValueError, match="baseline-mtp.*rho1-weighted.*rho1-tokenskip.*critic-wmtp"
+    ):
         algorithm_weights("rho2", mask, WeightingSettings())
     with pytest.raises(ValueError, match="ce_ref"):
         algorithm_weights("rho1-weighted", mask, WeightingSettings(), ce_base=extra["ce_base"])
@@ -252,3 +260,27 @@ def test_auto_strength_scales_critic_weights_by_explained_variance(explained_var
         assert lam == explained_variance
         assert close(auto[mask], 1 + explained_variance * (full[mask] - 1))
     assert_weight_invariants(auto, mask)
+
+
+def test_exp_weights_keep_the_scale_of_the_scores():
+    """exp(s / beta) scaled to mean 1: small scores give weights near 1 (unlike
+    normalize, which z-scores any spread up to the same strength), and the clip
+    bounds and mean hold."""
+    scores, mask = random_batch(12, shape=(3, 40))
+    small = exp_weights(0.01 * scores, mask, beta=1.0)
+    assert_weight_invariants(small, mask)
+    assert (small[mask] - 1).abs().max() < 0.1
+    assert normalize(0.01 * scores, mask)[mask].std() > 0.5
+    large = exp_weights(scores, mask, beta=0.2, eps=0.1, w_max=5.0)
+    assert_weight_invariants(large, mask, eps=0.1, w_max=5.0)
+    valid = mask & (large > 0.1) & (large < 5.0)  # unclipped tokens: ratios are exp(ds / beta)
+    i, j = torch.nonzero(valid)[:2]
+    ratio = large[tuple(i)] / large[tuple(j)]
+    assert float(ratio) == pytest.approx(
+        math.exp(float(scores[tuple(i)] - scores[tuple(j)]) / 0.2), rel=1e-4
+    )
+    settings = WeightingSettings(critic_scores="exp", critic_beta=0.5)
+    assert close(
+        algorithm_weights("critic-wmtp", mask, settings, deltas=scores),
+        exp_weights(scores, mask, 0.5, settings.eps, settings.w_max),
+    )

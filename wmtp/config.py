@@ -168,6 +168,12 @@ class CriticSettings(Strict):
         description="add each problem's reference solution as one more rollout (rewarded like the samples): "
         "a base model that solves nothing would otherwise give the critic no contrast",
     )
+    mutants_per_problem: Annotated[int, Field(ge=0)] = Field(
+        2,
+        description="mutants of each problem's reference solution (one number, operator or name "
+        "changed; wmtp.mutants) added as rollouts and rewarded by execution: negatives that differ "
+        "from a correct solution in one token, so the critic learns which tokens decide the reward",
+    )
     max_problems: PositiveInt | None = Field(None, description="training problems used (None = all)")
     temperature: PositiveFloat = Field(1.0, description="sampling temperature of the rollouts")
     top_p: Annotated[float, Field(gt=0, le=1)] = Field(0.95, description="nucleus sampling of the rollouts")

@@ -1,6 +1,8 @@
 """Stage 1 of critic-wmtp: a value head on the frozen base model (DESIGN.md section 4).
 
-    rows -> m sampled completions per problem (base model, head 0)
+    rows -> m sampled completions per problem (base model, head 0), plus the
+            reference solution and mutants of it (wmtp.mutants: one code token
+            changed, the matched negatives that make the critic look at code)
          -> reward per completion (fraction of the problem's tests passed, each
             assert run on its own in the sandbox; or a reward model's score)
          -> problems split into fitted and held-out ones (`holdout_fraction`)
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +56,7 @@ from tqdm import tqdm
 from wmtp.atomic import atomic_file, write_text_atomic
 from wmtp.config import CriticSettings
 from wmtp.data import Example, build_examples, collate, read_split, special_prefix
+from wmtp.mutants import mutants
 from wmtp.prompts import mbpp_prompt, mbpp_solution
 from wmtp.value_table import auto_strength
 
@@ -478,10 +482,13 @@ def collect_rollouts(
         mbpp_prompt(row.text, list(row.test_list)[0]) for row in rows.itertuples(index=False)
     ]
     completions = sample_completions(model, tokenizer, prompts, settings, seed)
+    references = [mbpp_solution(code) for code in rows["code"]]
     if settings.include_references:
+        completions = [group + [ref] for group, ref in zip(completions, references, strict=True)]
+    if settings.mutants_per_problem:
         completions = [
-            group + [mbpp_solution(code)]
-            for group, code in zip(completions, rows["code"], strict=True)
+            group + mutants(ref, settings.mutants_per_problem, random.Random(f"{seed}-{task}"))
+            for group, ref, task in zip(completions, references, rows["task_id"], strict=True)
         ]
     flat = [(i, c) for i, group in enumerate(completions) for c in group]
     texts = [prompts[i] + c for i, c in flat]

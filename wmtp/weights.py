@@ -25,14 +25,18 @@ import torch
 from wmtp.config import WeightingSettings
 
 WEIGHT_DTYPE = torch.float32
-_SCALE_SEARCH_STEPS = 100  # bisection steps on log(c): the bracket (< 2000 wide) shrinks below 1e-26
+_SCALE_SEARCH_STEPS = (
+    100  # bisection steps on log(c): the bracket (< 2000 wide) shrinks below 1e-26
+)
 
 
 def _check(scores: torch.Tensor, mask: torch.Tensor, name: str = "scores") -> torch.Tensor:
     """Validate shapes and return the mask as bool. Scores at invalid positions may
     be anything (NaN included); at valid ones they must be finite."""
     if scores.shape != mask.shape:
-        raise ValueError(f"{name} {tuple(scores.shape)} and mask {tuple(mask.shape)} must have the same shape")
+        raise ValueError(
+            f"{name} {tuple(scores.shape)} and mask {tuple(mask.shape)} must have the same shape"
+        )
     mask = mask.detach().bool()
     if not torch.isfinite(scores.detach()[mask]).all():
         raise ValueError(f"{name} must be finite at every valid (mask=True) position")
@@ -61,7 +65,9 @@ def normalize(
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0 <= eps <= 1 <= w_max:
-        raise ValueError(f"need 0 <= eps <= 1 <= w_max for a mean of 1, got eps={eps}, w_max={w_max}")
+        raise ValueError(
+            f"need 0 <= eps <= 1 <= w_max for a mean of 1, got eps={eps}, w_max={w_max}"
+        )
     mask = _check(scores, mask)
     weights = torch.zeros(scores.shape, dtype=WEIGHT_DTYPE, device=scores.device)
     n = int(mask.sum())
@@ -77,7 +83,11 @@ def normalize(
 
 @torch.no_grad()
 def exp_weights(
-    scores: torch.Tensor, mask: torch.Tensor, beta: float = 1.0, eps: float = 0.05, w_max: float = 3.0
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float = 1.0,
+    eps: float = 0.05,
+    w_max: float = 3.0,
 ) -> torch.Tensor:
     """exp(s / beta) over the batch's valid tokens, scaled to mean 1 and clipped to
     [eps, w_max] (the same one-scale fixed point as `normalize`).
@@ -89,7 +99,9 @@ def exp_weights(
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     if not 0 <= eps <= 1 <= w_max:
-        raise ValueError(f"need 0 <= eps <= 1 <= w_max for a mean of 1, got eps={eps}, w_max={w_max}")
+        raise ValueError(
+            f"need 0 <= eps <= 1 <= w_max for a mean of 1, got eps={eps}, w_max={w_max}"
+        )
     mask = _check(scores, mask)
     weights = torch.zeros(scores.shape, dtype=WEIGHT_DTYPE, device=scores.device)
     n = int(mask.sum())
@@ -123,7 +135,9 @@ def rho1_scores(ce_base: torch.Tensor, ce_ref: torch.Tensor, mode: str = "signed
     absolute value). High score = the model still does worse than the reference
     on a token the reference finds learnable, so that token deserves weight."""
     if ce_base.shape != ce_ref.shape:
-        raise ValueError(f"ce_base {tuple(ce_base.shape)} and ce_ref {tuple(ce_ref.shape)} must have the same shape")
+        raise ValueError(
+            f"ce_base {tuple(ce_base.shape)} and ce_ref {tuple(ce_ref.shape)} must have the same shape"
+        )
     excess = ce_base.detach() - ce_ref.detach()
     if mode == "signed":
         return excess
@@ -196,7 +210,8 @@ def _baseline(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torc
 
 def _rho1_weighted(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torch.Tensor:
     scores = rho1_scores(
-        _require("ce_base", "rho1-weighted", ce_base), _require("ce_ref", "rho1-weighted", ce_ref),
+        _require("ce_base", "rho1-weighted", ce_base),
+        _require("ce_ref", "rho1-weighted", ce_ref),
         mode=settings.rho1_mode,
     )
     return normalize(scores, mask, settings.temperature, settings.eps, settings.w_max)
@@ -204,7 +219,8 @@ def _rho1_weighted(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) ->
 
 def _rho1_tokenskip(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torch.Tensor:
     scores = rho1_scores(
-        _require("ce_base", "rho1-tokenskip", ce_base), _require("ce_ref", "rho1-tokenskip", ce_ref),
+        _require("ce_base", "rho1-tokenskip", ce_base),
+        _require("ce_ref", "rho1-tokenskip", ce_ref),
         mode=settings.rho1_mode,
     )
     return tokenskip(scores, mask, settings.skip_ratio)
@@ -248,7 +264,11 @@ def algorithm_weights(
     lam = settings.strength
     if lam == "auto":
         if auto_strength is None:
-            raise ValueError("weighting.strength = 'auto' needs the critic's strength (auto_strength)")
+            raise ValueError(
+                "weighting.strength = 'auto' needs the critic's strength (auto_strength)"
+            )
         lam = auto_strength
-    weights = WEIGHT_FUNCTIONS[algorithm](mask, settings, ce_base=ce_base, ce_ref=ce_ref, deltas=deltas)
+    weights = WEIGHT_FUNCTIONS[algorithm](
+        mask, settings, ce_base=ce_base, ce_ref=ce_ref, deltas=deltas
+    )
     return strength(weights, mask, lam)
