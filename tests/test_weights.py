@@ -151,9 +151,7 @@ def test_critic_deltas_matches_definition():
         for j in range(9):
             previous = values[b, j - 1] if j > 0 else 0.0
             expected = (values[b, j] - previous) if mask[b, j] else 0.0
-            assert torch.isclose(
-                deltas[b, j], torch.as_tensor(expected, dtype=torch.float32), atol=1e-6
-            )
+            assert torch.isclose(deltas[b, j], torch.as_tensor(expected, dtype=torch.float32), atol=1e-6)
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.25, 1.0])
@@ -212,13 +210,10 @@ def test_algorithm_weights_use_each_setting():
     assert close(algorithm_weights("rho1-weighted", mask, settings, **extra), expected)
     abs_settings = WeightingSettings(rho1_mode="abs")
     assert close(
-        algorithm_weights("rho1-weighted", mask, abs_settings, **extra),
-        normalize(scores.abs(), mask),
+        algorithm_weights("rho1-weighted", mask, abs_settings, **extra), normalize(scores.abs(), mask)
     )
     skip = WeightingSettings(skip_ratio=0.5)
-    assert close(
-        algorithm_weights("rho1-tokenskip", mask, skip, **extra), tokenskip(scores, mask, 0.5)
-    )
+    assert close(algorithm_weights("rho1-tokenskip", mask, skip, **extra), tokenskip(scores, mask, 0.5))
     critic = algorithm_weights("critic-wmtp", mask, WeightingSettings(), **extra)
     assert close(critic, normalize(extra["deltas"], mask))
     assert close(algorithm_weights("baseline-mtp", mask, WeightingSettings()), mask.float())
@@ -226,9 +221,7 @@ def test_algorithm_weights_use_each_setting():
 
 def test_algorithm_weights_errors():
     mask, extra = inputs(10)
-    with pytest.raises(
-        ValueError, match="baseline-mtp.*rho1-weighted.*rho1-tokenskip.*critic-wmtp"
-    ):
+    with pytest.raises(ValueError, match="baseline-mtp.*rho1-weighted.*rho1-tokenskip.*critic-wmtp"):
         algorithm_weights("rho2", mask, WeightingSettings())
     with pytest.raises(ValueError, match="ce_ref"):
         algorithm_weights("rho1-weighted", mask, WeightingSettings(), ce_base=extra["ce_base"])

@@ -48,11 +48,7 @@ def snakemake(workdir: Path, *args: str, timeout: float = 120) -> subprocess.Com
     would make every lone training job rendezvous on the same TCP port."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     return subprocess.run(
-        [*SNAKEMAKE, *args],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
+        [*SNAKEMAKE, *args], cwd=workdir, env=env, capture_output=True, text=True,
         timeout=timeout,
     )
 

@@ -56,9 +56,17 @@ from tqdm import tqdm
 from wmtp.atomic import atomic_file, write_text_atomic
 from wmtp.config import CriticSettings
 from wmtp.data import Example, build_examples, collate, read_split, special_prefix
+from wmtp.diagnostics import TokenClasses, class_means
 from wmtp.mutants import mutants
 from wmtp.prompts import mbpp_prompt, mbpp_solution
-from wmtp.value_table import auto_strength
+from wmtp.value_table import (
+    auto_strength,
+    compute_values,
+    solution_start,
+    table_metadata,
+    table_values,
+    write_value_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -534,6 +542,43 @@ def _value_stats(head: ValueHead, hiddens, rewards, gamma: float, device) -> dic
     }
 
 
+def fit_with_holdout(
+    model, rollouts: Sequence[Rollout], settings: CriticSettings, seed: int, device
+) -> tuple[ValueHead, dict]:
+    """Hold out a seeded share of the problems, select rollouts (cap, length balance)
+    in each part, fit the value head on the rest and measure it on both; returns
+    the head and its metrics (`explained_variance` is the held-out one)."""
+    held_out = split_problems([r.sample_id for r in rollouts], settings.holdout_fraction, seed)
+    parts = {}
+    for name, chosen in (("fit", False), ("held_out", True)):
+        part = [r for r in rollouts if (r.sample_id in held_out) == chosen]
+        parts[name] = select_rollouts(
+            part, settings.max_samples_per_problem, settings.length_balance, seed
+        )
+    (fit_part, fit_selection), (test_part, test_selection) = parts["fit"], parts["held_out"]
+    if not fit_part:
+        raise ValueError(
+            f"no rollouts left to train the value head on ({len(rollouts)} rolled out)"
+        )
+    fit_hidden = rollout_hidden(model, fit_part, settings.batch_size, device)
+    fit_rewards = [r.reward for r in fit_part]
+    head, curve = fit_value_head(fit_hidden, fit_rewards, settings, seed, device)
+    test_hidden = rollout_hidden(model, test_part, settings.batch_size, device)
+    test_rewards = [r.reward for r in test_part]
+    fit_stats = _value_stats(head, fit_hidden, fit_rewards, settings.gamma, device)
+    test_stats = _value_stats(head, test_hidden, test_rewards, settings.gamma, device)
+    return head, {
+        "explained_variance": test_stats["explained_variance"],
+        "n_problems_held_out": len(held_out),
+        "n_rollouts_kept": len(fit_part),
+        "selection": fit_selection,
+        "selection_held_out": test_selection,
+        "fit": fit_stats,
+        "held_out": test_stats,
+        **curve,
+    }
+
+
 def train_critic(
     base_model_dir: str | Path,
     train_path: str | Path,
@@ -556,7 +601,6 @@ def train_critic(
     from transformers import AutoTokenizer
 
     from wmtp.checkpoints import load_model
-    from wmtp.value_table import compute_values, table_metadata, write_value_table
 
     if settings.reward == "reward_model" and reward_model_dir is None:
         raise ValueError("critic.reward = reward_model needs a reward model directory")
@@ -580,33 +624,7 @@ def train_critic(
         workers=workers,
         device=device,
     )
-    held_out = split_problems([r.sample_id for r in rollouts], settings.holdout_fraction, seed)
-    fit_part, fit_selection = select_rollouts(
-        [r for r in rollouts if r.sample_id not in held_out],
-        settings.max_samples_per_problem,
-        settings.length_balance,
-        seed,
-    )
-    test_part, test_selection = select_rollouts(
-        [r for r in rollouts if r.sample_id in held_out],
-        settings.max_samples_per_problem,
-        settings.length_balance,
-        seed,
-    )
-    if not fit_part:
-        raise ValueError(
-            f"no rollouts left to train the value head on ({len(rewards)} sampled, {too_long} too long)"
-        )
-    fit_hidden = rollout_hidden(model, fit_part, settings.batch_size, device)
-    fit_rewards = [r.reward for r in fit_part]
-    head, curve = fit_value_head(fit_hidden, fit_rewards, settings, seed, device)
-    test_hidden = rollout_hidden(model, test_part, settings.batch_size, device)
-    fit_stats = _value_stats(head, fit_hidden, fit_rewards, settings.gamma, device)
-    test_stats = _value_stats(
-        head, test_hidden, [r.reward for r in test_part], settings.gamma, device
-    )
-    del fit_hidden, test_hidden
-
+    head, fit_metrics = fit_with_holdout(model, rollouts, settings, seed, device)
     pad_id = (
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
@@ -615,7 +633,7 @@ def train_critic(
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ev = test_stats["explained_variance"]
+    ev = fit_metrics["explained_variance"]
     meta = table_metadata(base_model_dir, tokenizer, len(examples), seed, ev)
     table_path = write_value_table(examples, values, out_dir / TABLE_FILE, meta)
     metrics = {
@@ -624,17 +642,11 @@ def train_critic(
         "explained_variance": ev,
         "auto_strength": auto_strength(ev),
         "n_problems": len(rows),
-        "n_problems_held_out": len(held_out),
         "n_rollouts": len(rewards),
         "n_too_long": too_long,
-        "n_rollouts_kept": len(fit_part),
-        "selection": fit_selection,
-        "selection_held_out": test_selection,
         "reward_all": _reward_stats(rewards),
-        "fit": fit_stats,
-        "held_out": test_stats,
+        **fit_metrics,
         "value_table": table_summary(train_rows, tokenizer, examples, values),
-        **curve,
     }
     head_path = save_value_head(head, out_dir / HEAD_FILE)
     metrics_path = out_dir / METRICS_FILE
@@ -645,9 +657,6 @@ def train_critic(
 def table_summary(rows, tokenizer, examples, values) -> dict:
     """What the table's deltas do to each kind of solution token (wmtp.diagnostics),
     and V(s0) over the training examples: the first look at a critic's weights."""
-    from wmtp.diagnostics import TokenClasses, class_means
-    from wmtp.value_table import solution_start, table_values
-
     classes = TokenClasses.from_rows(rows, tokenizer, examples)
     deltas, s0 = [], []
     for example, v in zip(examples, values, strict=True):

@@ -296,17 +296,7 @@ class RefCETable:
                 f"{path} was computed with tokenizer {tok_hash[:12]}, but the training tokenizer is "
                 f"{tokenizer_hash(tokenizer)[:12]}: recompute the reference CE"
             )
-        frame = pq.read_table(path).to_pandas()
-        frame = frame.sort_values(["sample_id", "position"], kind="stable")
-        tokens, ce = {}, {}
-        for sample_id, group in frame.groupby("sample_id", sort=False):
-            positions = group["position"].to_numpy()
-            if not np.array_equal(positions, np.arange(1, len(positions) + 1)):
-                raise ValueError(
-                    f"{path}: sample {sample_id} positions are not 1..{len(positions)}"
-                )
-            tokens[sample_id] = group["token_id"].to_numpy(np.int64)
-            ce[sample_id] = group["ce_ref"].to_numpy(np.float32)
+        tokens, ce = read_per_token(path, "ce_ref")
         return cls(tokens, ce, meta[META_MODEL].decode(), tok_hash)
 
     def __len__(self) -> int:
@@ -325,6 +315,23 @@ class RefCETable:
         return align_to_batch(
             self.tokens, self.ce, sample_ids, input_ids, loss_mask, "reference-CE table", "ce_ref"
         )
+
+
+def read_per_token(
+    path: str | Path, column: str
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A per-token table (sample_id, position 1..L-1, token_id, `column`) as two
+    dicts by sample id: token ids (int64) and `column` (float32), in position order."""
+    frame = pq.read_table(path, columns=["sample_id", "position", "token_id", column]).to_pandas()
+    frame = frame.sort_values(["sample_id", "position"], kind="stable")
+    tokens, values = {}, {}
+    for sample_id, group in frame.groupby("sample_id", sort=False):
+        positions = group["position"].to_numpy()
+        if not np.array_equal(positions, np.arange(1, len(positions) + 1)):
+            raise ValueError(f"{path}: sample {sample_id} positions are not 1..{len(positions)}")
+        tokens[sample_id] = group["token_id"].to_numpy(np.int64)
+        values[sample_id] = group[column].to_numpy(np.float32)
+    return tokens, values
 
 
 def align_to_batch(

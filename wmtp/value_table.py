@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from wmtp.atomic import atomic_file
 from wmtp.data import PACK_SEPARATOR, Example, collate, tokenizer_hash
-from wmtp.refce import align_to_batch
+from wmtp.refce import align_to_batch, read_per_token
 
 SCHEMA = pa.schema(
     [
@@ -228,18 +228,7 @@ class ValueTable:
             )
         if problems:
             raise ValueError(f"{path}: {'; '.join(problems)}: rerun the critic stage")
-        frame = (
-            pq.read_table(path).to_pandas().sort_values(["sample_id", "position"], kind="stable")
-        )
-        tokens, deltas = {}, {}
-        for sample_id, group in frame.groupby("sample_id", sort=False):
-            positions = group["position"].to_numpy()
-            if not np.array_equal(positions, np.arange(1, len(positions) + 1)):
-                raise ValueError(
-                    f"{path}: sample {sample_id} positions are not 1..{len(positions)}"
-                )
-            tokens[sample_id] = group["token_id"].to_numpy(np.int64)
-            deltas[sample_id] = group["delta"].to_numpy(np.float32)
+        tokens, deltas = read_per_token(path, "delta")
         return cls(tokens, deltas, meta)
 
     def __len__(self) -> int:

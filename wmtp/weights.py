@@ -25,18 +25,14 @@ import torch
 from wmtp.config import WeightingSettings
 
 WEIGHT_DTYPE = torch.float32
-_SCALE_SEARCH_STEPS = (
-    100  # bisection steps on log(c): the bracket (< 2000 wide) shrinks below 1e-26
-)
+_SCALE_SEARCH_STEPS = 100  # bisection steps on log(c): the bracket (< 2000 wide) shrinks below 1e-26
 
 
 def _check(scores: torch.Tensor, mask: torch.Tensor, name: str = "scores") -> torch.Tensor:
     """Validate shapes and return the mask as bool. Scores at invalid positions may
     be anything (NaN included); at valid ones they must be finite."""
     if scores.shape != mask.shape:
-        raise ValueError(
-            f"{name} {tuple(scores.shape)} and mask {tuple(mask.shape)} must have the same shape"
-        )
+        raise ValueError(f"{name} {tuple(scores.shape)} and mask {tuple(mask.shape)} must have the same shape")
     mask = mask.detach().bool()
     if not torch.isfinite(scores.detach()[mask]).all():
         raise ValueError(f"{name} must be finite at every valid (mask=True) position")
@@ -64,50 +60,47 @@ def normalize(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0 <= eps <= 1 <= w_max:
-        raise ValueError(
-            f"need 0 <= eps <= 1 <= w_max for a mean of 1, got eps={eps}, w_max={w_max}"
-        )
-    mask = _check(scores, mask)
-    weights = torch.zeros(scores.shape, dtype=WEIGHT_DTYPE, device=scores.device)
-    n = int(mask.sum())
-    if n == 0:
-        return weights
-    s = scores.detach()[mask].double()  # (n,)
-    std = s.std(unbiased=False)
-    z = (s - s.mean()) / std if std > 0 else torch.zeros_like(s)
-    p = n * torch.softmax(z / temperature, dim=0)  # (n,) mean 1 before clipping
-    weights[mask] = _clip_to_mean_one(p, eps, w_max).to(WEIGHT_DTYPE)
-    return weights
+
+    def logits(s: torch.Tensor) -> torch.Tensor:  # (n,) -> (n,)
+        std = s.std(unbiased=False)
+        return ((s - s.mean()) / std if std > 0 else torch.zeros_like(s)) / temperature
+
+    return _softmax_weights(scores, mask, logits, eps, w_max)
 
 
 @torch.no_grad()
 def exp_weights(
-    scores: torch.Tensor,
-    mask: torch.Tensor,
-    beta: float = 1.0,
-    eps: float = 0.05,
-    w_max: float = 3.0,
+    scores: torch.Tensor, mask: torch.Tensor, beta: float = 1.0, eps: float = 0.05, w_max: float = 3.0
 ) -> torch.Tensor:
     """exp(s / beta) over the batch's valid tokens, scaled to mean 1 and clipped to
     [eps, w_max] (the same one-scale fixed point as `normalize`).
 
     Unlike `normalize` the scores are not z-scored, so their scale counts: scores
     much smaller than beta give weights near 1 (a critic whose deltas are small
-    hardly reweights), a score beta above another gives e times its weight. All
-    -equal scores give all ones; no valid token gives all zeros."""
+    hardly reweights), a score beta above another gives e times its weight.
+    All-equal scores give all ones; no valid token gives all zeros."""
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
+    return _softmax_weights(scores, mask, lambda s: s / beta, eps, w_max)
+
+
+def _softmax_weights(
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    logits: Callable[[torch.Tensor], torch.Tensor],
+    eps: float,
+    w_max: float,
+) -> torch.Tensor:
+    """n * softmax(logits(valid scores)) (mean 1), clipped to [eps, w_max] at mean 1;
+    0 off the mask, all zeros when no token is valid."""
     if not 0 <= eps <= 1 <= w_max:
-        raise ValueError(
-            f"need 0 <= eps <= 1 <= w_max for a mean of 1, got eps={eps}, w_max={w_max}"
-        )
+        raise ValueError(f"need 0 <= eps <= 1 <= w_max for a mean of 1, got eps={eps}, w_max={w_max}")
     mask = _check(scores, mask)
     weights = torch.zeros(scores.shape, dtype=WEIGHT_DTYPE, device=scores.device)
     n = int(mask.sum())
     if n == 0:
         return weights
-    p = n * torch.softmax(scores.detach()[mask].double() / beta, dim=0)  # (n,) mean 1
+    p = n * torch.softmax(logits(scores.detach()[mask].double()), dim=0)  # (n,) mean 1
     weights[mask] = _clip_to_mean_one(p, eps, w_max).to(WEIGHT_DTYPE)
     return weights
 
@@ -135,9 +128,7 @@ def rho1_scores(ce_base: torch.Tensor, ce_ref: torch.Tensor, mode: str = "signed
     absolute value). High score = the model still does worse than the reference
     on a token the reference finds learnable, so that token deserves weight."""
     if ce_base.shape != ce_ref.shape:
-        raise ValueError(
-            f"ce_base {tuple(ce_base.shape)} and ce_ref {tuple(ce_ref.shape)} must have the same shape"
-        )
+        raise ValueError(f"ce_base {tuple(ce_base.shape)} and ce_ref {tuple(ce_ref.shape)} must have the same shape")
     excess = ce_base.detach() - ce_ref.detach()
     if mode == "signed":
         return excess
@@ -177,8 +168,8 @@ def critic_deltas(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     V_j is the value after seeing x_<=j, so delta_j is how much token j moved the
     expected reward: the critic's score of token j. For the first solution token
     V_{j-1} is V(s0), the value after the prompt, which the critic is trained on.
-    (The trainer reads these deltas from the critic stage's value table,
-    wmtp.value_table, which computes them the same way.)"""
+    (The critic stage writes these deltas into its value table, wmtp.value_table;
+    the trainer only reads them.)"""
     mask = _check(values, mask, name="values")
     v = values.detach().to(WEIGHT_DTYPE)  # (B, S)
     previous = torch.nn.functional.pad(v[..., :-1], (1, 0))  # (B, S): V_{j-1}, 0 at j = 0
@@ -210,8 +201,7 @@ def _baseline(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torc
 
 def _rho1_weighted(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torch.Tensor:
     scores = rho1_scores(
-        _require("ce_base", "rho1-weighted", ce_base),
-        _require("ce_ref", "rho1-weighted", ce_ref),
+        _require("ce_base", "rho1-weighted", ce_base), _require("ce_ref", "rho1-weighted", ce_ref),
         mode=settings.rho1_mode,
     )
     return normalize(scores, mask, settings.temperature, settings.eps, settings.w_max)
@@ -219,8 +209,7 @@ def _rho1_weighted(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) ->
 
 def _rho1_tokenskip(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torch.Tensor:
     scores = rho1_scores(
-        _require("ce_base", "rho1-tokenskip", ce_base),
-        _require("ce_ref", "rho1-tokenskip", ce_ref),
+        _require("ce_base", "rho1-tokenskip", ce_base), _require("ce_ref", "rho1-tokenskip", ce_ref),
         mode=settings.rho1_mode,
     )
     return tokenskip(scores, mask, settings.skip_ratio)
@@ -264,11 +253,7 @@ def algorithm_weights(
     lam = settings.strength
     if lam == "auto":
         if auto_strength is None:
-            raise ValueError(
-                "weighting.strength = 'auto' needs the critic's strength (auto_strength)"
-            )
+            raise ValueError("weighting.strength = 'auto' needs the critic's strength (auto_strength)")
         lam = auto_strength
-    weights = WEIGHT_FUNCTIONS[algorithm](
-        mask, settings, ce_base=ce_base, ce_ref=ce_ref, deltas=deltas
-    )
+    weights = WEIGHT_FUNCTIONS[algorithm](mask, settings, ce_base=ce_base, ce_ref=ce_ref, deltas=deltas)
     return strength(weights, mask, lam)
