@@ -21,6 +21,8 @@ logged window (extra metric columns `weight_on_<class>`: the mean weight of
 that class's tokens in the window) and records the weights one fixed training
 example (the probe) got the first and the last time it was in a batch; the
 probe goes into metrics.parquet's schema metadata for the report's figure.
+(After a resume, "first" means first since the resume: the record is not part
+of the checkpoint.)
 """
 
 from __future__ import annotations
