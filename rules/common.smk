@@ -64,8 +64,16 @@ def refce_path():
     return f"results/{RUN}/refce/{CONFIG.data.train_dataset}.parquet"
 
 
-def critic_head():
-    return f"results/{RUN}/critic/value_head.safetensors"
+def critic_dir(seed):
+    return f"results/{RUN}/critic/seed{seed}"
+
+
+def critic_table(seed):
+    return f"{critic_dir(seed)}/values.parquet"
+
+
+def critic_metrics(seed):
+    return f"{critic_dir(seed)}/metrics.json"
 
 
 def trained_model(algo, seed):
@@ -99,13 +107,13 @@ def get_final_outputs():
 
 def get_train_inputs(wildcards):
     """Every algorithm needs the base model and the training split; rho1-* also the
-    reference CE table, critic-wmtp also the value head. Nothing else, so a change
-    upstream of one method reruns only that method."""
+    reference CE table, critic-wmtp also its seed's value table. Nothing else, so a
+    change upstream of one method reruns only that method."""
     inputs = {"base": model_dir("base"), "data": train_data()}
     if wildcards.algo.startswith("rho1-"):
         inputs["refce"] = refce_path()
     if wildcards.algo == "critic-wmtp":
-        inputs["critic"] = critic_head()
+        inputs["critic"] = critic_table(wildcards.seed)
     return inputs
 
 
@@ -139,6 +147,11 @@ def get_report_inputs(wildcards):
             eval_file(a, s, b, "jsonl") for a, s in runs for b in CONFIG.benchmarks
         ],
         "metrics": [train_metrics(a, s) for a, s in trained],
+        "critics": (
+            [critic_metrics(s) for s in CONFIG.seeds]
+            if "critic-wmtp" in CONFIG.algorithms
+            else []
+        ),
     }
 
 
@@ -168,13 +181,12 @@ def get_refce_params(wildcards):
 
 
 def get_critic_params(wildcards):
-    """The critic reads its recipe section, the data settings, the first seed and the
-    sandbox limits of the eval section (for rollout rewards)."""
+    """The critic reads its recipe section, the data settings and the sandbox limits
+    of the eval section (for rollout rewards); its seed is the {seed} wildcard."""
     sandbox = ("timeout", "memory_mb", "workers")
     return {
         "critic": RECIPES["critic-wmtp"].critic.model_dump(mode="json"),
         "data": CONFIG.data.model_dump(mode="json"),
-        "seed": CONFIG.seeds[0],
         "sandbox": {key: getattr(CONFIG.eval, key) for key in sandbox},
     }
 

@@ -207,7 +207,7 @@ def test_layout_matches_the_workflow(tmp_path):
         layout.model("ref"),
         layout.data("tiny-mbpp", "train"),
         layout.refce("tiny-mbpp"),
-        layout.critic(),
+        layout.critic(0),
     ):
         assert f"output: {path}" in result.stdout
 

@@ -252,9 +252,10 @@ def test_recipe_overrides_are_listed_under_the_table(tmp_path):
     assert lines == ["| rho1-tokenskip | `train.lr` | 0.5 |", "| rho1-tokenskip | `weighting.skip_ratio` | 0.5 |"]
 
 
-def test_shipped_recipes_override_nothing(rendered):
+def test_shipped_recipes_override_only_the_critics_strength(rendered):
     _, text, _, _ = rendered
-    assert "no recipe overrides a shared knob" in text
+    rows = [ln for ln in text.splitlines() if re.match(r"^\| [\w-]+ \| `(train|weighting)\.", ln)]
+    assert rows == ["| critic-wmtp | `weighting.strength` | auto |"]
 
 
 def test_figures_are_valid_deterministic_pngs(rendered, tmp_path):

@@ -136,6 +136,8 @@ def test_algorithm_trains_with_finite_decreasing_loss(setup, tmp_path, algorithm
         assert (metrics["weight_frac_zero"] > 0.2).all()
     if algorithm == "baseline-mtp":
         assert (metrics["weight_std"] < 1e-6).all()
+        for kind in ("code", "first", "eos"):  # the per-class diagnostics see w = 1 too
+            assert (metrics[f"weight_on_{kind}"] == 1).all()
     config = json.loads((model_dir / "config.json").read_text())
     assert config["algorithm"] == algorithm and config["seed"] == 0
     assert config["resolved config"]["recipe"]["weighting"]["rho1_base"] == weighting.get(
@@ -146,21 +148,68 @@ def test_algorithm_trains_with_finite_decreasing_loss(setup, tmp_path, algorithm
     )
 
 
-def test_critic_trains(setup, tmp_path):
-    critic = pytest.importorskip("wmtp.critic")
-    head = critic.ValueHead(setup["config"].dim, 16)
-    path = tmp_path / "value_head.safetensors"
-    critic.save_value_head(head, path)
-    rec = recipe("critic-wmtp")
-    run(setup, tmp_path / "out", rec, critic_path=path)
+def value_table(setup, path: Path, explained_variance: float | None, base=None) -> Path:
+    """A critic stage's value table: a random value head on the frozen base trunk."""
+    from transformers import AutoTokenizer
+
+    from wmtp.critic import ValueHead
+    from wmtp.value_table import compute_values, table_metadata, write_value_table
+
+    base = base or setup["base"]
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    examples = build_examples(read_split(setup["train"]), tokenizer, 256)
+    torch.manual_seed(0)
+    head = ValueHead(setup["config"].dim, 16).eval()
+    values = compute_values(load_model(base), head, examples, pad_id=tokenizer.pad_token_id)
+    meta = table_metadata(base, tokenizer, len(examples), 0, explained_variance)
+    return write_value_table(examples, values, path, meta)
+
+
+def test_critic_trains_from_the_value_table_alone(setup, tmp_path, monkeypatch):
+    """critic-wmtp reads its deltas from the critic stage's table: no value head ever
+    runs in training (the trunk being trained would move its inputs). Strength auto
+    scales the weights by the critic's explained variance: EV 0 trains with the
+    baseline's weights exactly, EV 1 with full weights."""
+    from wmtp.critic import ValueHead
+
+    def no_value_head(self, hidden):
+        raise AssertionError("a value head ran during training")
+
+    full = value_table(setup, tmp_path / "ev1" / "values.parquet", explained_variance=1.0)
+    monkeypatch.setattr(ValueHead, "forward", no_value_head)
+    rec = recipe("critic-wmtp", weighting={"strength": "auto"})
+    run(setup, tmp_path / "out", rec, critic_path=full)
     metrics = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
     assert metrics["train_loss"].map(math.isfinite).all()
     assert metrics["train_loss"].iloc[-2:].mean() < metrics["train_loss"].iloc[:2].mean()
-    assert metrics["weight_std"].min() > 0  # values vary, so weights do
-    wrong = tmp_path / "wrong_width.safetensors"
-    critic.save_value_head(critic.ValueHead(setup["config"].dim * 2, 16), wrong)
-    with pytest.raises(ConfigError, match="reads width 64"):
-        run(setup, tmp_path / "wrong", rec, critic_path=wrong)
+    assert metrics["weight_std"].min() > 0.1  # deltas vary, so weights do
+    assert metrics["weight_mean"].sub(1).abs().max() < 1e-4
+    monkeypatch.undo()
+    none = value_table(setup, tmp_path / "ev0" / "values.parquet", explained_variance=-0.3)
+    monkeypatch.setattr(ValueHead, "forward", no_value_head)
+    run(setup, tmp_path / "flat", rec, critic_path=none)
+    flat = pd.read_parquet(tmp_path / "flat" / "metrics.parquet")
+    assert (flat["weight_std"] < 1e-6).all() and (flat["weight_min"] == 1).all()
+    baseline = run(setup, tmp_path / "baseline", recipe("baseline-mtp"))
+    for name, tensor in final_params(tmp_path / "flat" / "model").items():
+        torch.testing.assert_close(tensor, final_params(baseline)[name])
+
+
+def test_critic_refuses_a_table_of_another_base(setup, tmp_path):
+    other = MTPModel(setup["config"])
+    other.init_weights(seed=7)
+    tokenizer_dir = setup["base"]
+    from transformers import AutoTokenizer
+
+    other_dir = save_model(
+        other,
+        tmp_path / "other",
+        tokenizer=AutoTokenizer.from_pretrained(str(tokenizer_dir)),
+        extra={"note": "another base"},
+    )
+    wrong = value_table(setup, tmp_path / "values.parquet", 1.0, base=other_dir)
+    with pytest.raises(ConfigError, match="computed on base model .* rerun the critic stage"):
+        run(setup, tmp_path / "wrong", recipe("critic-wmtp"), critic_path=wrong)
 
 
 def test_resume_after_interrupt_gives_identical_weights(setup, tmp_path):
@@ -278,6 +327,10 @@ def test_metrics_parquet_columns(setup, tmp_path):
         "weight_min",
         "weight_max",
         "weight_frac_zero",
+        "weight_on_comment",
+        "weight_on_code",
+        "weight_on_first",
+        "weight_on_eos",
     ]
     assert list(metrics["step"]) == [2]
     assert metrics["tokens"].iloc[0] > 0 and metrics["tokens_per_s"].iloc[0] > 0
@@ -305,7 +358,7 @@ def test_ntp_trains_head_0_only_on_the_plain_ce(setup, tmp_path):
     "algorithm, kwargs, message",
     [
         ("rho1-weighted", {"refce_path": None}, "needs the reference-CE table"),
-        ("critic-wmtp", {}, "needs the stage-1 value head"),
+        ("critic-wmtp", {}, "needs the critic stage's value table"),
         ("baseline-mtp", {"max_steps": 1}, "warmup_steps (1) must be < max_steps (1)"),
     ],
 )

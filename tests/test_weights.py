@@ -12,6 +12,7 @@ from wmtp.weights import (
     WEIGHT_FUNCTIONS,
     algorithm_weights,
     critic_deltas,
+    exp_weights,
     normalize,
     rho1_scores,
     strength,
@@ -183,7 +184,7 @@ def inputs(seed: int):
     scores, mask = random_batch(seed, shape=(3, 30))
     ce_base = scores.abs() + 1.0
     ce_ref = torch.rand(3, 30, generator=torch.Generator().manual_seed(seed)) * 2
-    return mask, dict(ce_base=ce_base, ce_ref=ce_ref, values=scores.cumsum(-1))
+    return mask, dict(ce_base=ce_base, ce_ref=ce_ref, deltas=critic_deltas(scores.cumsum(-1), mask))
 
 
 @pytest.mark.parametrize("algorithm", sorted(WEIGHT_FUNCTIONS))
@@ -214,7 +215,7 @@ def test_algorithm_weights_use_each_setting():
     skip = WeightingSettings(skip_ratio=0.5)
     assert close(algorithm_weights("rho1-tokenskip", mask, skip, **extra), tokenskip(scores, mask, 0.5))
     critic = algorithm_weights("critic-wmtp", mask, WeightingSettings(), **extra)
-    assert close(critic, normalize(critic_deltas(extra["values"], mask), mask))
+    assert close(critic, normalize(extra["deltas"], mask))
     assert close(algorithm_weights("baseline-mtp", mask, WeightingSettings()), mask.float())
 
 
@@ -224,5 +225,55 @@ def test_algorithm_weights_errors():
         algorithm_weights("rho2", mask, WeightingSettings())
     with pytest.raises(ValueError, match="ce_ref"):
         algorithm_weights("rho1-weighted", mask, WeightingSettings(), ce_base=extra["ce_base"])
-    with pytest.raises(ValueError, match="values"):
+    with pytest.raises(ValueError, match="deltas"):
         algorithm_weights("critic-wmtp", mask, WeightingSettings())
+    with pytest.raises(ValueError, match="auto_strength"):
+        algorithm_weights("critic-wmtp", mask, WeightingSettings(strength="auto"), **extra)
+
+
+@pytest.mark.parametrize("explained_variance", [-0.7, 0.0, 0.35, 1.0, 1.4, None])
+def test_auto_strength_scales_critic_weights_by_explained_variance(explained_variance):
+    """strength: auto = clip(EV, 0, 1): a critic that explains nothing (EV <= 0, or
+    not measurable) gives exactly the baseline's weights, a perfect one (EV >= 1)
+    its full weights, and one in between the convex mix."""
+    from wmtp.value_table import auto_strength
+
+    mask, extra = inputs(11)
+    lam = auto_strength(explained_variance)
+    auto = algorithm_weights(
+        "critic-wmtp", mask, WeightingSettings(strength="auto"), **extra, auto_strength=lam
+    )
+    full = algorithm_weights("critic-wmtp", mask, WeightingSettings(strength=1.0), **extra)
+    assert full[mask].std() > 0.3  # the full weights are far from flat
+    if explained_variance is None or explained_variance <= 0:
+        assert lam == 0.0 and torch.equal(auto, mask.float())
+    elif explained_variance >= 1:
+        assert lam == 1.0 and torch.equal(auto, full)
+    else:
+        assert lam == explained_variance
+        assert close(auto[mask], 1 + explained_variance * (full[mask] - 1))
+    assert_weight_invariants(auto, mask)
+
+
+def test_exp_weights_keep_the_scale_of_the_scores():
+    """exp(s / beta) scaled to mean 1: small scores give weights near 1 (unlike
+    normalize, which z-scores any spread up to the same strength), and the clip
+    bounds and mean hold."""
+    scores, mask = random_batch(12, shape=(3, 40))
+    small = exp_weights(0.01 * scores, mask, beta=1.0)
+    assert_weight_invariants(small, mask)
+    assert (small[mask] - 1).abs().max() < 0.1
+    assert normalize(0.01 * scores, mask)[mask].std() > 0.5
+    large = exp_weights(scores, mask, beta=0.2, eps=0.1, w_max=5.0)
+    assert_weight_invariants(large, mask, eps=0.1, w_max=5.0)
+    valid = mask & (large > 0.1) & (large < 5.0)  # unclipped tokens: ratios are exp(ds / beta)
+    i, j = torch.nonzero(valid)[:2]
+    ratio = large[tuple(i)] / large[tuple(j)]
+    assert float(ratio) == pytest.approx(
+        math.exp(float(scores[tuple(i)] - scores[tuple(j)]) / 0.2), rel=1e-4
+    )
+    settings = WeightingSettings(critic_scores="exp", critic_beta=0.5)
+    assert close(
+        algorithm_weights("critic-wmtp", mask, settings, deltas=scores),
+        exp_weights(scores, mask, 0.5, settings.eps, settings.w_max),
+    )

@@ -105,7 +105,7 @@ def test_dry_run_plans_the_whole_table(tiny_plan):
         download_model=2,  # base and ref; no reward model in the tiny default
         download_data=2,  # tiny-mbpp train and test
         refce=1,  # shared by both rho1 algorithms
-        critic=1,
+        critic=seeds,  # one critic per seed: its randomness is inside the interval
         train=len(TRAINED) * seeds,  # every row but base
         eval=len(ALGORITHMS) * seeds,  # every row, one benchmark
         report=1,
@@ -119,7 +119,8 @@ def test_dry_run_plans_the_whole_table(tiny_plan):
 
 def test_each_algorithm_reads_only_what_it_needs(tiny_plan):
     """baseline-mtp trains without refce and critic; rho1-* need refce, critic-wmtp the
-    value head; so a change upstream of one method reruns only that method."""
+    value table of its own seed's critic; so a change upstream of one method reruns
+    only that method."""
     trainings = planned_inputs(tiny_plan, "train")
     assert len(trainings) == 2 * len(TRAINED)
     for output, inputs in trainings.items():
@@ -127,7 +128,14 @@ def test_each_algorithm_reads_only_what_it_needs(tiny_plan):
         assert "results/tiny/models/base" in inputs
         assert "results/tiny/data/tiny-mbpp/train.parquet" in inputs
         assert ("refce/tiny-mbpp.parquet" in inputs) == algo.startswith("rho1-")
-        assert ("critic/value_head.safetensors" in inputs) == (algo == "critic-wmtp")
+        seed = re.search(r"/seed(\d+)/", output).group(1)
+        assert ("critic/" in inputs) == (algo == "critic-wmtp")
+        if algo == "critic-wmtp":
+            assert f"results/tiny/critic/seed{seed}/values.parquet" in inputs
+    critics = planned_inputs(tiny_plan, "critic")
+    assert sorted(o.split(",")[0] for o in critics) == [
+        f"results/tiny/critic/seed{s}/values.parquet" for s in range(2)
+    ]
     evals = planned_inputs(tiny_plan, "eval")
     assert len(evals) == 2 * len(ALGORITHMS)
     for output, inputs in evals.items():
@@ -144,6 +152,7 @@ def test_paper_dry_run_plans_three_benchmarks(workdir):
     assert result.returncode == 0, result.stderr
     jobs = planned_jobs(result.stdout)
     assert jobs["train"] == len(TRAINED) * 3 and jobs["eval"] == len(ALGORITHMS) * 3 * 3
+    assert jobs["critic"] == 3  # one per seed
     assert jobs["download_data"] == 1 + 3  # mbpp train + the three test splits
     assert "results/paper/eval/critic-wmtp/seed2/codecontests.json" in result.stdout
 

@@ -62,8 +62,8 @@ class Layout:
     def refce(self, dataset: str) -> Path:
         return self.run_dir / "refce" / f"{dataset}.parquet"
 
-    def critic(self) -> Path:
-        return self.run_dir / "critic" / "value_head.safetensors"
+    def critic(self, seed: int) -> Path:
+        return self.run_dir / "critic" / f"seed{seed}" / "values.parquet"
 
     def cli_run(self, name: str) -> Path:
         return self.run_dir / "cli" / name
@@ -113,7 +113,7 @@ class TrainPlan:
         if self.refce is not None:
             named["reference CE"] = self.refce
         if self.critic is not None:
-            named["value head"] = self.critic
+            named["value table"] = self.critic
         return named
 
     def outputs(self) -> dict[str, Path]:
@@ -165,7 +165,7 @@ def train_plan(
         refce=(Path(args.refce) if args.refce else layout.refce(dataset))
         if recipe.algorithm in RHO1
         else None,
-        critic=(Path(args.critic) if args.critic else layout.critic())
+        critic=(Path(args.critic) if args.critic else layout.critic(seed))
         if recipe.algorithm == "critic-wmtp"
         else None,
         out_dir=Path(args.out) if args.out else layout.cli_run(run_name),
@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--base-model", help="default: results/{run}/models/base")
     train.add_argument("--train-data", help="default: results/{run}/data/{dataset}/train.parquet")
     train.add_argument("--refce", help="default: results/{run}/refce/{dataset}.parquet (rho1-*)")
-    train.add_argument("--critic", help="default: results/{run}/critic/value_head.safetensors")
+    train.add_argument("--critic", help="default: results/{run}/critic/seed{seed}/values.parquet")
     train.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     train.add_argument(
         "--dry-run",

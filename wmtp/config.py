@@ -114,8 +114,19 @@ class WeightingSettings(Strict):
     temperature: PositiveFloat = Field(0.7, description="softmax temperature T of normalise()")
     eps: Annotated[float, Field(ge=0, le=1)] = Field(0.05, description="lower clip of weights; must be <= 1")
     w_max: Annotated[float, Field(ge=1)] = Field(3.0, description="upper clip of weights; must be >= 1")
-    strength: Annotated[float, Field(ge=0, le=1)] = Field(
-        1.0, description="lambda of w <- 1 + lambda (w - 1); 0 = baseline, 1 = full weights"
+    strength: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = Field(
+        1.0,
+        description="lambda of w <- 1 + lambda (w - 1); 0 = baseline, 1 = full weights; "
+        "auto (critic-wmtp only) = the critic's held-out explained variance, clipped to [0, 1]",
+    )
+    critic_scores: Literal["softmax", "exp"] = Field(
+        "softmax",
+        description="critic-wmtp: softmax = normalise(delta) (z-scored, so any critic gets weights of "
+        "the same spread); exp = exp(delta / critic_beta) scaled to mean 1 and clipped to [eps, w_max] "
+        "(not z-scored: small deltas give weights near 1)",
+    )
+    critic_beta: PositiveFloat = Field(
+        1.0, description="critic-wmtp with critic_scores = exp: temperature in reward units"
     )
     rho1_mode: Literal["signed", "abs"] = Field("signed", description="Rho-1 excess loss, or its absolute value")
     rho1_base: Literal["online", "frozen"] = Field(
@@ -199,6 +210,12 @@ class CriticSettings(Strict):
         description="add each problem's reference solution as one more rollout (rewarded like the samples): "
         "a base model that solves nothing would otherwise give the critic no contrast",
     )
+    mutants_per_problem: Annotated[int, Field(ge=0)] = Field(
+        2,
+        description="mutants of each problem's reference solution (one number, operator or name "
+        "changed; wmtp.mutants) added as rollouts and rewarded by execution: negatives that differ "
+        "from a correct solution in one token, so the critic learns which tokens decide the reward",
+    )
     max_problems: PositiveInt | None = Field(None, description="training problems used (None = all)")
     temperature: PositiveFloat = Field(1.0, description="sampling temperature of the rollouts")
     top_p: Annotated[float, Field(gt=0, le=1)] = Field(0.95, description="nucleus sampling of the rollouts")
@@ -209,6 +226,11 @@ class CriticSettings(Strict):
     lr: PositiveFloat = Field(1e-3, description="value-head learning rate")
     epochs: PositiveInt = Field(3, description="passes over the rollouts")
     batch_size: PositiveInt = Field(16, description="rollouts per value-head step")
+    holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.2,
+        description="share of the rolled-out problems held out (never fitted) to measure the "
+        "value head's explained variance of the returns, which strength: auto uses",
+    )
 
 
 def _overrides_of(section: type[BaseModel]) -> type[BaseModel]:
@@ -231,7 +253,7 @@ WEIGHTING_KNOBS: dict[str, tuple[str, ...]] = {
     "ntp": (),
     "rho1-weighted": ("temperature", "eps", "w_max", "strength", "rho1_mode", "rho1_base"),
     "rho1-tokenskip": ("strength", "rho1_mode", "rho1_base", "skip_ratio"),
-    "critic-wmtp": ("temperature", "eps", "w_max", "strength"),
+    "critic-wmtp": ("temperature", "eps", "w_max", "strength", "critic_scores", "critic_beta"),
 }
 
 
@@ -287,6 +309,15 @@ class Recipe(Strict):
     overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="what the recipe file sets of the shared sections (reported)"
     )
+
+    @model_validator(mode="after")
+    def _auto_strength_needs_a_critic(self) -> Recipe:
+        if self.weighting.strength == "auto" and self.algorithm != "critic-wmtp":
+            raise ValueError(
+                f"weighting.strength = 'auto': only critic-wmtp has a confidence measure (its "
+                f"critic's explained variance); give {self.algorithm} a number in [0, 1]"
+            )
+        return self
 
 
 class EvalSettings(Strict):

@@ -345,17 +345,7 @@ class RefCETable:
                 f"{path} was computed with tokenizer {tok_hash[:12]}, but the training tokenizer is "
                 f"{tokenizer_hash(tokenizer)[:12]}: recompute the reference CE"
             )
-        frame = read_table(path).to_pandas()
-        frame = frame.sort_values(["sample_id", "position"], kind="stable")
-        tokens, ce = {}, {}
-        for sample_id, group in frame.groupby("sample_id", sort=False):
-            positions = group["position"].to_numpy()
-            if not np.array_equal(positions, np.arange(1, len(positions) + 1)):
-                raise ValueError(
-                    f"{path}: sample {sample_id} positions are not 1..{len(positions)}"
-                )
-            tokens[sample_id] = group["token_id"].to_numpy(np.int64)
-            ce[sample_id] = group["ce_ref"].to_numpy(np.float32)
+        tokens, ce = read_per_token(path, "ce_ref")
         return cls(tokens, ce, meta[META_MODEL].decode(), tok_hash)
 
     def __len__(self) -> int:
@@ -371,42 +361,84 @@ class RefCETable:
         from the batch's token at the same position, or when a loss-mask token gets
         no value: each would otherwise silently mis-weight tokens.
         """
-        ids = input_ids.detach().cpu().numpy()  # (B, S)
-        mask = loss_mask.detach().cpu().numpy().astype(bool)  # (B, S)
-        out = np.zeros(ids.shape, dtype=np.float32)  # (B, S)
-        covered = np.zeros(ids.shape, dtype=bool)
-        for b, joined in enumerate(sample_ids):
-            offset = 0
-            for sample_id in joined.split(PACK_SEPARATOR):
-                if sample_id not in self.ce:
-                    raise ValueError(
-                        f"sample {sample_id!r} is not in the reference-CE table ({len(self)} samples)"
-                    )
-                stored = self.tokens[sample_id]
-                end = offset + 1 + len(stored)
-                if end > ids.shape[1]:
-                    raise ValueError(
-                        f"sample {sample_id!r}: table has {len(stored) + 1} tokens, batch row {b} has "
-                        f"only {ids.shape[1] - offset} from offset {offset}"
-                    )
-                actual = ids[b, offset + 1 : end]
-                if not np.array_equal(actual, stored):
-                    j = int(np.flatnonzero(actual != stored)[0])
-                    raise ValueError(
-                        f"token mismatch for sample {sample_id!r} at position {j + 1}: batch has "
-                        f"{int(actual[j])}, reference-CE table has {int(stored[j])} (different data build "
-                        "or tokenizer?)"
-                    )
-                out[b, offset + 1 : end] = self.ce[sample_id]
-                covered[b, offset + 1 : end] = True
-                offset = end
-        uncovered = mask & ~covered
-        if uncovered.any():
-            b, j = (int(x) for x in np.argwhere(uncovered)[0])
-            raise ValueError(
-                f"loss-mask token at row {b}, position {j} ({sample_ids[b]!r}) has no ce_ref"
-            )
-        return torch.from_numpy(out).to(input_ids.device)
+        return align_to_batch(
+            self.tokens, self.ce, sample_ids, input_ids, loss_mask, "reference-CE table", "ce_ref"
+        )
+
+
+def read_per_token(
+    path: str | Path, column: str
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A per-token table (sample_id, position 1..L-1, token_id, `column`) as two
+    dicts by sample id: token ids (int64) and `column` (float32), in position order.
+    Read with `read_table`: page checksums verified, the path in every error."""
+    frame = read_table(path).select(["sample_id", "position", "token_id", column]).to_pandas()
+    frame = frame.sort_values(["sample_id", "position"], kind="stable")
+    tokens, values = {}, {}
+    for sample_id, group in frame.groupby("sample_id", sort=False):
+        positions = group["position"].to_numpy()
+        if not np.array_equal(positions, np.arange(1, len(positions) + 1)):
+            raise ValueError(f"{path}: sample {sample_id} positions are not 1..{len(positions)}")
+        tokens[sample_id] = group["token_id"].to_numpy(np.int64)
+        values[sample_id] = group[column].to_numpy(np.float32)
+    return tokens, values
+
+
+def align_to_batch(
+    tokens: dict[str, np.ndarray],
+    values: dict[str, np.ndarray],
+    sample_ids: Sequence[str],
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    table: str,
+    column: str,
+) -> torch.Tensor:
+    """Per-token values of a table stored by (sample_id, position 1..L-1) -> `(B, S)`
+    float32 aligned with a right-padded, possibly packed batch; 0 where there is no
+    value (position 0 of a sample, padding, or a NaN in the table).
+
+    `tokens[s]` / `values[s]` hold sample s's token ids and values of positions
+    1..L-1. Raises ValueError when a sample is missing, when a stored token id
+    differs from the batch's token at the same position, or when a loss-mask token
+    gets no finite value (`table` and `column` name them in the message).
+    """
+    ids = input_ids.detach().cpu().numpy()  # (B, S)
+    mask = loss_mask.detach().cpu().numpy().astype(bool)  # (B, S)
+    out = np.zeros(ids.shape, dtype=np.float32)  # (B, S)
+    covered = np.zeros(ids.shape, dtype=bool)
+    for b, joined in enumerate(sample_ids):
+        offset = 0
+        for sample_id in joined.split(PACK_SEPARATOR):
+            if sample_id not in values:
+                raise ValueError(
+                    f"sample {sample_id!r} is not in the {table} ({len(values)} samples)"
+                )
+            stored = tokens[sample_id]
+            end = offset + 1 + len(stored)
+            if end > ids.shape[1]:
+                raise ValueError(
+                    f"sample {sample_id!r}: table has {len(stored) + 1} tokens, batch row {b} has "
+                    f"only {ids.shape[1] - offset} from offset {offset}"
+                )
+            actual = ids[b, offset + 1 : end]
+            if not np.array_equal(actual, stored):
+                j = int(np.flatnonzero(actual != stored)[0])
+                raise ValueError(
+                    f"token mismatch for sample {sample_id!r} at position {j + 1}: batch has "
+                    f"{int(actual[j])}, {table} has {int(stored[j])} (different data build "
+                    "or tokenizer?)"
+                )
+            finite = np.isfinite(values[sample_id])
+            out[b, offset + 1 : end] = np.where(finite, values[sample_id], 0.0)
+            covered[b, offset + 1 : end] = finite
+            offset = end
+    uncovered = mask & ~covered
+    if uncovered.any():
+        b, j = (int(x) for x in np.argwhere(uncovered)[0])
+        raise ValueError(
+            f"loss-mask token at row {b}, position {j} ({sample_ids[b]!r}) has no {column}"
+        )
+    return torch.from_numpy(out).to(input_ids.device)
 
 
 def refce_stage(

@@ -39,9 +39,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from wmtp import evaluate
+from wmtp import diagnostics, evaluate
 from wmtp.atomic import atomic_file, write_text_atomic
 from wmtp.config import PipelineConfig, Recipe, config_hash
 
@@ -60,6 +61,7 @@ _COLUMNS = {
     "weight_frac_zero": ("weight_frac_zero",),
     "val_loss": ("val_loss",),
     "val_head0": ("val_head_ce_0",),
+    **{column: (column,) for column in diagnostics.COLUMNS},  # mean weight per token class
 }
 
 # The paper's Table 1 figures for the released 7B models trained on 1T code tokens
@@ -432,6 +434,105 @@ def _plot_loss_curves(
     fig.tight_layout()
     _save_png(fig, path)
     plt.close(fig)
+# ---------------------------------------------------------------- what each method weights
+
+
+def class_weights(
+    metrics: dict[tuple[str, int], pd.DataFrame], algorithms: list[str], share: float = 0.1
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Per algorithm and token class (wmtp.diagnostics.CLASSES), the mean weight
+    early and late in training: the mean over seeds of the class's per-window means
+    in the first and last `share` of the logged rows (at least one row each)."""
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for algo in algorithms:
+        runs = [f for (a, _), f in sorted(metrics.items()) if a == algo]
+        out[algo] = {}
+        for name, column in zip(diagnostics.CLASSES, diagnostics.COLUMNS, strict=True):
+            early, late = [], []
+            for frame in runs:
+                if column not in frame or frame[column].notna().sum() == 0:
+                    continue
+                values = frame[column].dropna()
+                n = max(1, int(round(share * len(values))))
+                early.append(values.iloc[:n].mean())
+                late.append(values.iloc[-n:].mean())
+            out[algo][name] = {
+                "early": float(np.mean(early)) if early else None,
+                "late": float(np.mean(late)) if late else None,
+            }
+    return out
+
+
+def critic_summaries(paths: list[str | Path]) -> list[dict]:
+    """One row per critic (seed) from its metrics.json: held-out explained variance,
+    the strength `auto` makes of it, and what its deltas do per token class."""
+    rows = []
+    for path in paths:
+        payload = json.loads(Path(path).read_text())
+        table = payload.get("value_table", {})
+        rows.append(
+            {
+                "seed": payload.get("seed"),
+                "explained_variance": payload.get("explained_variance"),
+                "auto_strength": payload.get("auto_strength"),
+                "n_fit": payload.get("n_rollouts_kept"),
+                "n_held_out": payload.get("held_out", {}).get("n_rollouts"),
+                "fit_ev": payload.get("fit", {}).get("explained_variance"),
+                "delta": table.get("mean_delta_by_class", {}),
+            }
+        )
+    return sorted(rows, key=lambda row: (row["seed"] is None, row["seed"]))
+
+
+def probe_figure(
+    metric_files: dict[tuple[str, int], Path], algorithms: list[str], seed: int, path: Path
+) -> Path | None:
+    """One training example (the probe of wmtp.diagnostics) with its tokens shaded
+    by the weight each algorithm gave them the last time it was trained on, one
+    panel per algorithm; comment tokens are underlined. None if no run has a probe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.patches import Rectangle
+
+    probes = {}
+    for algo in algorithms:
+        file = metric_files.get((algo, seed))
+        probe = diagnostics.read_probe(pq.read_schema(file).metadata) if file else None
+        if probe is not None and probe.late is not None:
+            probes[algo] = probe
+    if not probes:
+        return None
+    first = next(iter(probes.values()))
+    lines = "".join(t.replace("\n", "\u21b5\n") for t in first.tokens).split("\n")
+    width, height = max(len(line) for line in lines) + 1, len(lines)
+    top = max(3.0, max(max(p.late["weights"]) for p in probes.values()))
+    norm, cmap = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=top), plt.get_cmap("coolwarm")
+    fig, axes = plt.subplots(
+        len(probes), 1, figsize=(max(6, 0.11 * width + 1.5), 0.19 * (height + 2) * len(probes) + 0.6),
+        squeeze=False,
+    )
+    for ax, (algo, probe) in zip(axes[:, 0], probes.items(), strict=True):
+        row, col = 0, 0
+        for token, kind, weight in zip(probe.tokens, probe.classes, probe.late["weights"], strict=True):
+            for char in token.replace("\n", "\u21b5\n"):
+                if char == "\n":
+                    row, col = row + 1, 0
+                    continue
+                ax.add_patch(Rectangle((col, -row - 1), 1, 1, color=cmap(norm(weight)), linewidth=0))
+                ax.text(col + 0.5, -row - 0.5, char, ha="center", va="center", family="monospace", fontsize=8)
+                if kind == diagnostics.COMMENT:
+                    ax.plot([col, col + 1], [-row - 0.95] * 2, color="black", linewidth=0.6)
+                col += 1
+        ax.set(xlim=(0, width), ylim=(-height, 0), xticks=[], yticks=[])
+        ax.set_title(f"{algo} (step {probe.late['step']})", fontsize=9, loc="left")
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[:, 0].tolist(), label="token weight")
+    fig.suptitle(f"Training example {first.sample_id} (seed {seed}); underlined: comment tokens", fontsize=9)
+    _save_png(fig, path)
+    plt.close(fig)
+    return path
 
 
 # ---------------------------------------------------------------- report
@@ -488,6 +589,7 @@ def build_report(
     out_md: str | Path,
     figures_dir: str | Path,
     git_commit: str | None = None,
+    critic_metrics: list[str | Path] = (),
 ) -> Path:
     """Render `out_md` (the paper table and everything around it) and the figures.
 
@@ -515,6 +617,9 @@ def build_report(
         ))
     metrics = {(a, s): read_metrics(metric_files[(a, s)]) for a in trained for s in seeds}
     figures = make_figures(tables, metrics, algorithms, figures_dir)
+    probe = probe_figure(metric_files, trained, seeds[0], figures_dir / "weight_probe.png")
+    if probe is not None:
+        figures["weight_probe"] = probe
     per_seed = {
         (a, s, b): read_summary(summaries[(a, s, b)]) for a in algorithms for s in seeds for b in benchmarks
     }
@@ -533,6 +638,9 @@ def build_report(
         trained=trained,
         cost=training_cost(metrics, trained),
         weights=weight_stats(metrics, trained),
+        class_weights=class_weights(metrics, trained),
+        token_classes=diagnostics.CLASSES,
+        critics=critic_summaries(list(critic_metrics)),
         per_seed=per_seed,
         eval_settings=config.eval,
         n_resamples=config.report.bootstrap_samples,

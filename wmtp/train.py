@@ -8,7 +8,8 @@ model and data -> loop -> save. The algorithm only decides which inputs
     rho1-weighted    ce_ref from the reference-CE table, ce_base = head-0 CE of the
     rho1-tokenskip   current model (online, given by the loss) or of a frozen copy
                      of the initial model (weighting.rho1_base = "frozen")
-    critic-wmtp      values of the stage-1 value head on the detached trunk output
+    critic-wmtp      deltas V_j - V_{j-1} from the critic stage's value table (computed
+                     once on the frozen base; no value head runs here)
 
 DeepSpeed config: the JSON template `TrainSettings.deepspeed_config` supplies the
 ZeRO knobs and AdamW's betas/eps; the trainer fills in what the recipe owns
@@ -49,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
@@ -74,6 +77,8 @@ from wmtp.data import (
     read_split,
     split_train_val,
 )
+from wmtp.diagnostics import COLUMNS as DIAGNOSTIC_COLUMNS
+from wmtp.diagnostics import WeightDiagnostics
 
 REPO = Path(__file__).resolve().parents[1]
 # DeepSpeed JIT-builds a small op on first use (~1 min); a project-local cache keeps
@@ -171,8 +176,8 @@ def validate_setup(
         )
     if algorithm == "critic-wmtp" and (critic_path is None or not Path(critic_path).exists()):
         problems.append(
-            f"critic-wmtp needs the stage-1 value head (critic_path={critic_path!s}): "
-            "run the critic stage"
+            f"critic-wmtp needs the critic stage's value table (critic_path={critic_path!s}): "
+            "run the critic stage for this seed"
         )
     if max_steps is not None and settings.warmup_steps >= max_steps:
         problems.append(f"warmup_steps ({settings.warmup_steps}) must be < max_steps ({max_steps})")
@@ -245,6 +250,29 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def load_value_table(
+    critic_path, tokenizer, base_model_dir, examples: Sequence[Example], pad_id: int
+):
+    """critic-wmtp's value table (wmtp.value_table), checked against this tokenizer,
+    this base model and every training example before any training compute."""
+    from wmtp.value_table import ValueTable
+
+    try:
+        table = ValueTable.from_parquet(
+            critic_path, tokenizer=tokenizer, base_model_dir=base_model_dir
+        )
+        table.check_covers(examples, pad_id)
+    except ValueError as error:
+        raise ConfigError(f"critic-wmtp: {error}") from None
+    log.info(
+        "value table %s: explained variance %s, auto strength %.3f",
+        critic_path,
+        table.explained_variance,
+        table.strength,
+    )
+    return table
+
+
 # ------------------------------------------------------------------ weights per batch
 
 
@@ -267,7 +295,7 @@ def make_weights(
     *,
     refce=None,
     frozen: torch.nn.Module | None = None,
-    value_head: torch.nn.Module | None = None,
+    value_table=None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The `weights(ce_head0, trunk_hidden)` callable the loss calls for this batch."""
     from wmtp.weights import algorithm_weights
@@ -286,13 +314,10 @@ def make_weights(
             algorithm, mask, settings, ce_base=ce_head0.float(), ce_ref=ce_ref
         )
 
-    def critic_weights(ce_head0: torch.Tensor, trunk_hidden: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            dtype = next(value_head.parameters()).dtype
-            values = value_head(trunk_hidden.detach().to(dtype)).float()  # (B, S)
-        return algorithm_weights(algorithm, mask, settings, values=values)
-
-    return critic_weights
+    deltas = value_table.lookup(batch.sample_ids, batch.input_ids, mask).to(mask.device)  # (B, S)
+    return lambda ce_head0, trunk_hidden: algorithm_weights(
+        algorithm, mask, settings, deltas=deltas, auto_strength=value_table.strength
+    )
 
 
 def check_finite_loss(
@@ -444,7 +469,8 @@ def _append_row(path: Path, row: dict) -> None:
 
 def metric_columns(n_trained: int, n_heads: int) -> list[str]:
     """Columns of `metrics.parquet`: training CE of the `n_trained` trained heads,
-    validation CE of all `n_heads` heads."""
+    validation CE of all `n_heads` heads, weight statistics (overall and per token
+    class, wmtp.diagnostics)."""
     return [
         "step",
         "tokens",
@@ -456,15 +482,21 @@ def metric_columns(n_trained: int, n_heads: int) -> list[str]:
         "lr",
         "tokens_per_s",
         *[f"weight_{s}" for s in WEIGHT_STATS],
+        *DIAGNOSTIC_COLUMNS,
     ]
 
 
-def write_metrics_parquet(rows: list[dict], path: Path, columns: list[str]) -> Path:
+def write_metrics_parquet(
+    rows: list[dict], path: Path, columns: list[str], metadata: dict[bytes, bytes] | None = None
+) -> Path:
     """`metrics.parquet` (one row per logged step, `columns` from `metric_columns`),
-    written atomically."""
+    written atomically; `metadata` goes into the schema metadata (the weight probe of
+    wmtp.diagnostics)."""
     frame = pd.DataFrame(rows, columns=columns).astype({"step": "int64", "tokens": "int64"})
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **(metadata or {})})
     with atomic_file(path) as tmp:
-        frame.to_parquet(tmp, index=False)
+        pq.write_table(table, tmp)
     return path
 
 
@@ -482,6 +514,9 @@ def mlflow_metrics(row: dict) -> dict[str, float]:
         if head.isdigit():
             metrics[f"{'val' if column.startswith('val_') else 'train'}/head{head}_ce"] = value
     metrics.update({f"weight_stats/{s}": row[f"weight_{s}"] for s in WEIGHT_STATS})
+    metrics.update(
+        {f"weight_by_class/{c.removeprefix('weight_on_')}": row[c] for c in DIAGNOSTIC_COLUMNS}
+    )
     return metrics
 
 
@@ -565,7 +600,8 @@ def train(
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     model_config = read_config(base_model_dir)
-    examples = build_examples(read_split(train_path), tokenizer, data.max_seq_len)
+    train_rows = read_split(train_path)
+    examples = build_examples(train_rows, tokenizer, data.max_seq_len)
     if data.max_train_examples is not None:
         examples = examples[: data.max_train_examples]
     train_examples, val_examples = split_train_val(examples, data.val_fraction, seed)
@@ -582,7 +618,7 @@ def train(
             f"the {steps} optimizer steps that {settings.epochs} epochs of "
             f"{len(train_examples)} examples give"
         )
-    refce = frozen = value_head = None
+    refce = frozen = value_table = None
     if algorithm in RHO1:
         from wmtp.refce import RefCETable
 
@@ -594,14 +630,10 @@ def train(
             frozen = load_model(base_model_dir, device=run_device).eval().requires_grad_(False)
             frozen = frozen.to(torch.bfloat16) if bf16 else frozen  # (its CE is taken in fp32)
     if algorithm == "critic-wmtp":
-        from wmtp.critic import load_value_head
-
-        value_head = load_value_head(critic_path).to(run_device).eval().requires_grad_(False)
-        if value_head.dim != model_config.dim:
-            raise ConfigError(
-                f"value head {critic_path} reads width {value_head.dim}, "
-                f"the base model's trunk has {model_config.dim}: retrain the critic"
-            )
+        value_table = load_value_table(
+            critic_path, tokenizer, base_model_dir, train_examples, pad_id
+        )
+    diagnostics = WeightDiagnostics.for_training(train_rows, tokenizer, train_examples, run_device)
 
     model = load_model(base_model_dir)
     n_trained = trained_heads(algorithm, model_config.n_future_tokens)
@@ -703,7 +735,7 @@ def train(
                 tokens_seen += global_tokens(train_examples, per_micro_step, seed, micro_step)
                 batch = batch.to(run_device)
                 weights = make_weights(
-                    recipe, batch, refce=refce, frozen=frozen, value_head=value_head
+                    recipe, batch, refce=refce, frozen=frozen, value_table=value_table
                 )
                 out = weighted_mtp_loss_details(
                     engine.module,
@@ -717,6 +749,7 @@ def train(
                 engine.backward(out.loss)
                 engine.step()
                 window.add(out.loss, out.head_ce, out.weights, batch)
+                diagnostics.add(out.weights, batch, step)
             bar.update(1)
             is_val = step % settings.val_every == 0 or step == steps
             if step % settings.log_every == 0 or is_val:
@@ -727,6 +760,7 @@ def train(
                     "wall_time": time.perf_counter() - started,
                     "lr": lr,
                     **metrics,
+                    **diagnostics.reduce(world),
                 }
                 if is_val:
                     row |= val_loss(
@@ -763,6 +797,7 @@ def train(
 
     # ---- save
     model_dir = out_dir / "model"
+    probe = diagnostics.probe_metadata(world)  # a collective call
     if rank == 0:
         extra = {"algorithm": algorithm, "seed": seed, "resolved config": resolved}
         save_model(engine.module, model_dir, tokenizer=tokenizer, extra=extra)
@@ -770,7 +805,7 @@ def train(
         tracking_lib.write_tracking_file(
             model_dir, uri if run.enabled else None, run.run_id, experiment if run.enabled else None
         )
-        write_metrics_parquet(rows, out_dir / METRICS_PARQUET, columns)
+        write_metrics_parquet(rows, out_dir / METRICS_PARQUET, columns, metadata=probe)
         run.finish()
     if world > 1:
         import torch.distributed as dist
@@ -874,7 +909,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "--refce", help="default <results>/<run>/refce/<dataset>.parquet (rho1 only)"
     )
     parser.add_argument(
-        "--critic", help="default <results>/<run>/critic/value_head.safetensors (critic-wmtp only)"
+        "--critic",
+        help="default <results>/<run>/critic/seed<seed>/values.parquet (critic-wmtp only)",
     )
     parser.add_argument(
         "--tracking-uri", help="default: config tracking.tracking_uri or <results>/<run>/mlflow.db"
@@ -910,7 +946,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         or (run_dir / "refce" / f"{dataset}.parquet" if args.algorithm in RHO1 else None),
         critic_path=args.critic
         or (
-            run_dir / "critic" / "value_head.safetensors"
+            run_dir / "critic" / f"seed{args.seed}" / "values.parquet"
             if args.algorithm == "critic-wmtp"
             else None
         ),
