@@ -744,7 +744,7 @@ SPIED_STEPS = 4  # checkpoints at 2 and 4; the resume tests stop after 3
 
 
 @pytest.fixture(scope="module")
-def value_head_path(setup) -> Path:
+def value_head_path(setup) -> Path:  # TODO(#11): the critic stage's value table instead
     critic = pytest.importorskip("wmtp.critic")
     torch.manual_seed(5)
     head = critic.ValueHead(setup["config"].dim, 16)
@@ -757,7 +757,7 @@ def method_recipe(method: str) -> Recipe:
                   val_every=SPIED_STEPS)  # fmt: skip
 
 
-def method_kwargs(method: str, value_head_path: Path) -> dict:
+def method_kwargs(method: str, value_head_path: Path) -> dict:  # TODO(#11): the value table path
     return {"critic_path": value_head_path} if METHODS[method][0] == "critic-wmtp" else {}
 
 
@@ -898,7 +898,7 @@ def test_make_weights_gives_the_formula(setup, one_batch, value_head_path, metho
         recipe(algorithm, weighting=weighting), one_batch,
         refce=RefCETable.from_parquet(setup["refce"]) if algorithm.startswith("rho1") else None,
         frozen=sources["frozen"] if weighting.get("rho1_base") == "frozen" else None,
-        value_head=sources["value_head"] if algorithm == "critic-wmtp" else None,
+        value_head=sources["value_head"] if algorithm == "critic-wmtp" else None,  # TODO(#11): value_table=
     )  # fmt: skip
     ids, attn = one_batch.input_ids, one_batch.attention_mask
     with torch.no_grad():
