@@ -220,10 +220,15 @@ def test_mtp_from_hf_llama_head0_reproduces_hf(tmp_path, tie):
     assert model.config.n_layers == 5 and len(model.layers) == 2
     assert torch.allclose(got[attention_mask.bool()], expected[attention_mask.bool()], atol=1e-5)
     assert torch.allclose(all_heads[:, :, 1], all_heads[:, :, 0])  # extra heads start as copies
+    # The converted model shares no storage with the HF one: training it leaves hf untouched.
+    hf_before = {name: t.clone() for name, t in hf.state_dict().items()}
     with torch.no_grad():
-        model.output.weight.add_(1.0)
-        model.heads[1].mlp.up_proj.weight.add_(1.0)
-    assert torch.allclose(hf(tokens).logits, hf(tokens).logits)  # the HF model is untouched
+        logits_before = hf(tokens).logits
+        for p in model.parameters():
+            p.add_(1.0)
+        model.heads[1].mlp.up_proj.weight.add_(1.0)  # head 1 must not share head 0's storage
+        assert torch.equal(hf(tokens).logits, logits_before)
+    assert all(torch.equal(t, hf_before[name]) for name, t in hf.state_dict().items())
     assert not torch.allclose(hf.lm_head.weight, model.output.weight)
     assert not torch.equal(model.heads[0].mlp.up_proj.weight, model.heads[1].mlp.up_proj.weight)
 

@@ -306,3 +306,57 @@ def test_a_batch_larger_than_the_data_is_refused():
 
     with pytest.raises(ValueError, match=r"micro_batch_size \(8\) x processes \(4\) = 32 > 20"):
         optimizer_steps(TrainSettings(micro_batch_size=8), 20, processes=4)
+
+
+# ---- one error test per section (issue 14) ---------------------------------------------
+
+
+def with_value(keys: tuple[str, ...], value) -> dict:
+    data = tiny()
+    section = data
+    for key in keys[:-1]:
+        section = section.setdefault(key, {})
+    section[keys[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize(
+    ("keys", "value", "expected"),
+    [
+        (("weighting", "eps"), 1.5, "weighting.eps = 1.5: Input should be less than or equal to 1"),
+        (("weighting", "rho1_base"), "stale", "weighting.rho1_base = \"stale\": Input should be 'online' or 'frozen'"),
+        (("tiny", "n_future_tokens"), 0, "tiny.n_future_tokens = 0: Input should be greater than 0"),
+        (("tiny", "max_seq_len"), 128, "data.max_seq_len = 256: must be <= tiny.max_seq_len (128)"),
+        (("tracking", "mlflow"), "sometimes", 'tracking.mlflow = "sometimes": Input should be a valid boolean'),
+        (("tracking", "uri"), "x", 'tracking.uri = "x": unknown key (allowed: mlflow, tracking_uri)'),
+        (("storage", "endpoint"), "http://s3", "storage.endpoint = \"http://s3\": unknown key (allowed: endpoint_url"),
+        (("report", "bootstrap_samples"), 0, "report.bootstrap_samples = 0: Input should be greater than 0"),
+        (("models", "base", "source"), "ftp",
+         "models.base.source = \"ftp\": Input should be 'tiny', 'hf', 'meta', 'local' or 's3'"),
+        (("models", "ref", "id"), None, "models.ref.id = null: Input should be a valid string"),
+        (("run",), "my run/1", "run = \"my run/1\": String should match pattern '^[A-Za-z0-9_.-]+$'"),
+    ],
+    ids=lambda v: ".".join(v) if isinstance(v, tuple) else None,
+)
+def test_each_section_names_the_bad_key_and_what_is_allowed(keys, value, expected):
+    assert expected in error_of(with_value(keys, value))
+
+
+def test_a_critic_section_in_a_recipe_without_a_critic(tmp_path):
+    path = tmp_path / "rho1-weighted.yaml"
+    path.write_text("algorithm: rho1-weighted\ncritic: {gamma: 0.9}\n")
+    message = error_of({**tiny(), "recipes": {**tiny()["recipes"], "rho1-weighted": str(path)}})
+    assert str(path) in message and "critic: section given for rho1-weighted, which has no critic" in message
+
+
+def test_recipe_warmup_at_or_above_the_settings_step_cap_names_the_recipe(tmp_path):
+    """The cap comes from the config's shared train section, the warmup from the recipe:
+    the check runs on the resolved recipe, so it still fires and names the recipe file."""
+    path = tmp_path / "rho1-tokenskip.yaml"
+    path.write_text("algorithm: rho1-tokenskip\ntrain: {warmup_steps: 40}\n")
+    data = with_value(("train", "max_steps"), 40)
+    data["recipes"]["rho1-tokenskip"] = str(path)
+    message = error_of(data)
+    assert str(path) in message and "warmup_steps = 40: must be < max_steps (40)" in message
+    data["recipes"]["rho1-tokenskip"] = "config/recipes/rho1-tokenskip.yaml"  # the shipped one fits
+    load_config(data, base_dir=REPO)

@@ -16,9 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import REPO, tiny_config
 from safetensors.torch import load_file
 
@@ -696,3 +698,288 @@ def test_workflow_script_relaunches_itself_under_torchrun(setup, tmp_path):
     resolved = json.loads((out / "model" / "config.json").read_text())["resolved config"]
     assert resolved["world_size"] == 2
     assert "train baseline-mtp" in log  # rank 0's progress bar reached the job's log
+
+
+# ---- the weights each method really trains with (issue 14) ------------------------------
+# Every expected weight below is rebuilt from the raw inputs without the trainer's own
+# helpers: the reference CE straight from the parquet (matched to a batch row by its
+# tokens), the head-0 CE from a full `model(...)` forward, the critic's values from the
+# value head on the current trunk. `wmtp.weights.algorithm_weights` is the formula.
+
+METHODS = {  # id -> (algorithm, weighting)
+    "baseline-mtp": ("baseline-mtp", {}),
+    "ntp": ("ntp", {}),
+    "rho1-weighted": ("rho1-weighted", {}),
+    "rho1-tokenskip": ("rho1-tokenskip", {}),
+    "rho1-frozen": ("rho1-weighted", {"rho1_base": "frozen"}),
+    "critic-wmtp": ("critic-wmtp", {"strength": "auto"}),
+}
+SPY_EV = 0.6  # the spied critic's held-out explained variance: strength auto = 0.6
+
+
+def table_ce_ref(refce_path: Path) -> dict[tuple[int, ...], np.ndarray]:
+    """Token ids of positions 1.. of a sample -> its ce_ref, read with pandas alone."""
+    frame = pd.read_parquet(refce_path).sort_values(["sample_id", "position"])
+    return {
+        tuple(group["token_id"].tolist()): group["ce_ref"].to_numpy()
+        for _, group in frame.groupby("sample_id")
+    }
+
+
+def ce_ref_of(batch_ids: torch.Tensor, attention_mask: torch.Tensor, table: dict) -> torch.Tensor:
+    """(B, S) ce_ref of target token j at [b, j]: each row found in `table` by its tokens."""
+    out = torch.zeros(batch_ids.shape)
+    for b in range(batch_ids.shape[0]):
+        n = int(attention_mask[b].sum())
+        out[b, 1:n] = torch.from_numpy(table[tuple(batch_ids[b, 1:n].tolist())].astype(np.float32))
+    return out
+
+
+@torch.no_grad()
+def full_forward_head0_ce(model: MTPModel, input_ids, attention_mask) -> torch.Tensor:
+    """(B, S): CE of target token j from head 0 of the full all-heads forward, 0 at j = 0."""
+    logits = model(input_ids, attention_mask)[:, :, 0].float()  # (B, S, V)
+    ce = torch.zeros(input_ids.shape)
+    ce[:, 1:] = F.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
+    return ce
+
+
+def table_values(table_path: Path) -> dict[tuple[int, ...], np.ndarray]:
+    """Token ids of positions 1.. of a sample -> the critic's V there (NaN before s0),
+    read with pandas alone (not through wmtp.value_table)."""
+    frame = pd.read_parquet(table_path).sort_values(["sample_id", "position"])
+    return {
+        tuple(group["token_id"].tolist()): group["value"].to_numpy()
+        for _, group in frame.groupby("sample_id")
+    }
+
+
+def critic_deltas_of(batch_ids, attention_mask, loss_mask, table: dict) -> torch.Tensor:
+    """(B, S) delta_j = V_j - V_{j-1} on solution tokens (the first one against V(s0),
+    the last prompt token's value), from the table's V column; 0 elsewhere."""
+    out = torch.zeros(batch_ids.shape)
+    for b in range(batch_ids.shape[0]):
+        n = int(attention_mask[b].sum())
+        value = torch.full((n,), float("nan"))
+        value[1:] = torch.from_numpy(table[tuple(batch_ids[b, 1:n].tolist())].astype(np.float32))
+        for j in range(1, n):
+            if loss_mask[b, j]:
+                out[b, j] = value[j] - value[j - 1]
+    assert torch.isfinite(out).all(), "V(s0) or a solution value is missing from the table"
+    return out
+
+
+def expected_weights(algorithm, weighting, model, inputs: dict) -> torch.Tensor:
+    """The formula's weights `(B, S)` for one training micro-batch, from raw inputs."""
+    from wmtp.weights import algorithm_weights
+
+    ids, mask, attn = inputs["input_ids"], inputs["loss_mask"], inputs["attention_mask"]
+    extra = {}
+    if algorithm.startswith("rho1"):
+        base = inputs["frozen"] if weighting.get("rho1_base") == "frozen" else model
+        extra = {"ce_base": full_forward_head0_ce(base, ids, attn), "ce_ref": ce_ref_of(ids, attn, inputs["refce"])}
+    if algorithm == "critic-wmtp":
+        extra = {"deltas": critic_deltas_of(ids, attn, mask, inputs["values"]),
+                 "auto_strength": min(max(SPY_EV, 0.0), 1.0)}  # fmt: skip
+    settings = recipe(algorithm, weighting=weighting).weighting
+    weights = algorithm_weights(algorithm, mask, settings, **extra)
+    return torch.where(mask.bool() & attn.bool(), weights, torch.zeros_like(weights))
+
+
+class LossSpy:
+    """Stands in for `wmtp.loss.weighted_mtp_loss_details` during a training: records,
+    for every training micro-batch (grad enabled; validation runs under no_grad), the
+    weights the loss really used, the heads it trained and the formula's weights for
+    the model as it was at that moment."""
+
+    def __init__(self, real, algorithm: str, weighting: dict, sources: dict) -> None:
+        self.real, self.algorithm, self.weighting, self.sources = real, algorithm, weighting, sources
+        self.calls: list[dict] = []
+
+    def __call__(self, model, input_ids, loss_mask, weights, attention_mask=None, n_heads=None):
+        training = torch.is_grad_enabled()
+        if training:
+            inputs = {**self.sources, "input_ids": input_ids, "loss_mask": loss_mask,
+                      "attention_mask": attention_mask}  # fmt: skip
+            expected = expected_weights(self.algorithm, self.weighting, model, inputs)
+        out = self.real(model, input_ids, loss_mask, weights, attention_mask, n_heads)
+        if training:
+            self.calls.append({"used": out.weights.detach().clone(), "expected": expected,
+                               "n_heads": n_heads, "loss_mask": loss_mask.clone()})  # fmt: skip
+        return out
+
+
+SPIED_STEPS = 4  # checkpoints at 2 and 4; the resume tests stop after 3
+
+
+@pytest.fixture(scope="module")
+def value_table_path(setup) -> Path:
+    """The critic stage's value table of the spied critic-wmtp trainings."""
+    return value_table(setup, setup["root"] / "spy_values.parquet", explained_variance=SPY_EV)
+
+
+def method_recipe(method: str) -> Recipe:
+    algorithm, weighting = METHODS[method]
+    return recipe(algorithm, weighting=weighting, max_steps=SPIED_STEPS, checkpoint_every=2,
+                  val_every=SPIED_STEPS)  # fmt: skip
+
+
+def method_kwargs(method: str, value_table_path: Path) -> dict:
+    return {"critic_path": value_table_path} if METHODS[method][0] == "critic-wmtp" else {}
+
+
+@pytest.fixture(scope="module")
+def spied(setup, value_table_path, tmp_path_factory):
+    """`spied(method)`: one uninterrupted training of `method` with the loss spied on,
+    run once per module and shared (its final weights are also the reference of that
+    method's resume test)."""
+    import wmtp.loss
+
+    sources = {"refce": table_ce_ref(setup["refce"]), "frozen": load_model(setup["base"]).eval(),
+               "values": table_values(value_table_path)}  # fmt: skip
+    cache: dict[str, dict] = {}
+
+    def get(method: str) -> dict:
+        if method not in cache:
+            algorithm, weighting = METHODS[method]
+            spy = LossSpy(wmtp.loss.weighted_mtp_loss_details, algorithm, weighting, sources)
+            out = tmp_path_factory.mktemp(f"spied-{method}")
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(wmtp.loss, "weighted_mtp_loss_details", spy)
+                model_dir = run(setup, out / "straight", method_recipe(method),
+                                **method_kwargs(method, value_table_path))  # fmt: skip
+            cache[method] = {"calls": spy.calls, "model": model_dir, "out": out}
+        return cache[method]
+
+    return get
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_trains_with_its_formulas_weights(spied, setup, method):
+    """What the training loop really hands the loss, batch by batch, equals the
+    independent formula: a trainer giving one method another's weights fails here."""
+    calls = spied(method)["calls"]
+    algorithm = METHODS[method][0]
+    assert len(calls) == SPIED_STEPS  # one micro-batch per step
+    for step, call in enumerate(calls, start=1):
+        valid = call["loss_mask"].bool()
+        assert torch.allclose(call["used"], call["expected"], atol=1e-5), f"{method} step {step}"
+        assert call["used"][valid].mean().item() == pytest.approx(1.0, abs=1e-4)
+        assert call["n_heads"] == (1 if algorithm == "ntp" else setup["config"].n_future_tokens)
+        spread = call["expected"][valid].std().item()
+        if algorithm in ("baseline-mtp", "ntp"):
+            assert spread < 1e-6
+        else:  # the formula really differs from the baseline's all-ones on these batches
+            assert spread > 0.05, f"{method} step {step}: weights too flat to tell methods apart"
+
+
+def test_online_and_frozen_rho1_bases_give_different_weights(spied):
+    """The same batches: equal weights at step 1 (the online model still is the base),
+    different ones once it has moved; each matched its own formula above."""
+    online = [call["used"] for call in spied("rho1-weighted")["calls"]]
+    frozen = [call["used"] for call in spied("rho1-frozen")["calls"]]
+    assert torch.allclose(online[0], frozen[0], atol=1e-5)
+    for step in range(1, SPIED_STEPS):
+        assert (online[step] - frozen[step]).abs().max() > 1e-3, f"step {step + 1}"
+
+
+def tear_last_line(path: Path) -> None:
+    """What a kill during `_append_row` leaves: the last row cut in the middle."""
+    text = path.read_text()
+    last = text.rstrip("\n").rsplit("\n", 1)[-1]
+    path.write_text(text[: len(text) - len(last) - 1] + last[: len(last) // 2])
+
+
+@pytest.mark.parametrize("method", list(METHODS))  # under a second each once DeepSpeed is warm
+def test_every_method_resumes_after_a_kill_to_identical_weights(spied, setup, value_table_path, method, monkeypatch):
+    """Stopped after step 3 (last checkpoint: step 2) with row 3 of metrics.jsonl torn
+    mid-write, then resumed: the weights equal the uninterrupted run's bit for bit, and
+    every metric row is there once, row 3 recomputed. (A real SIGKILL is
+    `test_killed_process_resumes_to_identical_weights`.)"""
+    straight = spied(method)
+    rec, kwargs = method_recipe(method), method_kwargs(method, value_table_path)
+    out = straight["out"] / "killed"
+    with pytest.raises(train_lib.TrainingInterrupted):
+        run(setup, out, rec, stop_after=3, **kwargs)
+    tear_last_line(out / "metrics.jsonl")
+    import wmtp.loss
+
+    real, trained_steps = wmtp.loss.weighted_mtp_loss_details, []
+
+    def counting(*args, **kw):
+        trained_steps.extend([1] if torch.is_grad_enabled() else [])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(wmtp.loss, "weighted_mtp_loss_details", counting)
+    resumed = run(setup, out, rec, **kwargs)
+    assert len(trained_steps) == SPIED_STEPS - 2  # it resumed at the step-2 checkpoint
+    a, b = final_params(straight["model"]), final_params(resumed)
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    reference = pd.read_parquet(straight["out"] / "straight" / "metrics.parquet")
+    assert list(metrics["step"]) == list(range(1, SPIED_STEPS + 1))
+    pd.testing.assert_series_equal(metrics["train_loss"], reference["train_loss"])
+    assert list(metrics["tokens"]) == list(reference["tokens"])
+
+
+# ---- make_weights and head0_ce on their own --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_batch(setup, tiny_tokenizer):
+    """Four training examples of different lengths, right-padded: prompt, solution, padding."""
+    from wmtp.data import collate
+
+    examples = build_examples(read_split(setup["train"]), tiny_tokenizer, 256)
+    batch = collate([examples[i] for i in (0, 3, 7, 12)], tiny_tokenizer.pad_token_id)
+    assert (batch.attention_mask == 0).any() and (~batch.loss_mask & batch.attention_mask.bool()).any()
+    return batch
+
+
+def test_head0_ce_is_head_0_of_the_full_forward(setup, one_batch):
+    model = load_model(setup["base"])
+    got = train_lib.head0_ce(model, one_batch)
+    expected = full_forward_head0_ce(model, one_batch.input_ids, one_batch.attention_mask)
+    expected = torch.where(one_batch.loss_mask, expected, torch.zeros_like(expected))
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert got[one_batch.loss_mask].min() > 0 and (got[:, 0] == 0).all()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_make_weights_gives_the_formula(setup, one_batch, value_table_path, method):
+    """The callable the trainer builds, fed what the loss feeds it (head 0's CE and the
+    trunk output of the model being trained), returns the formula's weights."""
+    from wmtp.refce import RefCETable
+    from wmtp.value_table import ValueTable
+
+    algorithm, weighting = METHODS[method]
+    model = load_model(setup["base"])
+    with torch.no_grad():  # a model that has moved away from the frozen base
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    sources = {"refce": table_ce_ref(setup["refce"]), "frozen": load_model(setup["base"]).eval(),
+               "values": table_values(value_table_path)}  # fmt: skip
+    weights = train_lib.make_weights(  # given what the trainer loads for this recipe, no more
+        recipe(algorithm, weighting=weighting), one_batch,
+        refce=RefCETable.from_parquet(setup["refce"]) if algorithm.startswith("rho1") else None,
+        frozen=sources["frozen"] if weighting.get("rho1_base") == "frozen" else None,
+        value_table=ValueTable.from_parquet(value_table_path) if algorithm == "critic-wmtp" else None,
+    )  # fmt: skip
+    ids, attn = one_batch.input_ids, one_batch.attention_mask
+    with torch.no_grad():
+        hidden, _ = model.trunk(ids, attn)
+    got = weights(full_forward_head0_ce(model, ids, attn) * one_batch.loss_mask, hidden)
+    inputs = {**sources, "input_ids": ids, "loss_mask": one_batch.loss_mask, "attention_mask": attn}
+    assert torch.allclose(got, expected_weights(algorithm, weighting, model, inputs), atol=1e-5)
+
+
+def test_warmup_beyond_the_steps_the_epochs_give_is_refused(setup, tmp_path):
+    """Without a step cap the length comes from the epochs and the data: 14 training
+    examples (16 minus 2 held out) in batches of 4 give 3 steps per epoch."""
+    rec = recipe(epochs=2, max_steps=None, warmup_steps=6)
+    with pytest.raises(ConfigError, match=r"warmup_steps \(6\) must be < the 6 optimizer steps that 2.0 epochs of 14"):
+        run(setup, tmp_path / "out", rec)
+    assert not (tmp_path / "out" / "model").exists()
+    run(setup, tmp_path / "out", recipe(epochs=2, max_steps=None, warmup_steps=5))
+    assert list(pd.read_parquet(tmp_path / "out" / "metrics.parquet")["step"]) == list(range(1, 7))

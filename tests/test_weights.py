@@ -92,6 +92,78 @@ def test_normalize_edge_cases():
     assert torch.equal(none, torch.zeros(2, 3))
 
 
+# Hand-worked cases (issue 14): the expected weights are derived on paper from DESIGN.md's
+# definition (z-score with the POPULATION std over the batch's valid tokens, softmax(z / T),
+# mean 1, clip to [eps, w_max] with the rest rescaled), never from the implementation.
+# Valid tokens are spread over two rows, with garbage at invalid positions, so a per-row
+# z-score or a statistic that counts padding fails too.
+
+
+def batch_of(valid_scores: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (2, 6) batch holding `valid_scores` (in order) at its valid positions."""
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    positions = [(0, 1), (0, 2), (0, 4), (1, 0), (1, 3), (1, 5)][: len(valid_scores)]
+    scores = torch.full((2, 6), 1e6)
+    for (row, col), score in zip(positions, valid_scores, strict=True):
+        mask[row, col] = True
+        scores[row, col] = score
+    return scores, mask
+
+
+def test_normalize_pinned_two_levels_without_clipping():
+    # scores 0, 0, 3, 3: mean 1.5, population std 1.5 (unbiased: sqrt 3), so z = -1, -1, 1, 1;
+    # w_high / w_low = exp(2 / T) and w_low + w_high = 2 (mean 1 over 4 tokens):
+    # w_low = 2 / (1 + exp(2 / 0.7)) = 0.10863, w_high = 1.89137, inside [0.05, 3].
+    scores, mask = batch_of([0.0, 0.0, 3.0, 3.0])
+    weights = normalize(scores, mask, temperature=0.7, eps=0.05, w_max=3.0)
+    low = 2 / (1 + math.exp(2 / 0.7))
+    assert low == pytest.approx(0.10863, abs=1e-5)
+    assert weights[mask].tolist() == pytest.approx([low, low, 2 - low, 2 - low], rel=1e-6)
+    assert torch.all(weights[~mask] == 0)
+
+
+def test_normalize_pinned_ratios_are_exp_of_z_difference_over_t():
+    # scores 1..5: mean 3, population variance 2 (unbiased: 2.5), z_i = (s_i - 3) / sqrt 2;
+    # without clipping w_i / w_j = exp((z_i - z_j) / T) for every pair, and the mean is 1.
+    # With T = 1: exp(z) sums to 7.87755, w = 5 exp(z) / 7.87755 = 0.15431, 0.31296, 0.63472, 1.28728, 2.61074.
+    raw = [1.0, 2.0, 3.0, 4.0, 5.0]
+    scores, mask = batch_of(raw)
+    for temperature in (1.0, 2.5):
+        weights = normalize(scores, mask, temperature=temperature, eps=0.05, w_max=3.0)[mask].double()
+        z = [(s - 3.0) / math.sqrt(2.0) for s in raw]
+        for i in range(5):
+            for j in range(5):
+                expected = math.exp((z[i] - z[j]) / temperature)
+                assert (weights[i] / weights[j]).item() == pytest.approx(expected, rel=1e-5)
+        assert weights.mean().item() == pytest.approx(1.0, abs=1e-6)
+    at_one = normalize(scores, mask, temperature=1.0, eps=0.05, w_max=3.0)[mask]
+    assert at_one.tolist() == pytest.approx([0.15431, 0.31296, 0.63472, 1.28728, 2.61074], abs=1e-5)
+
+
+def test_normalize_pinned_clipping_at_both_bounds():
+    # scores -1, 0, 0, 1: population std sqrt(1/2), z = -sqrt 2, 0, 0, sqrt 2; with T = 0.5
+    # p = 4 softmax(z / T) = 0.0125, 0.2108, 0.2108, 3.566. Guess: the ends clip; then the
+    # middles share 4 - 0.05 - 3 = 0.95, i.e. 0.475 each = c * 0.2108 with c = 2.253, and
+    # check the guess: c * 0.0125 = 0.028 < eps, c * 3.566 = 8.03 > w_max. So:
+    scores, mask = batch_of([-1.0, 0.0, 0.0, 1.0])
+    weights = normalize(scores, mask, temperature=0.5, eps=0.05, w_max=3.0)
+    assert weights[mask].tolist() == pytest.approx([0.05, 0.475, 0.475, 3.0], abs=1e-6)
+
+
+def test_normalize_pinned_clipping_keeps_unclipped_ratios():
+    # scores -6, -1, 0, 1, 6: mean 0, population variance 74/5, z = s / sqrt(14.8); T = 0.7:
+    # p = 5 softmax(z / T) = 0.043, 0.275, 0.399, 0.579, 3.704. Only the top clips (to 3):
+    # the other four share 5 - 3 = 2 in proportion to exp(z / T): 2 softmax over them
+    # (check: the smallest, 2 * 0.043 / 1.296 = 0.066, stays above eps = 0.05).
+    raw = [-6.0, -1.0, 0.0, 1.0, 6.0]
+    scores, mask = batch_of(raw)
+    weights = normalize(scores, mask, temperature=0.7, eps=0.05, w_max=3.0)[mask].tolist()
+    e = [math.exp(s / math.sqrt(14.8) / 0.7) for s in raw[:4]]
+    expected = [2 * x / sum(e) for x in e] + [3.0]
+    assert expected[0] == pytest.approx(0.0664, abs=1e-4)
+    assert weights == pytest.approx(expected, rel=1e-6)
+
+
 def test_normalize_rejects_bad_input():
     scores, mask = random_batch(0)
     with pytest.raises(ValueError, match="same shape"):

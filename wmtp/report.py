@@ -160,6 +160,35 @@ def read_summary(path: str | Path) -> dict[str, float]:
     }
 
 
+def check_summary(summary_path: str | Path, records_path: str | Path, frame: pd.DataFrame) -> None:
+    """Refuse a summary json whose pass@k or exact match (top level, and per sampling
+    temperature in oracle mode) disagrees with its own per-problem records `frame`
+    (read from `records_path`): the table is built from the records, the appendix
+    quotes the summary, and a run whose two files tell different stories is broken."""
+    payload = json.loads(Path(summary_path).read_text())
+    views = [("", read_summary(summary_path), frame["n"], frame["c"])]
+    for temperature, summary in (payload.get("by_temperature") or {}).items():
+        if "by_temperature" not in frame:
+            raise ValueError(f"{summary_path} has by_temperature summaries but {records_path} no such records")
+        counts = [record[temperature] for record in frame["by_temperature"]]
+        views.append((f" at T = {temperature}", summary, [x["n"] for x in counts], [x["c"] for x in counts]))
+    for where, summary, n, c in views:
+        for key, claimed in summary.items():
+            if key == "exact_match":
+                if where or "exact" not in frame:
+                    continue  # exact match is judged at the fixed temperature only
+                recomputed = float((frame["exact"] / frame["n"]).mean())
+            elif key.startswith("pass@"):
+                recomputed = float(pass_at_k(np.asarray(n), np.asarray(c), int(key.split("@")[1])).mean())
+            else:
+                continue
+            if abs(float(claimed) - recomputed) > 1e-6:
+                raise ValueError(
+                    f"{summary_path}: {key}{where} = {claimed:.6g} in the summary but {recomputed:.6g} "
+                    f"recomputed from the per-problem records in {records_path}"
+                )
+
+
 def read_metrics(path: str | Path) -> pd.DataFrame:
     """metrics.parquet with columns renamed to ours; absent ones are left out."""
     raw = pd.read_parquet(path)
@@ -615,6 +644,8 @@ def build_report(
             seed=zlib.crc32(benchmark.encode()),
             oracle_temperatures=config.eval.temperatures if config.eval.oracle_temperatures else None,
         ))
+        for (a, s), frame in problems.items():  # after the problem-set check: the clearer error first
+            check_summary(summaries[(a, s, benchmark)], problems_files[(a, s, benchmark)], frame)
     metrics = {(a, s): read_metrics(metric_files[(a, s)]) for a in trained for s in seeds}
     figures = make_figures(tables, metrics, algorithms, figures_dir)
     probe = probe_figure(metric_files, trained, seeds[0], figures_dir / "weight_probe.png")
