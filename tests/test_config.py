@@ -214,3 +214,37 @@ def test_shipped_recipes_pass_the_trainers_set_up_checks(path, tmp_path):
             critic_path=data,
             device_type="cpu",
         )
+
+
+def test_a_base_without_heads_is_refused_when_the_config_loads(tmp_path):
+    """A plain causal LM as base passed validation, was copied as is and failed in
+    training with 'Missing key(s)': now the config names the key. A local
+    directory's own config.json tells a plain LM from an MTP model of ours."""
+    data = tiny()
+    data["models"]["base"] = {"source": "hf", "id": "HuggingFaceTB/SmolLM2-135M"}
+    assert "models.base.n_future_tokens = null: the base 'HuggingFaceTB/SmolLM2-135M'" in error_of(data)
+    data["models"]["base"]["n_future_tokens"] = 2
+    load_config(data, base_dir=REPO)
+
+    plain, ours = tmp_path / "plain", tmp_path / "ours"
+    plain.mkdir(), ours.mkdir()
+    (plain / "config.json").write_text('{"model_type": "llama"}')
+    (ours / "config.json").write_text('{"wmtp_format": "mtp", "n_future_tokens": 2}')
+    data["models"]["base"] = {"source": "local", "id": str(plain)}
+    assert f"models.base.n_future_tokens = null: {plain} is a plain causal LM" in error_of(data)
+    data["models"]["base"] = {"source": "local", "id": str(ours), "n_future_tokens": 2}
+    assert "is already an MTP model" in error_of(data)
+    data["models"]["base"] = {"source": "local", "id": str(ours)}
+    load_config(data, base_dir=REPO)
+
+
+def test_prompt_format_is_the_base_models(tmp_path):
+    data = tiny()
+    data["models"]["ref"] = {"source": "hf", "id": "x/y", "prompt_format": "chat"}
+    assert "models.ref.prompt_format = 'chat': only the base model's is read" in error_of(data)
+    data = tiny()
+    data["models"]["base"]["prompt_format"] = "chat"
+    assert "the tiny models' tokenizer has no chat template" in error_of(data)
+    data["models"]["base"] = {"source": "hf", "id": "x/y", "n_future_tokens": 2, "prompt_format": "chat"}
+    config, _ = load_config(data, base_dir=REPO)
+    assert config.models.base.prompt_format == "chat"

@@ -1,6 +1,8 @@
 """Model files: our own format, Meta's MTP release format, and HF Llama models.
 
-Our format: a model directory holds `config.json` (MTPConfig fields),
+Our format: a model directory holds `config.json` (MTPConfig fields and
+`"wmtp_format": "mtp"`, a key transformers does not interpret, so loading the
+directory's tokenizer with `AutoTokenizer` stays quiet),
 `model.safetensors` (MTPModel state dict) and, when given, the tokenizer files
 that `transformers.AutoTokenizer.from_pretrained(directory)` reads. Every stage
 passes models between each other as such directories.
@@ -27,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from wmtp.atomic import atomic_dir
+from wmtp.config import is_mtp_model_config
 from wmtp.model import MTPConfig, MTPModel
 
 CONFIG_FILE = "config.json"
@@ -61,7 +64,7 @@ def save_model(model: MTPModel, directory: str | Path, tokenizer=None, extra: di
     with atomic_dir(directory) as tmp:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
-        payload = {"model_type": "wmtp-mtp", **model.config.to_dict(), **(extra or {})}
+        payload = {"wmtp_format": "mtp", **model.config.to_dict(), **(extra or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -70,6 +73,12 @@ def save_model(model: MTPModel, directory: str | Path, tokenizer=None, extra: di
 
 def read_config(directory: str | Path) -> MTPConfig:
     payload = json.loads((Path(directory) / CONFIG_FILE).read_text())
+    if not is_mtp_model_config(payload):
+        raise ValueError(
+            f"{directory} is not an MTP model directory (config.json: model_type "
+            f"{payload.get('model_type')!r}); a plain causal LM gets its heads in the download "
+            "stage: set n_future_tokens on its source (models.base.n_future_tokens)"
+        )
     fields = {k: v for k, v in payload.items() if k in MTPConfig.__dataclass_fields__}
     return MTPConfig(**fields)
 
