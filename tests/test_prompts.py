@@ -14,8 +14,9 @@ from wmtp.prompts import (
     FENCE_END,
     HUMANEVAL_STOP,
     MBPP_STOP,
+    chat_completion,
     chat_prompt,
-    format_stops,
+    generation_stops,
     mbpp_message,
     mbpp_prompt,
     mbpp_solution,
@@ -51,11 +52,10 @@ def test_chat_needs_a_chat_template(tiny_tokenizer):
 
 
 def test_chat_prompt_opens_the_reply_as_a_code_block(chat_tokenizer):
-    text = chat_prompt(chat_tokenizer, "Add two numbers.", "def add(a, b):\n")
-    assert text == f"<|user|>Add two numbers.<|end|>\n<|assistant|>{CODE_FENCE}def add(a, b):\n"
-    raw = model_prompt(chat_tokenizer, "raw", "RAW", "Add two numbers.", "def add(a, b):\n")
-    assert raw == "RAW"
-    assert model_prompt(chat_tokenizer, "chat", "RAW", "Add two numbers.", "def add(a, b):\n") == text
+    text = chat_prompt(chat_tokenizer, "Add two numbers.")
+    assert text == f"<|user|>Add two numbers.<|end|>\n<|assistant|>{CODE_FENCE}"
+    assert model_prompt(chat_tokenizer, "raw", "RAW", "Add two numbers.") == "RAW"
+    assert model_prompt(chat_tokenizer, "chat", "RAW", "Add two numbers.") == text
 
 
 def test_a_template_bos_is_not_doubled(chat_tokenizer):
@@ -83,11 +83,31 @@ def test_training_pairs_follow_the_recorded_format(tiny_tokenizer, chat_tokenize
     prompt, target = training_pair(tokenizer, text, test, code)
     assert prompt == chat_prompt(tokenizer, mbpp_message(text, test))
     assert target == mbpp_solution(code) + FENCE_END
-    # the chat format's stops end generation exactly where the target ends
-    assert truncate_at_stop(target + "\nmore prose", format_stops("chat", MBPP_STOP)) == mbpp_solution(code)[:-1]
+    # generation stops exactly where the target ends; the judged code is the solution
+    cut = truncate_at_stop(target + "\nThis adds them.", generation_stops("chat", MBPP_STOP))
+    assert cut == mbpp_solution(code)[:-1] and chat_completion(cut, MBPP_STOP) == cut
 
 
 def test_each_benchmark_has_its_own_stops():
     assert load_benchmark("humaneval", None)[0].stop == HUMANEVAL_STOP
-    assert format_stops("raw", HUMANEVAL_STOP) == HUMANEVAL_STOP
-    assert format_stops("chat", HUMANEVAL_STOP) == (*HUMANEVAL_STOP, "\n```")
+    assert generation_stops("raw", HUMANEVAL_STOP) == HUMANEVAL_STOP
+    assert generation_stops("chat", HUMANEVAL_STOP) == ("\n```",)
+
+
+def test_a_humaneval_reply_is_joined_after_the_prompt():
+    """The reply's imports and definition of the entry point follow the prompt (its
+    docstring-only function is replaced); example calls after it are cut."""
+    problem = load_benchmark("humaneval", None)[0]
+    reply = (
+        "import math\nfrom typing import List\n\n\n"
+        + problem.prompt.split("from typing import List\n\n\n")[1]
+        + problem.reference
+        + "\n\nprint(has_close_elements([1.0, 2.0], 0.5))\n```\nThis checks every pair."
+    )
+    completion = chat_completion(reply, problem.stop, problem.entry_point)
+    assert completion.startswith("\nimport math\n") and "print" not in completion
+    assert completion.rstrip().endswith(problem.reference.rstrip())
+    program = problem.program(completion)
+    namespace: dict = {}
+    exec(program + problem.tests, namespace)  # the prompt, then the reply's function, then check()
+    assert chat_completion("    return True\n```", problem.stop, problem.entry_point) == "    return True"

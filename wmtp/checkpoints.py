@@ -34,6 +34,7 @@ from wmtp.model import MTPConfig, MTPModel
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+GENERATION_FILE = "generation_config.json"  # as in HF directories: end ids and the like
 META_PARAMS_FILE = "params.json"
 META_WEIGHTS_FILE = "consolidated.pth"
 
@@ -57,9 +58,16 @@ META_IGNORED_PARAMS = {"max_batch_size"}
 META_IGNORED_KEYS = {"rope.freqs"}
 
 
-def save_model(model: MTPModel, directory: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
-    """Write the model (and tokenizer) atomically: into a temp dir, then rename, so
-    a killed job never leaves a directory that looks finished."""
+def save_model(
+    model: MTPModel,
+    directory: str | Path,
+    tokenizer=None,
+    extra: dict | None = None,
+    generation_config: dict | None = None,
+) -> Path:
+    """Write the model (and tokenizer, and the generation config of the model it came
+    from) atomically: into a temp dir, then rename, so a killed job never leaves a
+    directory that looks finished."""
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -68,7 +76,16 @@ def save_model(model: MTPModel, directory: str | Path, tokenizer=None, extra: di
         (tmp / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        if generation_config is not None:
+            (tmp / GENERATION_FILE).write_text(json.dumps(generation_config, indent=2) + "\n")
     return directory
+
+
+def read_generation_config(directory: str | Path) -> dict | None:
+    """The directory's generation_config.json (None without one), to pass on to the
+    models made from it: chat models list several end ids there."""
+    path = Path(directory) / GENERATION_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def read_config(directory: str | Path) -> MTPConfig:

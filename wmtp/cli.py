@@ -253,9 +253,10 @@ ONE_OFF_KS = (1, 10, 100)  # pass@k of a benchmark the config gives no k values 
 
 
 def eval_settings(config: PipelineConfig, args: argparse.Namespace, benchmarks: list[str]) -> EvalSettings:
-    """The config's eval settings with the command line's sampling knobs on top. A
-    benchmark without k values in the config gets pass@k for k in 1, 10, 100 up to
-    n_samples (one-off runs often evaluate what the config's table does not)."""
+    """The config's eval settings with the command line's sampling knobs on top, for
+    `benchmarks` only. A benchmark without k values in the config gets pass@k for
+    k in 1, 10, 100 up to n_samples (one-off runs often evaluate what the config's
+    table does not)."""
     updates = {
         "n_samples": args.n_samples,
         "temperature": args.temperature,
@@ -268,12 +269,13 @@ def eval_settings(config: PipelineConfig, args: argparse.Namespace, benchmarks: 
         "speculative": args.speculative,
     }
     fields = config.eval.model_dump() | {k: v for k, v in updates.items() if v is not None}
-    ks = dict(fields["ks"])
+    ks = {}
     for benchmark in benchmarks:
         if args.ks:
             ks[benchmark] = [int(k) for k in parse_list(args.ks)]
-        elif benchmark not in ks:
-            ks[benchmark] = [k for k in ONE_OFF_KS if k <= fields["n_samples"]]
+        else:
+            default = [k for k in ONE_OFF_KS if k <= fields["n_samples"]]
+            ks[benchmark] = fields["ks"].get(benchmark, default)
     return validate_section(
         EvalSettings, fields | {"ks": ks}, "eval with command-line overrides (--ks sets pass@k)"
     )

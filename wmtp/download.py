@@ -50,7 +50,6 @@ from wmtp.prompts import set_prompt_format
 
 log = logging.getLogger(__name__)
 
-GENERATION_CONFIG = "generation_config.json"
 MBPP_REPO = "google-research-datasets/mbpp"
 CODECONTESTS_REPO = "deepmind/code_contests"
 # Rows of the "full" MBPP config per split; a mismatch means a different dataset version.
@@ -116,9 +115,8 @@ def _add_heads(hf_dir: Path, source: ModelSource, out: Path) -> None:
     """A plain causal LM with `n_future_tokens` set -> our MTP format with extra heads."""
     model = checkpoints.mtp_from_hf_llama(hf_dir, source.n_future_tokens)
     checkpoints.save_model(model, out, tokenizer=_tokenizer_for(hf_dir),
-                           extra={"converted_from": source.source, "source_id": source.id})
-    if (hf_dir / GENERATION_CONFIG).exists():
-        shutil.copy(hf_dir / GENERATION_CONFIG, out / GENERATION_CONFIG)
+                           extra={"converted_from": source.source, "source_id": source.id},
+                           generation_config=checkpoints.read_generation_config(hf_dir))
 
 
 def _record_prompt_format(source: ModelSource, model_dir: Path) -> None:

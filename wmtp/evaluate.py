@@ -23,11 +23,16 @@ import numpy as np
 from wmtp.atomic import write_text_atomic
 from wmtp.benchmarks import Problem, load_benchmark
 from wmtp.config import EvalSettings
-from wmtp.prompts import PromptFormat, format_stops, model_prompt, prompt_format
+from wmtp.prompts import (
+    PromptFormat,
+    chat_completion,
+    generation_stops,
+    model_prompt,
+    prompt_format,
+)
 from wmtp.sandbox import STATUSES, run_many
 
 MBPP_FORMAT = ("mbpp", "tiny-mbpp")
-GENERATION_CONFIG = "generation_config.json"
 # Metric names in MLflow, as the earlier framework logged them.
 METRIC_PREFIX = {
     "mbpp": "mbpp",
@@ -144,11 +149,11 @@ def end_token_ids(model_dir: str | Path, tokenizer) -> list[int]:
     """Every id that ends a completion: the tokenizer's EOS plus the eos ids of the
     model directory's generation_config.json (chat models end a turn with a token
     of their own and list several)."""
+    from wmtp.checkpoints import read_generation_config
+
     ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    path = Path(model_dir) / GENERATION_CONFIG
-    if path.exists():
-        listed = json.loads(path.read_text()).get("eos_token_id")
-        ids += [listed] if isinstance(listed, int) else list(listed or [])
+    listed = (read_generation_config(model_dir) or {}).get("eos_token_id")
+    ids += [listed] if isinstance(listed, int) else list(listed or [])
     return sorted(set(ids))
 
 
@@ -161,19 +166,20 @@ def _sample_completions(
     fmt: PromptFormat = "raw",
     eos_token_ids: list[int] | None = None,
 ) -> tuple[list[list[str]], float, int | None, int]:
-    """n completions per problem in prompt format `fmt`; greedy decoding is
+    """n completions per problem in prompt format `fmt` (`wmtp.prompts`; a chat
+    reply becomes the completion its code block gives); greedy decoding is
     generated once and repeated (every greedy sample is the same). Returns
     (completions, seconds, decoded tokens, kept tokens): decoded counts what the
-    model generated (stop text and end ids included), kept what survives the cut
-    at the first stop (re-tokenised), both for the distinct generations
+    model generated (stop text and end ids included), kept the tokens of the
+    judged completions (re-tokenised), both for the distinct generations
     (speculative decoding counts no decoded tokens: None)."""
     from wmtp.sample import generate, speculative_generate
 
-    prompts = [model_prompt(tokenizer, fmt, p.prompt, p.message, p.prefix) for p in problems]
+    prompts = [model_prompt(tokenizer, fmt, p.prompt, p.message) for p in problems]
     stops = {p.stop for p in problems}
     if len(stops) != 1:
         raise ValueError(f"problems of one benchmark must share stop sequences, got {stops}")
-    stop = format_stops(fmt, stops.pop())
+    stop = generation_stops(fmt, stops.pop())
     greedy = settings.temperature == 0
     started = time.perf_counter()
     if settings.speculative:
@@ -198,6 +204,11 @@ def _sample_completions(
             with_decoded_tokens=True,
         )
     seconds = time.perf_counter() - started
+    if fmt == "chat":
+        completions = [
+            [chat_completion(reply, p.stop, p.entry_point) for reply in replies]
+            for p, replies in zip(problems, completions, strict=True)
+        ]
     kept = sum(
         len(tokenizer(c, add_special_tokens=False)["input_ids"]) for s in completions for c in s
     )

@@ -22,11 +22,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from wmtp.atomic import atomic_dir
-from wmtp.checkpoints import load_model, mtp_from_hf_llama
+from wmtp.checkpoints import GENERATION_FILE, load_model, mtp_from_hf_llama, read_generation_config
 from wmtp.model import MTPModel
 
 HEADS_FILE = "mtp_heads.safetensors"
-GENERATION_CONFIG = "generation_config.json"
 
 
 def llama_state(model: MTPModel) -> dict[str, torch.Tensor]:
@@ -62,8 +61,9 @@ def _llama_config(model: MTPModel, tokenizer):
 def _generation_config(checkpoint: Path, tokenizer) -> dict:
     """The checkpoint's generation_config.json if it has one (it keeps the base
     model's end ids), else one with the tokenizer's special ids."""
-    if (checkpoint / GENERATION_CONFIG).exists():
-        return json.loads((checkpoint / GENERATION_CONFIG).read_text())
+    kept = read_generation_config(checkpoint)
+    if kept is not None:
+        return kept
     fields = {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
@@ -102,7 +102,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
         save_file(llama_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(str(tmp))
         generation = _generation_config(checkpoint, tokenizer)
-        (tmp / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2) + "\n")
+        (tmp / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n")
         if extra:
             save_file(extra, str(tmp / HEADS_FILE), metadata=metadata)
     return out

@@ -7,15 +7,17 @@ into model text lives here.
 Two formats (`PROMPT_FORMATS`):
 - raw: the paper's. The model continues the problem text: MBPP's statement and
   first test in a docstring, HumanEval's signature and docstring. For base models.
-- chat: for instruct models. The problem (with an instruction) is the user's turn
+- chat: for instruct models. The problem, with an instruction, is the user's turn
   of the tokenizer's chat template, and the assistant's reply is opened for the
-  model as a fenced Python block holding the code the raw format would show
-  (HumanEval: the prompt's signature and docstring; MBPP: nothing). The model's
-  continuation is therefore the same code as in the raw format, judged the same
-  way: the block's closing fence is one more stop sequence. This is the
-  instruct-mode HumanEval of bigcode-evaluation-harness ("humanevalsynthesize":
-  the signature placed after the assistant tag), with the code fence the
-  instruct models are tuned to write.
+  model as a fenced Python block (instruct models write their code there; an
+  opened block also keeps prose out). Generation stops at the block's closing
+  fence; what the block holds is the code, cut at the benchmark's stop sequences
+  (`chat_completion`). For HumanEval, whose program is prompt + completion, the
+  reply's definition of the entry point (with the imports and helpers written
+  before it) is joined after the prompt, which gives the signature, docstring and
+  the prompt's own imports, as instruct-mode harnesses do. Training targets are
+  the reference code and the closing fence, so fine-tuning teaches the reply
+  evaluation reads.
 
 The format belongs to the model, not to a stage: the download stage records it in
 the base model's tokenizer files (`set_prompt_format`, a key of
@@ -26,6 +28,7 @@ from the tokenizer they load (`prompt_format`). A stage cannot pick another one.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 PromptFormat = Literal["raw", "chat"]
@@ -104,10 +107,9 @@ def set_prompt_format(tokenizer, value: PromptFormat, name: str = "the model") -
     tokenizer.init_kwargs[FORMAT_KEY] = value
 
 
-def chat_prompt(tokenizer, message: str, code_start: str = "") -> str:
+def chat_prompt(tokenizer, message: str) -> str:
     """The chat format's model input: `message` as the user's turn of the tokenizer's
-    chat template, then the assistant's reply opened as a fenced Python block that
-    already holds `code_start` (HumanEval's signature and docstring).
+    chat template, then the assistant's reply opened as a fenced Python block.
 
     A beginning-of-sequence token that the template writes and the tokenizer also
     adds by itself is dropped from the text, so that `tokenizer(text)` (the
@@ -122,25 +124,40 @@ def chat_prompt(tokenizer, message: str, code_start: str = "") -> str:
     adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
     if adds_bos and text.startswith(bos):
         text = text[len(bos) :]
-    return text + CODE_FENCE + code_start
+    return text + CODE_FENCE
 
 
-def model_prompt(tokenizer, fmt: PromptFormat, raw: str, message: str, code_start: str = "") -> str:
+def model_prompt(tokenizer, fmt: PromptFormat, raw: str, message: str) -> str:
     """What the model continues: `raw` in the raw format, else the chat prompt of
-    `message` with `code_start` opening the reply."""
-    return raw if fmt == "raw" else chat_prompt(tokenizer, message, code_start)
+    `message`."""
+    return raw if fmt == "raw" else chat_prompt(tokenizer, message)
 
 
-def format_stops(fmt: PromptFormat, stops: tuple[str, ...]) -> tuple[str, ...]:
-    """A benchmark's stop sequences in a format: the chat format also stops at the
-    closing fence of the reply's code block."""
-    return stops if fmt == "raw" else (*stops, *CHAT_STOP)
+def generation_stops(fmt: PromptFormat, stops: tuple[str, ...]) -> tuple[str, ...]:
+    """Where the sampler stops: the benchmark's stop sequences in the raw format; the
+    reply's closing fence in the chat format (its code may start with imports or
+    helpers that a benchmark's stops, such as HumanEval's `\\ndef`, would cut)."""
+    return stops if fmt == "raw" else CHAT_STOP
+
+
+def chat_completion(reply: str, stops: tuple[str, ...], entry_point: str = "") -> str:
+    """The completion judged for a chat-format reply (the code of the opened block,
+    `reply`): with an `entry_point` (HumanEval), the reply's definition of it cut
+    at `stops`, with what the reply writes before it (imports, helpers), on a new
+    line after the prompt, whose docstring-only function it replaces; without one,
+    or when the reply does not define it, the code cut at `stops`."""
+    code = truncate_at_stop(reply, CHAT_STOP)
+    pattern = rf"^(?:async\s+)?def\s+{re.escape(entry_point)}\s*\("
+    found = re.search(pattern, code, re.MULTILINE) if entry_point else None
+    if found is None:
+        return truncate_at_stop(code, stops)
+    return "\n" + code[: found.start()] + truncate_at_stop(code[found.start() :], stops)
 
 
 def training_pair(tokenizer, text: str, first_test: str, code: str) -> tuple[str, str]:
     """(prompt, target) text of an MBPP-format training row in the tokenizer's
     format; the target is what the model should write after the prompt, before EOS
-    (the chat format's also closes the code block, which evaluation stops at)."""
+    (the chat format's also closes the code block, where generation stops)."""
     fmt = prompt_format(tokenizer)
     prompt = model_prompt(tokenizer, fmt, mbpp_prompt(text, first_test), mbpp_message(text, first_test))
     target = mbpp_solution(code)
