@@ -70,10 +70,11 @@ def test_the_tiny_default_is_the_issue_setting():
     assert config.eval.ks["tiny-mbpp"] == [1, 10] and config.eval.n_samples == 10
 
 
-def test_paper_restates_everything_the_tiny_default_sets():
+@pytest.mark.parametrize("name", ["paper.yaml", "smol.yaml"])
+def test_settings_restate_everything_the_tiny_default_sets(name):
     """`--configfile config/paper.yaml` is merged over config/config.yaml: the result
     must be the paper setting, with nothing of the tiny one leaking in (but `tiny:`)."""
-    paper = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    paper = yaml.safe_load((REPO / "config" / name).read_text())
     config, _ = load_config(merged(tiny(), paper), base_dir=REPO)
     alone, _ = load_config(paper, base_dir=REPO)
     got, want = config.model_dump(), alone.model_dump()
@@ -81,8 +82,16 @@ def test_paper_restates_everything_the_tiny_default_sets():
     got["eval"]["ks"] = {b: k for b, k in got["eval"]["ks"].items() if b in config.benchmarks}
     want["eval"]["ks"] = {b: k for b, k in want["eval"]["ks"].items() if b in config.benchmarks}
     assert got == want
-    assert config.models.base.subfolder == "7B_1T_4"
-    assert config.eval.ks["codecontests"] == [1, 5]
+
+
+def test_the_paper_and_smol_settings():
+    paper, _ = load_config(REPO / "config" / "paper.yaml", base_dir=REPO)
+    assert paper.models.base.subfolder == "7B_1T_4"
+    assert paper.eval.ks["codecontests"] == [1, 5]
+    smol, recipes = load_config(REPO / "config" / "smol.yaml", base_dir=REPO)
+    assert smol.models.base.source == smol.models.ref.source == "hf"
+    assert smol.models.base.n_future_tokens == 2 and smol.data.train_dataset == "mbpp"
+    assert {r.train.max_steps for r in recipes.values()} == {300}
 
 
 def test_unknown_key_names_the_key_and_the_allowed_ones():
