@@ -255,5 +255,7 @@ def test_prompt_format_is_the_base_models(tmp_path):
     data["models"]["base"]["prompt_format"] = "chat"
     assert "the tiny models' tokenizer has no chat template" in error_of(data)
     data["models"]["base"] = {"source": "hf", "id": "x/y", "n_future_tokens": 2, "prompt_format": "chat"}
+    assert "critic-wmtp's rollouts are sampled in the raw format only" in error_of(data)
+    data["algorithms"].remove("critic-wmtp")
     config, _ = load_config(data, base_dir=REPO)
     assert config.models.base.prompt_format == "chat"

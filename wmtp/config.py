@@ -284,6 +284,11 @@ class PipelineConfig(Strict):
         models = (self.models.base, self.models.ref, self.models.reward)
         uses_tiny = any(m is not None and m.source == "tiny" for m in models)
         problems += _base_problems(self.models)
+        if self.models.base.prompt_format == "chat" and "critic-wmtp" in self.algorithms:
+            problems.append(
+                "models.base.prompt_format = 'chat': critic-wmtp's rollouts are sampled in the raw "
+                "format only (wmtp/critic.py); drop critic-wmtp from algorithms or use raw"
+            )
         if uses_tiny and self.data.max_seq_len > self.tiny.max_seq_len:
             problems.append(
                 f"data.max_seq_len = {self.data.max_seq_len}: must be <= tiny.max_seq_len "
