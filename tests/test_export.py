@@ -63,3 +63,5 @@ def test_export_command(checkpoint, tmp_path, capsys):
     assert (tmp_path / "hf" / "model.safetensors").exists()
     assert main(["export", "--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert "no config.json" in capsys.readouterr().err
+    code = main(["eval", "--checkpoint", str(tmp_path / "hf")])  # the export is not ours to evaluate
+    assert code == 2 and "a plain causal LM, not a model of ours" in capsys.readouterr().err

@@ -19,6 +19,7 @@ prepared the inputs for can be rerun by hand with other settings. Outputs go to
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -35,6 +36,7 @@ from wmtp.config import (
     EvalSettings,
     PipelineConfig,
     Recipe,
+    is_mtp_model_config,
     load_config,
     load_recipe,
     schema_text,
@@ -300,6 +302,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
         raise ConfigError(f"--checkpoint = {str(checkpoint)!r}: not a directory")
+    config_file = checkpoint / "config.json"
+    if config_file.is_file() and not is_mtp_model_config(json.loads(config_file.read_text())):
+        raise ConfigError(
+            f"--checkpoint = {str(checkpoint)!r}: a plain causal LM, not a model of ours; "
+            "the download stage converts one (a model source with n_future_tokens)"
+        )
     benchmarks = parse_list(args.benchmarks)
     unknown = [b for b in benchmarks if b not in BENCHMARKS]
     if unknown:
