@@ -13,8 +13,9 @@ model.safetensors, the tokenizer with its chat template, generation_config.json.
 
     python tests/smollm2.py OUT_DIR      # build it by hand (about 1-2 min)
 
-Building takes about a minute and 540 MB, so tests build it once into a cache
-directory (`smollm2_hf_dir`) and reuse it.
+Building takes about a minute and 540 MB, so the tests and
+benchmarks/smol_stages.py build it once into the repository's `.cache/`
+(`cached_hf_dir`) and reuse it.
 """
 
 from __future__ import annotations
