@@ -265,3 +265,37 @@ def test_explicit_intermediate_size_round_trips(tmp_path):
     assert load_model(tmp_path / "m").config.intermediate_size == 40
     with pytest.raises(ValueError, match="intermediate_size"):
         save_meta_mtp(model, tmp_path / "meta")
+
+
+def test_tokenizer_of_our_directories_loads_quietly(tmp_path, tiny_model, tiny_tokenizer, caplog):
+    """AutoTokenizer reads config.json first: a model_type transformers does not know
+    made every load of our directories warn."""
+    import logging
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    save_model(tiny_model, tmp_path / "m", tokenizer=tiny_tokenizer)
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    finally:
+        hf_logging.disable_propagation()
+    assert tokenizer.get_vocab() == tiny_tokenizer.get_vocab()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_a_plain_causal_lm_is_not_taken_for_an_mtp_model(tmp_path, tiny_model):
+    hf = LlamaForCausalLM(tiny_config(n_future_tokens=1).to_llama_config())
+    hf.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match=r"not an MTP model directory.*models\.base\.n_future_tokens"):
+        load_model(tmp_path / "plain")
+    save_model(tiny_model, tmp_path / "old")  # written before the wmtp_format key (and manifests)
+    payload = json.loads((tmp_path / "old" / "config.json").read_text())
+    payload["model_type"] = "wmtp-mtp"
+    del payload["wmtp_format"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(payload))
+    (tmp_path / "old" / "manifest.json").unlink()
+    with pytest.warns(UserWarning, match="no manifest.json"):
+        assert load_model(tmp_path / "old").config == tiny_model.config

@@ -74,10 +74,11 @@ def test_the_tiny_default_is_the_issue_setting():
     assert config.eval.ks["tiny-mbpp"] == [1, 10] and config.eval.n_samples == 10
 
 
-def test_paper_restates_everything_the_tiny_default_sets():
+@pytest.mark.parametrize("name", ["paper.yaml", "smol.yaml"])
+def test_settings_restate_everything_the_tiny_default_sets(name):
     """`--configfile config/paper.yaml` is merged over config/config.yaml: the result
     must be the paper setting, with nothing of the tiny one leaking in (but `tiny:`)."""
-    paper = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    paper = yaml.safe_load((REPO / "config" / name).read_text())
     config, _ = load_config(merged(tiny(), paper), base_dir=REPO)
     alone, _ = load_config(paper, base_dir=REPO)
     got, want = config.model_dump(), alone.model_dump()
@@ -85,8 +86,17 @@ def test_paper_restates_everything_the_tiny_default_sets():
     got["eval"]["ks"] = {b: k for b, k in got["eval"]["ks"].items() if b in config.benchmarks}
     want["eval"]["ks"] = {b: k for b, k in want["eval"]["ks"].items() if b in config.benchmarks}
     assert got == want
-    assert config.models.base.subfolder == "7B_1T_4"
-    assert config.eval.ks["codecontests"] == [1, 5]
+
+
+def test_the_paper_and_smol_settings():
+    paper, _ = load_config(REPO / "config" / "paper.yaml", base_dir=REPO)
+    assert paper.models.base.subfolder == "7B_1T_4"
+    assert paper.eval.ks["codecontests"] == [1, 5]
+    smol, recipes = load_config(REPO / "config" / "smol.yaml", base_dir=REPO)
+    assert smol.models.base.source == smol.models.ref.source == "hf"
+    assert smol.models.base.n_future_tokens == 2 and smol.data.train_dataset == "mbpp"
+    assert {r.train.epochs for r in recipes.values()} == {3.0}
+    assert {"base", "ntp"} <= set(smol.algorithms)
 
 
 def test_unknown_key_names_the_key_and_the_allowed_ones():
@@ -360,3 +370,37 @@ def test_recipe_warmup_at_or_above_the_settings_step_cap_names_the_recipe(tmp_pa
     assert str(path) in message and "warmup_steps = 40: must be < max_steps (40)" in message
     data["recipes"]["rho1-tokenskip"] = "config/recipes/rho1-tokenskip.yaml"  # the shipped one fits
     load_config(data, base_dir=REPO)
+def test_a_base_without_heads_is_refused_when_the_config_loads(tmp_path):
+    """A plain causal LM as base passed validation, was copied as is and failed in
+    training with 'Missing key(s)': now the config names the key. A local
+    directory's own config.json tells a plain LM from an MTP model of ours."""
+    data = tiny()
+    data["models"]["base"] = {"source": "hf", "id": "HuggingFaceTB/SmolLM2-135M"}
+    assert "models.base.n_future_tokens = null: the base 'HuggingFaceTB/SmolLM2-135M'" in error_of(data)
+    data["models"]["base"]["n_future_tokens"] = 2
+    load_config(data, base_dir=REPO)
+
+    plain, ours = tmp_path / "plain", tmp_path / "ours"
+    plain.mkdir(), ours.mkdir()
+    (plain / "config.json").write_text('{"model_type": "llama"}')
+    (ours / "config.json").write_text('{"wmtp_format": "mtp", "n_future_tokens": 2}')
+    data["models"]["base"] = {"source": "local", "id": str(plain)}
+    assert f"models.base.n_future_tokens = null: {plain} is a plain causal LM" in error_of(data)
+    data["models"]["base"] = {"source": "local", "id": str(ours), "n_future_tokens": 2}
+    assert "is already an MTP model" in error_of(data)
+    data["models"]["base"] = {"source": "local", "id": str(ours)}
+    load_config(data, base_dir=REPO)
+
+
+def test_prompt_format_is_the_base_models(tmp_path):
+    data = tiny()
+    data["models"]["ref"] = {"source": "hf", "id": "x/y", "prompt_format": "chat"}
+    assert "models.ref.prompt_format = 'chat': only the base model's is read" in error_of(data)
+    data = tiny()
+    data["models"]["base"]["prompt_format"] = "chat"
+    assert "the tiny models' tokenizer has no chat template" in error_of(data)
+    data["models"]["base"] = {"source": "hf", "id": "x/y", "n_future_tokens": 2, "prompt_format": "chat"}
+    assert "critic-wmtp's rollouts are sampled in the raw format only" in error_of(data)
+    data["algorithms"].remove("critic-wmtp")
+    config, _ = load_config(data, base_dir=REPO)
+    assert config.models.base.prompt_format == "chat"

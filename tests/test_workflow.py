@@ -157,6 +157,15 @@ def test_paper_dry_run_plans_three_benchmarks(workdir):
     assert "results/paper/eval/critic-wmtp/seed2/codecontests.json" in result.stdout
 
 
+@pytest.mark.slow
+def test_smol_dry_run_plans_a_hub_model_with_heads(workdir):
+    result = snakemake(workdir, "all", "-n", "--configfile", "config/smol.yaml")
+    assert result.returncode == 0, result.stderr
+    jobs = planned_jobs(result.stdout)
+    assert jobs["train"] == 4 and jobs["eval"] == 4 * 2
+    assert "results/smol/eval/rho1-weighted/seed0/humaneval.json" in result.stdout
+
+
 def assert_stopped_before_any_job(result: subprocess.CompletedProcess, expected: list[str]):
     output = result.stdout + result.stderr
     assert result.returncode != 0

@@ -1,10 +1,12 @@
 """Model files: our own format, Meta's MTP release format, and HF Llama models.
 
-Our format: a model directory holds `config.json` (MTPConfig fields),
-`model.safetensors` (MTPModel state dict), when given, the tokenizer files
-that `transformers.AutoTokenizer.from_pretrained(directory)` reads, and
-`manifest.json` (sha256 of each file, checked on load). Every stage passes
-models between each other as such directories.
+Our format: a model directory holds `config.json` (MTPConfig fields and
+`"wmtp_format": "mtp"`, a key transformers does not interpret, so loading the
+directory's tokenizer with `AutoTokenizer` stays quiet), `model.safetensors`
+(MTPModel state dict), when given, the tokenizer files that
+`transformers.AutoTokenizer.from_pretrained(directory)` reads and the source
+model's `generation_config.json`, and `manifest.json` (sha256 of each file,
+checked on load). Every stage passes models between each other as such directories.
 
 Meta's `facebook/multi-token-prediction` format: `params.json` + `consolidated.pth`
 (`layers.{i}` hold the trunk and, last, head 0; `extra_heads.{k}` heads 1..H-1).
@@ -30,11 +32,13 @@ from safetensors.torch import load_file, save_file
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from wmtp.atomic import atomic_dir
+from wmtp.config import is_mtp_model_config
 from wmtp.model import MTPConfig, MTPModel
 from wmtp.storage import MANIFEST_FILE, sha256_file, write_manifest
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+GENERATION_FILE = "generation_config.json"  # as in HF directories: end ids and the like
 META_PARAMS_FILE = "params.json"
 META_WEIGHTS_FILE = "consolidated.pth"
 
@@ -58,21 +62,36 @@ META_IGNORED_PARAMS = {"max_batch_size"}
 META_IGNORED_KEYS = {"rope.freqs"}
 
 
-def save_model(model: MTPModel, directory: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
-    """Write the model (and tokenizer) atomically: into a temp dir, then rename, so
-    a killed job never leaves a directory that looks finished. A checksum manifest
-    (`manifest.json`, sha256 per file) is written last, so `load_model` can tell a
-    damaged file from a good one."""
+def save_model(
+    model: MTPModel,
+    directory: str | Path,
+    tokenizer=None,
+    extra: dict | None = None,
+    generation_config: dict | None = None,
+) -> Path:
+    """Write the model (and tokenizer, and the generation config of the model it came
+    from) atomically: into a temp dir, then rename, so a killed job never leaves a
+    directory that looks finished. A checksum manifest (`manifest.json`, sha256 per
+    file) is written last, so `load_model` can tell a damaged file from a good one."""
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
-        payload = {"model_type": "wmtp-mtp", **model.config.to_dict(), **(extra or {})}
+        payload = {"wmtp_format": "mtp", **model.config.to_dict(), **(extra or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        if generation_config is not None:
+            (tmp / GENERATION_FILE).write_text(json.dumps(generation_config, indent=2) + "\n")
         write_manifest(tmp, {"kind": "model", "written_by": "wmtp.checkpoints.save_model"})
     return directory
+
+
+def read_generation_config(directory: str | Path) -> dict | None:
+    """The directory's generation_config.json (None without one), to pass on to the
+    models made from it: chat models list several end ids there."""
+    path = Path(directory) / GENERATION_FILE
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def verify_model_files(directory: str | Path) -> None:
@@ -113,6 +132,12 @@ def read_config(directory: str | Path) -> MTPConfig:
         payload = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not is_mtp_model_config(payload):
+        raise ValueError(
+            f"{directory} is not an MTP model directory (config.json: model_type "
+            f"{payload.get('model_type')!r}); a plain causal LM gets its heads in the download "
+            "stage: set n_future_tokens on its source (models.base.n_future_tokens)"
+        )
     fields = {k: v for k, v in payload.items() if k in MTPConfig.__dataclass_fields__}
     return MTPConfig(**fields)
 

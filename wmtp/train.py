@@ -57,7 +57,13 @@ import torch.nn.functional as F
 
 from wmtp import tracking as tracking_lib
 from wmtp.atomic import atomic_file, write_text_atomic
-from wmtp.checkpoints import CONFIG_FILE, load_model, read_config, save_model
+from wmtp.checkpoints import (
+    CONFIG_FILE,
+    load_model,
+    read_config,
+    read_generation_config,
+    save_model,
+)
 from wmtp.config import (
     ConfigError,
     DataSettings,
@@ -800,7 +806,8 @@ def train(
     probe = diagnostics.probe_metadata(world)  # a collective call
     if rank == 0:
         extra = {"algorithm": algorithm, "seed": seed, "resolved config": resolved}
-        save_model(engine.module, model_dir, tokenizer=tokenizer, extra=extra)
+        save_model(engine.module, model_dir, tokenizer=tokenizer, extra=extra,
+                   generation_config=read_generation_config(base_model_dir))
     if rank == 0:
         tracking_lib.write_tracking_file(
             model_dir, uri if run.enabled else None, run.run_id, experiment if run.enabled else None
