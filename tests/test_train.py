@@ -471,8 +471,9 @@ def test_torchrun_two_processes_matches_one_process_batch(setup, tmp_path):
     import yaml
 
     rec = recipe(max_steps=4, micro_batch_size=2, checkpoint_every=2).model_dump(mode="json")
+    # a recipe file holds what it overrides: here the whole train section
     (tmp_path / "baseline.yaml").write_text(
-        yaml.safe_dump({k: v for k, v in rec.items() if v is not None})
+        yaml.safe_dump({"algorithm": rec["algorithm"], "train": rec["train"]})
     )
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))

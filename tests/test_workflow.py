@@ -162,7 +162,8 @@ def test_smol_dry_run_plans_a_hub_model_with_heads(workdir):
     result = snakemake(workdir, "all", "-n", "--configfile", "config/smol.yaml")
     assert result.returncode == 0, result.stderr
     jobs = planned_jobs(result.stdout)
-    assert jobs["train"] == 4 and jobs["eval"] == 4 * 2
+    # six rows: the base model is evaluated untrained, the five others are trainings
+    assert jobs["train"] == 5 and jobs["eval"] == 6 * 2
     assert "results/smol/eval/rho1-weighted/seed0/humaneval.json" in result.stdout
 
 
