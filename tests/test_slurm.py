@@ -366,3 +366,30 @@ def test_report_after_recovery_equals_the_uninterrupted_run(slurm_run, local_run
 @pytest.mark.slow
 def test_slurm_run_uploads_its_results(slurm_run):
     check_upload(slurm_run["workdir"] / "results" / "ci", slurm_run["uploaded"])
+
+
+# ---- jobs that can never start -------------------------------------------------------
+
+
+def preflight(workdir: Path, profile: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "slurm_preflight.py"), "--profile", str(profile), "all"],
+        cwd=workdir, env=environment(), capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_preflight_names_the_jobs_slurm_can_never_start(slurm, tmp_path):
+    workdir = copy_workflow(tmp_path)
+    fits = preflight(workdir, ci_profile(workdir / "fits", slurm, ["config/ci.yaml"]))
+    assert fits.returncode == 0, fits.stdout + fits.stderr
+    assert "CANNOT START" not in fits.stdout and re.search(r"^ok\s+train: ", fits.stdout, re.M)
+    profile = ci_profile(workdir / "too-big", slurm, ["config/ci.yaml"])
+    settings = yaml.safe_load((profile / "config.yaml").read_text())
+    settings["cores"] = settings["set-threads"]["eval"] = slurm["cpus"] + 1  # more CPUs than the node
+    settings["set-resources"]["train"]["gpu"] = 5  # it has 4
+    (profile / "config.yaml").write_text(yaml.safe_dump(settings))
+    too_big = preflight(workdir, profile)
+    assert too_big.returncode == 1, too_big.stdout + too_big.stderr
+    impossible = re.findall(r"^CANNOT START\s+([\w, ]+): ", too_big.stdout, re.M)
+    assert sorted(impossible) == ["eval", "train"], too_big.stdout
