@@ -3,8 +3,8 @@
 Conda itself cannot be installed on our machines, so what is checked is what pip can
 check: each env's pinned pip set resolves to one co-installable set for this Python
 (`pip install --dry-run --ignore-installed`, the resolver conda's pip step runs), and
-that set provides every third-party package the rules naming the env need to start
-(imported by their workflow scripts and, when loaded, by the wmtp modules they reach).
+that set provides every third-party package the code of the rules naming the env
+imports (`imported_modules`).
 """
 
 from __future__ import annotations
@@ -67,25 +67,27 @@ def imports(nodes) -> list[tuple[str, list[str]]]:
 
 
 def imported_modules(scripts: list[Path]) -> set[str]:
-    """Top-level modules a rule's scripts need to start: what the scripts import, and
-    what every wmtp module they reach imports when it is loaded. Imports inside
-    library functions are not followed: they serve optional paths (boto3 for s3://,
-    matplotlib for figures) that a static scan cannot tell from dead ones."""
+    """Top-level modules the rules' code imports: the scripts' imports; every import
+    of the wmtp modules a script imports (its entry points, used whole: the lazy
+    ones too, e.g. sentencepiece for Meta's tokenizer in wmtp.download); and the
+    module-level imports of the wmtp modules reached from there (their lazy imports
+    serve other rules or optional paths)."""
     found: set[str] = set()
     loaded: set[Path] = set()
-    todo: list[tuple[str, list[str]]] = []
+    todo: list[tuple[str, list[str], bool]] = []
     for script in scripts:
-        todo += imports(ast.walk(ast.parse(script.read_text())))
+        todo += [(module, names, True) for module, names in imports(ast.walk(ast.parse(script.read_text())))]
     while todo:
-        module, names = todo.pop()
+        module, names, whole = todo.pop()
         found.add(module.split(".")[0])
         if module.split(".")[0] != "wmtp":
             continue
         for name in [module, *(f"{module}.{name}" for name in names)]:
             path = REPO.joinpath(*name.split(".")).with_suffix(".py")
-            if path.exists() and path not in loaded:
-                loaded.add(path)
-                todo += imports(module_level(ast.parse(path.read_text())))
+            if path.exists() and (path, whole) not in loaded:
+                loaded.add((path, whole))
+                tree = ast.parse(path.read_text())
+                todo += [(m, n, False) for m, n in imports(ast.walk(tree) if whole else module_level(tree))]
     return found - set(sys.stdlib_module_names) - {"wmtp", "__future__"}
 
 
