@@ -78,17 +78,17 @@ def test_four_trainings_at_once_log_every_metric_once(server, tmp_path):
     inputs = build_ci_inputs(tmp_path / "inputs")
     config = tmp_path / "ci.yaml"
     config.write_text(yaml.safe_dump(ci_config()))
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "wmtp.train", "--config", str(config), "--base-dir", str(REPO),
-             "--algorithm", "baseline-mtp", "--seed", str(seed), "--out", str(tmp_path / f"seed{seed}"),
-             "--base-model", str(inputs / "models" / "base"),
-             "--train-data", str(inputs / "data" / "tiny-mbpp" / "train.parquet"),
-             "--tracking-uri", server],
-            env=ENV, stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"seed{seed}.log", "w"),
-        )
-        for seed in SEEDS
-    ]
+    procs = []
+    for seed in SEEDS:
+        with open(tmp_path / f"seed{seed}.log", "w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "wmtp.train", "--config", str(config), "--base-dir", str(REPO),
+                 "--algorithm", "baseline-mtp", "--seed", str(seed), "--out", str(tmp_path / f"seed{seed}"),
+                 "--base-model", str(inputs / "models" / "base"),
+                 "--train-data", str(inputs / "data" / "tiny-mbpp" / "train.parquet"),
+                 "--tracking-uri", server],
+                env=ENV, stdout=subprocess.DEVNULL, stderr=log,
+            ))
     for seed, proc in zip(SEEDS, procs, strict=True):
         assert proc.wait(timeout=900) == 0, (tmp_path / f"seed{seed}.log").read_text()[-3000:]
     client = MlflowClient(server)
