@@ -19,6 +19,7 @@ exits with status 1 if any cannot start. The knobs are in the profile: `set-thre
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -27,11 +28,24 @@ from pathlib import Path
 SNAKEMAKE = [str(Path(sys.executable).parent / "snakemake")]
 
 
-def planned_requests(dry_run: str) -> dict[tuple[str, ...], list[str]]:
-    """{sbatch arguments: rules} of the jobs a dry run plans for Slurm (local rules,
-    which run on the submit host, are left out)."""
+def local_rules(workflow_dir: Path) -> set[str]:
+    """Rules named in a `localrules:` block of the Snakefile or rules/*.smk: they run on
+    the submit host (a dry run prints them like the others)."""
+    names: set[str] = set()
+    for path in [workflow_dir / "Snakefile", *sorted((workflow_dir / "rules").glob("*.smk"))]:
+        if path.exists():
+            for block in re.findall(r"^localrules:\n((?:[ \t]+\w+,?\n)+)", path.read_text(), re.M):
+                names |= set(block.replace(",", " ").split())
+    return names
+
+
+def planned_requests(dry_run: str, local: set[str]) -> dict[tuple[str, ...], list[str]]:
+    """{sbatch arguments: rules} of the jobs a dry run plans for Slurm (the `local`
+    rules, which run on the submit host, are left out)."""
     requests: dict[tuple[str, ...], list[str]] = defaultdict(list)
     for rule, block in re.findall(r"^rule (\w+):\n((?:    .*\n)+)", dry_run, flags=re.M):
+        if rule in local:
+            continue
         fields = dict(re.findall(r"^    (\w+): (.*)$", block, flags=re.M))
         args = sbatch_args(int(fields.get("threads", 1)), parse_resources(fields.get("resources", "")))
         if rule not in requests[args]:
@@ -79,6 +93,9 @@ def test_only(args: tuple[str, ...]) -> tuple[bool, str]:
 
 
 def main(argv: list[str]) -> int:
+    if shutil.which("sbatch") is None:
+        print("slurm_preflight: no sbatch on PATH: run it where you submit jobs", file=sys.stderr)
+        return 2
     plan = subprocess.run(
         [*SNAKEMAKE, "--dry-run", *(argv or ["--profile", "slurm", "all"])],
         capture_output=True, text=True,
@@ -86,7 +103,7 @@ def main(argv: list[str]) -> int:
     if plan.returncode != 0:
         print(plan.stdout[-3000:] + plan.stderr[-3000:], file=sys.stderr)
         return plan.returncode
-    requests = planned_requests(plan.stdout)
+    requests = planned_requests(plan.stdout, local_rules(Path.cwd()))
     impossible = 0
     for args, rules in sorted(requests.items(), key=lambda item: item[1]):
         ok, answer = test_only(args)
@@ -94,8 +111,8 @@ def main(argv: list[str]) -> int:
         print(f"{'ok' if ok else 'CANNOT START':12} {', '.join(rules)}: {' '.join(args)}\n{'':13}{answer}")
     if impossible:
         print(
-            f"{impossible} request(s) fit no node: lower set-threads / set-resources (mem_mb, gpu) "
-            "or fix slurm_partition / gpu_model in the profile",
+            f"{impossible} request(s) cannot start (Slurm's answers above): fix slurm_partition, "
+            "slurm_account or gpu_model, or lower set-threads / set-resources (mem_mb, gpu, runtime)",
             file=sys.stderr,
         )
     return 1 if impossible else 0
