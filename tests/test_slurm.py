@@ -201,7 +201,13 @@ def local_run(s3, bucket, tmp_path_factory):
     env = environment()
     plan = run(workdir, ["--profile", str(profile), "-n", "all"], env, "plan", 300)
     assert plan["returncode"] == 0, plan["output"][-4000:]
-    result = run(workdir, ["--profile", str(profile), "--executor", "local", "all"], env, "run", 1800)
+    # Locally, without `executor` and `jobs` (a limit on cluster jobs that, when set,
+    # lifts the local limit of `cores`): at most `cores` threads at once, like the node.
+    local = yaml.safe_load((profile / "config.yaml").read_text())
+    del local["executor"], local["jobs"]
+    (workdir / "local-profile").mkdir()
+    (workdir / "local-profile" / "config.yaml").write_text(yaml.safe_dump(local))
+    result = run(workdir, ["--profile", "local-profile", "all"], env, "run", 1800)
     result |= {"workdir": workdir, "planned": planned_jobs(plan["output"]), "uploaded": uploaded(s3)}
     clear_upload(s3)
     print(f"\nlocal run of the reduced DAG: {result['seconds']:.0f} s, load {os.getloadavg()}")
