@@ -97,9 +97,17 @@ def trained_alternatives():
     return _alternatives(TRAINED)
 
 
+def upload_manifest():
+    return f"results/{RUN}/upload.json"
+
+
 def get_final_outputs():
-    """What `snakemake all` builds: the run's report and its copy at results/report.md."""
-    return [report_path(), REPORT_COPY]
+    """What `snakemake all` builds: the run's report and its copy at results/report.md,
+    and with storage.upload_prefix set, the record of their upload."""
+    outputs = [report_path(), REPORT_COPY]
+    if CONFIG.storage.upload_prefix is not None:
+        outputs.append(upload_manifest())
+    return outputs
 
 
 # ---- input functions ---------------------------------------------------------------
@@ -155,6 +163,16 @@ def get_report_inputs(wildcards):
     }
 
 
+def get_upload_inputs(wildcards):
+    """The report with its figures, and every evaluation and training metrics file
+    behind it."""
+    return {
+        "report": report_path(),
+        "figures": f"results/{RUN}/figures",
+        **get_report_inputs(wildcards),
+    }
+
+
 # ---- params: the resolved settings each job depends on -----------------------------
 # Snakemake reruns a job when its params change (rerun trigger `params`), so each rule
 # gets exactly the settings it reads: editing one recipe reruns only that method.
@@ -171,6 +189,11 @@ def get_model_params(wildcards):
 
 
 def get_data_params(wildcards):
+    """data.sources names a directory or s3:// prefix for the dataset; otherwise its
+    default source (tiny-mbpp: generated from the tiny settings)."""
+    source = CONFIG.data.sources.get(wildcards.dataset)
+    if source is not None:
+        return {"source": source}
     if wildcards.dataset == "tiny-mbpp":
         return {"tiny": CONFIG.tiny.model_dump(mode="json")}
     return {}
@@ -210,4 +233,11 @@ def get_report_params(wildcards):
     return {
         "report": CONFIG.report.model_dump(mode="json"),
         "config_hash": config_hash(CONFIG, RECIPES),
+    }
+
+
+def get_upload_params(wildcards):
+    return {
+        "prefix": CONFIG.storage.upload_prefix,
+        "endpoint_url": CONFIG.storage.endpoint_url,
     }

