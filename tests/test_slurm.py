@@ -44,7 +44,8 @@ from wmtp import storage
 BUCKET = "wmtp-ci"
 UPLOAD_PREFIX = f"s3://{BUCKET}/results/ci"
 CANCELLED = ("baseline-mtp", 0)  # the training whose Slurm job is cancelled mid-way
-LONG_BASELINE = {"max_steps": 150, "checkpoint_every": 10, "val_every": 50}  # time to cancel it
+# time to cancel it: enough epochs that max_steps decides the length
+LONG_BASELINE = {"epochs": 100, "max_steps": 150, "checkpoint_every": 10, "val_every": 50}
 TIMING_COLUMNS = ("wall time (s)", "tokens/s")  # of the report's training-cost table
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -155,11 +156,10 @@ def bucket(s3, tmp_path_factory):
 def services_config(workdir: Path, endpoint: str) -> str:
     """config/ci.yaml's run with models and data from the bucket, results uploaded
     to it, and a longer baseline training (so that it can be cancelled mid-way)."""
-    recipe = yaml.safe_load((REPO / "config" / "recipes" / "ci" / "baseline-mtp.yaml").read_text())
-    recipe["train"] |= LONG_BASELINE
-    (workdir / "config" / "recipes" / "ci" / "baseline-mtp-long.yaml").write_text(yaml.safe_dump(recipe))
+    recipe = {"algorithm": "baseline-mtp", "train": LONG_BASELINE}  # the shared train: overridden
+    (workdir / "config" / "recipes" / "baseline-mtp-long.yaml").write_text(yaml.safe_dump(recipe))
     overlay = {
-        "recipes": {"baseline-mtp": "config/recipes/ci/baseline-mtp-long.yaml"},
+        "recipes": {"baseline-mtp": "config/recipes/baseline-mtp-long.yaml"},
         "models": {role: {"source": "s3", "id": f"s3://{BUCKET}/inputs/models/{role}"}
                    for role in ("base", "ref")},
         "data": {"sources": {"tiny-mbpp": f"s3://{BUCKET}/inputs/data/tiny-mbpp"}},

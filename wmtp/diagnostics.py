@@ -34,12 +34,16 @@ import math
 import tokenize
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from wmtp.data import PACK_SEPARATOR, Batch, Example
 from wmtp.prompts import mbpp_solution
+
+if TYPE_CHECKING:  # imported where training uses them: the report rule reads CLASSES
+    import torch  # and probes from this module, and its conda env has no torch
+
+    from wmtp.data import Batch, Example
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +124,8 @@ class TokenClasses:
     def lookup(self, sample_ids: Sequence[str], shape: tuple[int, int]) -> np.ndarray:
         """(B, S) classes of a right-padded, possibly packed batch; `NOT_SOLUTION` on
         prompts and padding."""
+        from wmtp.data import PACK_SEPARATOR
+
         out = np.full(shape, NOT_SOLUTION, dtype=np.int8)
         for b, joined in enumerate(sample_ids):
             offset = 0
@@ -138,6 +144,8 @@ class TokenClasses:
 def _parts(example: Example) -> Iterator[tuple[str, int, int]]:
     """(sample_id, start, length) of each sample in a possibly packed example. Parts
     are split where the loss mask falls from 1 (a solution's EOS) to 0 (next prompt)."""
+    from wmtp.data import PACK_SEPARATOR
+
     ids = example.sample_id.split(PACK_SEPARATOR)
     mask = np.asarray(example.loss_mask, dtype=bool)
     ends = [int(i) + 1 for i in np.flatnonzero(mask[:-1] & ~mask[1:])] + [len(mask)]
@@ -171,6 +179,8 @@ def pick_probe(classes: TokenClasses, examples: Sequence[Example]) -> str | None
     solution tokens (all, if none is that short), the one with the most comment
     tokens, then the most code tokens, then the smallest id. A pure function of the
     examples, so every algorithm of a seed shows the same one."""
+    from wmtp.data import PACK_SEPARATOR
+
     ids = [e.sample_id for e in examples if PACK_SEPARATOR not in e.sample_id]
     if not ids:
         return None
@@ -191,6 +201,8 @@ class WeightDiagnostics:
     """Per-window mean weight of each token class, and the probe's weights."""
 
     def __init__(self, classes: TokenClasses, probe: ProbeRecord | None, device) -> None:
+        import torch
+
         self.classes = classes
         self.probe = probe
         self.device = device
@@ -216,6 +228,8 @@ class WeightDiagnostics:
 
     def add(self, weights: torch.Tensor, batch: Batch, step: int) -> None:
         """Accumulate one micro-batch's `(B, S)` weights (indexed by target token)."""
+        import torch
+
         kinds = torch.from_numpy(
             self.classes.lookup(batch.sample_ids, tuple(batch.input_ids.shape))
         )
