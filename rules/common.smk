@@ -164,8 +164,8 @@ def get_report_inputs(wildcards):
 
 
 def get_upload_inputs(wildcards):
-    """The report with its figures, and every evaluation and training metrics file
-    behind it."""
+    """The report with its figures, and every file behind it: evaluations, training
+    metrics and (with critic-wmtp) the critics' metrics."""
     return {
         "report": report_path(),
         "figures": f"results/{RUN}/figures",

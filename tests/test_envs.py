@@ -45,10 +45,12 @@ def pins(env: str) -> list[str]:
 
 def module_level(tree: ast.Module) -> list[ast.stmt]:
     """Statements run when the module is imported (not inside functions or classes),
-    `if`/`try` blocks included."""
+    `if`/`try` blocks included, `if TYPE_CHECKING:` blocks not."""
     found, todo = [], list(tree.body)
     while todo:
         node = todo.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue  # never run: imports for type hints only
         found.append(node)
         if isinstance(node, ast.If | ast.Try | ast.With):
             todo += [*node.body, *getattr(node, "orelse", []), *getattr(node, "finalbody", [])]

@@ -77,7 +77,11 @@ def test_four_trainings_at_once_log_every_metric_once(server, tmp_path):
 
     inputs = build_ci_inputs(tmp_path / "inputs")
     config = tmp_path / "ci.yaml"
-    config.write_text(yaml.safe_dump(ci_config()))
+    settings = ci_config()
+    # long enough that all four are still training when the last one starts (the
+    # CI cap of 6 steps can end one before another has loaded its model)
+    settings["train"] |= {"epochs": 100, "max_steps": 40}
+    config.write_text(yaml.safe_dump(settings))
     procs = []
     for seed in SEEDS:
         with open(tmp_path / f"seed{seed}.log", "w") as log:

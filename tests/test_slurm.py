@@ -264,12 +264,13 @@ def slurm_run(slurm, s3, bucket, local_run, tmp_path_factory):
 
 
 def expected_uploads(run_dir: Path) -> set[str]:
-    """What the upload rule must send: the report and figures, and every evaluation
-    and training-metrics file of the run."""
+    """What the upload rule must send: the report and figures, and every evaluation,
+    training-metrics and critic-metrics file of the run."""
     files = {"report.md", "manifest.json"}
     files |= {p.relative_to(run_dir).as_posix() for p in (run_dir / "figures").iterdir()}
     files |= {p.relative_to(run_dir).as_posix() for p in (run_dir / "eval").rglob("*.json*")}
     files |= {p.relative_to(run_dir).as_posix() for p in (run_dir / "train").glob("*/seed*/metrics.parquet")}
+    files |= {p.relative_to(run_dir).as_posix() for p in (run_dir / "critic").glob("seed*/metrics.json")}
     return files
 
 
