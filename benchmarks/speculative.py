@@ -49,6 +49,7 @@ speculative decoder does not.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -124,6 +125,48 @@ def train(model: MTPModel, ids: torch.Tensor, args: argparse.Namespace) -> float
     return sum(losses[-20:]) / len(losses[-20:])
 
 
+TRAINING_ARGS = (
+    "dim", "trunk_layers", "heads", "vocab", "train_problems", "corpus_functions", "stdlib_bytes",
+    "steps", "batch", "seq", "lr", "seed", "train_threads",
+)  # fmt: skip
+
+
+def trained_model(docs: list[str], args: argparse.Namespace):
+    """(model, tokenizer, corpus tokens, final loss, training seconds): trained here, or
+    loaded from `--model-dir` when a model trained with the same settings is there."""
+    from transformers import AutoTokenizer
+
+    from wmtp.checkpoints import CONFIG_FILE, load_model, save_model
+
+    settings = {name: getattr(args, name) for name in TRAINING_ARGS}
+    saved = Path(args.model_dir or "", CONFIG_FILE)
+    if args.model_dir and saved.exists():
+        info = json.loads(saved.read_text())
+        if info.get("benchmark_settings") != settings:
+            sys.exit(f"{args.model_dir} holds a model trained with other settings: "
+                     f"{info.get('benchmark_settings')}")  # fmt: skip
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+        return load_model(args.model_dir).eval(), tokenizer, *info["benchmark_trained"]
+    text = "\n\n".join(docs)
+    tokenizer = train_tokenizer([text], args.vocab)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])  # (N,)
+    config = MTPConfig(
+        dim=args.dim, n_layers=args.trunk_layers + args.heads, n_heads=4,
+        vocab_size=len(tokenizer), n_future_tokens=args.heads, multiple_of=32,
+        max_seq_len=max(args.seq, 1024),
+    )  # fmt: skip
+    model = MTPModel(config)
+    model.init_weights(args.seed)
+    torch.set_num_threads(args.train_threads)
+    started = time.perf_counter()
+    final_loss = train(model, ids, args)
+    trained = [len(ids), final_loss, time.perf_counter() - started]
+    if args.model_dir:
+        extra = {"benchmark_settings": settings, "benchmark_trained": trained}
+        save_model(model, args.model_dir, tokenizer, extra=extra)
+    return model, tokenizer, *trained
+
+
 def decode(name: str, model: MTPModel, tokenizer, prompt: str, new_tokens: int):
     """(completion, seconds, mean accepted length) of one prompt, batch size 1."""
     started = time.perf_counter()
@@ -159,24 +202,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-threads", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads while decoding")
+    parser.add_argument(
+        "--model-dir", help="reuse the model trained with these settings from here (trained "
+        "and saved there when missing)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.manual_seed(args.seed)
 
     docs, prompts = documents(args)
-    text = "\n\n".join(docs)
-    tokenizer = train_tokenizer([text], args.vocab)
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])  # (N,)
-    config = MTPConfig(
-        dim=args.dim, n_layers=args.trunk_layers + args.heads, n_heads=4,
-        vocab_size=len(tokenizer), n_future_tokens=args.heads, multiple_of=32,
-        max_seq_len=max(args.seq, 1024),
-    )  # fmt: skip
-    model = MTPModel(config)
-    model.init_weights(args.seed)
-    torch.set_num_threads(args.train_threads)
-    started = time.perf_counter()
-    final_loss = train(model, ids, args)
-    train_seconds = time.perf_counter() - started
+    model, tokenizer, n_tokens, final_loss, train_seconds = trained_model(docs, args)
 
     torch.set_num_threads(args.threads)
     names = ("greedy", "speculative")
@@ -201,7 +235,7 @@ def main() -> None:
     print(
         f"\nmodel: dim {args.dim}, {args.trunk_layers} trunk blocks + {args.heads} heads, vocab "
         f"{len(tokenizer)}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params; "
-        f"corpus {len(ids) / 1e3:.0f} k tokens; trained {args.steps} steps x {args.batch} x "
+        f"corpus {n_tokens / 1e3:.0f} k tokens; trained {args.steps} steps x {args.batch} x "
         f"{args.seq} tokens in {train_seconds:.0f} s ({args.train_threads} threads), loss of "
         f"the last 20 steps {final_loss:.3f}\ndecoding: {len(prompts)} held-out tiny-mbpp "
         f"prompts, up to {args.new_tokens} new tokens, batch size 1, {args.threads} threads, "

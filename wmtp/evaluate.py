@@ -142,7 +142,9 @@ def _sample_completions(
     model, tokenizer, problems: list[Problem], settings: EvalSettings, seed: int
 ):
     """n completions per problem; greedy decoding is generated once and repeated
-    (every greedy sample is the same). Returns (completions, seconds, tokens)."""
+    (every greedy sample is the same). With `settings.speculative` the MTP heads
+    draft and head 0 verifies (`speculative_generate`): the same greedy completions,
+    or samples from the same distribution. Returns (completions, seconds, tokens)."""
     from wmtp.sample import generate, speculative_generate
 
     prompts = [p.prompt for p in problems]
@@ -151,26 +153,21 @@ def _sample_completions(
         raise ValueError(f"problems of one benchmark must share stop sequences, got {stops}")
     stop = stops.pop()
     greedy = settings.temperature == 0
+    sampling = dict(
+        n=1 if greedy else settings.n_samples,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        max_new_tokens=settings.max_new_tokens,
+        seed=seed,
+        batch_size=settings.batch_size,
+        stop=stop,
+        progress=True,
+    )
     started = time.perf_counter()
     if settings.speculative:
-        texts, _ = speculative_generate(
-            model, tokenizer, prompts, settings.max_new_tokens, stop=stop, progress=True
-        )
-        completions = [[t] for t in texts]
+        completions, _ = speculative_generate(model, tokenizer, prompts, **sampling)
     else:
-        completions = generate(
-            model,
-            tokenizer,
-            prompts,
-            n=1 if greedy else settings.n_samples,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            max_new_tokens=settings.max_new_tokens,
-            seed=seed,
-            batch_size=settings.batch_size,
-            stop=stop,
-            progress=True,
-        )
+        completions = generate(model, tokenizer, prompts, **sampling)
     seconds = time.perf_counter() - started
     tokens = sum(
         len(tokenizer(c, add_special_tokens=False)["input_ids"]) for s in completions for c in s
@@ -200,8 +197,6 @@ def evaluate_model(
     from wmtp.checkpoints import load_model
     from wmtp.tracking import log_to_model_run
 
-    if settings.speculative and settings.temperature != 0:
-        raise ValueError("speculative decoding is greedy: set eval.temperature to 0")
     ks = settings.ks.get(benchmark)
     if not ks:
         raise ValueError(f"eval.ks has no k values for benchmark {benchmark!r}")
