@@ -54,6 +54,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -62,7 +63,7 @@ from tqdm import tqdm
 from wmtp.loss import weighted_mtp_loss
 from wmtp.model import MTPConfig, MTPModel
 from wmtp.prompts import mbpp_prompt, mbpp_solution
-from wmtp.sample import generate, speculative_generate
+from wmtp.sample import DecodeStats, generate, speculative_generate
 from wmtp.tiny_data import corpus_documents, make_tiny_mbpp
 from wmtp.tiny_models import train_tokenizer
 
@@ -111,7 +112,7 @@ def train(model: MTPModel, ids: torch.Tensor, args: argparse.Namespace) -> float
     model.train()
     losses = []
     for _ in (bar := tqdm(range(args.steps), desc="train", unit="step")):
-        starts = torch.randint(0, len(ids) - args.seq, (args.batch,), generator=rng)
+        starts = torch.randint(0, len(ids) - args.seq, (args.train_batch,), generator=rng)
         window = torch.stack([ids[s : s + args.seq] for s in starts.tolist()])  # (B, S)
         loss = weighted_mtp_loss(model, window, torch.ones_like(window), torch.ones(window.shape))
         optimizer.zero_grad()
@@ -127,7 +128,7 @@ def train(model: MTPModel, ids: torch.Tensor, args: argparse.Namespace) -> float
 
 TRAINING_ARGS = (
     "dim", "trunk_layers", "heads", "vocab", "train_problems", "corpus_functions", "stdlib_bytes",
-    "steps", "batch", "seq", "lr", "seed", "train_threads",
+    "steps", "train_batch", "seq", "lr", "seed", "train_threads", "prompts",
 )  # fmt: skip
 
 
@@ -167,21 +168,113 @@ def trained_model(docs: list[str], args: argparse.Namespace):
     return model, tokenizer, *trained
 
 
-def decode(name: str, model: MTPModel, tokenizer, prompt: str, new_tokens: int):
-    """(completion, seconds, mean accepted length) of one prompt, batch size 1."""
-    started = time.perf_counter()
-    if name == "greedy":
-        completion = generate(
-            model, tokenizer, [prompt], n=1, temperature=0.0, top_p=1.0,
-            max_new_tokens=new_tokens, seed=0, batch_size=1, stop=(),
-        )[0][0]  # fmt: skip
-        accepted = 1.0
+SETTINGS = {  # name -> (temperature, draft with heads 1..H-1)
+    "greedy": (0.0, False),
+    "speculative greedy": (0.0, True),
+    "sampling": (0.8, False),
+    "speculative sampling": (0.8, True),
+}
+PLAIN = {"speculative greedy": "greedy", "speculative sampling": "sampling"}
+
+
+@dataclass
+class Tally:
+    """Totals of one (setting, batch size) over the interleaved units."""
+
+    tokens: int = 0
+    wall: float = 0.0
+    cpu: float = 0.0
+    forwards: int = 0
+    row_forwards: int = 0
+    accepted: int = 0
+    outputs: list = field(default_factory=list)
+
+
+def run_unit(model, tokenizer, name: str, prompts: list[str], n: int, batch: int, args, tally):
+    """Decode one unit of work (a prompt or a batch of prompts) with one setting."""
+    temperature, draft = SETTINGS[name.removeprefix("generate ")]
+    wall, cpu = time.perf_counter(), time.process_time()
+    if name.startswith("generate"):  # the generic decoder (any HF model), for reference
+        completions = generate(
+            model, tokenizer, prompts, n=n, temperature=temperature, top_p=args.top_p,
+            max_new_tokens=args.new_tokens, seed=args.seed, batch_size=batch, stop=(),
+        )  # fmt: skip
+        stats = DecodeStats()
     else:
-        completions, accepted = speculative_generate(
-            model, tokenizer, [prompt], new_tokens, stop=()
+        completions, stats = speculative_generate(
+            model, tokenizer, prompts, n=n, temperature=temperature, top_p=args.top_p,
+            max_new_tokens=args.new_tokens, seed=args.seed, batch_size=batch, stop=(),
+            draft=draft,
+        )  # fmt: skip
+    tally.wall += time.perf_counter() - wall
+    tally.cpu += time.process_time() - cpu
+    texts = [c for per_prompt in completions for c in per_prompt]
+    tally.tokens += sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    tally.forwards += stats.forwards
+    tally.row_forwards += stats.row_forwards
+    tally.accepted += stats.accepted
+    tally.outputs.extend(texts)
+
+
+def workloads(prompts: list[str], args) -> list[tuple[int, int, list[list[str]]]]:
+    """(batch size, samples per prompt, units): batch 1 = each prompt alone; batch 16
+    greedy = the prompts 16 rows at a time; batch 16 sampling = 16 samples of each of
+    the first `--sampled-prompts` prompts."""
+    batched = [prompts[i : i + args.batch] for i in range(0, len(prompts), args.batch)]
+    return [
+        (1, 1, [[p] for p in prompts]),
+        (args.batch, 1, batched),
+        (args.batch, args.batch, [[p] for p in prompts[: args.sampled_prompts]]),
+    ]
+
+
+def decode_all(model, tokenizer, prompts: list[str], args) -> dict[tuple[str, int], Tally]:
+    """Every setting on every unit, interleaved: unit by unit, the settings in an order
+    that rotates, so load changes on the shared machine hit all of them alike. One
+    untimed warm-up call of each first."""
+    tallies: dict[tuple[str, int], Tally] = {}
+    for batch, n, units in workloads(prompts, args):
+        kinds = ("greedy", "sampling") if n == 1 else ("sampling",)
+        names = [k for k in SETTINGS if k.split()[-1] in kinds]
+        names += [f"generate {k}" for k in kinds] if args.generate else []
+        for name in names:
+            run_unit(model, tokenizer, name, units[0][:1], 1, 1, argparse.Namespace(
+                **{**vars(args), "new_tokens": 8}), Tally())  # fmt: skip
+        for i, unit in enumerate(tqdm(units, desc=f"decode, batch {batch}", unit="unit")):
+            order = names[i % len(names) :] + names[: i % len(names)]
+            for name in order:
+                tally = tallies.setdefault((name, batch), Tally())
+                run_unit(model, tokenizer, name, unit, n, batch, args, tally)
+    return tallies
+
+
+def report(tallies: dict[tuple[str, int], Tally], loads: list[float]) -> bool:
+    """Print the table; returns whether speculative greedy equals greedy everywhere."""
+    print(
+        f"\n{'decoding':<28}{'batch':>6}{'tokens':>8}{'tok/s':>9}{'tok/cpu-s':>10}"
+        f"{'accepted/fwd':>13}{'ms/fwd':>8}{'cost/fwd':>9}{'x plain':>8}{'x (cpu)':>8}"
+    )
+    identical = True
+    for (name, batch), t in tallies.items():
+        plain = tallies.get((PLAIN.get(name, name), batch), t)
+        per_forward = t.wall / t.forwards * 1e3 if t.forwards else float("nan")
+        plain_per_forward = plain.wall / plain.forwards * 1e3 if plain.forwards else float("nan")
+        accepted = t.accepted / t.row_forwards if t.row_forwards else float("nan")
+        print(
+            f"{name:<28}{batch:>6}{t.tokens:>8}{t.tokens / t.wall:>9.1f}{t.tokens / t.cpu:>10.1f}"
+            f"{accepted:>13.2f}{per_forward:>8.2f}{per_forward / plain_per_forward:>9.2f}"
+            f"{(t.tokens / t.wall) / (plain.tokens / plain.wall):>8.2f}"
+            f"{(t.tokens / t.cpu) / (plain.tokens / plain.cpu):>8.2f}"
         )
-        completion = completions[0]
-    return completion, time.perf_counter() - started, accepted
+        if name == "speculative greedy":
+            identical &= t.outputs == plain.outputs
+    print(
+        "cost/fwd: wall time per forward in units of the plain decoder's; x plain: tokens/s "
+        "over the plain counterpart on the same machinery (x (cpu): per CPU-second)\n"
+        f"load average (1 min) during decoding: {min(loads):.2f}-{max(loads):.2f}\n"
+        f"speculative greedy outputs identical to greedy: {identical}"
+    )
+    return identical
 
 
 def main() -> None:
@@ -194,11 +287,18 @@ def main() -> None:
     parser.add_argument("--corpus-functions", type=int, default=0)
     parser.add_argument("--stdlib-bytes", type=int, default=10_000)
     parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch-size", dest="train_batch", type=int, default=8,
+                        help="training sequences per step")  # fmt: skip
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--prompts", type=int, default=12, help="held-out tiny-mbpp problems")
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16, help="the larger decoding batch")
+    parser.add_argument("--sampled-prompts", type=int, default=4,
+                        help="prompts sampled --batch times each at the larger batch")  # fmt: skip
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--no-generate", dest="generate", action="store_false",
+                        help="skip the reference rows of wmtp.sample.generate")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-threads", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads while decoding")
@@ -211,47 +311,23 @@ def main() -> None:
 
     docs, prompts = documents(args)
     model, tokenizer, n_tokens, final_loss, train_seconds = trained_model(docs, args)
-
     torch.set_num_threads(args.threads)
-    names = ("greedy", "speculative")
-    for name in names:  # warm-up, not timed
-        decode(name, model, tokenizer, prompts[0], 8)
-    seconds = dict.fromkeys(names, 0.0)
-    outputs: dict[str, list[str]] = {name: [] for name in names}
-    forwards = 0.0  # verification forwards of the speculative decoder
-    for i, prompt in enumerate(tqdm(prompts, desc="decode", unit="prompt")):
-        for name in names if i % 2 == 0 else names[::-1]:
-            completion, took, mean = decode(name, model, tokenizer, prompt, args.new_tokens)
-            seconds[name] += took
-            outputs[name].append(completion)
-            if name == "speculative":
-                forwards += len(tokenizer(completion, add_special_tokens=False)["input_ids"]) / mean
-
-    identical = outputs["greedy"] == outputs["speculative"]
-    tokens = sum(
-        len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in outputs["greedy"]
-    )
-    rates = {name: tokens / seconds[name] for name in names}
     print(
-        f"\nmodel: dim {args.dim}, {args.trunk_layers} trunk blocks + {args.heads} heads, vocab "
+        f"model: dim {args.dim}, {args.trunk_layers} trunk blocks + {args.heads} heads, vocab "
         f"{len(tokenizer)}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params; "
-        f"corpus {n_tokens / 1e3:.0f} k tokens; trained {args.steps} steps x {args.batch} x "
-        f"{args.seq} tokens in {train_seconds:.0f} s ({args.train_threads} threads), loss of "
+        f"corpus {n_tokens / 1e3:.0f} k tokens; trained {args.steps} steps x {args.train_batch} "
+        f"x {args.seq} tokens in {train_seconds:.0f} s ({args.train_threads} threads), loss of "
         f"the last 20 steps {final_loss:.3f}\ndecoding: {len(prompts)} held-out tiny-mbpp "
-        f"prompts, up to {args.new_tokens} new tokens, batch size 1, {args.threads} threads, "
-        f"{tokens} tokens each way"
+        f"prompts, up to {args.new_tokens} new tokens, no stop sequences, {args.threads} "
+        f"threads, sampling at temperature 0.8, top-p {args.top_p}"
     )
-    print(f"{'decoding':<12} {'seconds':>8} {'tokens/s':>9} {'accepted/forward':>17}")
-    for name in names:
-        mean = tokens / forwards if name == "speculative" else 1.0
-        print(f"{name:<12} {seconds[name]:>8.2f} {rates[name]:>9.1f} {mean:>17.2f}")
-    print(
-        f"speed-up {rates['speculative'] / rates['greedy']:.2f}x; "
-        f"outputs identical to greedy: {identical}"
-    )
-    print("first completion:\n" + prompts[0] + outputs["greedy"][0])
+    loads = [os.getloadavg()[0]]
+    tallies = decode_all(model, tokenizer, prompts, args)
+    loads.append(os.getloadavg()[0])
+    identical = report(tallies, loads)
+    print("first completion:\n" + prompts[0] + tallies[("greedy", 1)].outputs[0])
     if not identical:
-        sys.exit("speculative output differs from greedy decoding")
+        sys.exit("speculative greedy output differs from greedy decoding")
 
 
 if __name__ == "__main__":

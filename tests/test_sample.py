@@ -144,11 +144,14 @@ def _decode(model, prompts: list[list[int]], *, draft=True, steps=30, temperatur
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("n_kv_heads", [2, 4])
-def test_decoder_computes_what_the_model_computes(n_kv_heads, tiny_tokenizer):
-    """`_Decoder` (its own blocks, KV caches and rotary tables) gives `MTPModel`'s trunk
-    output and head-0 logits, and heads 1..H-1's logits at the drafting position, over
-    a prompt and then chunks after a growing cache (grouped-query attention too)."""
+@pytest.mark.parametrize(("n_kv_heads", "merged_rows"), [(2, 8), (4, 8), (2, 0)])
+def test_decoder_computes_what_the_model_computes(n_kv_heads, merged_rows, monkeypatch,
+                                                  tiny_tokenizer):  # fmt: skip
+    """`_Decoder` (its own blocks, KV caches and rotary tables) gives `MTPModel`'s
+    head-0 logits, and heads 1..H-1's at the drafting position, over a prompt and then
+    chunks after a growing cache; grouped-query attention too, and heads 1..H-1 run
+    with head 0 or apart."""
+    monkeypatch.setattr(sample, "MERGED_HEADS_MAX_ROWS", merged_rows)
     config = tiny_config(
         vocab_size=len(tiny_tokenizer), n_future_tokens=4, n_layers=6, n_kv_heads=n_kv_heads
     )
@@ -159,15 +162,16 @@ def test_decoder_computes_what_the_model_computes(n_kv_heads, tiny_tokenizer):
     decoder.start([ids[:31]], capacity=40, pad=0)
     with torch.no_grad():
         for chunk in (ids[:31], ids[31:34], ids[34:35], ids[35:]):
-            trunk, logits, start = decoder.forward(torch.tensor([chunk]))
+            prompt = decoder.pointer == 0
+            logits = decoder.forward(torch.tensor([chunk]), last_only=prompt)
             reference, context = model.trunk(torch.tensor([chunk]), None, cache)
-            torch.testing.assert_close(trunk, reference, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(logits, model.head_logits(reference, 0, context))
-            last = torch.tensor([len(chunk) - 1])
-            drafts = decoder.draft_logits(trunk, start, last)[0]  # (3, V)
+            expected = model.head_logits(reference, 0, context)
+            torch.testing.assert_close(logits, expected[:, -1:] if prompt else expected)
+            last = torch.tensor([0 if prompt else len(chunk) - 1])
+            drafts = decoder.draft_logits(last)[0]  # (3, V)
             expected = torch.stack([model.head_logits(reference, k, context)[0, -1] for k in (1, 2, 3)])
             torch.testing.assert_close(drafts, expected, rtol=1e-5, atol=1e-5)
-            decoder.commit(start, len(chunk), last + 1, [len(chunk)])
+            decoder.commit(torch.tensor([len(chunk)]), [len(chunk)])
     assert decoder.pointer == cache.get_seq_length() == 40
 
 

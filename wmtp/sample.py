@@ -214,26 +214,30 @@ class _Blocks:
     """K decoder blocks of an `MTPModel` that read the same input, as one computation
     with a preallocated KV cache `(K, B, n_kv_heads, capacity, head_dim)`.
 
-    A trunk layer or head 0 is K = 1 (its weights used in place, no copy); heads
-    1..H-1 are one K = H-1 stack (weights copied into `(K, in, out)` tensors and run
-    with batched matmuls). The maths is transformers' `LlamaDecoderLayer` (RMSNorm,
-    RoPE, grouped-query SDPA, SwiGLU; tested to float rounding) with far less Python
-    per call: a decode step is a few hundred tiny ops, and on a CPU (or a GPU at
-    batch 1) their dispatch, not their arithmetic, is most of its cost.
+    A trunk layer is K = 1 with its weights used in place (no copy). The heads are
+    one stack (`stacked`): their weights copied into `(K, in, out)` tensors (key and
+    value, gate and up projections fused) and run with batched matmuls, any
+    contiguous `part` of the stack per call. The maths is transformers'
+    `LlamaDecoderLayer` (RMSNorm, RoPE, grouped-query SDPA, SwiGLU; tested to float
+    rounding) with far less Python per call: a decode step is a few hundred tiny
+    ops, and on a CPU (or a GPU at small batch) their dispatch, not their
+    arithmetic, is most of its cost.
 
     Cache slots are shared by every block of a decode and addressed by the caller
     (`start`); which slots a query may see is the caller's `mask`."""
 
-    def __init__(self, blocks: list, config) -> None:
-        self.k = len(blocks)
+    def __init__(self, blocks: list, config, stacked: bool) -> None:
+        self.k, self.stacked = len(blocks), stacked
         self.eps = config.norm_eps
         self.n_q, self.n_kv = config.n_heads, config.kv_heads
         self.head_dim = config.dim // config.n_heads
 
-        def weights(get) -> torch.Tensor:  # (out, in) for F.linear, or (K, in, out) for bmm
-            if self.k == 1:
-                return get(blocks[0]).detach()
-            return torch.stack([get(block).detach().t() for block in blocks])
+        def weights(*gets) -> torch.Tensor | list[torch.Tensor]:
+            if not stacked:  # (out, in) each, for F.linear
+                return [get(blocks[0]).detach() for get in gets]
+            return torch.stack(  # (K, in, out_1 + out_2 + ...), for bmm
+                [torch.cat([get(block).detach() for get in gets]).t() for block in blocks]
+            )
 
         def norm(get) -> torch.Tensor:  # (K, 1, 1, D): broadcasts over (K, B, S, D)
             return torch.stack([get(block).detach() for block in blocks])[:, None, None]
@@ -241,22 +245,24 @@ class _Blocks:
         self.w_in = norm(lambda b: b.input_layernorm.weight)
         self.w_post = norm(lambda b: b.post_attention_layernorm.weight)
         self.w_q = weights(lambda b: b.self_attn.q_proj.weight)
-        self.w_k = weights(lambda b: b.self_attn.k_proj.weight)
-        self.w_v = weights(lambda b: b.self_attn.v_proj.weight)
+        self.w_kv = weights(lambda b: b.self_attn.k_proj.weight, lambda b: b.self_attn.v_proj.weight)
         self.w_o = weights(lambda b: b.self_attn.o_proj.weight)
-        self.w_gate = weights(lambda b: b.mlp.gate_proj.weight)
-        self.w_up = weights(lambda b: b.mlp.up_proj.weight)
+        self.w_gate_up = weights(lambda b: b.mlp.gate_proj.weight, lambda b: b.mlp.up_proj.weight)
         self.w_down = weights(lambda b: b.mlp.down_proj.weight)
         self.keys = self.values = torch.empty(0)
 
     def allocate(self, batch: int, capacity: int) -> None:
         shape = (self.k, batch, self.n_kv, capacity, self.head_dim)
-        self.keys = torch.empty(shape, dtype=self.w_q.dtype, device=self.w_q.device)
+        self.keys = torch.empty(shape, dtype=self.w_in.dtype, device=self.w_in.device)
         self.values = torch.empty_like(self.keys)
 
-    def _project(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """(K, N, in) -> (K, N, out)."""
-        return F.linear(x, weight) if self.k == 1 else torch.bmm(x, weight)
+    def _project(self, x: torch.Tensor, weight, part: slice) -> tuple[torch.Tensor, ...]:
+        """(K, N, in) -> one (K, N, out) per projection in `weight` (fused ones are of
+        equal width: keys and values, gate and up)."""
+        if not self.stacked:
+            return tuple(F.linear(x, w) for w in weight)
+        n_fused = 2 if weight is self.w_kv or weight is self.w_gate_up else 1
+        return torch.bmm(x, weight[part]).chunk(n_fused, dim=-1)
 
     def __call__(
         self,
@@ -266,46 +272,52 @@ class _Blocks:
         mask: torch.Tensor | None,
         causal: bool = False,
         query_at: torch.Tensor | None = None,
+        part: slice = slice(None),
     ) -> torch.Tensor:
         """Write the K/V of `x` (B, S, D) into slots `start..start+S-1` and return the
-        blocks' outputs `(K, B, S, D)`, or `(K, B, 1, D)` at position `query_at` (B,)
-        of each row only (queries, attention and MLP there alone: drafting needs one
-        position, the others only as keys and values). `rope` is (cos, sin), each
-        (B, 1, S, head_dim); `mask` (B, 1, S or 1, start+S) is True where a query may
-        attend, None for all (with `causal`: the usual causal pattern from slot 0)."""
-        k, hd = self.k, self.head_dim
+        outputs `(K, B, S, D)` of the blocks `part` of the stack, or `(K, B, 1, D)`
+        at position `query_at` (B,) of each row only (queries, attention and MLP
+        there alone: the others are needed only as keys and values). `rope` is (cos,
+        sin), each (B, 1, S, head_dim); `mask` (B, 1, S or 1, start+S) is True where
+        a query may attend, None for all (with `causal`: causal from slot 0)."""
+        keys_cache, values_cache = self.keys[part], self.values[part]
+        k, hd = keys_cache.shape[0], self.head_dim
         batch, seq, dim = x.shape
         cos, sin = rope
-        h = _rms_norm(x, self.w_in, self.eps)  # (K, B, S, D)
+        h = _rms_norm(x, self.w_in[part], self.eps)  # (K, B, S, D)
         flat = h.reshape(k, batch * seq, dim)
         end = start + seq
-        keys = self._project(flat, self.w_k).view(k, batch, seq, self.n_kv, hd).transpose(2, 3)
-        values = self._project(flat, self.w_v).view(k, batch, seq, self.n_kv, hd).transpose(2, 3)
-        self.keys[:, :, :, start:end] = _rope(keys, cos, sin)
-        self.values[:, :, :, start:end] = values
+        keys, values = (
+            t.view(k, batch, seq, self.n_kv, hd).transpose(2, 3)  # (K, B, Hkv, S, hd)
+            for t in self._project(flat, self.w_kv, part)
+        )
+        keys_cache[:, :, :, start:end] = _rope(keys, cos, sin)
+        values_cache[:, :, :, start:end] = values
         if query_at is not None:
             x = x.gather(1, query_at.view(batch, 1, 1).expand(batch, 1, dim))  # (B, 1, D)
             h = h.gather(2, query_at.view(1, batch, 1, 1).expand(k, batch, 1, dim))
             at = query_at.view(batch, 1, 1, 1).expand(batch, 1, 1, hd)
             cos, sin = cos.gather(2, at), sin.gather(2, at)  # (B, 1, 1, hd)
             seq = 1
-        query = self._project(h.reshape(k, batch * seq, dim), self.w_q)
+        (query,) = self._project(h.reshape(k, batch * seq, dim), self.w_q, part)
         query = _rope(query.view(k, batch, seq, self.n_q, hd).transpose(2, 3), cos, sin)
-        if mask is not None and k > 1:
-            mask = mask.repeat(k, 1, 1, 1)  # (K*B, 1, S, end)
+        if mask is not None and mask.dim() == 4 and k > 1:  # per-row masks, for K*B rows
+            mask = mask.expand(k, *mask.shape[1:]) if batch == 1 else mask.repeat(k, 1, 1, 1)
         attn = F.scaled_dot_product_attention(
             query.flatten(0, 1),  # (K*B, Hq, S, hd)
-            self.keys[:, :, :, :end].flatten(0, 1),  # (K*B, Hkv, end, hd)
-            self.values[:, :, :, :end].flatten(0, 1),
+            keys_cache[:, :, :, :end].flatten(0, 1),  # (K*B, Hkv, end, hd)
+            values_cache[:, :, :, :end].flatten(0, 1),
             attn_mask=mask,
             is_causal=causal and mask is None,
             enable_gqa=self.n_q != self.n_kv,
         )
         attn = attn.view(k, batch, self.n_q, seq, hd).transpose(2, 3).reshape(k, batch * seq, -1)
-        x = x + self._project(attn, self.w_o).view(k, batch, seq, dim)  # (K, B, S, D)
-        h = _rms_norm(x, self.w_post, self.eps).view(k, batch * seq, dim)
-        gated = F.silu(self._project(h, self.w_gate)) * self._project(h, self.w_up)
-        return x + self._project(gated, self.w_down).view(k, batch, seq, dim)
+        (out,) = self._project(attn, self.w_o, part)
+        x = x + out.view(k, batch, seq, dim)  # (K, B, S, D)
+        h = _rms_norm(x, self.w_post[part], self.eps).view(k, batch * seq, dim)
+        gate, up = self._project(h, self.w_gate_up, part)
+        (out,) = self._project(F.silu(gate) * up, self.w_down, part)
+        return x + out.view(k, batch, seq, dim)
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only batch rows `rows` (finished rows leave the batch)."""
@@ -318,6 +330,9 @@ class _Blocks:
         length = order.shape[1]
         self.keys[:, :, :, :length] = self.keys.gather(3, index)
         self.values[:, :, :, :length] = self.values.gather(3, index)
+
+
+MERGED_HEADS_MAX_ROWS = 16  # see _Decoder.forward
 
 
 class _Decoder:
@@ -337,14 +352,12 @@ class _Decoder:
         self.embedding = model.tok_embeddings.weight
         self.norm, self.unembedding = model.norm.weight, model.output.weight
         self.device = self.unembedding.device
-        self.trunk = [_Blocks([layer], config) for layer in model.layers]
-        self.head0 = _Blocks([model.heads[0]], config)
-        extra = list(model.heads[1:]) if draft else []
-        self.extra = _Blocks(extra, config) if extra else None
-        self.n_draft = len(extra)
+        self.trunk = [_Blocks([layer], config, stacked=False) for layer in model.layers]
+        self.heads = _Blocks(list(model.heads) if draft else [model.heads[0]], config, stacked=True)
+        self.n_draft = self.heads.k - 1
 
     def _all_blocks(self) -> list[_Blocks]:
-        return [*self.trunk, self.head0, *([self.extra] if self.extra else [])]
+        return [*self.trunk, self.heads]
 
     def start(self, prompts: list[list[int]], capacity: int, pad: int) -> torch.Tensor:
         """Allocate the caches of a batch of (left-padded) prompts; returns the ids
@@ -381,9 +394,18 @@ class _Decoder:
         mask = (self.valid[:, None, :end] & causal) | (slots == query_slots)
         return mask[:, None], False  # (B, 1, S, end)
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Feed `ids` (B, S) at the next S slots: returns the trunk output (B, S, D),
-        head 0's logits (B, S, V) and the first slot."""
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(_rms_norm(hidden, self.norm, self.eps), self.unembedding)
+
+    def forward(self, ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Feed `ids` (B, S) at the next S slots; returns head 0's logits (B, S, V), or
+        (B, 1, V) at the last position with `last_only` (a prompt).
+
+        Heads 1..H-1 run in the same batched call as head 0 (at every position, their
+        outputs at the one `draft_logits` picks used) when the batch is small: one
+        call instead of two is worth more than the wasted rows, as long as rows cost
+        little (`MERGED_HEADS_MAX_ROWS`). Else they run in `draft_logits`, at one
+        position per row."""
         start, seq = self.pointer, ids.shape[1]
         if start + seq > self.capacity:
             self._compact()
@@ -393,25 +415,38 @@ class _Decoder:
         else:
             self.valid[:, start : start + seq] = True
             positions = self.n_valid[:, None] + torch.arange(seq, device=self.device)  # (B, S)
-        self.rope = (self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+        rope = (self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
         mask, causal = self._mask(start, seq)
         x = F.embedding(ids, self.embedding)  # (B, S, D)
         for blocks in self.trunk:
-            x = blocks(x, self.rope, start, mask, causal)[0]
-        head0 = self.head0(x, self.rope, start, mask, causal)[0]  # (B, S, D)
-        return x, F.linear(_rms_norm(head0, self.norm, self.eps), self.unembedding), start
+            x = blocks(x, rope, start, mask, causal)[0]
+        merged = last_only or ids.numel() <= MERGED_HEADS_MAX_ROWS
+        if last_only:
+            last = torch.full((ids.shape[0],), seq - 1, device=self.device)
+            mask, causal = self._mask(start, seq, last=last)
+            out = self.heads(x, rope, start, mask, causal, query_at=last)
+        else:
+            out = self.heads(x, rope, start, mask, causal, part=slice(None if merged else 1))
+        self._last = (x, rope, start, seq, out if merged else None)
+        return self._logits(out[0])  # (B, S, V)
 
-    def draft_logits(self, trunk: torch.Tensor, start: int, at: torch.Tensor) -> torch.Tensor:
-        """Heads 1..H-1's logits (B, H-1, V) at position `at` (B,) of the last forward
-        (the last token each row keeps); their caches get every position of it."""
-        mask, _ = self._mask(start, trunk.shape[1], last=at)
-        out = self.extra(trunk, self.rope, start, mask, query_at=at)[:, :, 0]  # (K, B, D)
-        return F.linear(_rms_norm(out, self.norm, self.eps), self.unembedding).transpose(0, 1)
+    def draft_logits(self, at: torch.Tensor) -> torch.Tensor:
+        """Heads 1..H-1's logits (B, H-1, V) at position `at` (B,) of the last forward's
+        output (the last token each row keeps). Their caches get every position."""
+        trunk, rope, start, seq, out = self._last
+        if out is not None:  # computed with head 0: pick each row's position
+            index = at.view(1, -1, 1, 1).expand(self.n_draft, -1, 1, out.shape[-1])
+            hidden = out[1:].gather(2, index)[:, :, 0]  # (H-1, B, D)
+        else:
+            mask, _ = self._mask(start, seq, last=at)
+            hidden = self.heads(trunk, rope, start, mask, query_at=at, part=slice(1, None))[:, :, 0]
+        return self._logits(hidden).transpose(0, 1)
 
-    def commit(self, start: int, seq: int, keep: torch.Tensor, kept: list[int]) -> None:
-        """Row b keeps the first keep[b] of the last forward's seq slots (`kept`: the
-        same on the host); the rest become holes."""
-        if start > 0:
+    def commit(self, keep: torch.Tensor, kept: list[int]) -> None:
+        """Row b keeps the first keep[b] of the last forward's slots (`kept`: the same
+        on the host); the rest become holes."""
+        _, _, start, seq, _ = self._last
+        if start > 0:  # (a prompt keeps its slots as they are)
             slot = torch.arange(seq, device=self.device)
             self.valid[:, start : start + seq] = slot < keep[:, None]
             self.n_valid += keep
@@ -440,18 +475,25 @@ class _Decoder:
 
 
 def _nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """`_choose`'s sampling distribution, normalised, in token order: (..., V). Ranks
-    the top 64 tokens first and more only when some row's nucleus needs them."""
+    """`_choose`'s sampling distribution, normalised, in token order: (..., V).
+
+    Ranks each row's 16 most likely tokens first (`topk`: on a CPU a full sort of a
+    few rows costs more than a decode step) and more, 4 times as many each round,
+    only for the rows whose nucleus is not complete among them."""
     if top_p >= 1:
         return torch.softmax(logits.float() / temperature, dim=-1)
-    top = 64
+    flat = logits.reshape(-1, logits.shape[-1])  # (R, V)
+    probs = torch.zeros(flat.shape, device=flat.device)
+    rows, top = torch.arange(flat.shape[0], device=flat.device), 16
     while True:
-        kept, order = _sorted_nucleus(logits, temperature, top_p, top)
-        if top >= logits.shape[-1] or bool((kept.sum(-1) >= top_p).all()):
+        kept, order = _sorted_nucleus(flat[rows], temperature, top_p, top)
+        # complete: a ranked token fell outside, so every unranked one does too
+        complete = kept[:, -1] == 0 if top < flat.shape[-1] else torch.ones_like(rows, dtype=bool)
+        probs[rows[complete]] = probs[rows[complete]].scatter(-1, order[complete], kept[complete])
+        if bool(complete.all()):
             break
-        top *= 8
-    probs = torch.zeros(logits.shape, device=kept.device).scatter_(-1, order, kept)
-    return probs / probs.sum(-1, keepdim=True)
+        rows, top = rows[~complete], top * 4
+    return (probs / probs.sum(-1, keepdim=True)).view(logits.shape)
 
 
 def _draw(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -543,11 +585,11 @@ def _decode_batch(
     accepted: list[list[int]] = [[] for _ in prompts]
     rows = list(range(len(prompts)))  # the batch rows still decoding
 
-    def propose(trunk, logits, start, at, uniforms):
-        """(drafts (B, S-1), their distributions q or None) at position `at`."""
+    def propose(logits: torch.Tensor, at: torch.Tensor, uniforms):
+        """(drafts (B, S-1), their distributions q or None) at position `at` (B,)."""
         if n_draft == 0:
             return logits.new_zeros(len(rows), 0, dtype=torch.long), logits[:, :0]
-        draft_logits = decoder.draft_logits(trunk, start, at)  # (B, S-1, V)
+        draft_logits = decoder.draft_logits(at)  # (B, S-1, V)
         if not sampled:
             return draft_logits.argmax(-1), None
         q = _nucleus(draft_logits, temperature, top_p)
@@ -557,15 +599,17 @@ def _decode_batch(
         out[row].extend(tokens)
         return len(out[row]) >= max_new_tokens or finished(out[row])
 
-    trunk, logits, start = decoder.forward(ids)
-    last = torch.full((len(prompts),), width - 1, device=decoder.device)
+    def choose(logits: torch.Tensor, uniforms) -> torch.Tensor:
+        """Head 0's next token (B,) from its logits (B, V), plainly."""
+        if not sampled:
+            return logits.argmax(-1)
+        return _draw(_nucleus(logits, temperature, top_p), uniforms[:, n_draft])
+
+    logits = decoder.forward(ids, last_only=True)[:, 0]  # (B, V)
     uniforms = _uniforms(generators, n_uniforms, decoder.device) if sampled else None
-    if sampled:
-        token = _draw(_nucleus(logits[:, -1], temperature, top_p), uniforms[:, n_draft])
-    else:
-        token = logits[:, -1].argmax(-1)  # (B,)
-    drafts, q = propose(trunk, logits, start, last, uniforms)
-    decoder.commit(start, width, last + 1, [width])
+    token = choose(logits, uniforms)  # (B,)
+    drafts, q = propose(logits, torch.zeros_like(token), uniforms)
+    decoder.commit(None, [width])
     done = [take(row, [t]) for row, t in zip(rows, token.tolist(), strict=True)]
     while True:
         if any(done):
@@ -578,18 +622,20 @@ def _decode_batch(
             q = q[index] if q is not None else None
             decoder.select(live)
         fed = torch.cat([token[:, None], drafts], dim=1)  # (B, S)
-        trunk, logits, start = decoder.forward(fed)
-        if sampled:
-            uniforms = _uniforms(generators, n_uniforms, decoder.device)
+        logits = decoder.forward(fed)  # (B, S, V)
+        uniforms = _uniforms(generators, n_uniforms, decoder.device) if sampled else None
+        if n_draft == 0:  # plain decoding
+            keep, token = torch.ones_like(token), choose(logits[:, 0], uniforms)
+        elif sampled:
             p = _nucleus(logits, temperature, top_p)
             keep, token = _accept_sampled(p, q, drafts, uniforms[:, :n_draft], uniforms[:, n_draft])
         else:
             keep, token = _accept_greedy(logits, drafts)
         drafts_fed = drafts
-        drafts, q = propose(trunk, logits, start, keep - 1, uniforms)
+        drafts, q = propose(logits, keep - 1, uniforms)
         verdict = torch.cat([drafts_fed, keep[:, None], token[:, None]], dim=1).tolist()
         kept = [v[n_draft] for v in verdict]
-        decoder.commit(start, seq, keep, kept)
+        decoder.commit(keep, kept)
         done = []
         for row, v, k in zip(rows, verdict, kept, strict=True):
             accepted[row].append(k)
