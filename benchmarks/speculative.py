@@ -113,8 +113,9 @@ def train(model: MTPModel, ids: torch.Tensor, args: argparse.Namespace) -> float
     losses = []
     for _ in (bar := tqdm(range(args.steps), desc="train", unit="step")):
         starts = torch.randint(0, len(ids) - args.seq, (args.train_batch,), generator=rng)
-        window = torch.stack([ids[s : s + args.seq] for s in starts.tolist()])  # (B, S)
-        loss = weighted_mtp_loss(model, window, torch.ones_like(window), torch.ones(window.shape))
+        window = torch.stack([ids[s : s + args.seq] for s in starts.tolist()]).to(args.device)
+        weights = torch.ones(window.shape, device=window.device)
+        loss = weighted_mtp_loss(model, window, torch.ones_like(window), weights)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -147,7 +148,8 @@ def trained_model(docs: list[str], args: argparse.Namespace):
             sys.exit(f"{args.model_dir} holds a model trained with other settings: "
                      f"{info.get('benchmark_settings')}")  # fmt: skip
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-        return load_model(args.model_dir).eval(), tokenizer, *info["benchmark_trained"]
+        model = load_model(args.model_dir, args.device).eval()
+        return model, tokenizer, *info["benchmark_trained"]
     text = "\n\n".join(docs)
     tokenizer = train_tokenizer([text], args.vocab)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])  # (N,)
@@ -158,6 +160,7 @@ def trained_model(docs: list[str], args: argparse.Namespace):
     )  # fmt: skip
     model = MTPModel(config)
     model.init_weights(args.seed)
+    model.to(args.device)
     torch.set_num_threads(args.train_threads)
     started = time.perf_counter()
     final_loss = train(model, ids, args)
@@ -174,7 +177,12 @@ SETTINGS = {  # name -> (temperature, draft with heads 1..H-1)
     "sampling": (0.8, False),
     "speculative sampling": (0.8, True),
 }
-PLAIN = {"speculative greedy": "greedy", "speculative sampling": "sampling"}
+PLAIN = {  # the plain counterpart of each setting, on the same machinery
+    "speculative greedy": "greedy",
+    "speculative sampling": "sampling",
+    "generate greedy": "greedy",
+    "generate sampling": "sampling",
+}
 
 
 @dataclass
@@ -277,7 +285,7 @@ def report(tallies: dict[tuple[str, int], Tally], loads: list[float]) -> bool:
     return identical
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--trunk-layers", type=int, default=8)
@@ -306,7 +314,8 @@ def main() -> None:
         "--model-dir", help="reuse the model trained with these settings from here (trained "
         "and saved there when missing)",
     )  # fmt: skip
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (training and decoding)")
+    args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
 
     docs, prompts = documents(args)
