@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.toy:
         args.__dict__.update(
-            dim=64, trunk_layers=2, heads=3, vocab=512, seq=64, micro_batch=2, warmup=1, steps=2,
+            dim=64, trunk_layers=2, heads=3, vocab=512, seq=64, micro_batch=2, warmup=1, steps=1,
             memory_dim=64, memory_vocab=1000, memory_seq=64, memory_trunk_layers=1,
             decode_batch=4, decode_prompt=16, decode_steps=4,
             speculative_args=[

@@ -5,6 +5,8 @@ tests that also catch broken acceptance rules), and the batched KV bookkeeping."
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -51,19 +53,23 @@ def trained(tiny_tokenizer) -> MTPModel:
     return model.eval()
 
 
-def _sample(model, tokenizer, **overrides):
+def _sample(model, tokenizer, speculative=False, **overrides):
     settings = dict(n=2, temperature=1.0, top_p=0.9, max_new_tokens=12, seed=3, stop=())
     settings.update(overrides)
+    if speculative:
+        return speculative_generate(model, tokenizer, PROMPTS, **settings)[0]
     return generate(model, tokenizer, PROMPTS, **settings)
 
 
-def test_same_seed_same_samples_whatever_the_batch_size(model, tiny_tokenizer):
-    first = _sample(model, tiny_tokenizer, batch_size=4)
+@pytest.mark.parametrize("speculative", [False, True])
+def test_same_seed_same_samples_whatever_the_batch_size(speculative, trained, tiny_tokenizer):
+    sample_ = functools.partial(_sample, trained, tiny_tokenizer, speculative)
+    first = sample_(batch_size=4)
     assert len(first) == len(PROMPTS) and all(len(s) == 2 for s in first)
-    assert _sample(model, tiny_tokenizer, batch_size=4) == first
-    assert _sample(model, tiny_tokenizer, batch_size=1) == first
-    assert _sample(model, tiny_tokenizer, batch_size=6) == first
-    assert _sample(model, tiny_tokenizer, batch_size=4, seed=4) != first
+    assert sample_(batch_size=4) == first
+    assert sample_(batch_size=1) == first
+    assert sample_(batch_size=6) == first
+    assert sample_(batch_size=4, seed=4) != first
 
 
 def test_greedy_samples_agree_and_padding_does_not_matter(model, tiny_tokenizer):
@@ -77,11 +83,13 @@ def test_greedy_samples_agree_and_padding_does_not_matter(model, tiny_tokenizer)
     assert alone == [a for a, _ in batched]
 
 
-def test_completions_are_cut_at_stop_sequences(model, tiny_tokenizer):
-    free = _sample(model, tiny_tokenizer, n=4, max_new_tokens=24, temperature=2.0, top_p=1.0)
+@pytest.mark.parametrize("speculative", [False, True])
+def test_completions_are_cut_at_stop_sequences(speculative, trained, tiny_tokenizer):
+    sample_ = functools.partial(_sample, trained, tiny_tokenizer, speculative, n=4,
+                                max_new_tokens=24, temperature=2.0, top_p=1.0)  # fmt: skip
+    free = sample_()
     letter = next(c for s in free for c in s[0] if c.isalpha())
-    cut = _sample(model, tiny_tokenizer, n=4, max_new_tokens=24, temperature=2.0, top_p=1.0,
-                  stop=(letter,))  # fmt: skip
+    cut = sample_(stop=(letter,))
     for free_row, cut_row in zip(free, cut, strict=True):
         for whole, part in zip(free_row, cut_row, strict=True):
             assert letter not in part and whole.startswith(part)
@@ -221,37 +229,16 @@ def test_speculative_with_a_single_head_is_plain_greedy(tiny_tokenizer):
     assert tokens[0] == _greedy_without_cache(model, ids, 7) and accepted[0] == [1] * 6
 
 
-def _speculative_samples(model, tokenizer, **overrides):
-    settings = dict(n=3, temperature=1.0, top_p=0.9, max_new_tokens=16, seed=3, stop=())
-    settings.update(overrides)
-    return speculative_generate(model, tokenizer, PROMPTS, **settings)[0]
-
-
-def test_speculative_sampling_same_seed_same_samples_whatever_the_batch_size(
-    trained, tiny_tokenizer
-):
-    first = _speculative_samples(trained, tiny_tokenizer, batch_size=4)
-    assert len(first) == len(PROMPTS) and all(len(s) == 3 for s in first)
-    assert _speculative_samples(trained, tiny_tokenizer, batch_size=4) == first
-    assert _speculative_samples(trained, tiny_tokenizer, batch_size=1) == first
-    assert _speculative_samples(trained, tiny_tokenizer, batch_size=9) == first
-    assert _speculative_samples(trained, tiny_tokenizer, batch_size=4, seed=4) != first
-
-
-def test_speculative_completions_stop_at_stop_sequences_and_eos_ids(trained, tiny_tokenizer):
-    free = _speculative_samples(trained, tiny_tokenizer, temperature=2.0, top_p=1.0)
-    letter = next(c for s in free for c in s[0] if c.isalpha())
-    cut = _speculative_samples(trained, tiny_tokenizer, temperature=2.0, top_p=1.0, stop=(letter,))
-    pairs = [(w, p) for fr, cr in zip(free, cut, strict=True) for w, p in zip(fr, cr, strict=True)]
-    assert all(letter not in part and whole.startswith(part) for whole, part in pairs)
-    assert any(len(part) < len(whole) for whole, part in pairs)
+def test_speculative_completions_end_at_any_of_the_eos_ids(trained, tiny_tokenizer):
+    settings = dict(n=2, temperature=2.0, top_p=1.0, max_new_tokens=16, seed=3, stop=())
+    free = speculative_generate(trained, tiny_tokenizer, PROMPTS, **settings)[0]
     # sample 0 of prompt 0, as token ids: its generator is seeded from (seed, 0, 0)
     tokens = _decode(trained, [tiny_tokenizer(PROMPTS[0])["input_ids"]], steps=16,
                      temperature=2.0, seed=3)[0][0]  # fmt: skip
     assert tiny_tokenizer.decode(tokens) == free[0][0]
     eos = tokens[5]
-    ended = _speculative_samples(trained, tiny_tokenizer, temperature=2.0, top_p=1.0,
-                                 eos_token_ids=[eos, tiny_tokenizer.eos_token_id])  # fmt: skip
+    ended = speculative_generate(trained, tiny_tokenizer, PROMPTS, **settings,
+                                 eos_token_ids=[eos, tiny_tokenizer.eos_token_id])[0]  # fmt: skip
     assert ended[0][0] == tiny_tokenizer.decode(tokens[: tokens.index(eos)])
 
 

@@ -1,5 +1,6 @@
-"""Sampling completions: batched generation with a KV cache, and self-speculative
-greedy decoding with the MTP heads.
+"""Sampling completions: batched generation with a KV cache, and decoding with the
+MTP heads drafting (`speculative_generate`: self-speculative greedy decoding and
+lossless speculative sampling, batched; see docs/decoding.md).
 
 `generate` works for our `MTPModel` (head 0 is the next-token model) and for any
 Hugging Face causal LM. Prompts are left-padded so every row's next token sits at
@@ -553,6 +554,44 @@ def _uniforms(generators: list[torch.Generator], count: int, device) -> torch.Te
     return torch.stack([torch.rand(count, generator=g) for g in generators]).to(device)
 
 
+@dataclass
+class _Rule:
+    """How tokens are chosen: argmax (temperature 0) or drawn from the temperature-
+    and top-p-adjusted distribution, by inverting it at uniforms the caller draws."""
+
+    temperature: float
+    top_p: float
+
+    @property
+    def sampled(self) -> bool:
+        return self.temperature > 0
+
+    def choose(self, logits: torch.Tensor, uniform: torch.Tensor | None) -> torch.Tensor:
+        """Head 0's token (B,) from its logits (B, V), plainly."""
+        if not self.sampled:
+            return logits.argmax(-1)
+        return _draw(_nucleus(logits, self.temperature, self.top_p), uniform)
+
+    def draft(self, logits: torch.Tensor, uniforms: torch.Tensor | None):
+        """Drafts (B, K) from heads 1..K's logits (B, K, V), and the distributions q
+        (B, K, V) they were drawn from (None when greedy)."""
+        if not self.sampled:
+            return logits.argmax(-1), None
+        q = _nucleus(logits, self.temperature, self.top_p)
+        return _draw(q, uniforms), q
+
+    def verify(self, logits, drafts, q, u_accept, u_next) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keep (B,), next token (B,)) from head 0's logits (B, S, V) at the fed
+        tokens (the next token and the drafts (B, S-1))."""
+        if drafts.shape[1] == 0:  # plain decoding
+            keep = torch.ones(len(drafts), dtype=torch.long, device=drafts.device)
+            return keep, self.choose(logits[:, 0], u_next)
+        if not self.sampled:
+            return _accept_greedy(logits, drafts)
+        p = _nucleus(logits, self.temperature, self.top_p)
+        return _accept_sampled(p, q, drafts, u_accept, u_next)
+
+
 @torch.inference_mode()
 def _decode_batch(
     decoder: _Decoder,
@@ -575,65 +614,50 @@ def _decode_batch(
     the verdict. `finished(tokens)` says when a row is done (EOS, stop text); done
     rows leave the batch. The caches hold `spare` slots (default max_new_tokens // 2)
     beyond what a row can use, for holes; when they run out, they are compacted."""
-    sampled, n_draft = temperature > 0, decoder.n_draft
-    seq, n_uniforms = n_draft + 1, 2 * n_draft + 1
+    rule, n_draft = _Rule(temperature, top_p), decoder.n_draft
     width = max(len(p) for p in prompts)
-    # a live row holds < width + max_new_tokens - 1 valid slots before a forward of seq
-    capacity = width + max_new_tokens + seq + (max_new_tokens // 2 if spare is None else spare)
-    ids = decoder.start(prompts, capacity, pad)
+    # a live row holds < width + max_new_tokens - 1 valid slots before a forward of 1 + n_draft
+    spare = max_new_tokens // 2 if spare is None else spare
+    ids = decoder.start(prompts, width + max_new_tokens + 1 + n_draft + spare, pad)
     out: list[list[int]] = [[] for _ in prompts]
     accepted: list[list[int]] = [[] for _ in prompts]
-    rows = list(range(len(prompts)))  # the batch rows still decoding
+    rows = list(range(len(prompts)))  # the prompts still decoding, in batch order
 
-    def propose(logits: torch.Tensor, at: torch.Tensor, uniforms):
-        """(drafts (B, S-1), their distributions q or None) at position `at` (B,)."""
+    def draws():
+        """Uniforms for (accepting the drafts, the next token, the new drafts)."""
+        if not rule.sampled:
+            return None, None, None
+        u = _uniforms(generators, 2 * n_draft + 1, decoder.device)
+        return u[:, :n_draft], u[:, n_draft], u[:, n_draft + 1 :]
+
+    def propose(at: torch.Tensor, uniforms):
+        """(drafts (B, H-1), q) at position `at` (B,) of the last forward."""
         if n_draft == 0:
-            return logits.new_zeros(len(rows), 0, dtype=torch.long), logits[:, :0]
-        draft_logits = decoder.draft_logits(at)  # (B, S-1, V)
-        if not sampled:
-            return draft_logits.argmax(-1), None
-        q = _nucleus(draft_logits, temperature, top_p)
-        return _draw(q, uniforms[:, seq:]), q
+            return torch.zeros(len(rows), 0, dtype=torch.long, device=decoder.device), None
+        return rule.draft(decoder.draft_logits(at), uniforms)
 
     def take(row: int, tokens: list[int]) -> bool:
         out[row].extend(tokens)
         return len(out[row]) >= max_new_tokens or finished(out[row])
 
-    def choose(logits: torch.Tensor, uniforms) -> torch.Tensor:
-        """Head 0's next token (B,) from its logits (B, V), plainly."""
-        if not sampled:
-            return logits.argmax(-1)
-        return _draw(_nucleus(logits, temperature, top_p), uniforms[:, n_draft])
-
-    logits = decoder.forward(ids, last_only=True)[:, 0]  # (B, V)
-    uniforms = _uniforms(generators, n_uniforms, decoder.device) if sampled else None
-    token = choose(logits, uniforms)  # (B,)
-    drafts, q = propose(logits, torch.zeros_like(token), uniforms)
+    _, u_next, u_drafts = draws()
+    token = rule.choose(decoder.forward(ids, last_only=True)[:, 0], u_next)  # (B,)
+    drafts, q = propose(torch.zeros_like(token), u_drafts)
     decoder.commit(None, [width])
     done = [take(row, [t]) for row, t in zip(rows, token.tolist(), strict=True)]
-    while True:
+    while not all(done):
         if any(done):
             live = [i for i, d in enumerate(done) if not d]
-            if not live:
-                break
             rows, generators = [rows[i] for i in live], [generators[i] for i in live]
             index = torch.tensor(live, device=decoder.device)
-            token, drafts = token[index], drafts[index]
-            q = q[index] if q is not None else None
+            token, drafts, q = token[index], drafts[index], None if q is None else q[index]
             decoder.select(live)
-        fed = torch.cat([token[:, None], drafts], dim=1)  # (B, S)
-        logits = decoder.forward(fed)  # (B, S, V)
-        uniforms = _uniforms(generators, n_uniforms, decoder.device) if sampled else None
-        if n_draft == 0:  # plain decoding
-            keep, token = torch.ones_like(token), choose(logits[:, 0], uniforms)
-        elif sampled:
-            p = _nucleus(logits, temperature, top_p)
-            keep, token = _accept_sampled(p, q, drafts, uniforms[:, :n_draft], uniforms[:, n_draft])
-        else:
-            keep, token = _accept_greedy(logits, drafts)
-        drafts_fed = drafts
-        drafts, q = propose(logits, keep - 1, uniforms)
-        verdict = torch.cat([drafts_fed, keep[:, None], token[:, None]], dim=1).tolist()
+        fed = torch.cat([token[:, None], drafts], dim=1)  # (B, 1 + n_draft)
+        logits = decoder.forward(fed)  # (B, 1 + n_draft, V)
+        u_accept, u_next, u_drafts = draws()
+        keep, token = rule.verify(logits, drafts, q, u_accept, u_next)
+        drafts, q = propose(keep - 1, u_drafts)
+        verdict = torch.cat([fed[:, 1:], keep[:, None], token[:, None]], dim=1).tolist()
         kept = [v[n_draft] for v in verdict]
         decoder.commit(keep, kept)
         done = []
