@@ -1,49 +1,34 @@
-"""Self-speculative vs plain greedy decoding: tokens/s and mean accepted length.
+"""Decoding with the MTP heads against plain decoding on the same machinery:
+greedy, self-speculative greedy, plain sampling and speculative sampling, at
+batch 1 and batch 16: tokens/s, accepted tokens per forward, cost per forward.
 
 Trains a small MTP model (a deep trunk and H one-block heads, as in the 7B
 models: 28 trunk blocks + 4 heads) with the plain MTP loss (all weights 1) on a
 predictable code corpus: tiny-mbpp training problems in the MBPP prompt format
 with their solutions and ~10 KB of Python standard library source (optionally
 also generated functions with asserts/prints, `--corpus-functions`), joined by
-blank lines like the functions of a code file. Then it decodes
-held-out tiny-mbpp test prompts with batch size 1 both ways, greedy and
-self-speculative, checks the outputs are identical and prints a table.
+blank lines like the functions of a code file. Then it decodes held-out tiny-mbpp
+test prompts every way, checks that speculative greedy decoding equals greedy
+decoding and prints a table.
 
-    time python benchmarks/speculative.py              # ~6 minutes on 2 shared cores
+    python benchmarks/speculative.py --model-dir /tmp/spec-model   # ~25 min, then ~5
 
-Timing is honest about noise on a shared machine: one warm-up prompt each way
-first, then the two decoders alternate prompt by prompt (alternating which goes
-first), so load changes hit both alike. Prefill is included in both timings.
-No stop sequences: a completion runs to `--new-tokens` or EOS, so after the
-solution the model goes on writing the next function of the "file".
+(`--model-dir` keeps the trained model: a second run only decodes.)
 
-Measured 2026-11-22 on the shared 2-core machine, outputs identical, defaults
-(800 steps, loss of the last 20 steps 0.948, 5 min 59 s / 6 min 09 s in all), two
-runs: greedy 188.1 / 205.7 tokens/s, speculative 424.0 / 469.1 tokens/s at 3.03
-accepted/forward: 2.25x / 2.28x, above the 2x goal. With 400 training steps
-(the earlier default), after batching heads 1..H-1 (`wmtp.sample._ExtraHeads`) and
-precomputing rotary tables/masks (`_Positions`), two runs (3 min 13 s and 2 min
-59 s in all): greedy 187.9 / 234.8 tokens/s, speculative 355.2 / 406.9 tokens/s
-at 2.48 accepted/forward, 1.89x / 1.73x (the run-to-run spread is machine load).
-Before (per-layer transformers blocks for heads 1..3, `MTPModel.trunk` context
-every forward): 172.8 vs 278.3 tokens/s, 1.61x; `--steps 600`: 123.8 vs 190.6
-tokens/s at 2.71 accepted/forward, 1.54x.
+The baseline is fair: plain decoding is `speculative_generate(..., draft=False)`,
+the same decoder (own blocks and KV cache, rotary tables computed once, no masks
+without holes) minus the drafting; `wmtp.sample.generate` (the generic decoder,
+any HF model) is timed too, for reference. Sampling is at temperature 0.8, top-p
+0.95. Batch 1: each prompt alone; batch 16: greedy over the prompts 16 at a time,
+sampling 16 samples of each of the first `--sampled-prompts` prompts.
 
-Why the speed-up is below the mean accepted length: a verification forward runs
-the trunk and head 0 over H tokens instead of one (on CPU not free, even for a
-tiny model), and then heads 1..H-1 over the accepted positions to keep their KV
-caches and draft the next tokens; a greedy step runs the trunk and head 0 over
-one token. Per step at these shapes (cache of 150 tokens, 1 thread), before:
-greedy step 5.5-7.6 ms, verification over 4 tokens 8.1 ms, heads 1..3 over 2 kept
-positions 3.6 ms. Now heads 1..3 run as one batched block that projects every
-kept position to K/V but attends and runs the MLP at the last position only:
-0.35 ms (1.7 ms for the three transformers blocks in the same micro-benchmark),
-0.5 ms with the unembedding and argmax; a whole speculative forward averages
-6.1-7.0 ms against 4.3-5.3 ms per greedy token, i.e. ~1.3-1.4 greedy steps, so
-2x needs ~2.7+ accepted tokens per forward. Note the greedy baseline (`generate`,
-any HF model) still builds its rotary embeddings and mask through
-`MTPModel.attention_context` every step (~0.5 ms of a step in one micro-benchmark); the
-speculative decoder does not.
+Timing is honest about noise on a shared machine: one warm-up call of every
+setting first, then unit by unit (a prompt or a batch) every setting runs, in an
+order that rotates, so load changes hit all alike; wall time and CPU time (less
+sensitive to other processes) are both reported, with the load average. Prefill
+is included. No stop sequences: a completion runs to `--new-tokens` or EOS, so
+after the solution the model goes on writing the next function of the "file".
+Measured figures and where the time of a forward goes: docs/decoding.md.
 """
 
 from __future__ import annotations
@@ -294,12 +279,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-problems", type=int, default=3000)
     parser.add_argument("--corpus-functions", type=int, default=0)
     parser.add_argument("--stdlib-bytes", type=int, default=10_000)
-    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--steps", type=int, default=1600)
     parser.add_argument("--batch-size", dest="train_batch", type=int, default=8,
                         help="training sequences per step")  # fmt: skip
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--prompts", type=int, default=12, help="held-out tiny-mbpp problems")
+    parser.add_argument("--prompts", type=int, default=16, help="held-out tiny-mbpp problems")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16, help="the larger decoding batch")
     parser.add_argument("--sampled-prompts", type=int, default=4,
