@@ -221,10 +221,10 @@ def workloads(prompts: list[str], args) -> list[tuple[int, int, list[list[str]]]
     ]
 
 
-def decode_all(model, tokenizer, prompts: list[str], args) -> dict[tuple[str, int], Tally]:
+def decode_all(model, tokenizer, prompts: list[str], args, loads: list[float]):
     """Every setting on every unit, interleaved: unit by unit, the settings in an order
-    that rotates, so load changes on the shared machine hit all of them alike. One
-    untimed warm-up call of each first."""
+    that rotates, so load changes on the shared machine hit all of them alike (the load
+    average after each unit goes to `loads`). One untimed warm-up call of each first."""
     tallies: dict[tuple[str, int], Tally] = {}
     for batch, n, units in workloads(prompts, args):
         kinds = ("greedy", "sampling") if n == 1 else ("sampling",)
@@ -238,32 +238,36 @@ def decode_all(model, tokenizer, prompts: list[str], args) -> dict[tuple[str, in
             for name in order:
                 tally = tallies.setdefault((name, batch), Tally())
                 run_unit(model, tokenizer, name, unit, n, batch, args, tally)
+            loads.append(os.getloadavg()[0])
     return tallies
 
 
 def report(tallies: dict[tuple[str, int], Tally], loads: list[float]) -> bool:
-    """Print the table; returns whether speculative greedy equals greedy everywhere."""
+    """Print the table (markdown); returns whether speculative greedy equals greedy."""
     print(
-        f"\n{'decoding':<28}{'batch':>6}{'tokens':>8}{'tok/s':>9}{'tok/cpu-s':>10}"
-        f"{'accepted/fwd':>13}{'ms/fwd':>8}{'cost/fwd':>9}{'x plain':>8}{'x (cpu)':>8}"
+        "\n| decoding | batch | tokens | tok/s | tok/CPU-s | accepted/fwd | ms/fwd | cost/fwd "
+        "| x plain | x plain (CPU) |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
     )
     identical = True
     for (name, batch), t in tallies.items():
-        plain = tallies.get((PLAIN.get(name, name), batch), t)
-        per_forward = t.wall / t.forwards * 1e3 if t.forwards else float("nan")
-        plain_per_forward = plain.wall / plain.forwards * 1e3 if plain.forwards else float("nan")
-        accepted = t.accepted / t.row_forwards if t.row_forwards else float("nan")
+        plain = tallies[(PLAIN.get(name, name), batch)]
+        cells = ["-"] * 3
+        if t.forwards:  # not the generic decoder: it does not count forwards
+            per_forward = t.wall / t.forwards * 1e3
+            cost = per_forward / (plain.wall / plain.forwards * 1e3)
+            cells = [f"{t.accepted / t.row_forwards:.2f}", f"{per_forward:.2f}", f"{cost:.2f}"]
         print(
-            f"{name:<28}{batch:>6}{t.tokens:>8}{t.tokens / t.wall:>9.1f}{t.tokens / t.cpu:>10.1f}"
-            f"{accepted:>13.2f}{per_forward:>8.2f}{per_forward / plain_per_forward:>9.2f}"
-            f"{(t.tokens / t.wall) / (plain.tokens / plain.wall):>8.2f}"
-            f"{(t.tokens / t.cpu) / (plain.tokens / plain.cpu):>8.2f}"
+            f"| {name} | {batch} | {t.tokens} | {t.tokens / t.wall:.1f} | {t.tokens / t.cpu:.1f} | "
+            + " | ".join(cells)
+            + f" | {(t.tokens / t.wall) / (plain.tokens / plain.wall):.2f}"
+            f" | {(t.tokens / t.cpu) / (plain.tokens / plain.cpu):.2f} |"
         )
         if name == "speculative greedy":
             identical &= t.outputs == plain.outputs
     print(
-        "cost/fwd: wall time per forward in units of the plain decoder's; x plain: tokens/s "
-        "over the plain counterpart on the same machinery (x (cpu): per CPU-second)\n"
+        "\ncost/fwd: wall time per forward (prefill included) in units of the plain "
+        "decoder's; x plain: tokens/s over the plain counterpart on the same machinery "
+        "(CPU: per CPU-second of this process)\n"
         f"load average (1 min) during decoding: {min(loads):.2f}-{max(loads):.2f}\n"
         f"speculative greedy outputs identical to greedy: {identical}"
     )
@@ -316,8 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         f"threads, sampling at temperature 0.8, top-p {args.top_p}"
     )
     loads = [os.getloadavg()[0]]
-    tallies = decode_all(model, tokenizer, prompts, args)
-    loads.append(os.getloadavg()[0])
+    tallies = decode_all(model, tokenizer, prompts, args, loads)
     identical = report(tallies, loads)
     print("first completion:\n" + prompts[0] + tallies[("greedy", 1)].outputs[0])
     if not identical:
