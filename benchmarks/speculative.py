@@ -209,17 +209,18 @@ def run_unit(model, tokenizer, name: str, prompts: list[str], n: int, batch: int
     tally.outputs.extend(texts)
 
 
-def workloads(prompts: list[str], args) -> list[tuple[int, int, list[list[str]]]]:
-    """(batch size, samples per prompt, units): batch 1 = each prompt alone; batch 16
-    greedy = the prompts 16 rows at a time, as many rounds as batch 16 sampling has
-    units (one batch timed once would be at the mercy of one load spike); batch 16
-    sampling = 16 samples of each of the first `--sampled-prompts` prompts."""
+def workloads(prompts: list[str], args) -> list[tuple[int, int, tuple[str, ...], list]]:
+    """(batch size, samples per prompt, kinds of setting, units): batch 1 = each prompt
+    alone, greedy and sampled; batch 16 greedy = the prompts 16 rows at a time, as
+    many rounds as batch 16 sampling has units (one batch timed once would be at the
+    mercy of one load spike); batch 16 sampling = 16 samples of each of the first
+    `--sampled-prompts` prompts."""
     batched = [prompts[i : i + args.batch] for i in range(0, len(prompts), args.batch)]
     rounds = -(-args.sampled_prompts // len(batched))
     return [
-        (1, 1, [[p] for p in prompts]),
-        (args.batch, 1, batched * rounds),
-        (args.batch, args.batch, [[p] for p in prompts[: args.sampled_prompts]]),
+        (1, 1, ("greedy", "sampling"), [[p] for p in prompts]),
+        (args.batch, 1, ("greedy",), batched * rounds),
+        (args.batch, args.batch, ("sampling",), [[p] for p in prompts[: args.sampled_prompts]]),
     ]
 
 
@@ -228,16 +229,14 @@ def decode_all(model, tokenizer, prompts: list[str], args, loads: list[float]):
     that rotates, so load changes on the shared machine hit all of them alike (the load
     average after each unit goes to `loads`). One untimed warm-up call of each first."""
     tallies: dict[tuple[str, int], Tally] = {}
-    for batch, n, units in workloads(prompts, args):
-        kinds = ("greedy", "sampling") if n == 1 else ("sampling",)
+    warm = argparse.Namespace(**{**vars(args), "new_tokens": 8})
+    for batch, n, kinds, units in workloads(prompts, args):
         names = [k for k in SETTINGS if k.split()[-1] in kinds]
         names += [f"generate {k}" for k in kinds] if args.generate else []
         for name in names:
-            run_unit(model, tokenizer, name, units[0][:1], 1, 1, argparse.Namespace(
-                **{**vars(args), "new_tokens": 8}), Tally())  # fmt: skip
+            run_unit(model, tokenizer, name, units[0][:1], 1, 1, warm, Tally())
         for i, unit in enumerate(tqdm(units, desc=f"decode, batch {batch}", unit="unit")):
-            order = names[i % len(names) :] + names[: i % len(names)]
-            for name in order:
+            for name in names[i % len(names) :] + names[: i % len(names)]:
                 tally = tallies.setdefault((name, batch), Tally())
                 run_unit(model, tokenizer, name, unit, n, batch, args, tally)
             loads.append(os.getloadavg()[0])
