@@ -1,6 +1,6 @@
 # Weighted Multi-Token Prediction: config -> download -> refce/critic -> train -> eval -> report.
-# Run the tiny default with `snakemake all` (profiles/default/ is loaded automatically);
-# the paper setting with `snakemake all --configfile config/paper.yaml --profile profiles/slurm`.
+# Run the tiny default with `snakemake --cores all all` (profiles/default/ is loaded
+# automatically); the paper setting on a Slurm cluster with `snakemake --profile slurm all`.
 
 
 configfile: "config/config.yaml"
@@ -13,11 +13,13 @@ include: "rules/critic.smk"
 include: "rules/train.smk"
 include: "rules/eval.smk"
 include: "rules/report.smk"
+include: "rules/upload.smk"
 
 
 localrules:
     all,
     publish_report,
+    upload_results,
 
 
 rule all:

@@ -7,7 +7,15 @@ import re
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
-from wmtp.config import ALGORITHMS, BENCHMARKS, ConfigError, config_hash, load_config
+from wmtp.config import (
+    ALGORITHMS,
+    BASE_ROW,
+    BENCHMARKS,
+    TRAINED,
+    ConfigError,
+    config_hash,
+    load_config,
+)
 
 min_version("9.0")
 
@@ -56,8 +64,16 @@ def refce_path():
     return f"results/{RUN}/refce/{CONFIG.data.train_dataset}.parquet"
 
 
-def critic_head():
-    return f"results/{RUN}/critic/value_head.safetensors"
+def critic_dir(seed):
+    return f"results/{RUN}/critic/seed{seed}"
+
+
+def critic_table(seed):
+    return f"{critic_dir(seed)}/values.parquet"
+
+
+def critic_metrics(seed):
+    return f"{critic_dir(seed)}/metrics.json"
 
 
 def trained_model(algo, seed):
@@ -76,9 +92,22 @@ def report_path():
     return f"results/{RUN}/report.md"
 
 
+def trained_alternatives():
+    """The `algo` wildcard of the train rule: training methods only ('base' is not trained)."""
+    return _alternatives(TRAINED)
+
+
+def upload_manifest():
+    return f"results/{RUN}/upload.json"
+
+
 def get_final_outputs():
-    """What `snakemake all` builds: the run's report and its copy at results/report.md."""
-    return [report_path(), REPORT_COPY]
+    """What `snakemake all` builds: the run's report and its copy at results/report.md,
+    and with storage.upload_prefix set, the record of their upload."""
+    outputs = [report_path(), REPORT_COPY]
+    if CONFIG.storage.upload_prefix is not None:
+        outputs.append(upload_manifest())
+    return outputs
 
 
 # ---- input functions ---------------------------------------------------------------
@@ -86,13 +115,13 @@ def get_final_outputs():
 
 def get_train_inputs(wildcards):
     """Every algorithm needs the base model and the training split; rho1-* also the
-    reference CE table, critic-wmtp also the value head. Nothing else, so a change
-    upstream of one method reruns only that method."""
+    reference CE table, critic-wmtp also its seed's value table. Nothing else, so a
+    change upstream of one method reruns only that method."""
     inputs = {"base": model_dir("base"), "data": train_data()}
     if wildcards.algo.startswith("rho1-"):
         inputs["refce"] = refce_path()
     if wildcards.algo == "critic-wmtp":
-        inputs["critic"] = critic_head()
+        inputs["critic"] = critic_table(wildcards.seed)
     return inputs
 
 
@@ -104,15 +133,20 @@ def get_critic_inputs(wildcards):
 
 
 def get_eval_inputs(wildcards):
-    return {
-        "model": trained_model(wildcards.algo, wildcards.seed),
-        "data": data_path(wildcards.benchmark, TEST_SPLIT),
-    }
+    """The model a row evaluates: the `base` row the downloaded base model itself
+    (same protocol, no training), every other row its fine-tuned model."""
+    if wildcards.algo == BASE_ROW:
+        model = model_dir("base")
+    else:
+        model = trained_model(wildcards.algo, wildcards.seed)
+    return {"model": model, "data": data_path(wildcards.benchmark, TEST_SPLIT)}
 
 
 def get_report_inputs(wildcards):
-    """All evaluations and training metrics of the configured table, in a fixed order."""
+    """All evaluations of the configured table and the training metrics of its trained
+    rows, in a fixed order."""
     runs = [(a, s) for a in CONFIG.algorithms for s in CONFIG.seeds]
+    trained = [(a, s) for a in CONFIG.trained_algorithms for s in CONFIG.seeds]
     return {
         "evals": [
             eval_file(a, s, b, "json") for a, s in runs for b in CONFIG.benchmarks
@@ -120,7 +154,22 @@ def get_report_inputs(wildcards):
         "samples": [
             eval_file(a, s, b, "jsonl") for a, s in runs for b in CONFIG.benchmarks
         ],
-        "metrics": [train_metrics(a, s) for a, s in runs],
+        "metrics": [train_metrics(a, s) for a, s in trained],
+        "critics": (
+            [critic_metrics(s) for s in CONFIG.seeds]
+            if "critic-wmtp" in CONFIG.algorithms
+            else []
+        ),
+    }
+
+
+def get_upload_inputs(wildcards):
+    """The report with its figures, and every evaluation and training metrics file
+    behind it."""
+    return {
+        "report": report_path(),
+        "figures": f"results/{RUN}/figures",
+        **get_report_inputs(wildcards),
     }
 
 
@@ -140,6 +189,11 @@ def get_model_params(wildcards):
 
 
 def get_data_params(wildcards):
+    """data.sources names a directory or s3:// prefix for the dataset; otherwise its
+    default source (tiny-mbpp: generated from the tiny settings)."""
+    source = CONFIG.data.sources.get(wildcards.dataset)
+    if source is not None:
+        return {"source": source}
     if wildcards.dataset == "tiny-mbpp":
         return {"tiny": CONFIG.tiny.model_dump(mode="json")}
     return {}
@@ -150,13 +204,12 @@ def get_refce_params(wildcards):
 
 
 def get_critic_params(wildcards):
-    """The critic reads its recipe section, the data settings, the first seed and the
-    sandbox limits of the eval section (for rollout rewards)."""
+    """The critic reads its recipe section, the data settings and the sandbox limits
+    of the eval section (for rollout rewards); its seed is the {seed} wildcard."""
     sandbox = ("timeout", "memory_mb", "workers")
     return {
         "critic": RECIPES["critic-wmtp"].critic.model_dump(mode="json"),
         "data": CONFIG.data.model_dump(mode="json"),
-        "seed": CONFIG.seeds[0],
         "sandbox": {key: getattr(CONFIG.eval, key) for key in sandbox},
     }
 
@@ -180,4 +233,11 @@ def get_report_params(wildcards):
     return {
         "report": CONFIG.report.model_dump(mode="json"),
         "config_hash": config_hash(CONFIG, RECIPES),
+    }
+
+
+def get_upload_params(wildcards):
+    return {
+        "prefix": CONFIG.storage.upload_prefix,
+        "endpoint_url": CONFIG.storage.endpoint_url,
     }

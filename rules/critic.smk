@@ -1,16 +1,19 @@
-# Stage 1 of critic-wmtp: a value head trained on the frozen base model's rollouts.
+# Stage 1 of critic-wmtp, one critic per seed (its rollouts, hold-out, selection and
+# value head are seeded by it): a value head fitted on the frozen base model's
+# rollouts, its held-out explained variance, and the value table training reads.
 
 
 rule critic:
     input:
         unpack(get_critic_inputs),
     output:
-        head="results/{run}/critic/value_head.safetensors",
-        metrics="results/{run}/critic/metrics.json",
+        table="results/{run}/critic/seed{seed}/values.parquet",
+        head="results/{run}/critic/seed{seed}/value_head.safetensors",
+        metrics="results/{run}/critic/seed{seed}/metrics.json",
     log:
-        "logs/{run}/critic/critic.log",
+        "logs/{run}/critic/seed{seed}.log",
     benchmark:
-        "logs/{run}/benchmarks/critic/critic.tsv"
+        "logs/{run}/benchmarks/critic/seed{seed}.tsv"
     conda:
         "../envs/train.yaml"
     threads: 1

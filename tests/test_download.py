@@ -338,3 +338,30 @@ def test_download_workflow_scripts(tmp_path, monkeypatch, tiny_tokenizer):
     )
     assert len(pd.read_parquet(tmp_path / "data" / "tiny-mbpp" / "test.parquet")) == 3
     assert "data/tiny-mbpp/test" in (tmp_path / "data.log").read_text()
+
+
+def test_conversion_keeps_the_generation_config(tmp_path, tiny_tokenizer):
+    """Its end ids (chat models have several) must reach the sampler."""
+    src = _hf_llama(tmp_path / "src", tiny_tokenizer)
+    generation = {"bos_token_id": 0, "eos_token_id": [1, 5], "pad_token_id": 0}
+    (src / "generation_config.json").write_text(json.dumps(generation))
+    out = download.download_model(ModelSource(source="local", id=str(src), n_future_tokens=2), tmp_path / "base")
+    assert json.loads((out / "generation_config.json").read_text()) == generation
+    storage.verify_manifest(out)
+
+
+def test_prompt_format_is_recorded_in_the_tokenizer(tmp_path, tiny_tokenizer, chat_tokenizer):
+    from transformers import AutoTokenizer
+
+    from wmtp.prompts import prompt_format
+
+    src = _hf_llama(tmp_path / "chat", chat_tokenizer)
+    source = ModelSource(source="local", id=str(src), n_future_tokens=2, prompt_format="chat")
+    out = download.download_model(source, tmp_path / "base")
+    assert prompt_format(AutoTokenizer.from_pretrained(out)) == "chat"
+    storage.verify_manifest(out)
+    plain = _hf_llama(tmp_path / "plain", tiny_tokenizer)
+    source = ModelSource(source="local", id=str(plain), n_future_tokens=2, prompt_format="chat")
+    with pytest.raises(ValueError, match="tokenizer of local:.*has no chat template"):
+        download.download_model(source, tmp_path / "base2")
+    assert not (tmp_path / "base2").exists()

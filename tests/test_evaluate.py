@@ -120,7 +120,10 @@ def test_evaluate_model_writes_summary_and_per_problem_records(tmp_path, tiny_to
     assert [r["task_id"] for r in records] == ["601", "602"]
     assert all(r["n"] == 3 == len(r["completions"]) == len(r["statuses"]) for r in records)
     assert summary["benchmark"] == "tiny-mbpp" and summary["n_samples"] == 3
-    assert {"pass@1", "pass@2", "exact_match", "completion_tokens_per_s"} <= set(summary)
+    assert {"pass@1", "pass@2", "exact_match", "decoded_tokens_per_s", "kept_tokens_per_s"} <= set(summary)
+    # an untrained model's tokens re-tokenise into others, so no order between the two here
+    assert summary["decoded_tokens"] > 0 and summary["kept_tokens"] > 0
+    assert summary["prompt_format"] == "raw"
     assert sum(summary[f"n_{s}"] for s in ("passed", "failed", "timeout", "error")) == 6
     again = evaluate_model(
         model_dir,
@@ -177,3 +180,61 @@ def test_evaluate_model_logs_to_the_training_run(tmp_path, tiny_tokenizer):
     pass_at_1 = [v for k, v in logged.items() if k.startswith("tiny_mbpp_pass") and k.endswith("1")]
     assert pass_at_1 == [summary["pass@1"]]
     assert logged["tiny_mbpp_exact_match"] == summary["exact_match"]
+
+
+def test_with_temperatures_keeps_each_problems_counts_per_temperature():
+    from wmtp.evaluate import with_temperatures
+
+    fixed = [{"task_id": "a", "n": 2, "c": 1}, {"task_id": "b", "n": 2, "c": 0}]
+    hot = [{"task_id": "a", "n": 2, "c": 2}, {"task_id": "b", "n": 2, "c": 1}]
+    out = with_temperatures(fixed, {0.8: fixed, 1.2: hot})
+    assert [r["by_temperature"] for r in out] == [
+        {"0.8": {"n": 2, "c": 1}, "1.2": {"n": 2, "c": 2}},
+        {"0.8": {"n": 2, "c": 0}, "1.2": {"n": 2, "c": 1}},
+    ]
+    assert out[0]["c"] == 1  # the fixed temperature stays the record's own
+    with pytest.raises(ValueError, match="out of order"):
+        with_temperatures(fixed, {0.8: fixed, 1.2: hot[::-1]})
+
+
+def test_eval_settings_temperatures_fixed_first_without_duplicates():
+    from wmtp.config import EvalSettings
+
+    assert EvalSettings().temperatures == [0.8]
+    assert EvalSettings(oracle_temperatures=[0.2, 0.8, 1.0]).temperatures == [0.8, 0.2, 1.0]
+    with pytest.raises(ValueError, match="duplicates"):
+        EvalSettings(oracle_temperatures=[0.2, 0.2])
+def test_chat_format_evaluation(tmp_path, chat_tokenizer, monkeypatch):
+    """A model whose tokenizer records the chat format is prompted through its chat
+    template, stops at the reply's closing fence and at any of its end ids (the
+    tokenizer's EOS and the generation config's)."""
+    import copy
+
+    from wmtp import sample
+    from wmtp.evaluate import end_token_ids
+    from wmtp.prompts import chat_prompt, set_prompt_format
+
+    tokenizer = copy.deepcopy(chat_tokenizer)
+    set_prompt_format(tokenizer, "chat")
+    model = MTPModel(tiny_config(vocab_size=len(tokenizer)))
+    model.init_weights(seed=0)
+    model_dir = save_model(model, tmp_path / "model", tokenizer=tokenizer,
+                           generation_config={"eos_token_id": [tokenizer.eos_token_id, 1]})  # fmt: skip
+    assert end_token_ids(model_dir, tokenizer) == sorted([tokenizer.eos_token_id, 1])
+    seen = {}
+    real_generate = sample.generate
+
+    def spy(model, tokenizer, prompts, **kwargs):
+        seen.update(prompts=prompts, stop=kwargs["stop"], eos_token_ids=kwargs["eos_token_ids"])
+        return real_generate(model, tokenizer, prompts, **kwargs)
+
+    monkeypatch.setattr(sample, "generate", spy)
+    problems = load_benchmark("mbpp", FIXTURES / "mbpp.jsonl")
+    summary = evaluate_model(model_dir, "mbpp", FIXTURES / "mbpp.jsonl", _settings(ks={"mbpp": [1]}), 0,
+                             tmp_path / "e.json", tmp_path / "e.jsonl")  # fmt: skip
+    assert summary["prompt_format"] == "chat"
+    assert seen["prompts"] == [chat_prompt(tokenizer, p.message) for p in problems]
+    assert seen["stop"] == ("\n```",) and seen["eos_token_ids"] == [1, tokenizer.eos_token_id]
+    raw = evaluate_model(model_dir, "mbpp", FIXTURES / "mbpp.jsonl", _settings(ks={"mbpp": [1]}), 0,
+                         tmp_path / "r.json", tmp_path / "r.jsonl", fmt="raw")  # fmt: skip
+    assert raw["prompt_format"] == "raw" and seen["prompts"] == [p.prompt for p in problems]

@@ -245,7 +245,10 @@ def run_workflow_script(name: str, monkeypatch, **fields):
         if k in ("input", "output", "params", "log")
     }
     smk = SimpleNamespace(
-        **parts, config=fields.get("config", {}), threads=1, wildcards=Namedlist()
+        **parts,
+        config=fields.get("config", {}),
+        threads=1,
+        wildcards=Namedlist(fromdict=fields.get("wildcards", {})),
     )
     script = Path(__file__).resolve().parents[1] / "workflow_scripts" / name
     runpy.run_path(str(script), init_globals={"snakemake": smk})

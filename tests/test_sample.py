@@ -126,6 +126,28 @@ def _greedy_without_cache(model: MTPModel, prompt: list[int], steps: int) -> lis
     return ids[len(prompt) :]
 
 
+def test_generation_ends_at_any_of_several_end_ids(model, tiny_tokenizer):
+    """Chat models end a turn with a token of their own and list several end ids:
+    generation stops at the first of any of them (and counts what it decoded)."""
+    prompt = PROMPTS[0]
+    ids = _greedy_without_cache(model, tiny_tokenizer(prompt)["input_ids"], 16)
+    first_new = [k for k in range(2, 16) if ids[k] not in ids[:k]]
+    early, late = first_new[0], first_new[1]
+    unused = next(t for t in range(2, len(tiny_tokenizer)) if t not in ids)
+
+    def run(end_ids):
+        texts, decoded = generate(model, tiny_tokenizer, [prompt], n=1, temperature=0.0, top_p=1.0,
+                                  max_new_tokens=16, seed=0, stop=(), eos_token_ids=end_ids,
+                                  with_decoded_tokens=True)  # fmt: skip
+        return texts[0][0], decoded[0][0]
+
+    assert run([]) == (tiny_tokenizer.decode(ids), 16)
+    assert run([ids[late], unused, ids[early]]) == (tiny_tokenizer.decode(ids[:early]), early + 1)
+    assert run({ids[late], unused}) == (tiny_tokenizer.decode(ids[:late]), late + 1)
+    default = tiny_tokenizer.eos_token_id  # the tokenizer's EOS when no ids are given
+    assert run(None) == run([default])
+
+
 def _speculate_without_cache(model: MTPModel, prompt: list[int], steps: int) -> list[int]:
     """Reference self-speculative decoding recomputing the whole sequence every step:
     the accepted length of every verification forward."""

@@ -4,56 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import time
-import urllib.request
 
 import boto3
 import pytest
 
+from tests.services import AWS_TEST_ENV, moto_server
 from wmtp import storage
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    """A moto S3 server on a free loopback port (never 5000, MLflow's) with dummy
-    credentials in the environment; yields its endpoint URL."""
-    port = _free_port()
-    while port == 5000:
-        port = _free_port()
-    dummy = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {key: os.environ.get(key) for key in dummy}
-    os.environ.update(dummy)
-    proc = subprocess.Popen(
-        ["moto_server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("moto_server did not start") from None
-            time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    """A moto S3 server on a free loopback port with dummy credentials in the
+    environment; yields its endpoint URL."""
+    saved = {key: os.environ.get(key) for key in AWS_TEST_ENV}
+    os.environ.update(AWS_TEST_ENV)
+    with moto_server() as url:
+        yield url
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
@@ -128,3 +94,31 @@ def test_download_prefix_rejects_tampered_object(tmp_path, s3_endpoint, bucket):
 def test_download_prefix_empty_prefix_is_clear_error(tmp_path, s3_endpoint, bucket):
     with pytest.raises(FileNotFoundError, match="no objects under"):
         storage.download_prefix(f"s3://{bucket}/nothing", tmp_path / "dst", endpoint_url=s3_endpoint)
+
+
+def test_upload_results_writes_files_then_a_manifest_download_prefix_checks(
+    tmp_path, s3_endpoint, bucket
+):
+    run = tmp_path / "results" / "ci"
+    (run / "figures").mkdir(parents=True)
+    (run / "report.md").write_text("# table\n")
+    (run / "figures" / "pass_at_k.png").write_bytes(b"\x89PNG fake")
+    (run / "eval" / "a" / "seed0").mkdir(parents=True)
+    (run / "eval" / "a" / "seed0" / "mbpp.json").write_text('{"pass@1": 0.5}')
+    (run / "not-uploaded.txt").write_text("x")
+    prefix = f"s3://{bucket}/runs/ci"
+    manifest = storage.upload_results(
+        run,
+        [run / "report.md", run / "figures", run / "eval" / "a" / "seed0" / "mbpp.json"],
+        prefix,
+        endpoint_url=s3_endpoint,
+        info={"run": "ci"},
+    )
+    assert list(manifest["files"]) == ["eval/a/seed0/mbpp.json", "figures/pass_at_k.png", "report.md"]
+    assert manifest["run"] == "ci"
+    fetched = storage.download_prefix(prefix, tmp_path / "fetched", endpoint_url=s3_endpoint)
+    assert (fetched / "report.md").read_text() == "# table\n"
+    assert json.loads((fetched / "manifest.json").read_text()) == manifest
+    assert not (fetched / "not-uploaded.txt").exists()
+    with pytest.raises(ValueError, match="is not under"):
+        storage.upload_results(run, [tmp_path / "elsewhere"], prefix, endpoint_url=s3_endpoint)

@@ -16,9 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import REPO, tiny_config
 from safetensors.torch import load_file
 
@@ -76,6 +78,7 @@ def setup(tmp_path_factory, tiny_tokenizer) -> dict:
 
 def recipe(algorithm: str = "baseline-mtp", *, weighting: dict | None = None, **train) -> Recipe:
     settings = dict(
+        epochs=100,  # many: max_steps decides the length of every test training
         max_steps=6,
         micro_batch_size=4,
         grad_accum_steps=1,
@@ -135,6 +138,8 @@ def test_algorithm_trains_with_finite_decreasing_loss(setup, tmp_path, algorithm
         assert (metrics["weight_frac_zero"] > 0.2).all()
     if algorithm == "baseline-mtp":
         assert (metrics["weight_std"] < 1e-6).all()
+        for kind in ("code", "first", "eos"):  # the per-class diagnostics see w = 1 too
+            assert (metrics[f"weight_on_{kind}"] == 1).all()
     config = json.loads((model_dir / "config.json").read_text())
     assert config["algorithm"] == algorithm and config["seed"] == 0
     assert config["resolved config"]["recipe"]["weighting"]["rho1_base"] == weighting.get(
@@ -145,21 +150,68 @@ def test_algorithm_trains_with_finite_decreasing_loss(setup, tmp_path, algorithm
     )
 
 
-def test_critic_trains(setup, tmp_path):
-    critic = pytest.importorskip("wmtp.critic")
-    head = critic.ValueHead(setup["config"].dim, 16)
-    path = tmp_path / "value_head.safetensors"
-    critic.save_value_head(head, path)
-    rec = recipe("critic-wmtp")
-    run(setup, tmp_path / "out", rec, critic_path=path)
+def value_table(setup, path: Path, explained_variance: float | None, base=None) -> Path:
+    """A critic stage's value table: a random value head on the frozen base trunk."""
+    from transformers import AutoTokenizer
+
+    from wmtp.critic import ValueHead
+    from wmtp.value_table import compute_values, table_metadata, write_value_table
+
+    base = base or setup["base"]
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    examples = build_examples(read_split(setup["train"]), tokenizer, 256)
+    torch.manual_seed(0)
+    head = ValueHead(setup["config"].dim, 16).eval()
+    values = compute_values(load_model(base), head, examples, pad_id=tokenizer.pad_token_id)
+    meta = table_metadata(base, tokenizer, len(examples), 0, explained_variance)
+    return write_value_table(examples, values, path, meta)
+
+
+def test_critic_trains_from_the_value_table_alone(setup, tmp_path, monkeypatch):
+    """critic-wmtp reads its deltas from the critic stage's table: no value head ever
+    runs in training (the trunk being trained would move its inputs). Strength auto
+    scales the weights by the critic's explained variance: EV 0 trains with the
+    baseline's weights exactly, EV 1 with full weights."""
+    from wmtp.critic import ValueHead
+
+    def no_value_head(self, hidden):
+        raise AssertionError("a value head ran during training")
+
+    full = value_table(setup, tmp_path / "ev1" / "values.parquet", explained_variance=1.0)
+    monkeypatch.setattr(ValueHead, "forward", no_value_head)
+    rec = recipe("critic-wmtp", weighting={"strength": "auto"})
+    run(setup, tmp_path / "out", rec, critic_path=full)
     metrics = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
     assert metrics["train_loss"].map(math.isfinite).all()
     assert metrics["train_loss"].iloc[-2:].mean() < metrics["train_loss"].iloc[:2].mean()
-    assert metrics["weight_std"].min() > 0  # values vary, so weights do
-    wrong = tmp_path / "wrong_width.safetensors"
-    critic.save_value_head(critic.ValueHead(setup["config"].dim * 2, 16), wrong)
-    with pytest.raises(ConfigError, match="reads width 64"):
-        run(setup, tmp_path / "wrong", rec, critic_path=wrong)
+    assert metrics["weight_std"].min() > 0.1  # deltas vary, so weights do
+    assert metrics["weight_mean"].sub(1).abs().max() < 1e-4
+    monkeypatch.undo()
+    none = value_table(setup, tmp_path / "ev0" / "values.parquet", explained_variance=-0.3)
+    monkeypatch.setattr(ValueHead, "forward", no_value_head)
+    run(setup, tmp_path / "flat", rec, critic_path=none)
+    flat = pd.read_parquet(tmp_path / "flat" / "metrics.parquet")
+    assert (flat["weight_std"] < 1e-6).all() and (flat["weight_min"] == 1).all()
+    baseline = run(setup, tmp_path / "baseline", recipe("baseline-mtp"))
+    for name, tensor in final_params(tmp_path / "flat" / "model").items():
+        torch.testing.assert_close(tensor, final_params(baseline)[name])
+
+
+def test_critic_refuses_a_table_of_another_base(setup, tmp_path):
+    other = MTPModel(setup["config"])
+    other.init_weights(seed=7)
+    tokenizer_dir = setup["base"]
+    from transformers import AutoTokenizer
+
+    other_dir = save_model(
+        other,
+        tmp_path / "other",
+        tokenizer=AutoTokenizer.from_pretrained(str(tokenizer_dir)),
+        extra={"note": "another base"},
+    )
+    wrong = value_table(setup, tmp_path / "values.parquet", 1.0, base=other_dir)
+    with pytest.raises(ConfigError, match="computed on base model .* rerun the critic stage"):
+        run(setup, tmp_path / "wrong", recipe("critic-wmtp"), critic_path=wrong)
 
 
 def test_resume_after_interrupt_gives_identical_weights(setup, tmp_path):
@@ -268,6 +320,8 @@ def test_metrics_parquet_columns(setup, tmp_path):
         "head_ce_0",
         "head_ce_1",
         "val_loss",
+        "val_head_ce_0",
+        "val_head_ce_1",
         "lr",
         "tokens_per_s",
         "weight_mean",
@@ -275,16 +329,38 @@ def test_metrics_parquet_columns(setup, tmp_path):
         "weight_min",
         "weight_max",
         "weight_frac_zero",
+        "weight_on_comment",
+        "weight_on_code",
+        "weight_on_first",
+        "weight_on_eos",
     ]
     assert list(metrics["step"]) == [2]
     assert metrics["tokens"].iloc[0] > 0 and metrics["tokens_per_s"].iloc[0] > 0
+    # val_loss is the unweighted MTP loss: the mean of the heads' validation CE
+    row = metrics.iloc[0]
+    assert row["val_loss"] == pytest.approx((row["val_head_ce_0"] + row["val_head_ce_1"]) / 2)
+
+
+def test_ntp_trains_head_0_only_on_the_plain_ce(setup, tmp_path):
+    """Next-token fine-tuning: trunk, head 0, shared norm and unembedding move; the
+    extra heads stay exactly as downloaded; the loss is head 0's CE alone."""
+    model_dir = run(setup, tmp_path / "out", recipe("ntp", max_steps=3, log_every=1, val_every=3))
+    before, after = final_params(setup["base"]), final_params(model_dir)
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert {name for name in before if name.startswith("heads.1.")}.isdisjoint(moved)
+    for prefix in ("heads.0.", "layers.", "norm.", "output.", "tok_embeddings."):
+        assert any(name.startswith(prefix) for name in moved), prefix
+    metrics = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
+    assert "head_ce_1" not in metrics and "val_head_ce_1" in metrics  # trained vs validated heads
+    assert metrics["train_loss"].tolist() == pytest.approx(metrics["head_ce_0"].tolist(), rel=1e-5)
+    assert (metrics["weight_std"] < 1e-6).all()
 
 
 @pytest.mark.parametrize(
     "algorithm, kwargs, message",
     [
         ("rho1-weighted", {"refce_path": None}, "needs the reference-CE table"),
-        ("critic-wmtp", {}, "needs the stage-1 value head"),
+        ("critic-wmtp", {}, "needs the critic stage's value table"),
         ("baseline-mtp", {"max_steps": 1}, "warmup_steps (1) must be < max_steps (1)"),
     ],
 )
@@ -395,8 +471,9 @@ def test_torchrun_two_processes_matches_one_process_batch(setup, tmp_path):
     import yaml
 
     rec = recipe(max_steps=4, micro_batch_size=2, checkpoint_every=2).model_dump(mode="json")
+    # a recipe file holds what it overrides: here the whole train section
     (tmp_path / "baseline.yaml").write_text(
-        yaml.safe_dump({k: v for k, v in rec.items() if v is not None})
+        yaml.safe_dump({"algorithm": rec["algorithm"], "train": rec["train"]})
     )
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -622,3 +699,288 @@ def test_workflow_script_relaunches_itself_under_torchrun(setup, tmp_path):
     resolved = json.loads((out / "model" / "config.json").read_text())["resolved config"]
     assert resolved["world_size"] == 2
     assert "train baseline-mtp" in log  # rank 0's progress bar reached the job's log
+
+
+# ---- the weights each method really trains with (issue 14) ------------------------------
+# Every expected weight below is rebuilt from the raw inputs without the trainer's own
+# helpers: the reference CE straight from the parquet (matched to a batch row by its
+# tokens), the head-0 CE from a full `model(...)` forward, the critic's values from the
+# value head on the current trunk. `wmtp.weights.algorithm_weights` is the formula.
+
+METHODS = {  # id -> (algorithm, weighting)
+    "baseline-mtp": ("baseline-mtp", {}),
+    "ntp": ("ntp", {}),
+    "rho1-weighted": ("rho1-weighted", {}),
+    "rho1-tokenskip": ("rho1-tokenskip", {}),
+    "rho1-frozen": ("rho1-weighted", {"rho1_base": "frozen"}),
+    "critic-wmtp": ("critic-wmtp", {"strength": "auto"}),
+}
+SPY_EV = 0.6  # the spied critic's held-out explained variance: strength auto = 0.6
+
+
+def table_ce_ref(refce_path: Path) -> dict[tuple[int, ...], np.ndarray]:
+    """Token ids of positions 1.. of a sample -> its ce_ref, read with pandas alone."""
+    frame = pd.read_parquet(refce_path).sort_values(["sample_id", "position"])
+    return {
+        tuple(group["token_id"].tolist()): group["ce_ref"].to_numpy()
+        for _, group in frame.groupby("sample_id")
+    }
+
+
+def ce_ref_of(batch_ids: torch.Tensor, attention_mask: torch.Tensor, table: dict) -> torch.Tensor:
+    """(B, S) ce_ref of target token j at [b, j]: each row found in `table` by its tokens."""
+    out = torch.zeros(batch_ids.shape)
+    for b in range(batch_ids.shape[0]):
+        n = int(attention_mask[b].sum())
+        out[b, 1:n] = torch.from_numpy(table[tuple(batch_ids[b, 1:n].tolist())].astype(np.float32))
+    return out
+
+
+@torch.no_grad()
+def full_forward_head0_ce(model: MTPModel, input_ids, attention_mask) -> torch.Tensor:
+    """(B, S): CE of target token j from head 0 of the full all-heads forward, 0 at j = 0."""
+    logits = model(input_ids, attention_mask)[:, :, 0].float()  # (B, S, V)
+    ce = torch.zeros(input_ids.shape)
+    ce[:, 1:] = F.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
+    return ce
+
+
+def table_values(table_path: Path) -> dict[tuple[int, ...], np.ndarray]:
+    """Token ids of positions 1.. of a sample -> the critic's V there (NaN before s0),
+    read with pandas alone (not through wmtp.value_table)."""
+    frame = pd.read_parquet(table_path).sort_values(["sample_id", "position"])
+    return {
+        tuple(group["token_id"].tolist()): group["value"].to_numpy()
+        for _, group in frame.groupby("sample_id")
+    }
+
+
+def critic_deltas_of(batch_ids, attention_mask, loss_mask, table: dict) -> torch.Tensor:
+    """(B, S) delta_j = V_j - V_{j-1} on solution tokens (the first one against V(s0),
+    the last prompt token's value), from the table's V column; 0 elsewhere."""
+    out = torch.zeros(batch_ids.shape)
+    for b in range(batch_ids.shape[0]):
+        n = int(attention_mask[b].sum())
+        value = torch.full((n,), float("nan"))
+        value[1:] = torch.from_numpy(table[tuple(batch_ids[b, 1:n].tolist())].astype(np.float32))
+        for j in range(1, n):
+            if loss_mask[b, j]:
+                out[b, j] = value[j] - value[j - 1]
+    assert torch.isfinite(out).all(), "V(s0) or a solution value is missing from the table"
+    return out
+
+
+def expected_weights(algorithm, weighting, model, inputs: dict) -> torch.Tensor:
+    """The formula's weights `(B, S)` for one training micro-batch, from raw inputs."""
+    from wmtp.weights import algorithm_weights
+
+    ids, mask, attn = inputs["input_ids"], inputs["loss_mask"], inputs["attention_mask"]
+    extra = {}
+    if algorithm.startswith("rho1"):
+        base = inputs["frozen"] if weighting.get("rho1_base") == "frozen" else model
+        extra = {"ce_base": full_forward_head0_ce(base, ids, attn), "ce_ref": ce_ref_of(ids, attn, inputs["refce"])}
+    if algorithm == "critic-wmtp":
+        extra = {"deltas": critic_deltas_of(ids, attn, mask, inputs["values"]),
+                 "auto_strength": min(max(SPY_EV, 0.0), 1.0)}  # fmt: skip
+    settings = recipe(algorithm, weighting=weighting).weighting
+    weights = algorithm_weights(algorithm, mask, settings, **extra)
+    return torch.where(mask.bool() & attn.bool(), weights, torch.zeros_like(weights))
+
+
+class LossSpy:
+    """Stands in for `wmtp.loss.weighted_mtp_loss_details` during a training: records,
+    for every training micro-batch (grad enabled; validation runs under no_grad), the
+    weights the loss really used, the heads it trained and the formula's weights for
+    the model as it was at that moment."""
+
+    def __init__(self, real, algorithm: str, weighting: dict, sources: dict) -> None:
+        self.real, self.algorithm, self.weighting, self.sources = real, algorithm, weighting, sources
+        self.calls: list[dict] = []
+
+    def __call__(self, model, input_ids, loss_mask, weights, attention_mask=None, n_heads=None):
+        training = torch.is_grad_enabled()
+        if training:
+            inputs = {**self.sources, "input_ids": input_ids, "loss_mask": loss_mask,
+                      "attention_mask": attention_mask}  # fmt: skip
+            expected = expected_weights(self.algorithm, self.weighting, model, inputs)
+        out = self.real(model, input_ids, loss_mask, weights, attention_mask, n_heads)
+        if training:
+            self.calls.append({"used": out.weights.detach().clone(), "expected": expected,
+                               "n_heads": n_heads, "loss_mask": loss_mask.clone()})  # fmt: skip
+        return out
+
+
+SPIED_STEPS = 4  # checkpoints at 2 and 4; the resume tests stop after 3
+
+
+@pytest.fixture(scope="module")
+def value_table_path(setup) -> Path:
+    """The critic stage's value table of the spied critic-wmtp trainings."""
+    return value_table(setup, setup["root"] / "spy_values.parquet", explained_variance=SPY_EV)
+
+
+def method_recipe(method: str) -> Recipe:
+    algorithm, weighting = METHODS[method]
+    return recipe(algorithm, weighting=weighting, max_steps=SPIED_STEPS, checkpoint_every=2,
+                  val_every=SPIED_STEPS)  # fmt: skip
+
+
+def method_kwargs(method: str, value_table_path: Path) -> dict:
+    return {"critic_path": value_table_path} if METHODS[method][0] == "critic-wmtp" else {}
+
+
+@pytest.fixture(scope="module")
+def spied(setup, value_table_path, tmp_path_factory):
+    """`spied(method)`: one uninterrupted training of `method` with the loss spied on,
+    run once per module and shared (its final weights are also the reference of that
+    method's resume test)."""
+    import wmtp.loss
+
+    sources = {"refce": table_ce_ref(setup["refce"]), "frozen": load_model(setup["base"]).eval(),
+               "values": table_values(value_table_path)}  # fmt: skip
+    cache: dict[str, dict] = {}
+
+    def get(method: str) -> dict:
+        if method not in cache:
+            algorithm, weighting = METHODS[method]
+            spy = LossSpy(wmtp.loss.weighted_mtp_loss_details, algorithm, weighting, sources)
+            out = tmp_path_factory.mktemp(f"spied-{method}")
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(wmtp.loss, "weighted_mtp_loss_details", spy)
+                model_dir = run(setup, out / "straight", method_recipe(method),
+                                **method_kwargs(method, value_table_path))  # fmt: skip
+            cache[method] = {"calls": spy.calls, "model": model_dir, "out": out}
+        return cache[method]
+
+    return get
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_trains_with_its_formulas_weights(spied, setup, method):
+    """What the training loop really hands the loss, batch by batch, equals the
+    independent formula: a trainer giving one method another's weights fails here."""
+    calls = spied(method)["calls"]
+    algorithm = METHODS[method][0]
+    assert len(calls) == SPIED_STEPS  # one micro-batch per step
+    for step, call in enumerate(calls, start=1):
+        valid = call["loss_mask"].bool()
+        assert torch.allclose(call["used"], call["expected"], atol=1e-5), f"{method} step {step}"
+        assert call["used"][valid].mean().item() == pytest.approx(1.0, abs=1e-4)
+        assert call["n_heads"] == (1 if algorithm == "ntp" else setup["config"].n_future_tokens)
+        spread = call["expected"][valid].std().item()
+        if algorithm in ("baseline-mtp", "ntp"):
+            assert spread < 1e-6
+        else:  # the formula really differs from the baseline's all-ones on these batches
+            assert spread > 0.05, f"{method} step {step}: weights too flat to tell methods apart"
+
+
+def test_online_and_frozen_rho1_bases_give_different_weights(spied):
+    """The same batches: equal weights at step 1 (the online model still is the base),
+    different ones once it has moved; each matched its own formula above."""
+    online = [call["used"] for call in spied("rho1-weighted")["calls"]]
+    frozen = [call["used"] for call in spied("rho1-frozen")["calls"]]
+    assert torch.allclose(online[0], frozen[0], atol=1e-5)
+    for step in range(1, SPIED_STEPS):
+        assert (online[step] - frozen[step]).abs().max() > 1e-3, f"step {step + 1}"
+
+
+def tear_last_line(path: Path) -> None:
+    """What a kill during `_append_row` leaves: the last row cut in the middle."""
+    text = path.read_text()
+    last = text.rstrip("\n").rsplit("\n", 1)[-1]
+    path.write_text(text[: len(text) - len(last) - 1] + last[: len(last) // 2])
+
+
+@pytest.mark.parametrize("method", list(METHODS))  # under a second each once DeepSpeed is warm
+def test_every_method_resumes_after_a_kill_to_identical_weights(spied, setup, value_table_path, method, monkeypatch):
+    """Stopped after step 3 (last checkpoint: step 2) with row 3 of metrics.jsonl torn
+    mid-write, then resumed: the weights equal the uninterrupted run's bit for bit, and
+    every metric row is there once, row 3 recomputed. (A real SIGKILL is
+    `test_killed_process_resumes_to_identical_weights`.)"""
+    straight = spied(method)
+    rec, kwargs = method_recipe(method), method_kwargs(method, value_table_path)
+    out = straight["out"] / "killed"
+    with pytest.raises(train_lib.TrainingInterrupted):
+        run(setup, out, rec, stop_after=3, **kwargs)
+    tear_last_line(out / "metrics.jsonl")
+    import wmtp.loss
+
+    real, trained_steps = wmtp.loss.weighted_mtp_loss_details, []
+
+    def counting(*args, **kw):
+        trained_steps.extend([1] if torch.is_grad_enabled() else [])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(wmtp.loss, "weighted_mtp_loss_details", counting)
+    resumed = run(setup, out, rec, **kwargs)
+    assert len(trained_steps) == SPIED_STEPS - 2  # it resumed at the step-2 checkpoint
+    a, b = final_params(straight["model"]), final_params(resumed)
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    reference = pd.read_parquet(straight["out"] / "straight" / "metrics.parquet")
+    assert list(metrics["step"]) == list(range(1, SPIED_STEPS + 1))
+    pd.testing.assert_series_equal(metrics["train_loss"], reference["train_loss"])
+    assert list(metrics["tokens"]) == list(reference["tokens"])
+
+
+# ---- make_weights and head0_ce on their own --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_batch(setup, tiny_tokenizer):
+    """Four training examples of different lengths, right-padded: prompt, solution, padding."""
+    from wmtp.data import collate
+
+    examples = build_examples(read_split(setup["train"]), tiny_tokenizer, 256)
+    batch = collate([examples[i] for i in (0, 3, 7, 12)], tiny_tokenizer.pad_token_id)
+    assert (batch.attention_mask == 0).any() and (~batch.loss_mask & batch.attention_mask.bool()).any()
+    return batch
+
+
+def test_head0_ce_is_head_0_of_the_full_forward(setup, one_batch):
+    model = load_model(setup["base"])
+    got = train_lib.head0_ce(model, one_batch)
+    expected = full_forward_head0_ce(model, one_batch.input_ids, one_batch.attention_mask)
+    expected = torch.where(one_batch.loss_mask, expected, torch.zeros_like(expected))
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert got[one_batch.loss_mask].min() > 0 and (got[:, 0] == 0).all()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_make_weights_gives_the_formula(setup, one_batch, value_table_path, method):
+    """The callable the trainer builds, fed what the loss feeds it (head 0's CE and the
+    trunk output of the model being trained), returns the formula's weights."""
+    from wmtp.refce import RefCETable
+    from wmtp.value_table import ValueTable
+
+    algorithm, weighting = METHODS[method]
+    model = load_model(setup["base"])
+    with torch.no_grad():  # a model that has moved away from the frozen base
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    sources = {"refce": table_ce_ref(setup["refce"]), "frozen": load_model(setup["base"]).eval(),
+               "values": table_values(value_table_path)}  # fmt: skip
+    weights = train_lib.make_weights(  # given what the trainer loads for this recipe, no more
+        recipe(algorithm, weighting=weighting), one_batch,
+        refce=RefCETable.from_parquet(setup["refce"]) if algorithm.startswith("rho1") else None,
+        frozen=sources["frozen"] if weighting.get("rho1_base") == "frozen" else None,
+        value_table=ValueTable.from_parquet(value_table_path) if algorithm == "critic-wmtp" else None,
+    )  # fmt: skip
+    ids, attn = one_batch.input_ids, one_batch.attention_mask
+    with torch.no_grad():
+        hidden, _ = model.trunk(ids, attn)
+    got = weights(full_forward_head0_ce(model, ids, attn) * one_batch.loss_mask, hidden)
+    inputs = {**sources, "input_ids": ids, "loss_mask": one_batch.loss_mask, "attention_mask": attn}
+    assert torch.allclose(got, expected_weights(algorithm, weighting, model, inputs), atol=1e-5)
+
+
+def test_warmup_beyond_the_steps_the_epochs_give_is_refused(setup, tmp_path):
+    """Without a step cap the length comes from the epochs and the data: 14 training
+    examples (16 minus 2 held out) in batches of 4 give 3 steps per epoch."""
+    rec = recipe(epochs=2, max_steps=None, warmup_steps=6)
+    with pytest.raises(ConfigError, match=r"warmup_steps \(6\) must be < the 6 optimizer steps that 2.0 epochs of 14"):
+        run(setup, tmp_path / "out", rec)
+    assert not (tmp_path / "out" / "model").exists()
+    run(setup, tmp_path / "out", recipe(epochs=2, max_steps=None, warmup_steps=5))
+    assert list(pd.read_parquet(tmp_path / "out" / "metrics.parquet")["step"]) == list(range(1, 7))

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from wmtp.config import ALGORITHMS, TRAINED  # rows of the table; the trained ones
+
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = ("Snakefile", "rules", "config", "profiles", "envs", "workflow_scripts")
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-ALGORITHMS = ("baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip")
 
 
 @pytest.fixture
@@ -104,9 +105,9 @@ def test_dry_run_plans_the_whole_table(tiny_plan):
         download_model=2,  # base and ref; no reward model in the tiny default
         download_data=2,  # tiny-mbpp train and test
         refce=1,  # shared by both rho1 algorithms
-        critic=1,
-        train=len(ALGORITHMS) * seeds,
-        eval=len(ALGORITHMS) * seeds,  # one benchmark
+        critic=seeds,  # one critic per seed: its randomness is inside the interval
+        train=len(TRAINED) * seeds,  # every row but base
+        eval=len(ALGORITHMS) * seeds,  # every row, one benchmark
         report=1,
         publish_report=1,
         all=1,
@@ -118,19 +119,31 @@ def test_dry_run_plans_the_whole_table(tiny_plan):
 
 def test_each_algorithm_reads_only_what_it_needs(tiny_plan):
     """baseline-mtp trains without refce and critic; rho1-* need refce, critic-wmtp the
-    value head; so a change upstream of one method reruns only that method."""
+    value table of its own seed's critic; so a change upstream of one method reruns
+    only that method."""
     trainings = planned_inputs(tiny_plan, "train")
-    assert len(trainings) == 8
+    assert len(trainings) == 2 * len(TRAINED)
     for output, inputs in trainings.items():
         algo = re.search(r"train/([\w-]+)/seed", output).group(1)
         assert "results/tiny/models/base" in inputs
         assert "results/tiny/data/tiny-mbpp/train.parquet" in inputs
         assert ("refce/tiny-mbpp.parquet" in inputs) == algo.startswith("rho1-")
-        assert ("critic/value_head.safetensors" in inputs) == (algo == "critic-wmtp")
+        seed = re.search(r"/seed(\d+)/", output).group(1)
+        assert ("critic/" in inputs) == (algo == "critic-wmtp")
+        if algo == "critic-wmtp":
+            assert f"results/tiny/critic/seed{seed}/values.parquet" in inputs
+    critics = planned_inputs(tiny_plan, "critic")
+    assert sorted(o.split(",")[0] for o in critics) == [
+        f"results/tiny/critic/seed{s}/values.parquet" for s in range(2)
+    ]
     evals = planned_inputs(tiny_plan, "eval")
+    assert len(evals) == 2 * len(ALGORITHMS)
     for output, inputs in evals.items():
         model = output.split(",")[0].replace("/eval/", "/train/").rsplit("/", 1)[0] + "/model"
+        if "/eval/base/" in output:  # the base row: the downloaded model, never trained
+            model = "results/tiny/models/base"
         assert inputs == f"{model}, results/tiny/data/tiny-mbpp/test.parquet"
+    assert not any("/train/base/" in output for output in trainings)
 
 
 @pytest.mark.slow
@@ -138,9 +151,20 @@ def test_paper_dry_run_plans_three_benchmarks(workdir):
     result = snakemake(workdir, "all", "-n", "--configfile", "config/paper.yaml")
     assert result.returncode == 0, result.stderr
     jobs = planned_jobs(result.stdout)
-    assert jobs["train"] == 4 * 3 and jobs["eval"] == 4 * 3 * 3
+    assert jobs["train"] == len(TRAINED) * 3 and jobs["eval"] == len(ALGORITHMS) * 3 * 3
+    assert jobs["critic"] == 3  # one per seed
     assert jobs["download_data"] == 1 + 3  # mbpp train + the three test splits
     assert "results/paper/eval/critic-wmtp/seed2/codecontests.json" in result.stdout
+
+
+@pytest.mark.slow
+def test_smol_dry_run_plans_a_hub_model_with_heads(workdir):
+    result = snakemake(workdir, "all", "-n", "--configfile", "config/smol.yaml")
+    assert result.returncode == 0, result.stderr
+    jobs = planned_jobs(result.stdout)
+    # six rows: the base model is evaluated untrained, the five others are trainings
+    assert jobs["train"] == 5 and jobs["eval"] == 6 * 2
+    assert "results/smol/eval/rho1-weighted/seed0/humaneval.json" in result.stdout
 
 
 def assert_stopped_before_any_job(result: subprocess.CompletedProcess, expected: list[str]):
@@ -195,9 +219,7 @@ def test_each_bad_config_stops_before_any_job(workdir, update, expected):
 
 def test_negative_learning_rate_in_a_recipe_stops_the_dry_run(workdir):
     recipe = workdir / "config" / "recipes" / "rho1-weighted.yaml"
-    text, replaced = re.subn(r"(?m)^  lr: \S+", "  lr: -1.0e-3", recipe.read_text(), count=1)
-    assert replaced == 1
-    recipe.write_text(text)
+    recipe.write_text(recipe.read_text() + "train:\n  lr: -1.0e-3  # an override\n")
     result = snakemake(workdir, "-n", "all")
     output = result.stdout + result.stderr
     assert result.returncode != 0
@@ -237,10 +259,19 @@ def test_end_to_end_rerun_regenerate_and_recipe_change(workdir):
     regenerated = snakemake(workdir, target, "--cores", "2", *CI, timeout=300)
     assert regenerated.returncode == 0 and (workdir / target).exists(), regenerated.stderr[-3000:]
 
-    # one changed recipe: only that algorithm's trainings and evaluations, and the report
-    recipe = workdir / "config" / "recipes" / "ci" / "rho1-weighted.yaml"
-    text = recipe.read_text()
-    recipe.write_text(re.sub(r"temperature: 0.7", "temperature: 0.5", text, count=1))
+    # a shared knob changed in its one place: every training reruns (and nothing else
+    # upstream of them)
+    ci_config = workdir / "config" / "ci.yaml"
+    shared = ci_config.read_text()
+    ci_config.write_text(re.sub(r"(?m)^  lr: 1.0e-3", "  lr: 2.0e-3", shared, count=1))
+    plan = snakemake(workdir, "all", "-n", *CI)
+    assert planned_jobs(plan.stdout)["train"] == len(TRAINED), plan.stdout[-3000:]
+    ci_config.write_text(shared)
+
+    # one method's own setting changed: only that algorithm's trainings and evaluations,
+    # and the report
+    recipe = workdir / "config" / "recipes" / "rho1-weighted.yaml"
+    recipe.write_text(recipe.read_text() + "weighting:\n  temperature: 0.5  # an override\n")
     plan = snakemake(workdir, "all", "-n", *CI)
     assert plan.returncode == 0, plan.stderr
     assert planned_jobs(plan.stdout) == Counter(
@@ -257,6 +288,6 @@ def test_slurm_profile_puts_gpu_rules_on_a100s(workdir):
     )
     assert result.returncode == 0, result.stderr
     trainings = re.findall(r"^rule train:\n(?:    .*\n)*?    resources: (.*)$", result.stdout, re.M)
-    assert len(trainings) == 12
+    assert len(trainings) == len(TRAINED) * 3
     assert all("gpu=4" in line and "gpu_model=a100" in line for line in trainings)
     assert "slurm_partition=<gpu-partition>" in trainings[0]

@@ -18,7 +18,7 @@ from typing import Literal
 
 import pandas as pd
 
-from wmtp.prompts import STOP_SEQUENCES, mbpp_prompt
+from wmtp.prompts import HUMANEVAL_STOP, MBPP_STOP, humaneval_message, mbpp_message, mbpp_prompt
 from wmtp.sandbox import Job
 
 # A stdin/stdout program legitimately ends with a top-level `print(` or a
@@ -46,9 +46,12 @@ HF_IDS = {
 class Problem:
     """One benchmark problem.
 
-    `prompt` is what the model continues; `prefix + completion` is the program
-    judged (HumanEval's prefix is the prompt with the signature; MBPP's and
-    CodeContests' is empty). `kind` "assert": `tests` is Python run after the
+    `prompt` is what the model continues in the raw prompt format; `message` is
+    the problem as a chat user turn (the chat format, `wmtp.prompts`), whose reply
+    the model writes after an opened code block holding `prefix`.
+    `prefix + completion` is the program judged (HumanEval's prefix is the prompt
+    with the signature; MBPP's and CodeContests' is empty). `stop`: the
+    benchmark's stop sequences. `kind` "assert": `tests` is Python run after the
     program; "stdio": every (stdin, expected stdout) pair in `cases` must match.
     `reference` is a known-correct completion (MBPP exact match compares to it).
     """
@@ -61,7 +64,8 @@ class Problem:
     entry_point: str = ""
     reference: str = ""
     prefix: str = ""
-    stop: tuple[str, ...] = STOP_SEQUENCES
+    stop: tuple[str, ...] = MBPP_STOP
+    message: str = ""
 
     def program(self, completion: str) -> str:
         return self.prefix + completion
@@ -135,6 +139,7 @@ def load_mbpp(path: str | Path) -> list[Problem]:
             Problem(
                 task_id=str(row["task_id"]),
                 prompt=mbpp_prompt(str(row["text"]), test_list[0]),
+                message=mbpp_message(str(row["text"]), test_list[0]),
                 kind="assert",
                 tests="\n".join([setup, *test_list]).strip("\n") + "\n",
                 reference=str(row["code"]),
@@ -151,7 +156,8 @@ def humaneval_default_path() -> Path:
 
 
 def load_humaneval(path: str | Path | None = None) -> list[Problem]:
-    """HumanEval: program = prompt + completion; tests = `test` + check(entry_point)."""
+    """HumanEval: program = prompt + completion; tests = `test` + check(entry_point);
+    generation stops at Chen et al.'s stop sequences (`wmtp.prompts.HUMANEVAL_STOP`)."""
     frame = _read_table(path or humaneval_default_path(), HUMANEVAL_COLUMNS, "humaneval")
     return [
         Problem(
@@ -162,6 +168,8 @@ def load_humaneval(path: str | Path | None = None) -> list[Problem]:
             entry_point=row["entry_point"],
             reference=row["canonical_solution"],
             prefix=row["prompt"],
+            stop=HUMANEVAL_STOP,
+            message=humaneval_message(row["prompt"]),
         )
         for row in frame.to_dict("records")
     ]
@@ -202,6 +210,7 @@ def load_codecontests(path: str | Path) -> list[Problem]:
             Problem(
                 task_id=str(row["name"]),
                 prompt=contest_prompt(str(row["description"])),
+                message=f"{str(row['description']).strip()}\n\n{CONTEST_INSTRUCTION}",
                 kind="stdio",
                 cases=tuple(cases),
                 reference=python3[0] if python3 else "",

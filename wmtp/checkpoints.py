@@ -1,9 +1,12 @@
 """Model files: our own format, Meta's MTP release format, and HF Llama models.
 
-Our format: a model directory holds `config.json` (MTPConfig fields),
-`model.safetensors` (MTPModel state dict) and, when given, the tokenizer files
-that `transformers.AutoTokenizer.from_pretrained(directory)` reads. Every stage
-passes models between each other as such directories.
+Our format: a model directory holds `config.json` (MTPConfig fields and
+`"wmtp_format": "mtp"`, a key transformers does not interpret, so loading the
+directory's tokenizer with `AutoTokenizer` stays quiet), `model.safetensors`
+(MTPModel state dict), when given, the tokenizer files that
+`transformers.AutoTokenizer.from_pretrained(directory)` reads and the source
+model's `generation_config.json`, and `manifest.json` (sha256 of each file,
+checked on load). Every stage passes models between each other as such directories.
 
 Meta's `facebook/multi-token-prediction` format: `params.json` + `consolidated.pth`
 (`layers.{i}` hold the trunk and, last, head 0; `extra_heads.{k}` heads 1..H-1).
@@ -20,17 +23,22 @@ assigned to it; the dtype is the checkpoint's.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from wmtp.atomic import atomic_dir
+from wmtp.config import is_mtp_model_config
 from wmtp.model import MTPConfig, MTPModel
+from wmtp.storage import MANIFEST_FILE, sha256_file, write_manifest
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+GENERATION_FILE = "generation_config.json"  # as in HF directories: end ids and the like
 META_PARAMS_FILE = "params.json"
 META_WEIGHTS_FILE = "consolidated.pth"
 
@@ -54,29 +62,95 @@ META_IGNORED_PARAMS = {"max_batch_size"}
 META_IGNORED_KEYS = {"rope.freqs"}
 
 
-def save_model(model: MTPModel, directory: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
-    """Write the model (and tokenizer) atomically: into a temp dir, then rename, so
-    a killed job never leaves a directory that looks finished."""
+def save_model(
+    model: MTPModel,
+    directory: str | Path,
+    tokenizer=None,
+    extra: dict | None = None,
+    generation_config: dict | None = None,
+) -> Path:
+    """Write the model (and tokenizer, and the generation config of the model it came
+    from) atomically: into a temp dir, then rename, so a killed job never leaves a
+    directory that looks finished. A checksum manifest (`manifest.json`, sha256 per
+    file) is written last, so `load_model` can tell a damaged file from a good one."""
     directory = Path(directory)
     with atomic_dir(directory) as tmp:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
-        payload = {"model_type": "wmtp-mtp", **model.config.to_dict(), **(extra or {})}
+        payload = {"wmtp_format": "mtp", **model.config.to_dict(), **(extra or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        if generation_config is not None:
+            (tmp / GENERATION_FILE).write_text(json.dumps(generation_config, indent=2) + "\n")
+        write_manifest(tmp, {"kind": "model", "written_by": "wmtp.checkpoints.save_model"})
     return directory
 
 
+def read_generation_config(directory: str | Path) -> dict | None:
+    """The directory's generation_config.json (None without one), to pass on to the
+    models made from it: chat models list several end ids there."""
+    path = Path(directory) / GENERATION_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def verify_model_files(directory: str | Path) -> None:
+    """Check every file recorded in the directory's checksum manifest (sha256);
+    raise `ValueError` naming the directory and each missing or changed file.
+    Files added after the manifest (tracking.json) are not the model's and are
+    not checked. A directory without a manifest only warns: it was written
+    before checksums were recorded, and refusing it would strand old results.
+    Cost: one read of every file (about 10 s for a 14 GB 7B checkpoint)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"model directory {directory} not found")
+    manifest = directory / MANIFEST_FILE
+    if not manifest.exists():
+        warnings.warn(f"{directory}: no {MANIFEST_FILE}, so its files cannot be checked", stacklevel=2)
+        return
+    try:
+        recorded = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{manifest}: not a checksum manifest ({error!r})") from None
+    problems = []
+    for name, sha in sorted(recorded.items()):
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif (actual := sha256_file(path)) != sha:
+            problems.append(f"{path}: damaged (sha256 {actual[:12]}, recorded {sha[:12]})")
+    if problems:
+        raise ValueError(
+            f"model directory {directory} does not match its {MANIFEST_FILE}: "
+            + "; ".join(problems) + ". Rebuild it (rerun the stage that wrote it)."
+        )
+
+
 def read_config(directory: str | Path) -> MTPConfig:
-    payload = json.loads((Path(directory) / CONFIG_FILE).read_text())
+    path = Path(directory) / CONFIG_FILE
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if not is_mtp_model_config(payload):
+        raise ValueError(
+            f"{directory} is not an MTP model directory (config.json: model_type "
+            f"{payload.get('model_type')!r}); a plain causal LM gets its heads in the download "
+            "stage: set n_future_tokens on its source (models.base.n_future_tokens)"
+        )
     fields = {k: v for k, v in payload.items() if k in MTPConfig.__dataclass_fields__}
     return MTPConfig(**fields)
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> MTPModel:
-    """Load a model saved by `save_model` (no DeepSpeed needed)."""
-    state = load_file(str(Path(directory) / WEIGHTS_FILE), device=str(device))
+    """Load a model saved by `save_model` (no DeepSpeed needed), after checking its
+    files against the checksum manifest; every error names the directory and file."""
+    verify_model_files(directory)
+    weights = Path(directory) / WEIGHTS_FILE
+    try:
+        state = load_file(str(weights), device=str(device))
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"{weights}: cannot read the weights ({error})") from None
     return _model_from_state(read_config(directory), state).to(device)
 
 

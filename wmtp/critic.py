@@ -1,14 +1,29 @@
 """Stage 1 of critic-wmtp: a value head on the frozen base model (DESIGN.md section 4).
 
-    rows -> m sampled completions per problem (base model, head 0)
+    rows -> m sampled completions per problem (base model, head 0), plus the
+            reference solution and mutants of it (wmtp.mutants: one code token
+            changed, the matched negatives that make the critic look at code)
          -> reward per completion (fraction of the problem's tests passed, each
             assert run on its own in the sandbox; or a reward model's score)
-         -> cap per problem + length balancing
+         -> problems split into fitted and held-out ones (`holdout_fraction`)
+         -> cap per problem + length balancing (in each part)
          -> trunk hidden states of prompt + completion + EOS (frozen base, once)
-         -> value head V trained with MSE towards GAE returns on completion tokens
+         -> value head V trained with MSE towards GAE returns from the last
+            prompt token s0 (the state before the first solution token) to EOS
+         -> explained variance of the returns on the held-out rollouts
+         -> value table of the training examples (wmtp.value_table)
 
-V_j (the value at position j, having seen x_<=j) estimates the reward to come.
-In stage 2 the trainer weights token j by delta_j = V_j - V_{j-1}.
+V_j (the value at position j, having seen x_<=j) estimates the reward to come;
+V at s0 is trained too, so the first solution token's delta V(first) - V(s0)
+means something. In stage 2 the trainer weights token j by the table's
+delta_j = V_j - V_{j-1}, scaled by the critic's held-out explained variance
+when `weighting.strength` is `auto`.
+
+Held-out problems are never fitted, so their explained variance says how well
+V predicts the reward of code it has not seen: a critic that explains nothing
+(EV <= 0) gets baseline weights under `strength: auto`. Returns there are the
+Monte-Carlo ones (the final reward discounted by gamma), not GAE targets, which
+are built from V itself.
 
 Length balancing, because wrong solutions tend to be longer: a critic could
 learn "long = bad" instead of anything about the code. After capping each
@@ -27,6 +42,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +55,24 @@ from tqdm import tqdm
 
 from wmtp.atomic import atomic_file, write_text_atomic
 from wmtp.config import CriticSettings
-from wmtp.data import Example, collate, read_split, special_prefix
+from wmtp.data import Example, build_examples, collate, read_split, special_prefix
+from wmtp.diagnostics import TokenClasses, class_means
+from wmtp.mutants import mutants
 from wmtp.prompts import mbpp_prompt, mbpp_solution
+from wmtp.value_table import (
+    auto_strength,
+    compute_values,
+    solution_start,
+    table_metadata,
+    table_values,
+    write_value_table,
+)
 
 log = logging.getLogger(__name__)
 
 HEAD_FILE = "value_head.safetensors"
 METRICS_FILE = "metrics.json"
+TABLE_FILE = "values.parquet"
 HIGH_REWARD = 0.5  # rewards >= this are the "high" class of length balancing
 N_LENGTH_BUCKETS = 4
 
@@ -279,11 +306,12 @@ def select_rollouts(
 
 
 @torch.inference_mode()
-def completion_hidden(
+def rollout_hidden(
     model, rollouts: Sequence[Rollout], batch_size: int, device
 ) -> list[torch.Tensor]:
-    """Frozen trunk output at the completion tokens of each rollout: (C_i, D) each,
-    on CPU. Computed once, since the base model never changes in stage 1."""
+    """Frozen trunk output from the last prompt token s0 to the end of each rollout:
+    (1 + C_i, D) each, on CPU, row 0 being s0. Computed once, since the base model
+    never changes in stage 1."""
     out: list[torch.Tensor] = []
     for first in tqdm(range(0, len(rollouts), batch_size), desc="trunk states", unit="batch"):
         chunk = rollouts[first : first + batch_size]
@@ -296,9 +324,55 @@ def completion_hidden(
         mask = batch.attention_mask if padded else None
         hidden = model.trunk(batch.input_ids, mask)[0]  # (B, S, D)
         for b, rollout in enumerate(chunk):
-            start = len(rollout.prompt_ids)
-            out.append(hidden[b, start : start + len(rollout.completion_ids)].float().cpu())
+            s0 = len(rollout.prompt_ids) - 1
+            out.append(hidden[b, s0 : s0 + 1 + len(rollout.completion_ids)].float().cpu())
     return out
+
+
+def split_problems(problem_ids: Sequence[str], fraction: float, seed: int) -> set[str]:
+    """The held-out problems: a seeded `fraction` of the distinct ids (at least one
+    when there are two or more, never all of them)."""
+    distinct = sorted(set(problem_ids))
+    if len(distinct) < 2:
+        return set()
+    n = min(max(int(round(fraction * len(distinct))), 1), len(distinct) - 1)
+    order = np.random.default_rng([seed, 1]).permutation(len(distinct))
+    return {distinct[i] for i in order[:n]}
+
+
+def monte_carlo_returns(
+    hidden_lengths: Sequence[int], rewards: Sequence[float], gamma: float
+) -> list[np.ndarray]:
+    """Return at each position of each rollout: the final reward discounted by gamma
+    per remaining token, gamma^(T-t) R (R itself everywhere when gamma = 1)."""
+    return [
+        r * gamma ** np.arange(n - 1, -1, -1, dtype=np.float64)
+        for n, r in zip(hidden_lengths, rewards, strict=True)
+    ]
+
+
+@torch.no_grad()
+def explained_variance(
+    head: ValueHead,
+    hiddens: Sequence[torch.Tensor],
+    rewards: Sequence[float],
+    gamma: float,
+    device: str | torch.device = "cpu",
+) -> float | None:
+    """1 - Var(G - V) / Var(G) over every position (s0 included) of the rollouts,
+    G the Monte-Carlo returns. 1 = V predicts the returns exactly, 0 = no better
+    than their mean, < 0 = worse. None when the returns do not vary (every reward
+    equal), where nothing can be explained."""
+    if not hiddens:
+        return None
+    returns = np.concatenate(monte_carlo_returns([h.shape[0] for h in hiddens], rewards, gamma))
+    values = np.concatenate(
+        [head(h.to(device).unsqueeze(0))[0].cpu().double().numpy() for h in hiddens]
+    )
+    variance = returns.var()
+    if variance <= 1e-12:
+        return None
+    return float(1.0 - (returns - values).var() / variance)
 
 
 def fit_value_head(
@@ -308,9 +382,10 @@ def fit_value_head(
     seed: int,
     device: str | torch.device = "cpu",
 ) -> tuple[ValueHead, dict]:
-    """Train a value head on fixed (C_i, D) hidden states with MSE towards GAE
-    returns (terminal reward at the last token), recomputed each step from the
-    current head's values. Seeded: same inputs and seed give the same head."""
+    """Train a value head on fixed (1 + C_i, D) hidden states (s0, then the
+    completion) with MSE towards GAE returns (terminal reward at the last token)
+    at every position, s0 included, recomputed each step from the current head's
+    values. Seeded: same inputs and seed give the same head."""
     torch.manual_seed(seed)
     head = ValueHead(hiddens[0].shape[-1], settings.hidden_dim).to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=0.0)
@@ -376,6 +451,134 @@ def _reward_stats(rewards: Sequence[float]) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class CriticOutputs:
+    """The three files of one critic (one seed), all in one directory."""
+
+    head: Path
+    metrics: Path
+    table: Path
+
+
+def _problem_rows(rows, settings: CriticSettings, seed: int):
+    """The training problems rolled out: all, or a seeded `max_problems` of them."""
+    if settings.max_problems is not None and settings.max_problems < len(rows):
+        chosen = np.sort(
+            np.random.default_rng(seed).permutation(len(rows))[: settings.max_problems]
+        )
+        rows = rows.iloc[chosen].reset_index(drop=True)
+    return rows
+
+
+def collect_rollouts(
+    model,
+    tokenizer,
+    rows,
+    settings: CriticSettings,
+    seed: int,
+    *,
+    max_seq_len: int,
+    reward_model_dir: str | Path | None,
+    timeout: float,
+    memory_mb: int,
+    workers: int | None,
+    device,
+) -> tuple[list[Rollout], list[float], int]:
+    """Sample, reward and tokenise: (rollouts that fit `max_seq_len`, every
+    sampled completion's reward, the number dropped as too long)."""
+    prompts = [
+        mbpp_prompt(row.text, list(row.test_list)[0]) for row in rows.itertuples(index=False)
+    ]
+    completions = sample_completions(model, tokenizer, prompts, settings, seed)
+    references = [mbpp_solution(code) for code in rows["code"]]
+    if settings.include_references:
+        completions = [group + [ref] for group, ref in zip(completions, references, strict=True)]
+    if settings.mutants_per_problem:
+        completions = [
+            group + mutants(ref, settings.mutants_per_problem, random.Random(f"{seed}-{task}"))
+            for group, ref, task in zip(completions, references, rows["task_id"], strict=True)
+        ]
+    flat = [(i, c) for i, group in enumerate(completions) for c in group]
+    texts = [prompts[i] + c for i, c in flat]
+    if settings.reward == "execution":
+        setups = (
+            rows["test_setup_code"].fillna("").tolist()
+            if "test_setup_code" in rows
+            else [""] * len(rows)
+        )
+        rewards = execution_rewards(
+            texts,
+            [list(rows["test_list"].iloc[i]) for i, _ in flat],
+            [setups[i] for i, _ in flat],
+            timeout=timeout,
+            memory_mb=memory_mb,
+            workers=workers,
+        )
+    else:
+        rewards = reward_model_scores(texts, reward_model_dir, device=device)
+    prefix = special_prefix(tokenizer)
+    rollouts, too_long = [], 0
+    for (i, completion), reward in zip(flat, rewards, strict=True):
+        prompt_ids = prefix + tokenizer(prompts[i], add_special_tokens=False)["input_ids"]
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+        if len(prompt_ids) + len(completion_ids) > max_seq_len:
+            too_long += 1
+            continue
+        rollouts.append(Rollout(str(rows["task_id"].iloc[i]), prompt_ids, completion_ids, reward))
+    return rollouts, rewards, too_long
+
+
+def _value_stats(head: ValueHead, hiddens, rewards, gamma: float, device) -> dict:
+    """Explained variance, final-value/reward correlation and V(s0) of some rollouts."""
+    with torch.no_grad():
+        values = [head(h.to(device).unsqueeze(0))[0].cpu() for h in hiddens]
+    return {
+        "n_rollouts": len(hiddens),
+        "explained_variance": explained_variance(head, hiddens, rewards, gamma, device),
+        "final_value_reward_corr": _pearson([float(v[-1]) for v in values], rewards),
+        "v_s0_reward_corr": _pearson([float(v[0]) for v in values], rewards),
+        "reward": _reward_stats(rewards),
+    }
+
+
+def fit_with_holdout(
+    model, rollouts: Sequence[Rollout], settings: CriticSettings, seed: int, device
+) -> tuple[ValueHead, dict]:
+    """Hold out a seeded share of the problems, select rollouts (cap, length balance)
+    in each part, fit the value head on the rest and measure it on both; returns
+    the head and its metrics (`explained_variance` is the held-out one)."""
+    held_out = split_problems([r.sample_id for r in rollouts], settings.holdout_fraction, seed)
+    parts = {}
+    for name, chosen in (("fit", False), ("held_out", True)):
+        part = [r for r in rollouts if (r.sample_id in held_out) == chosen]
+        parts[name] = select_rollouts(
+            part, settings.max_samples_per_problem, settings.length_balance, seed
+        )
+    (fit_part, fit_selection), (test_part, test_selection) = parts["fit"], parts["held_out"]
+    if not fit_part:
+        raise ValueError(
+            f"no rollouts left to train the value head on ({len(rollouts)} rolled out)"
+        )
+    fit_hidden = rollout_hidden(model, fit_part, settings.batch_size, device)
+    fit_rewards = [r.reward for r in fit_part]
+    head, curve = fit_value_head(fit_hidden, fit_rewards, settings, seed, device)
+    test_hidden = rollout_hidden(model, test_part, settings.batch_size, device)
+    test_rewards = [r.reward for r in test_part]
+    fit_stats = _value_stats(head, fit_hidden, fit_rewards, settings.gamma, device)
+    test_stats = _value_stats(head, test_hidden, test_rewards, settings.gamma, device)
+    return head, {
+        "explained_variance": test_stats["explained_variance"],
+        "n_problems_held_out": len(held_out),
+        "n_rollouts_kept": len(fit_part),
+        "selection": fit_selection,
+        "selection_held_out": test_selection,
+        "fit": fit_stats,
+        "held_out": test_stats,
+        **curve,
+    }
+
+
 def train_critic(
     base_model_dir: str | Path,
     train_path: str | Path,
@@ -389,96 +592,80 @@ def train_critic(
     timeout: float = 3.0,
     memory_mb: int = 1024,
     workers: int | None = None,
-) -> tuple[Path, Path]:
-    """Stage 1 end to end; writes `out_dir/value_head.safetensors` and
-    `out_dir/metrics.json`. Rollouts longer than `max_seq_len` (prompt +
-    completion + EOS) are dropped, as training examples are."""
+) -> CriticOutputs:
+    """Stage 1 end to end for one seed (it seeds the problem choice, sampling, the
+    hold-out, selection and the head); writes `out_dir/value_head.safetensors`,
+    `out_dir/values.parquet` (the value table of every training example, built as
+    the trainer builds them) and `out_dir/metrics.json`. Rollouts longer than
+    `max_seq_len` (prompt + completion + EOS) are dropped, as training examples are."""
     from transformers import AutoTokenizer
 
     from wmtp.checkpoints import load_model
 
     if settings.reward == "reward_model" and reward_model_dir is None:
         raise ValueError("critic.reward = reward_model needs a reward model directory")
-    rows = read_split(train_path)
-    if settings.max_problems is not None and settings.max_problems < len(rows):
-        chosen = np.sort(
-            np.random.default_rng(seed).permutation(len(rows))[: settings.max_problems]
-        )
-        rows = rows.iloc[chosen].reset_index(drop=True)
     tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir))
-    model = load_model(base_model_dir, device=device).eval()
-    for param in model.parameters():
-        param.requires_grad_(False)
-
-    prompts = [
-        mbpp_prompt(row.text, list(row.test_list)[0]) for row in rows.itertuples(index=False)
-    ]
-    completions = sample_completions(model, tokenizer, prompts, settings, seed)
-    if settings.include_references:
-        completions = [
-            group + [mbpp_solution(code)]
-            for group, code in zip(completions, rows["code"], strict=True)
-        ]
-    flat = [(i, c) for i, group in enumerate(completions) for c in group]
-    if settings.reward == "execution":
-        setups = (
-            rows["test_setup_code"].fillna("").tolist()
-            if "test_setup_code" in rows
-            else [""] * len(rows)
-        )
-        rewards = execution_rewards(
-            [prompts[i] + c for i, c in flat],
-            [list(rows["test_list"].iloc[i]) for i, _ in flat],
-            [setups[i] for i, _ in flat],
-            timeout=timeout,
-            memory_mb=memory_mb,
-            workers=workers,
-        )
-    else:
-        rewards = reward_model_scores(
-            [prompts[i] + c for i, c in flat], reward_model_dir, device=device
-        )
-
-    prefix = special_prefix(tokenizer)
-    rollouts, too_long = [], 0
-    for (i, completion), reward in zip(flat, rewards, strict=True):
-        prompt_ids = prefix + tokenizer(prompts[i], add_special_tokens=False)["input_ids"]
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [
-            tokenizer.eos_token_id
-        ]
-        if len(prompt_ids) + len(completion_ids) > max_seq_len:
-            too_long += 1
-            continue
-        rollouts.append(Rollout(str(rows["task_id"].iloc[i]), prompt_ids, completion_ids, reward))
-    kept, selection = select_rollouts(
-        rollouts, settings.max_samples_per_problem, settings.length_balance, seed
+    train_rows = read_split(train_path)
+    examples = build_examples(train_rows, tokenizer, max_seq_len)  # exactly the trainer's
+    if not examples:
+        raise ValueError(f"{train_path}: no training example fits max_seq_len={max_seq_len}")
+    rows = _problem_rows(train_rows, settings, seed)
+    model = load_model(base_model_dir, device=device).eval().requires_grad_(False)
+    rollouts, rewards, too_long = collect_rollouts(
+        model,
+        tokenizer,
+        rows,
+        settings,
+        seed,
+        max_seq_len=max_seq_len,
+        reward_model_dir=reward_model_dir,
+        timeout=timeout,
+        memory_mb=memory_mb,
+        workers=workers,
+        device=device,
     )
-    if not kept:
-        raise ValueError(
-            f"no rollouts left to train the value head on ({len(flat)} sampled, {too_long} too long)"
-        )
-    hiddens = completion_hidden(model, kept, settings.batch_size, device)
-    kept_rewards = [r.reward for r in kept]
-    head, curve = fit_value_head(hiddens, kept_rewards, settings, seed, device)
-    with torch.no_grad():
-        final_values = [float(head(h.to(device).unsqueeze(0))[0, -1]) for h in hiddens]
-
+    head, fit_metrics = fit_with_holdout(model, rollouts, settings, seed, device)
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    values = compute_values(
+        model, head, examples, pad_id=pad_id, batch_size=settings.batch_size, device=device
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    ev = fit_metrics["explained_variance"]
+    meta = table_metadata(base_model_dir, tokenizer, len(examples), seed, ev)
+    table_path = write_value_table(examples, values, out_dir / TABLE_FILE, meta)
     metrics = {
         "seed": seed,
         "settings": settings.model_dump(mode="json"),
+        "explained_variance": ev,
+        "auto_strength": auto_strength(ev),
         "n_problems": len(rows),
-        "n_rollouts": len(flat),
+        "n_rollouts": len(rewards),
         "n_too_long": too_long,
-        "n_rollouts_kept": len(kept),
-        "selection": selection,
         "reward_all": _reward_stats(rewards),
-        "reward_kept": _reward_stats(kept_rewards),
-        "final_value_reward_corr": _pearson(final_values, kept_rewards),
-        **curve,
+        **fit_metrics,
+        "value_table": table_summary(train_rows, tokenizer, examples, values),
     }
     head_path = save_value_head(head, out_dir / HEAD_FILE)
     metrics_path = out_dir / METRICS_FILE
     _write_json(metrics, metrics_path)
-    return head_path, metrics_path
+    return CriticOutputs(head_path, metrics_path, table_path)
+
+
+def table_summary(rows, tokenizer, examples, values) -> dict:
+    """What the table's deltas do to each kind of solution token (wmtp.diagnostics),
+    and V(s0) over the training examples: the first look at a critic's weights."""
+    classes = TokenClasses.from_rows(rows, tokenizer, examples)
+    deltas, s0 = [], []
+    for example, v in zip(examples, values, strict=True):
+        start = solution_start(example)
+        s0.append(float(v[start - 1]))
+        deltas.append(np.concatenate([[np.nan], table_values(np.asarray(v), example.loss_mask)[1]]))
+    return {
+        "n_samples": len(examples),
+        "v_s0": {"mean": float(np.mean(s0)), "std": float(np.std(s0))},
+        "mean_delta_by_class": class_means(classes, examples, deltas),
+        "mean_abs_delta_by_class": class_means(classes, examples, [np.abs(d) for d in deltas]),
+    }

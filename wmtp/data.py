@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from wmtp.prompts import mbpp_prompt, mbpp_solution
+from wmtp.prompts import training_pair
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,10 @@ def special_prefix(tokenizer) -> list[int]:
 
 def build_examples(rows: pd.DataFrame, tokenizer, max_seq_len: int) -> list[Example]:
     """Turn MBPP rows into examples: prompt = problem + first test, solution =
-    reference code + EOS. Examples longer than `max_seq_len` are dropped (and
-    counted in the log), never truncated: a cut solution teaches the model to stop
-    mid-function."""
+    reference code + EOS, both in the prompt format the tokenizer records
+    (`wmtp.prompts.training_pair`: the one evaluation of this model uses).
+    Examples longer than `max_seq_len` are dropped (and counted in the log), never
+    truncated: a cut solution teaches the model to stop mid-function."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token_id; training targets end with EOS")
     prefix = special_prefix(tokenizer)
@@ -110,11 +111,9 @@ def build_examples(rows: pd.DataFrame, tokenizer, max_seq_len: int) -> list[Exam
             raise ValueError(
                 f"task {row.task_id}: empty test_list; the prompt shows the first test"
             )
-        prompt = (
-            prefix
-            + tokenizer(mbpp_prompt(row.text, tests[0]), add_special_tokens=False)["input_ids"]
-        )
-        solution = tokenizer(mbpp_solution(row.code), add_special_tokens=False)["input_ids"]
+        prompt_text, target = training_pair(tokenizer, row.text, tests[0], row.code)
+        prompt = prefix + tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        solution = tokenizer(target, add_special_tokens=False)["input_ids"]
         solution = solution + [tokenizer.eos_token_id]
         if len(prompt) + len(solution) > max_seq_len:
             dropped += 1

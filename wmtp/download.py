@@ -19,10 +19,15 @@ Sources (`ModelSource.source`):
   (padding is masked everywhere, so any id works).
 - hf: a hub model directory, kept as is; with `n_future_tokens` set it is a plain
   causal LM that gets H-1 extra heads (`wmtp.checkpoints.mtp_from_hf_llama`) and is
-  saved in our format.
+  saved in our format, keeping its `generation_config.json` (its end-of-sequence
+  ids: chat models list several). A base model needs heads; the config refuses a
+  hub or local plain causal LM without `n_future_tokens` when it loads.
 - local: a directory on disk, copied (or converted like hf with `n_future_tokens`).
 - s3: `s3://bucket/prefix` downloaded with `wmtp.storage` (checked against the
   prefix's manifest when it has one), then treated like local.
+
+`prompt_format` (base only) is recorded in the model's tokenizer files
+(`wmtp.prompts.set_prompt_format`): every later stage reads it from there.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import pandas as pd
 from wmtp import checkpoints, storage
 from wmtp.atomic import atomic_file, write_json_atomic
 from wmtp.config import ModelSource, TinySettings
+from wmtp.prompts import set_prompt_format
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +115,18 @@ def _add_heads(hf_dir: Path, source: ModelSource, out: Path) -> None:
     """A plain causal LM with `n_future_tokens` set -> our MTP format with extra heads."""
     model = checkpoints.mtp_from_hf_llama(hf_dir, source.n_future_tokens)
     checkpoints.save_model(model, out, tokenizer=_tokenizer_for(hf_dir),
-                           extra={"converted_from": source.source, "source_id": source.id})
+                           extra={"converted_from": source.source, "source_id": source.id},
+                           generation_config=checkpoints.read_generation_config(hf_dir))
+
+
+def _record_prompt_format(source: ModelSource, model_dir: Path) -> None:
+    """Write `source.prompt_format` into the model's tokenizer files (checked: the
+    chat format needs a chat template)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    set_prompt_format(tokenizer, source.prompt_format, name=f"{source.source}:{source.id}")
+    tokenizer.save_pretrained(str(model_dir))
 
 
 def _from_meta(source: ModelSource, out: Path, stage: Path, **_) -> None:
@@ -189,6 +206,8 @@ def download_model(
         built = stage / "model"
         MODEL_SOURCES[source.source](source, built, stage, tiny=tiny, seed=seed,
                                      endpoint_url=endpoint_url, threads=threads)
+        if source.prompt_format is not None:
+            _record_prompt_format(source, built)
         info = {**source.model_dump(mode="json"), "kind": "model"}
         if source.source == "tiny":
             info |= {"seed": seed, "tiny": (tiny or TinySettings()).model_dump(mode="json")}
@@ -280,6 +299,11 @@ def _tiny_mbpp(split, stage, source, endpoint_url, tiny=None, seed=0, **_) -> tu
 
     if split not in ("train", "test"):
         raise ValueError(f"tiny-mbpp has splits train/test, not {split!r}")
+    if source:  # a copy made earlier (e.g. uploaded to S3), read like any other dataset
+        files = _local_copy(source, split, stage, endpoint_url)
+        return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True), {
+            "repo": source, "files": [f.name for f in files]
+        }
     knobs = tiny_knobs(tiny)
     train, test = make_tiny_mbpp(knobs["n_train_problems"], knobs["n_test_problems"], seed,
                                  knobs["noise_comment_prob"])

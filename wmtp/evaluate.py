@@ -23,6 +23,13 @@ import numpy as np
 from wmtp.atomic import write_text_atomic
 from wmtp.benchmarks import Problem, load_benchmark
 from wmtp.config import EvalSettings
+from wmtp.prompts import (
+    PromptFormat,
+    chat_completion,
+    generation_stops,
+    model_prompt,
+    prompt_format,
+)
 from wmtp.sandbox import STATUSES, run_many
 
 MBPP_FORMAT = ("mbpp", "tiny-mbpp")
@@ -138,20 +145,58 @@ def summarise(records: list[dict], ks: list[int]) -> dict:
     return summary
 
 
+def with_temperatures(records: list[dict], by_temperature: dict[float, list[dict]]) -> list[dict]:
+    """`records` (at the fixed temperature) with each problem's pass counts at every
+    sampled temperature under `by_temperature: {"T": {"n": .., "c": ..}}`, from which
+    the report picks the oracle temperature per k."""
+    out = []
+    for i, record in enumerate(records):
+        counts = {}
+        for temperature, judged in by_temperature.items():
+            if judged[i]["task_id"] != record["task_id"]:
+                raise ValueError(f"temperature {temperature}: problems out of order at {i}")
+            counts[str(temperature)] = {"n": judged[i]["n"], "c": judged[i]["c"]}
+        out.append({**record, "by_temperature": counts})
+    return out
+
+
+def end_token_ids(model_dir: str | Path, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS plus the eos ids of the
+    model directory's generation_config.json (chat models end a turn with a token
+    of their own and list several)."""
+    from wmtp.checkpoints import read_generation_config
+
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    listed = (read_generation_config(model_dir) or {}).get("eos_token_id")
+    ids += [listed] if isinstance(listed, int) else list(listed or [])
+    return sorted(set(ids))
+
+
 def _sample_completions(
-    model, tokenizer, problems: list[Problem], settings: EvalSettings, seed: int
-):
-    """n completions per problem; greedy decoding is generated once and repeated
-    (every greedy sample is the same). With `settings.speculative` the MTP heads
-    draft and head 0 verifies (`speculative_generate`): the same greedy completions,
-    or samples from the same distribution. Returns (completions, seconds, tokens)."""
+    model,
+    tokenizer,
+    problems: list[Problem],
+    settings: EvalSettings,
+    seed: int,
+    fmt: PromptFormat = "raw",
+    eos_token_ids: list[int] | None = None,
+) -> tuple[list[list[str]], float, int, int]:
+    """n completions per problem in prompt format `fmt` (`wmtp.prompts`; a chat
+    reply becomes the completion its code block gives); greedy decoding is
+    generated once and repeated (every greedy sample is the same). Returns
+    (completions, seconds, decoded tokens, kept tokens): decoded counts what the
+    model generated (stop text and end ids included), kept the tokens of the
+    judged completions (re-tokenised), both for the distinct generations.
+    With `settings.speculative` the MTP heads draft and head 0 verifies
+    (`speculative_generate`): the same greedy completions, or samples from the same
+    distribution."""
     from wmtp.sample import generate, speculative_generate
 
-    prompts = [p.prompt for p in problems]
+    prompts = [model_prompt(tokenizer, fmt, p.prompt, p.message) for p in problems]
     stops = {p.stop for p in problems}
     if len(stops) != 1:
         raise ValueError(f"problems of one benchmark must share stop sequences, got {stops}")
-    stop = stops.pop()
+    stop = generation_stops(fmt, stops.pop())
     greedy = settings.temperature == 0
     sampling = dict(
         n=1 if greedy else settings.n_samples,
@@ -165,16 +210,32 @@ def _sample_completions(
     )
     started = time.perf_counter()
     if settings.speculative:
-        completions, _ = speculative_generate(model, tokenizer, prompts, **sampling)
+        completions, stats = speculative_generate(
+            model, tokenizer, prompts, **sampling, eos_token_ids=eos_token_ids
+        )
+        n_decoded = stats.tokens
     else:
-        completions = generate(model, tokenizer, prompts, **sampling)
+        completions, decoded = generate(
+            model, tokenizer, prompts, **sampling, eos_token_ids=eos_token_ids,
+            with_decoded_tokens=True,
+        )  # fmt: skip
+        n_decoded = sum(sum(row) for row in decoded)
     seconds = time.perf_counter() - started
-    tokens = sum(
+    if fmt == "chat":
+        completions = [
+            [chat_completion(reply, p.stop, p.entry_point) for reply in replies]
+            for p, replies in zip(problems, completions, strict=True)
+        ]
+    kept = sum(
         len(tokenizer(c, add_special_tokens=False)["input_ids"]) for s in completions for c in s
     )
     if greedy:
         completions = [s * settings.n_samples for s in completions]
-    return completions, seconds, tokens
+    return completions, seconds, n_decoded, kept
+
+
+def _rate(tokens: int, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else 0.0
 
 
 def evaluate_model(
@@ -186,11 +247,16 @@ def evaluate_model(
     out_json: str | Path,
     out_jsonl: str | Path,
     device: str = "cpu",
+    fmt: PromptFormat | None = None,
 ) -> dict:
     """Sample `settings.n_samples` completions per problem from the model in
     `model_dir`, judge them in the sandbox, write the summary json and the
     per-problem jsonl (atomically), log the metrics to the model's MLflow run if
-    it has one (`tracking.json`), and return the summary."""
+    it has one (`tracking.json`), and return the summary.
+
+    Prompts are in the format the model's tokenizer records (the one it was
+    trained with, `wmtp.prompts`) unless `fmt` overrides it; generation ends at
+    any of the model's end ids (`end_token_ids`)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -205,21 +271,39 @@ def evaluate_model(
     torch.manual_seed(seed)
     model = load_model(model_dir, device)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    completions, gen_seconds, gen_tokens = _sample_completions(
-        model, tokenizer, problems, settings, seed
+    fmt = fmt or prompt_format(tokenizer)
+    end_ids = end_token_ids(model_dir, tokenizer)
+    completions, gen_seconds, decoded, kept = _sample_completions(
+        model, tokenizer, problems, settings, seed, fmt, end_ids
     )
     records = evaluate_completions(
         problems, completions, settings, exact=benchmark in MBPP_FORMAT, progress=True
     )
+    by_temperature = {settings.temperature: records}
+    for temperature in settings.temperatures[1:]:  # the oracle's other candidates
+        at = settings.model_copy(update={"temperature": temperature})
+        sampled, *_ = _sample_completions(model, tokenizer, problems, at, seed, fmt, end_ids)
+        by_temperature[temperature] = evaluate_completions(problems, sampled, at, progress=True)
+    if len(by_temperature) > 1:
+        records = with_temperatures(records, by_temperature)
     summary = {
         "benchmark": benchmark,
         **summarise(records, ks),
+        **(
+            {"by_temperature": {str(t): summarise(r, ks) for t, r in by_temperature.items()}}
+            if len(by_temperature) > 1
+            else {}
+        ),
         "model_dir": str(model_dir),
         "data_path": None if data_path is None else str(data_path),
         "seed": seed,
+        "prompt_format": fmt,
         "speculative": settings.speculative,
         "generation_seconds": gen_seconds,
-        "completion_tokens_per_s": gen_tokens / gen_seconds if gen_seconds > 0 else 0.0,
+        "decoded_tokens": decoded,
+        "kept_tokens": kept,
+        "decoded_tokens_per_s": _rate(decoded, gen_seconds),
+        "kept_tokens_per_s": _rate(kept, gen_seconds),
         "wall_seconds": time.perf_counter() - started,
     }
     write_text_atomic(out_jsonl, "".join(json.dumps(r) + "\n" for r in records))

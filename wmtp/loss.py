@@ -47,7 +47,7 @@ WeightFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # () differentiable weighted MTP loss
-    head_ce: torch.Tensor  # (H,) detached unweighted mean CE per head (0 for a head with no valid token)
+    head_ce: torch.Tensor  # (n_heads,) detached unweighted mean CE per trained head (0 for a head with no valid token)
     weights: torch.Tensor  # (B, S) detached weights used, 0 at invalid targets
     ce_head0: torch.Tensor  # (B, S) detached head-0 CE per target token, 0 where invalid
 
@@ -58,9 +58,10 @@ def weighted_mtp_loss(
     loss_mask: torch.Tensor,
     weights: torch.Tensor | WeightFn,
     attention_mask: torch.Tensor | None = None,
+    n_heads: int | None = None,
 ) -> torch.Tensor:
     """The weighted MTP loss as a differentiable scalar; see `weighted_mtp_loss_details`."""
-    return weighted_mtp_loss_details(model, input_ids, loss_mask, weights, attention_mask).loss
+    return weighted_mtp_loss_details(model, input_ids, loss_mask, weights, attention_mask, n_heads).loss
 
 
 def weighted_mtp_loss_details(
@@ -69,6 +70,7 @@ def weighted_mtp_loss_details(
     loss_mask: torch.Tensor,
     weights: torch.Tensor | WeightFn,
     attention_mask: torch.Tensor | None = None,
+    n_heads: int | None = None,
 ) -> LossOutput:
     """Weighted MTP loss plus the per-head CE, the weights and head 0's per-token CE.
 
@@ -81,9 +83,14 @@ def weighted_mtp_loss_details(
     how Rho-1 gets the current model's CE and the critic its value-head input
     without a second forward. Head k at position t uses w[t+k+1].
 
+    `n_heads` (default all H) restricts the loss to heads 0..n_heads-1 (the mean is
+    over those): `ntp` trains head 0 alone (`wmtp.weights.TRAINED_HEADS`).
     `model` is the bare `MTPModel` (pass `engine.module` under DeepSpeed).
     Under `torch.no_grad()` only the value is computed.
     """
+    n_heads = model.n_heads if n_heads is None else n_heads
+    if not 1 <= n_heads <= model.n_heads:
+        raise ValueError(f"n_heads = {n_heads}: the model has heads 0..{model.n_heads - 1}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (B, S), got shape {tuple(input_ids.shape)}")
     for name, tensor in (("loss_mask", loss_mask), ("attention_mask", attention_mask)):
@@ -101,7 +108,7 @@ def weighted_mtp_loss_details(
                          "parameters); use ZeRO stage 0, 1 or 2")
     hidden, context = model.trunk(input_ids, attention_mask)  # (B, S, D)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or bool(params))
-    heads = _HeadPass(model, context, input_ids, valid, weights)
+    heads = _HeadPass(model, context, input_ids, valid, weights, n_heads)
     if needs_grad:
         loss = _HeadsLoss.apply(heads, hidden, *params)
     else:
@@ -142,11 +149,12 @@ class _HeadPass:
         input_ids: torch.Tensor,  # (B, S)
         valid: torch.Tensor,  # (B, S) bool, by target token
         weights: torch.Tensor | WeightFn,
+        n_heads: int,
     ) -> None:
         self.model, self.context, self.input_ids, self.valid = model, context, input_ids, valid
-        self.weight_source = weights
+        self.weight_source, self.n_heads = weights, n_heads
         batch, seq = input_ids.shape
-        self.head_ce = torch.zeros(model.n_heads, device=input_ids.device)
+        self.head_ce = torch.zeros(n_heads, device=input_ids.device)
         self.ce_head0 = torch.zeros(batch, seq, device=input_ids.device)
         self.weights = torch.zeros(batch, seq, device=input_ids.device)
 
@@ -156,45 +164,52 @@ class _HeadPass:
         """Returns the loss (float32 scalar, no graph) and, if `with_grads`, the
         gradients of the loss w.r.t. `[hidden, *params]` (None for hidden when it
         needs none)."""
-        model, input_ids, valid = self.model, self.input_ids, self.valid
-        n_heads, seq = model.n_heads, input_ids.shape[1]
+        model = self.model
         unembedding = model.output.weight  # (V, D)
         x = hidden.detach().requires_grad_(with_grads and hidden.requires_grad)  # (B, S, D)
         slot = {id(p): i for i, p in enumerate(params)}
         param_grads = [torch.zeros_like(p) for p in params] if with_grads else []
         hidden_grad = torch.zeros_like(hidden) if with_grads and hidden.requires_grad else None
-        unembedding_grad = param_grads[slot[id(unembedding)]] if id(unembedding) in slot else None
+        grads = _Grads(slot, param_grads, hidden_grad) if with_grads else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-
-        for k in range(n_heads):
-            span = seq - k - 1  # positions t with a target t+k+1 inside the sequence
-            valid_k = valid[:, k + 1 :]  # (B, span): target t+k+1 valid
-            targets = input_ids[:, k + 1 :][valid_k]  # (N,)
-            n_valid = int(valid_k.sum())
-            if n_valid == 0 and not (k == 0 and callable(self.weight_source)):
-                continue  # nothing to predict (a later head's valid set is a subset of head 0's)
-            with torch.set_grad_enabled(with_grads):
-                head_out = model.head_hidden(x, k, self.context)  # (B, S, D) after shared norm
-            rows = head_out.detach()[:, :span][valid_k]  # (N, D): only positions that count
-
-            if k == 0:
-                self.weights = self._resolve_weights(rows, targets, unembedding, hidden)
-            if n_valid == 0:
-                continue
-            row_scale = self.weights[:, k + 1 :][valid_k] / (n_valid * n_heads)  # (N,)
-            ce, rows_grad = _unembed_cross_entropy(
-                rows, targets, unembedding, row_scale if with_grads else None, unembedding_grad
-            )
-            loss += (row_scale * ce).sum()
-            self.head_ce[k] = ce.mean()
-            if k == 0:
-                self.ce_head0[:, 1:][valid_k] = ce
-
-            if with_grads and head_out.requires_grad:
-                head_out_grad = torch.zeros_like(head_out)  # (B, S, D)
-                head_out_grad[:, :span][valid_k] = rows_grad.to(head_out.dtype)
-                self._backward_head(k, x, head_out, head_out_grad, params, slot, param_grads, hidden_grad)
+        for k in range(self.n_heads):
+            # One call per head: its (B, S, D) buffers die before the next head starts.
+            loss += self._run_head(k, x, hidden, unembedding, grads)
         return loss, ([hidden_grad, *param_grads] if with_grads else None)
+
+    def _run_head(
+        self, k: int, x: torch.Tensor, hidden: torch.Tensor, unembedding: torch.Tensor, grads: _Grads | None
+    ) -> torch.Tensor:
+        """Head k's share of the loss (scalar, no graph); with `grads`, its gradients
+        are accumulated there and its block's activations freed."""
+        valid, seq = self.valid, self.input_ids.shape[1]
+        span = seq - k - 1  # positions t with a target t+k+1 inside the sequence
+        valid_k = valid[:, k + 1 :]  # (B, span): target t+k+1 valid
+        targets = self.input_ids[:, k + 1 :][valid_k]  # (N,)
+        n_valid = int(valid_k.sum())
+        zero = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        if n_valid == 0 and not (k == 0 and callable(self.weight_source)):
+            return zero  # nothing to predict (a later head's valid set is a subset of head 0's)
+        with torch.set_grad_enabled(grads is not None):
+            head_out = self.model.head_hidden(x, k, self.context)  # (B, S, D) after shared norm
+        rows = head_out.detach()[:, :span][valid_k]  # (N, D): only positions that count
+        if k == 0:
+            self.weights = self._resolve_weights(rows, targets, unembedding, hidden)
+        if n_valid == 0:
+            return zero
+        row_scale = self.weights[:, k + 1 :][valid_k] / (n_valid * self.n_heads)  # (N,)
+        unembedding_grad = grads.of(unembedding) if grads is not None else None
+        ce, rows_grad = _unembed_cross_entropy(
+            rows, targets, unembedding, row_scale if grads is not None else None, unembedding_grad
+        )
+        self.head_ce[k] = ce.mean()
+        if k == 0:
+            self.ce_head0[:, 1:][valid_k] = ce
+        if grads is not None and head_out.requires_grad:
+            head_out_grad = torch.zeros_like(head_out)  # (B, S, D)
+            head_out_grad[:, :span][valid_k] = rows_grad.to(head_out.dtype)
+            self._backward_head(k, x, head_out, head_out_grad, grads)
+        return (row_scale * ce).sum()
 
     def _resolve_weights(
         self, rows: torch.Tensor, targets: torch.Tensor, unembedding: torch.Tensor, hidden: torch.Tensor
@@ -218,19 +233,33 @@ class _HeadPass:
             raise ValueError("weights must be finite at every valid target token")
         return torch.where(valid, weights, torch.zeros_like(weights))
 
-    def _backward_head(self, k, x, head_out, head_out_grad, params, slot, param_grads, hidden_grad):
+    def _backward_head(self, k, x, head_out, head_out_grad, grads: _Grads) -> None:
         """Push head k's output gradient through its block and the shared norm,
         accumulating into the trunk-output and parameter gradients."""
         block_params = [*self.model.heads[k].parameters(), *self.model.norm.parameters()]
-        targets = [p for p in block_params if id(p) in slot]
-        inputs = ([x] if hidden_grad is not None else []) + targets
-        grads = torch.autograd.grad(head_out, inputs, head_out_grad, allow_unused=True)
-        if hidden_grad is not None:
-            hidden_grad += grads[0]
-            grads = grads[1:]
-        for p, g in zip(targets, grads, strict=True):
+        targets = [p for p in block_params if id(p) in grads.slot]
+        inputs = ([x] if grads.hidden is not None else []) + targets
+        block_grads = torch.autograd.grad(head_out, inputs, head_out_grad, allow_unused=True)
+        if grads.hidden is not None:
+            grads.hidden += block_grads[0]
+            block_grads = block_grads[1:]
+        for p, g in zip(targets, block_grads, strict=True):
             if g is not None:
-                param_grads[slot[id(p)]] += g
+                grads.of(p).add_(g)
+
+
+@dataclass
+class _Grads:
+    """Gradient accumulators of one head pass: one per head parameter, and the trunk
+    output's (None when the trunk needs none)."""
+
+    slot: dict[int, int]  # id(param) -> index in params / param_grads
+    param_grads: list[torch.Tensor]
+    hidden: torch.Tensor | None  # (B, S, D)
+
+    def of(self, param: torch.Tensor) -> torch.Tensor | None:
+        index = self.slot.get(id(param))
+        return None if index is None else self.param_grads[index]
 
 
 @torch.no_grad()
@@ -245,9 +274,7 @@ def _unembed_cross_entropy(
 
     With `row_scale` (the loss's d loss / d CE per row) it also returns the
     gradient w.r.t. `rows` `(N, D)` and adds the one w.r.t. the unembedding into
-    `unembedding_grad` in place. The CE gradient is formed by hand
-    (softmax - onehot, in place on the chunk's logits) so a chunk costs one
-    `(C, V)` fp32 buffer. Logits are upcast to fp32 for the softmax.
+    `unembedding_grad` in place. One chunk at a time is alive (see `_chunk_cross_entropy`).
     """
     n_rows, vocab = rows.shape[0], unembedding.shape[0]
     step = max(1, CHUNK_ELEMENTS // vocab)
@@ -255,17 +282,39 @@ def _unembed_cross_entropy(
     rows_grad = torch.empty_like(rows) if row_scale is not None else None  # (N, D)
     for start in range(0, n_rows, step):
         chunk = slice(start, start + step)
-        logits = F.linear(rows[chunk], unembedding).float()  # (C, V)
-        target = targets[chunk].unsqueeze(1)  # (C, 1)
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (C, 1)
-        ce[chunk] = (lse - logits.gather(1, target)).squeeze(1)
-        if row_scale is None:
-            continue
-        dlogits = logits.sub_(lse).exp_()  # (C, V) softmax, in place
-        dlogits.scatter_add_(1, target, torch.full_like(lse, -1.0))
-        dlogits.mul_(row_scale[chunk].unsqueeze(1))
-        dlogits = dlogits.to(unembedding.dtype)
-        rows_grad[chunk] = dlogits @ unembedding
-        if unembedding_grad is not None:
-            unembedding_grad.addmm_(dlogits.T, rows[chunk])
+        scale = row_scale[chunk] if row_scale is not None else None
+        ce[chunk], chunk_grad = _chunk_cross_entropy(rows[chunk], targets[chunk], unembedding, scale, unembedding_grad)
+        if chunk_grad is not None:
+            rows_grad[chunk] = chunk_grad
     return ce, rows_grad
+
+
+def _chunk_cross_entropy(
+    rows: torch.Tensor,  # (C, D)
+    targets: torch.Tensor,  # (C,)
+    unembedding: torch.Tensor,  # (V, D)
+    row_scale: torch.Tensor | None,  # (C,)
+    unembedding_grad: torch.Tensor | None,  # (V, D)
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CE `(C,)` of one chunk and, with `row_scale`, d loss / d rows `(C, D)`.
+
+    The whole chunk costs ONE `(C, V)` fp32 buffer: the log-sum-exp and the CE
+    gradient (softmax - onehot) are formed in place on the logits (torch.logsumexp
+    would allocate a second one), and the buffer is freed when this returns, before
+    the next chunk's logits exist. Logits are upcast to fp32 for the softmax.
+    """
+    logits = F.linear(rows, unembedding).float()  # (C, V)
+    target = targets.unsqueeze(1)  # (C, 1)
+    target_logit = logits.gather(1, target)  # (C, 1)
+    row_max = logits.amax(dim=-1, keepdim=True)  # (C, 1)
+    total = logits.sub_(row_max).exp_().sum(dim=-1, keepdim=True)  # (C, 1); logits now exp(logit - max)
+    ce = (row_max + total.log() - target_logit).squeeze(1)  # (C,)
+    if row_scale is None:
+        return ce, None
+    scale = row_scale.unsqueeze(1)  # (C, 1)
+    logits.mul_(scale / total).scatter_add_(1, target, -scale)  # (C, V) scale * (softmax - onehot)
+    dlogits = logits.to(unembedding.dtype)
+    del logits  # the fp32 copy, when the model is not fp32
+    if unembedding_grad is not None:
+        unembedding_grad.addmm_(dlogits.T, rows)
+    return ce, dlogits @ unembedding

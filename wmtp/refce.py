@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from wmtp.atomic import atomic_file
-from wmtp.config import DataSettings
+from wmtp.config import DataSettings, is_mtp_model_config
 from wmtp.data import (
     PACK_SEPARATOR,
     Example,
@@ -61,20 +61,23 @@ META_TOTAL = b"wmtp.n_total_samples"  # samples over all shards
 
 
 def load_reference(model_dir: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Load a reference model directory: ours (config.json says model_type
-    "wmtp-mtp"; scored with head 0) or any HF causal LM. bf16 on GPU (the CE
+    """Load a reference model directory: ours (`is_mtp_model_config`; scored
+    with head 0) or any HF causal LM. bf16 on GPU (the CE
     itself is computed in float32), float32 on CPU."""
     config_path = Path(model_dir) / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{model_dir}: no config.json; not a model directory")
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if json.loads(config_path.read_text()).get("model_type") == "wmtp-mtp":
+    if is_mtp_model_config(json.loads(config_path.read_text())):
         from wmtp.checkpoints import load_model
 
         model = load_model(model_dir, device=device).to(dtype)
     else:
         from transformers import AutoModelForCausalLM
 
+        from wmtp.checkpoints import verify_model_files
+
+        verify_model_files(model_dir)  # the download stage's manifest
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
     return model.eval()
 
@@ -104,11 +107,54 @@ def token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _write_parquet(table: pa.Table, out_path: str | Path) -> Path:
-    """Atomic parquet write: temp file in the target directory, then rename."""
+    """Atomic parquet write: temp file in the target directory, then rename. Every
+    page carries a CRC, so a damaged byte is caught when the table is read."""
     out_path = Path(out_path)
     with atomic_file(out_path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, write_page_checksum=True)
     return out_path
+
+
+def read_table(path: str | Path) -> pa.Table:
+    """The whole table, page checksums verified; any unreadable, truncated or
+    damaged file raises ValueError naming `path` (pyarrow's own messages do not)."""
+    try:
+        return pq.read_table(path, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as error:
+        raise ValueError(
+            f"{path}: not a readable reference-CE table ({error}); recompute it (rerun the refce stage)"
+        ) from None
+
+
+def check_table(path: str | Path) -> list[str]:
+    """Problems of the reference-CE table at `path` that would stop (or silently
+    distort) training, each naming the path: unreadable or damaged file, wrong
+    columns, missing metadata, a part file, non-finite ce_ref. Trainers call it
+    before any training work."""
+    try:
+        table = read_table(path)
+    except ValueError as error:
+        return [str(error)]
+    problems = []
+    if table.schema.remove_metadata() != SCHEMA:
+        problems.append(f"{path}: columns {table.schema.remove_metadata()} are not {SCHEMA}")
+    meta = table.schema.metadata or {}
+    if META_TOKENIZER not in meta:
+        problems.append(f"{path}: not a reference-CE table (no {META_TOKENIZER.decode()} metadata)")
+    if META_SHARD in meta:
+        problems.append(f"{path} is shard {meta[META_SHARD].decode()}; merge the parts first")
+    if "ce_ref" in table.column_names:
+        ce = table.column("ce_ref").to_numpy(zero_copy_only=False)
+        if not np.isfinite(ce).all():
+            problems.append(f"{path}: {int((~np.isfinite(ce)).sum())} ce_ref values are NaN or inf")
+    return problems
+
+
+def require_table(path: str | Path) -> None:
+    """`check_table`, raising ValueError with every problem."""
+    problems = check_table(path)
+    if problems:
+        raise ValueError("reference-CE table unusable:\n  - " + "\n  - ".join(problems))
 
 
 def _table(
@@ -194,7 +240,10 @@ def compute_refce(
 
 
 def _metadata(path: str | Path) -> dict[bytes, bytes]:
-    return pq.read_schema(path).metadata or {}
+    try:
+        return pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException) as error:
+        raise ValueError(f"{path}: not a readable parquet file ({error})") from None
 
 
 def merge_shards(parts: Sequence[str | Path], out_path: str | Path) -> Path:
@@ -236,7 +285,7 @@ def merge_shards(parts: Sequence[str | Path], out_path: str | Path) -> Path:
     n_shards = len(shards)
     by_shard = []
     for i in range(n_shards):
-        frame = pq.read_table(shards[(i, n_shards)]).to_pandas()
+        frame = read_table(shards[(i, n_shards)]).to_pandas()
         by_shard.append([g for _, g in frame.groupby("sample_id", sort=False)])
     # Shard i held examples i, i+n, i+2n, ...: interleave back to the original order.
     ordered = [
@@ -296,17 +345,7 @@ class RefCETable:
                 f"{path} was computed with tokenizer {tok_hash[:12]}, but the training tokenizer is "
                 f"{tokenizer_hash(tokenizer)[:12]}: recompute the reference CE"
             )
-        frame = pq.read_table(path).to_pandas()
-        frame = frame.sort_values(["sample_id", "position"], kind="stable")
-        tokens, ce = {}, {}
-        for sample_id, group in frame.groupby("sample_id", sort=False):
-            positions = group["position"].to_numpy()
-            if not np.array_equal(positions, np.arange(1, len(positions) + 1)):
-                raise ValueError(
-                    f"{path}: sample {sample_id} positions are not 1..{len(positions)}"
-                )
-            tokens[sample_id] = group["token_id"].to_numpy(np.int64)
-            ce[sample_id] = group["ce_ref"].to_numpy(np.float32)
+        tokens, ce = read_per_token(path, "ce_ref")
         return cls(tokens, ce, meta[META_MODEL].decode(), tok_hash)
 
     def __len__(self) -> int:
@@ -322,42 +361,84 @@ class RefCETable:
         from the batch's token at the same position, or when a loss-mask token gets
         no value: each would otherwise silently mis-weight tokens.
         """
-        ids = input_ids.detach().cpu().numpy()  # (B, S)
-        mask = loss_mask.detach().cpu().numpy().astype(bool)  # (B, S)
-        out = np.zeros(ids.shape, dtype=np.float32)  # (B, S)
-        covered = np.zeros(ids.shape, dtype=bool)
-        for b, joined in enumerate(sample_ids):
-            offset = 0
-            for sample_id in joined.split(PACK_SEPARATOR):
-                if sample_id not in self.ce:
-                    raise ValueError(
-                        f"sample {sample_id!r} is not in the reference-CE table ({len(self)} samples)"
-                    )
-                stored = self.tokens[sample_id]
-                end = offset + 1 + len(stored)
-                if end > ids.shape[1]:
-                    raise ValueError(
-                        f"sample {sample_id!r}: table has {len(stored) + 1} tokens, batch row {b} has "
-                        f"only {ids.shape[1] - offset} from offset {offset}"
-                    )
-                actual = ids[b, offset + 1 : end]
-                if not np.array_equal(actual, stored):
-                    j = int(np.flatnonzero(actual != stored)[0])
-                    raise ValueError(
-                        f"token mismatch for sample {sample_id!r} at position {j + 1}: batch has "
-                        f"{int(actual[j])}, reference-CE table has {int(stored[j])} (different data build "
-                        "or tokenizer?)"
-                    )
-                out[b, offset + 1 : end] = self.ce[sample_id]
-                covered[b, offset + 1 : end] = True
-                offset = end
-        uncovered = mask & ~covered
-        if uncovered.any():
-            b, j = (int(x) for x in np.argwhere(uncovered)[0])
-            raise ValueError(
-                f"loss-mask token at row {b}, position {j} ({sample_ids[b]!r}) has no ce_ref"
-            )
-        return torch.from_numpy(out).to(input_ids.device)
+        return align_to_batch(
+            self.tokens, self.ce, sample_ids, input_ids, loss_mask, "reference-CE table", "ce_ref"
+        )
+
+
+def read_per_token(
+    path: str | Path, column: str
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """A per-token table (sample_id, position 1..L-1, token_id, `column`) as two
+    dicts by sample id: token ids (int64) and `column` (float32), in position order.
+    Read with `read_table`: page checksums verified, the path in every error."""
+    frame = read_table(path).select(["sample_id", "position", "token_id", column]).to_pandas()
+    frame = frame.sort_values(["sample_id", "position"], kind="stable")
+    tokens, values = {}, {}
+    for sample_id, group in frame.groupby("sample_id", sort=False):
+        positions = group["position"].to_numpy()
+        if not np.array_equal(positions, np.arange(1, len(positions) + 1)):
+            raise ValueError(f"{path}: sample {sample_id} positions are not 1..{len(positions)}")
+        tokens[sample_id] = group["token_id"].to_numpy(np.int64)
+        values[sample_id] = group[column].to_numpy(np.float32)
+    return tokens, values
+
+
+def align_to_batch(
+    tokens: dict[str, np.ndarray],
+    values: dict[str, np.ndarray],
+    sample_ids: Sequence[str],
+    input_ids: torch.Tensor,
+    loss_mask: torch.Tensor,
+    table: str,
+    column: str,
+) -> torch.Tensor:
+    """Per-token values of a table stored by (sample_id, position 1..L-1) -> `(B, S)`
+    float32 aligned with a right-padded, possibly packed batch; 0 where there is no
+    value (position 0 of a sample, padding, or a NaN in the table).
+
+    `tokens[s]` / `values[s]` hold sample s's token ids and values of positions
+    1..L-1. Raises ValueError when a sample is missing, when a stored token id
+    differs from the batch's token at the same position, or when a loss-mask token
+    gets no finite value (`table` and `column` name them in the message).
+    """
+    ids = input_ids.detach().cpu().numpy()  # (B, S)
+    mask = loss_mask.detach().cpu().numpy().astype(bool)  # (B, S)
+    out = np.zeros(ids.shape, dtype=np.float32)  # (B, S)
+    covered = np.zeros(ids.shape, dtype=bool)
+    for b, joined in enumerate(sample_ids):
+        offset = 0
+        for sample_id in joined.split(PACK_SEPARATOR):
+            if sample_id not in values:
+                raise ValueError(
+                    f"sample {sample_id!r} is not in the {table} ({len(values)} samples)"
+                )
+            stored = tokens[sample_id]
+            end = offset + 1 + len(stored)
+            if end > ids.shape[1]:
+                raise ValueError(
+                    f"sample {sample_id!r}: table has {len(stored) + 1} tokens, batch row {b} has "
+                    f"only {ids.shape[1] - offset} from offset {offset}"
+                )
+            actual = ids[b, offset + 1 : end]
+            if not np.array_equal(actual, stored):
+                j = int(np.flatnonzero(actual != stored)[0])
+                raise ValueError(
+                    f"token mismatch for sample {sample_id!r} at position {j + 1}: batch has "
+                    f"{int(actual[j])}, {table} has {int(stored[j])} (different data build "
+                    "or tokenizer?)"
+                )
+            finite = np.isfinite(values[sample_id])
+            out[b, offset + 1 : end] = np.where(finite, values[sample_id], 0.0)
+            covered[b, offset + 1 : end] = finite
+            offset = end
+    uncovered = mask & ~covered
+    if uncovered.any():
+        b, j = (int(x) for x in np.argwhere(uncovered)[0])
+        raise ValueError(
+            f"loss-mask token at row {b}, position {j} ({sample_ids[b]!r}) has no {column}"
+        )
+    return torch.from_numpy(out).to(input_ids.device)
 
 
 def refce_stage(

@@ -39,9 +39,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from wmtp import evaluate
+from wmtp import diagnostics, evaluate
 from wmtp.atomic import atomic_file, write_text_atomic
 from wmtp.config import PipelineConfig, Recipe, config_hash
 
@@ -58,31 +59,31 @@ _COLUMNS = {
     "weight_min": ("weight_min",),
     "weight_max": ("weight_max",),
     "weight_frac_zero": ("weight_frac_zero",),
+    "val_loss": ("val_loss",),
+    "val_head0": ("val_head_ce_0",),
+    **{column: (column,) for column in diagnostics.COLUMNS},  # mean weight per token class
 }
 
-# Quoted from the paper (Gloeckle et al. 2024); only statements we could verify.
+# The paper's Table 1 figures for the released 7B models trained on 1T code tokens
+# (Gloeckle et al. 2024, 200 samples per problem, temperature chosen per k on the test
+# scores). The `base` row of the paper setting evaluates 7B_1T_4 itself: read it
+# against the first line.
 PUBLISHED = {
     "citation": 'Gloeckle, Youbi Idrissi, Rozière, Lopez-Paz, Synnaeve (2024), "Better & Faster '
-    'Large Language Models via Multi-token Prediction", ICML 2024, arXiv:2404.19737',
-    "quotes": [
-        (
-            "Abstract",
-            "Our 13B parameter models solves 12 % more problems on HumanEval and 17 % more on "
-            "MBPP than comparable next-token models.",
-        ),
-        (
-            "Section 3.5 (7B models, 1T tokens of code: the released 7B_1T_4 vs 7B_1T_1)",
-            "Multi-token training still maintains an edge on next-token prediction when trained "
-            "on multiple epochs of the same data. The improvements diminish but we still have a "
-            "+2.4% increase on pass@1 on MBPP and +3.2% increase on pass@100 on HumanEval, while "
-            "having similar performance for the rest.",
-        ),
+    'Large Language Models via Multi-token Prediction", ICML 2024, arXiv:2404.19737, Table 1',
+    "ks": [1, 10, 100],
+    "rows": [
+        ("7B_1T_4 (n = 4 heads, the released base)", {"mbpp": (43.1, 65.9, 83.7), "humaneval": (31.6, 57.3, 86.2)}),
+        ("7B_1T_1 (next-token)", {"mbpp": (40.7, 65.4, 83.4), "humaneval": (31.7, 57.6, 83.0)}),
     ],
-    "note": "The absolute MBPP / HumanEval pass@1 of the 7B n=4 and n=1 models (the paper's "
-    "Table 1) could not be verified from the sources available when this report template was "
-    "written, so they are not quoted. Those numbers are for pretraining from scratch with n "
-    "heads; this pipeline fine-tunes the released n=4 model, so compare directions and "
-    "magnitudes, not exact values.",
+    "protocol": "The paper estimates pass@k from 200 samples per problem and, for each k, "
+    "reports the best of several sampling temperatures chosen on the test scores (an oracle "
+    "choice). This pipeline samples at the one temperature of `eval.temperature` for every k "
+    "unless `eval.oracle_temperatures` is set, in which case each cell takes, per k, the "
+    "temperature with the best benchmark score (marked 'oracle T' in the table, as the paper "
+    "does). The paper's numbers are for models pretrained with n heads; the rows here "
+    "fine-tune the released n = 4 model, so compare directions and magnitudes, and use the "
+    "`base` row to check that the evaluation reproduces the first line.",
 }
 
 
@@ -159,6 +160,35 @@ def read_summary(path: str | Path) -> dict[str, float]:
     }
 
 
+def check_summary(summary_path: str | Path, records_path: str | Path, frame: pd.DataFrame) -> None:
+    """Refuse a summary json whose pass@k or exact match (top level, and per sampling
+    temperature in oracle mode) disagrees with its own per-problem records `frame`
+    (read from `records_path`): the table is built from the records, the appendix
+    quotes the summary, and a run whose two files tell different stories is broken."""
+    payload = json.loads(Path(summary_path).read_text())
+    views = [("", read_summary(summary_path), frame["n"], frame["c"])]
+    for temperature, summary in (payload.get("by_temperature") or {}).items():
+        if "by_temperature" not in frame:
+            raise ValueError(f"{summary_path} has by_temperature summaries but {records_path} no such records")
+        counts = [record[temperature] for record in frame["by_temperature"]]
+        views.append((f" at T = {temperature}", summary, [x["n"] for x in counts], [x["c"] for x in counts]))
+    for where, summary, n, c in views:
+        for key, claimed in summary.items():
+            if key == "exact_match":
+                if where or "exact" not in frame:
+                    continue  # exact match is judged at the fixed temperature only
+                recomputed = float((frame["exact"] / frame["n"]).mean())
+            elif key.startswith("pass@"):
+                recomputed = float(pass_at_k(np.asarray(n), np.asarray(c), int(key.split("@")[1])).mean())
+            else:
+                continue
+            if abs(float(claimed) - recomputed) > 1e-6:
+                raise ValueError(
+                    f"{summary_path}: {key}{where} = {claimed:.6g} in the summary but {recomputed:.6g} "
+                    f"recomputed from the per-problem records in {records_path}"
+                )
+
+
 def read_metrics(path: str | Path) -> pd.DataFrame:
     """metrics.parquet with columns renamed to ours; absent ones are left out."""
     raw = pd.read_parquet(path)
@@ -196,15 +226,43 @@ class BenchmarkTable:
     metrics: list[str]
     cells: dict[str, dict[str, Cell | None]] = field(default_factory=dict)
     diffs: dict[str, dict[str, DiffCell | None]] = field(default_factory=dict)
+    # oracle mode: the temperature each (algorithm, pass@k) cell was picked at
+    temperatures: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def _per_problem(frame: pd.DataFrame, metric: str) -> np.ndarray | None:
+def _per_problem(frame: pd.DataFrame, metric: str, temperature: float | None = None) -> np.ndarray | None:
+    """Per-problem values of `metric` (pass@k or exact_match) of one evaluation; with
+    `temperature`, pass@k from the samples drawn at that temperature (oracle mode)."""
     if metric == "exact_match":
         if "exact" not in frame:
             return None
         return (frame["exact"] / frame["n"]).astype(float).to_numpy()
     k = int(metric.split("@")[1])
-    return pass_at_k(frame["n"].to_numpy(), frame["c"].to_numpy(), k)
+    if temperature is None:
+        return pass_at_k(frame["n"].to_numpy(), frame["c"].to_numpy(), k)
+    if "by_temperature" not in frame:
+        raise ValueError("eval.oracle_temperatures is set but the evaluation has no by_temperature records")
+    counts = [record[str(float(temperature))] for record in frame["by_temperature"]]
+    return pass_at_k(np.array([c["n"] for c in counts]), np.array([c["c"] for c in counts]), k)
+
+
+def _seed_average(
+    problems: dict[tuple[str, int], pd.DataFrame], algo: str, seeds: list[int], metric: str,
+    temperature: float | None = None,
+) -> np.ndarray | None:  # fmt: skip
+    per_seed = [_per_problem(problems[(algo, s)], metric, temperature) for s in seeds]
+    return None if any(v is None for v in per_seed) else np.mean(np.stack(per_seed), axis=0)  # (P,)
+
+
+def oracle_choice(
+    problems: dict[tuple[str, int], pd.DataFrame], algo: str, seeds: list[int], metric: str,
+    temperatures: list[float],
+) -> tuple[float, np.ndarray]:  # fmt: skip
+    """The paper's protocol: the temperature whose benchmark score (mean over problems
+    of the seed-averaged pass@k) is highest, and its per-problem values. Chosen on the
+    test scores themselves, so it flatters every row alike; ties go to the first."""
+    scored = [(t, _seed_average(problems, algo, seeds, metric, t)) for t in temperatures]
+    return max(scored, key=lambda item: float(item[1].mean()))
 
 
 def benchmark_table(
@@ -215,11 +273,14 @@ def benchmark_table(
     ks: list[int],
     n_resamples: int,
     seed: int,
+    oracle_temperatures: list[float] | None = None,
 ) -> BenchmarkTable:
     """Seed-averaged per-problem values -> bootstrap cells and paired differences.
 
     `problems[(algo, seed)]` is that run's per-problem frame; every run must cover
-    the same task ids (otherwise the comparison would not be like with like)."""
+    the same task ids (otherwise the comparison would not be like with like). With
+    `oracle_temperatures`, each pass@k cell is taken at its row's best temperature
+    (`oracle_choice`)."""
     reference = problems[(algorithms[0], seeds[0])]["task_id"].tolist()
     for key, frame in problems.items():
         if frame["task_id"].tolist() != reference:
@@ -234,10 +295,12 @@ def benchmark_table(
     for algo in algorithms:
         averaged[algo] = {}
         for metric in metrics:
-            per_seed = [_per_problem(problems[(algo, s)], metric) for s in seeds]
-            averaged[algo][metric] = (
-                None if any(v is None for v in per_seed) else np.mean(np.stack(per_seed), axis=0)  # (P,)
-            )
+            if oracle_temperatures and metric != "exact_match":
+                chosen, values = oracle_choice(problems, algo, seeds, metric, oracle_temperatures)
+                table.temperatures.setdefault(algo, {})[metric] = chosen
+                averaged[algo][metric] = values
+            else:
+                averaged[algo][metric] = _seed_average(problems, algo, seeds, metric)
         table.cells[algo] = {
             metric: None if values is None else Cell(*bootstrap_ci(values, indices))
             for metric, values in averaged[algo].items()
@@ -325,21 +388,13 @@ def make_figures(
     figures_dir.mkdir(parents=True, exist_ok=True)
     out = {}
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for algo in algorithms:
-        curve = _seed_mean_curve(metrics, algo, "loss")
-        if curve is not None:
-            ax.plot(curve.index, curve.to_numpy(), label=algo)
-    ax.set(xlabel="step", ylabel="training loss (mean over seeds)", title="Loss curves")
-    ax.legend()
-    fig.tight_layout()
     out["loss_curves"] = figures_dir / "loss_curves.png"
-    _save_png(fig, out["loss_curves"])
-    plt.close(fig)
+    _plot_loss_curves(metrics, algorithms, out["loss_curves"])
 
+    trained = [a for a in algorithms if any(key[0] == a for key in metrics)]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    stats = weight_stats(metrics, algorithms)
-    for i, algo in enumerate(algorithms):
+    stats = weight_stats(metrics, trained)
+    for i, algo in enumerate(trained):
         s = stats[algo]
         if None not in (s["min"], s["max"], s["mean"], s["std"]):
             axes[0].vlines(i, s["min"], s["max"], color=f"C{i}", linewidth=1)
@@ -351,7 +406,7 @@ def make_figures(
             axes[1].plot(std.index, std.to_numpy(), color=f"C{i}", label=algo)
         if zero is not None:
             axes[2].plot(zero.index, zero.to_numpy(), color=f"C{i}", label=algo)
-    axes[0].set_xticks(range(len(algorithms)), algorithms, rotation=20, fontsize="small")
+    axes[0].set_xticks(range(len(trained)), trained, rotation=20, fontsize="small")
     axes[0].set(ylabel="token weight", title="Weights: min..max, mean +- std, mean")
     axes[1].set(xlabel="step", ylabel="weight std (mean over seeds)", title="Weight spread over training")
     axes[2].set(xlabel="step", ylabel="share of zero weights", title="Skipped tokens over training")
@@ -382,6 +437,133 @@ def make_figures(
     return out
 
 
+def _plot_loss_curves(
+    metrics: dict[tuple[str, int], pd.DataFrame], algorithms: list[str], path: Path
+) -> None:
+    """Unweighted validation CE (head 0, and the mean over every head) per method: the
+    one loss all methods share. The weighted training losses are different
+    objectives, so they get a panel of their own and are not compared across methods."""
+    import matplotlib.pyplot as plt
+
+    panels = (
+        ("val_head0", "validation CE of head 0 (next token)"),
+        ("val_loss", "validation CE, mean over heads"),
+        ("loss", "training loss (each method's own objective)"),
+    )
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4))
+    for ax, (column, title) in zip(axes, panels, strict=True):
+        for i, algo in enumerate(algorithms):
+            curve = _seed_mean_curve(metrics, algo, column)
+            if curve is not None:
+                curve = curve.dropna()
+                ax.plot(curve.index, curve.to_numpy(), marker="o" if column != "loss" else None,
+                        markersize=3, color=f"C{i}", label=algo)
+        ax.set(xlabel="step", ylabel="mean over seeds", title=title)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    _save_png(fig, path)
+    plt.close(fig)
+# ---------------------------------------------------------------- what each method weights
+
+
+def class_weights(
+    metrics: dict[tuple[str, int], pd.DataFrame], algorithms: list[str], share: float = 0.1
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Per algorithm and token class (wmtp.diagnostics.CLASSES), the mean weight
+    early and late in training: the mean over seeds of the class's per-window means
+    in the first and last `share` of the logged rows (at least one row each)."""
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for algo in algorithms:
+        runs = [f for (a, _), f in sorted(metrics.items()) if a == algo]
+        out[algo] = {}
+        for name, column in zip(diagnostics.CLASSES, diagnostics.COLUMNS, strict=True):
+            early, late = [], []
+            for frame in runs:
+                if column not in frame or frame[column].notna().sum() == 0:
+                    continue
+                values = frame[column].dropna()
+                n = max(1, int(round(share * len(values))))
+                early.append(values.iloc[:n].mean())
+                late.append(values.iloc[-n:].mean())
+            out[algo][name] = {
+                "early": float(np.mean(early)) if early else None,
+                "late": float(np.mean(late)) if late else None,
+            }
+    return out
+
+
+def critic_summaries(paths: list[str | Path]) -> list[dict]:
+    """One row per critic (seed) from its metrics.json: held-out explained variance,
+    the strength `auto` makes of it, and what its deltas do per token class."""
+    rows = []
+    for path in paths:
+        payload = json.loads(Path(path).read_text())
+        table = payload.get("value_table", {})
+        rows.append(
+            {
+                "seed": payload.get("seed"),
+                "explained_variance": payload.get("explained_variance"),
+                "auto_strength": payload.get("auto_strength"),
+                "n_fit": payload.get("n_rollouts_kept"),
+                "n_held_out": payload.get("held_out", {}).get("n_rollouts"),
+                "fit_ev": payload.get("fit", {}).get("explained_variance"),
+                "delta": table.get("mean_delta_by_class", {}),
+            }
+        )
+    return sorted(rows, key=lambda row: (row["seed"] is None, row["seed"]))
+
+
+def probe_figure(
+    metric_files: dict[tuple[str, int], Path], algorithms: list[str], seed: int, path: Path
+) -> Path | None:
+    """One training example (the probe of wmtp.diagnostics) with its tokens shaded
+    by the weight each algorithm gave them the last time it was trained on, one
+    panel per algorithm; comment tokens are underlined. None if no run has a probe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.patches import Rectangle
+
+    probes = {}
+    for algo in algorithms:
+        file = metric_files.get((algo, seed))
+        probe = diagnostics.read_probe(pq.read_schema(file).metadata) if file else None
+        if probe is not None and probe.late is not None:
+            probes[algo] = probe
+    if not probes:
+        return None
+    first = next(iter(probes.values()))
+    lines = "".join(t.replace("\n", "\u21b5\n") for t in first.tokens).split("\n")
+    width, height = max(len(line) for line in lines) + 1, len(lines)
+    top = max(3.0, max(max(p.late["weights"]) for p in probes.values()))
+    norm, cmap = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=top), plt.get_cmap("coolwarm")
+    fig, axes = plt.subplots(
+        len(probes), 1, figsize=(max(6, 0.11 * width + 1.5), 0.19 * (height + 2) * len(probes) + 0.6),
+        squeeze=False,
+    )
+    for ax, (algo, probe) in zip(axes[:, 0], probes.items(), strict=True):
+        row, col = 0, 0
+        for token, kind, weight in zip(probe.tokens, probe.classes, probe.late["weights"], strict=True):
+            for char in token.replace("\n", "\u21b5\n"):
+                if char == "\n":
+                    row, col = row + 1, 0
+                    continue
+                ax.add_patch(Rectangle((col, -row - 1), 1, 1, color=cmap(norm(weight)), linewidth=0))
+                ax.text(col + 0.5, -row - 0.5, char, ha="center", va="center", family="monospace", fontsize=8)
+                if kind == diagnostics.COMMENT:
+                    ax.plot([col, col + 1], [-row - 0.95] * 2, color="black", linewidth=0.6)
+                col += 1
+        ax.set(xlim=(0, width), ylim=(-height, 0), xticks=[], yticks=[])
+        ax.set_title(f"{algo} (step {probe.late['step']})", fontsize=9, loc="left")
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[:, 0].tolist(), label="token weight")
+    fig.suptitle(f"Training example {first.sample_id} (seed {seed}); underlined: comment tokens", fontsize=9)
+    _save_png(fig, path)
+    plt.close(fig)
+    return path
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -395,6 +577,19 @@ def current_git_commit(repo: str | Path = ".") -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def recipe_overrides(recipes: dict[str, Recipe], algorithms: list[str]) -> list[tuple[str, str, object]]:
+    """(algorithm, 'section.key', value) for every key a recipe sets of the shared
+    `train:`/`weighting:` sections: the places where methods are not compared on
+    equal settings, listed under the table."""
+    return [
+        (algo, f"{section}.{key}", value)
+        for algo in algorithms
+        if algo in recipes
+        for section, values in recipes[algo].overrides.items()
+        for key, value in values.items()
+    ]
 
 
 def _index(paths: list[str | Path], kind: str) -> dict[tuple[str, int, str], Path]:
@@ -423,12 +618,14 @@ def build_report(
     out_md: str | Path,
     figures_dir: str | Path,
     git_commit: str | None = None,
+    critic_metrics: list[str | Path] = (),
 ) -> Path:
     """Render `out_md` (the paper table and everything around it) and the figures.
 
     Raises `ValueError` naming every (algorithm, seed, benchmark) whose files are
     missing, so a partial run never yields a table that silently drops a row."""
     algorithms, seeds, benchmarks = list(config.algorithms), list(config.seeds), list(config.benchmarks)
+    trained = config.trained_algorithms
     out_md, figures_dir = Path(out_md), Path(figures_dir)
     summaries, problems_files = _index(eval_jsons, "eval json"), _index(eval_jsonls, "eval jsonl")
     metric_files = {(a, s): p for (a, s, _), p in _index(metrics_parquets, "metrics").items()}
@@ -436,16 +633,24 @@ def build_report(
     _require(problems_files, wanted, "per-problem eval (.jsonl)")
     _require(summaries, wanted, "eval summary (.json)")
     _require({(a, s, "metrics"): p for (a, s), p in metric_files.items()},
-             [(a, s, "metrics") for a in algorithms for s in seeds], "training metrics")
+             [(a, s, "metrics") for a in trained for s in seeds], "training metrics")
 
     tables = []
     for benchmark in benchmarks:
         problems = {(a, s): read_problems(problems_files[(a, s, benchmark)]) for a in algorithms for s in seeds}
         ks = config.eval.ks.get(benchmark, [1])
-        tables.append(benchmark_table(benchmark, problems, algorithms, seeds, ks,
-                                      config.report.bootstrap_samples, seed=zlib.crc32(benchmark.encode())))
-    metrics = {(a, s): read_metrics(metric_files[(a, s)]) for a in algorithms for s in seeds}
+        tables.append(benchmark_table(
+            benchmark, problems, algorithms, seeds, ks, config.report.bootstrap_samples,
+            seed=zlib.crc32(benchmark.encode()),
+            oracle_temperatures=config.eval.temperatures if config.eval.oracle_temperatures else None,
+        ))
+        for (a, s), frame in problems.items():  # after the problem-set check: the clearer error first
+            check_summary(summaries[(a, s, benchmark)], problems_files[(a, s, benchmark)], frame)
+    metrics = {(a, s): read_metrics(metric_files[(a, s)]) for a in trained for s in seeds}
     figures = make_figures(tables, metrics, algorithms, figures_dir)
+    probe = probe_figure(metric_files, trained, seeds[0], figures_dir / "weight_probe.png")
+    if probe is not None:
+        figures["weight_probe"] = probe
     per_seed = {
         (a, s, b): read_summary(summaries[(a, s, b)]) for a in algorithms for s in seeds for b in benchmarks
     }
@@ -461,12 +666,19 @@ def build_report(
         benchmarks=benchmarks,
         baseline=BASELINE,
         tables=tables,
-        cost=training_cost(metrics, algorithms),
-        weights=weight_stats(metrics, algorithms),
+        trained=trained,
+        cost=training_cost(metrics, trained),
+        weights=weight_stats(metrics, trained),
+        class_weights=class_weights(metrics, trained),
+        token_classes=diagnostics.CLASSES,
+        critics=critic_summaries(list(critic_metrics)),
         per_seed=per_seed,
         eval_settings=config.eval,
         n_resamples=config.report.bootstrap_samples,
-        recipes={a: recipes[a] for a in algorithms if a in recipes},
+        recipes={a: recipes[a] for a in trained if a in recipes},
+        shared_train=config.train,
+        shared_weighting=config.weighting,
+        overrides=recipe_overrides(recipes, trained),
         config_hash=config_hash(config, recipes),
         git_commit=git_commit or "unknown",
         figures={name: os.path.relpath(path, out_md.parent) for name, path in figures.items()},

@@ -13,7 +13,7 @@ batch shapes, which can flip a near-tie).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,18 +90,38 @@ def _choose(
     return order.gather(-1, picked.unsqueeze(-1)).squeeze(-1)
 
 
-def _finish(tokenizer, tokens: list[int], stop: tuple[str, ...]) -> str:
-    eos = tokenizer.eos_token_id
-    if eos is not None and eos in tokens:
-        tokens = tokens[: tokens.index(eos)]
-    return truncate_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stop)
+def _end_ids(tokenizer, eos_token_ids: Collection[int] | None) -> frozenset[int]:
+    """The ids that end a completion: `eos_token_ids`, else the tokenizer's EOS."""
+    if eos_token_ids is not None:
+        return frozenset(eos_token_ids)
+    return frozenset() if tokenizer.eos_token_id is None else frozenset([tokenizer.eos_token_id])
 
 
-def _stopped(tokenizer, tokens: list[int], stop: tuple[str, ...], tail: int = 48) -> bool:
-    """EOS generated, or a stop sequence in the last `tail` tokens (checked after
-    every step, so a stop is always seen while it is recent; decoding only the tail
-    keeps the check O(1) per step instead of O(length))."""
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in tokens[-tail:]:
+def _finish(
+    tokenizer,
+    tokens: list[int],
+    stop: tuple[str, ...],
+    eos_token_ids: Collection[int] | None = None,
+) -> str:
+    """The completion text: tokens up to the first end id, decoded, cut at the first
+    stop sequence."""
+    ends = _end_ids(tokenizer, eos_token_ids)
+    end = next((i for i, token in enumerate(tokens) if token in ends), len(tokens))
+    return truncate_at_stop(tokenizer.decode(tokens[:end], skip_special_tokens=True), stop)
+
+
+def _stopped(
+    tokenizer,
+    tokens: list[int],
+    stop: tuple[str, ...],
+    tail: int = 48,
+    eos_token_ids: Collection[int] | None = None,
+) -> bool:
+    """An end id (any of `eos_token_ids`, default the tokenizer's EOS) generated, or a
+    stop sequence in the last `tail` tokens (checked after every step, so a stop is
+    always seen while it is recent; decoding only the tail keeps the check O(1) per
+    step instead of O(length))."""
+    if not _end_ids(tokenizer, eos_token_ids).isdisjoint(tokens[-tail:]):
         return True
     if not stop:
         return False
@@ -120,6 +140,7 @@ def _generate_batch(
     top_p,
     max_new_tokens,
     stop,
+    eos_token_ids: Collection[int] | None = None,
 ) -> list[list[int]]:
     device = _device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -136,7 +157,7 @@ def _generate_batch(
         for row, token in enumerate(tokens):
             if not done[row]:
                 generated[row].append(token)
-                done[row] = _stopped(tokenizer, generated[row], stop)
+                done[row] = _stopped(tokenizer, generated[row], stop, eos_token_ids=eos_token_ids)
         if all(done):
             break
         step_ids = torch.tensor(tokens, device=device).unsqueeze(-1)  # (B, 1)
@@ -157,9 +178,18 @@ def generate(
     batch_size: int = 16,
     stop: tuple[str, ...] = STOP_SEQUENCES,
     progress: bool = False,
-) -> list[list[str]]:
-    """`n` completions per prompt (a list per prompt), cut at EOS and at the first
-    stop sequence. Greedy when `temperature == 0` (then the n completions agree)."""
+    eos_token_ids: Collection[int] | None = None,
+    with_decoded_tokens: bool = False,
+) -> list[list[str]] | tuple[list[list[str]], list[list[int]]]:
+    """`n` completions per prompt (a list per prompt), cut at the first end id and
+    at the first stop sequence. Greedy when `temperature == 0` (then the n
+    completions agree).
+
+    `eos_token_ids`: every id that ends a completion (chat models have several, e.g.
+    end of turn and end of text); default the tokenizer's EOS. With
+    `with_decoded_tokens`, also returns how many tokens each completion decoded
+    (the model's work, stop text and end id included; a list per prompt), which the
+    kept text's length undercounts."""
     if temperature < 0 or not 0 < top_p <= 1 or n < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ValueError(
             f"bad sampling settings: n={n}, temperature={temperature}, top_p={top_p}, "
@@ -169,6 +199,7 @@ def generate(
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     work = [(i, j) for i in range(len(prompts)) for j in range(n)]
     results: list[list[str]] = [[""] * n for _ in prompts]
+    decoded: list[list[int]] = [[0] * n for _ in prompts]
     bar = _progress_bar(len(prompts), progress)
     for start in range(0, len(work), batch_size):
         chunk = work[start : start + batch_size]
@@ -182,12 +213,14 @@ def generate(
             top_p=top_p,
             max_new_tokens=max_new_tokens,
             stop=stop,
+            eos_token_ids=eos_token_ids,
         )
         for (i, j), row in zip(chunk, tokens, strict=True):
-            results[i][j] = _finish(tokenizer, row, stop)
+            results[i][j] = _finish(tokenizer, row, stop, eos_token_ids)
+            decoded[i][j] = len(row)
         bar.update(sum(j == n - 1 for _, j in chunk))  # prompts whose last sample is done
     bar.close()
-    return results
+    return (results, decoded) if with_decoded_tokens else results
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -246,7 +279,9 @@ class _Blocks:
         self.w_in = norm(lambda b: b.input_layernorm.weight)
         self.w_post = norm(lambda b: b.post_attention_layernorm.weight)
         self.w_q = weights(lambda b: b.self_attn.q_proj.weight)
-        self.w_kv = weights(lambda b: b.self_attn.k_proj.weight, lambda b: b.self_attn.v_proj.weight)
+        self.w_kv = weights(
+            lambda b: b.self_attn.k_proj.weight, lambda b: b.self_attn.v_proj.weight
+        )
         self.w_o = weights(lambda b: b.self_attn.o_proj.weight)
         self.w_gate_up = weights(lambda b: b.mlp.gate_proj.weight, lambda b: b.mlp.up_proj.weight)
         self.w_down = weights(lambda b: b.mlp.down_proj.weight)
@@ -684,15 +719,6 @@ class DecodeStats:
         return self.accepted / self.row_forwards if self.row_forwards else 0.0
 
 
-def _eos_ids(tokenizer, eos_token_ids: Sequence[int] | None) -> set[int]:
-    ids = [tokenizer.eos_token_id] if eos_token_ids is None else list(eos_token_ids)
-    return {i for i in ids if i is not None}
-
-
-def _cut_at_eos(tokens: list[int], eos: set[int]) -> list[int]:
-    return next((tokens[:i] for i, t in enumerate(tokens) if t in eos), tokens)
-
-
 def speculative_generate(
     model: MTPModel,
     tokenizer,
@@ -706,7 +732,7 @@ def speculative_generate(
     batch_size: int = 16,
     stop: tuple[str, ...] = STOP_SEQUENCES,
     progress: bool = False,
-    eos_token_ids: Sequence[int] | None = None,
+    eos_token_ids: Collection[int] | None = None,
     draft: bool = True,
 ) -> tuple[list[list[str]], DecodeStats]:
     """`n` completions per prompt, like `generate`, decoded with the MTP heads: heads
@@ -737,13 +763,11 @@ def speculative_generate(
         )
     model.eval()
     decoder = _Decoder(model, draft)
-    eos = _eos_ids(tokenizer, eos_token_ids)
+    ends = _end_ids(tokenizer, eos_token_ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def finished(tokens: list[int]) -> bool:
-        return bool(eos.intersection(tokens[-decoder.n_draft - 1 :])) or _stopped(
-            tokenizer, tokens, stop
-        )
+        return _stopped(tokenizer, tokens, stop, eos_token_ids=ends)
 
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     work = [(i, j) for i in range(len(prompts)) for j in range(n)]
@@ -758,7 +782,7 @@ def speculative_generate(
             top_p=top_p, max_new_tokens=max_new_tokens, pad=pad, finished=finished,
         )  # fmt: skip
         for (i, j), row in zip(chunk, tokens, strict=True):
-            results[i][j] = _finish(tokenizer, _cut_at_eos(row, eos), stop)
+            results[i][j] = _finish(tokenizer, row, stop, ends)
         stats.tokens += sum(len(row) for row in tokens)
         stats.row_forwards += sum(len(a) for a in accepted)
         stats.accepted += sum(sum(a) for a in accepted)

@@ -83,6 +83,10 @@ def verify_manifest(directory: str | Path) -> None:
         raise ValueError(f"{directory} does not match its manifest: " + ", ".join(problems))
 
 
+def _key(prefix: str, rel: str) -> str:
+    return f"{prefix}/{rel}" if prefix else rel
+
+
 def upload_dir(local: str | Path, s3_uri: str, endpoint_url: str | None = None) -> dict[str, str]:
     """Upload every file under `local` to `s3_uri/<relpath>`; return the sha256 of
     each uploaded file (relpath -> sha256), manifest included if present."""
@@ -93,9 +97,42 @@ def upload_dir(local: str | Path, s3_uri: str, endpoint_url: str | None = None) 
     client = s3_client(endpoint_url)
     checksums = sha256_tree(local, exclude=())
     for rel in checksums:
-        key = f"{prefix}/{rel}" if prefix else rel
-        client.upload_file(str(local / rel), bucket, key)
+        client.upload_file(str(local / rel), bucket, _key(prefix, rel))
     return checksums
+
+
+def upload_results(
+    root: str | Path,
+    paths: list[str | Path],
+    s3_uri: str,
+    endpoint_url: str | None = None,
+    info: dict | None = None,
+) -> dict:
+    """Upload `paths` (files, or directories: every file below them), all under
+    `root`, to `s3_uri/<path relative to root>`, then `s3_uri/manifest.json`.
+
+    The manifest (`info` plus relpath -> sha256 of every uploaded file) goes last, so
+    a prefix with a manifest holds a complete upload, and `download_prefix` checks
+    the files against it. Keys under the prefix that this upload does not write are
+    left alone. Returns the manifest."""
+    root = Path(root).resolve()
+    files: dict[str, str] = {}
+    for path in map(Path, paths):
+        try:
+            rel = path.resolve().relative_to(root)
+        except ValueError:
+            raise ValueError(f"upload_results: {path} is not under {root}") from None
+        base = rel if path.is_dir() else rel.parent
+        for name, digest in sha256_tree(path, exclude=()).items():
+            files[(base / name).as_posix()] = digest
+    manifest = {**(info or {}), "files": dict(sorted(files.items()))}
+    bucket, prefix = parse_s3_uri(s3_uri)
+    client = s3_client(endpoint_url)
+    for rel in manifest["files"]:
+        client.upload_file(str(root / rel), bucket, _key(prefix, rel))
+    body = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    client.put_object(Bucket=bucket, Key=_key(prefix, MANIFEST_FILE), Body=body.encode())
+    return manifest
 
 
 def _list_keys(client, bucket: str, prefix: str) -> list[str]:

@@ -137,9 +137,7 @@ def start_run(
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
             return Run(uri, run_id, experiment)
-        found = client.get_experiment_by_name(experiment)
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-        run = client.create_run(experiment_id, run_name=run_name)
+        run = client.create_run(_experiment_id(client, experiment), run_name=run_name)
         flat = flatten(params or {})
         client.log_batch(
             run.info.run_id,
@@ -148,6 +146,23 @@ def start_run(
             synchronous=True,
         )
     return Run(uri, run.info.run_id, experiment)
+
+
+def _experiment_id(client, name: str) -> str:
+    """The id of experiment `name`, created if missing. Trainings starting at once
+    against a tracking server (the seeds of one algorithm on a cluster) race to
+    create it, and all but one get RESOURCE_ALREADY_EXISTS: they take the winner's."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def write_tracking_file(

@@ -8,7 +8,8 @@ model and data -> loop -> save. The algorithm only decides which inputs
     rho1-weighted    ce_ref from the reference-CE table, ce_base = head-0 CE of the
     rho1-tokenskip   current model (online, given by the loss) or of a frozen copy
                      of the initial model (weighting.rho1_base = "frozen")
-    critic-wmtp      values of the stage-1 value head on the detached trunk output
+    critic-wmtp      deltas V_j - V_{j-1} from the critic stage's value table (computed
+                     once on the frozen base; no value head runs here)
 
 DeepSpeed config: the JSON template `TrainSettings.deepspeed_config` supplies the
 ZeRO knobs and AdamW's betas/eps; the trainer fills in what the recipe owns
@@ -49,13 +50,28 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
 from wmtp import tracking as tracking_lib
 from wmtp.atomic import atomic_file, write_text_atomic
-from wmtp.checkpoints import CONFIG_FILE, load_model, read_config, save_model
-from wmtp.config import ConfigError, DataSettings, Recipe, TrackingSettings, TrainSettings
+from wmtp.checkpoints import (
+    CONFIG_FILE,
+    load_model,
+    read_config,
+    read_generation_config,
+    save_model,
+)
+from wmtp.config import (
+    ConfigError,
+    DataSettings,
+    Recipe,
+    TrackingSettings,
+    TrainSettings,
+    optimizer_steps,
+)
 from wmtp.data import (
     Batch,
     Example,
@@ -67,6 +83,8 @@ from wmtp.data import (
     read_split,
     split_train_val,
 )
+from wmtp.diagnostics import COLUMNS as DIAGNOSTIC_COLUMNS
+from wmtp.diagnostics import WeightDiagnostics
 
 REPO = Path(__file__).resolve().parents[1]
 # DeepSpeed JIT-builds a small op on first use (~1 min); a project-local cache keeps
@@ -76,6 +94,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 log = logging.getLogger(__name__)
 
 RHO1 = ("rho1-weighted", "rho1-tokenskip")
+UNWEIGHTED = ("baseline-mtp", "ntp")  # weights need no input (w = 1)
 CHECKPOINTS = "checkpoints"
 METRICS_JSONL = "metrics.jsonl"
 FINGERPRINT = "fingerprint.json"
@@ -85,6 +104,10 @@ WEIGHT_STATS = ("mean", "std", "min", "max", "frac_zero")
 
 class TrainingInterrupted(RuntimeError):
     """Raised by the `stop_after` test hook: the run stops as if killed."""
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A NaN or inf loss stopped training (never skipped silently)."""
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -133,7 +156,7 @@ def validate_setup(
     *,
     recipe: Recipe,
     data: DataSettings,
-    max_steps: int,
+    max_steps: int | None,
     base_model_dir: str | Path,
     train_path: str | Path,
     refce_path: str | Path | None,
@@ -141,7 +164,9 @@ def validate_setup(
     device_type: str,
 ) -> None:
     """Every problem that would make the run fail (or silently mean something else),
-    collected and raised at once as `ConfigError` before any model work."""
+    collected and raised at once as `ConfigError` before any model work. `max_steps`
+    None: the steps follow from the epochs and the data, and warmup is checked once
+    the examples are counted (still before any model work)."""
     settings, problems = recipe.train, []
     algorithm = recipe.algorithm
     if not (Path(base_model_dir) / CONFIG_FILE).exists():
@@ -157,10 +182,10 @@ def validate_setup(
         )
     if algorithm == "critic-wmtp" and (critic_path is None or not Path(critic_path).exists()):
         problems.append(
-            f"critic-wmtp needs the stage-1 value head (critic_path={critic_path!s}): "
-            "run the critic stage"
+            f"critic-wmtp needs the critic stage's value table (critic_path={critic_path!s}): "
+            "run the critic stage for this seed"
         )
-    if settings.warmup_steps >= max_steps:
+    if max_steps is not None and settings.warmup_steps >= max_steps:
         problems.append(f"warmup_steps ({settings.warmup_steps}) must be < max_steps ({max_steps})")
     template = _template_path(settings.deepspeed_config)
     if not template.exists():
@@ -231,6 +256,29 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def load_value_table(
+    critic_path, tokenizer, base_model_dir, examples: Sequence[Example], pad_id: int
+):
+    """critic-wmtp's value table (wmtp.value_table), checked against this tokenizer,
+    this base model and every training example before any training compute."""
+    from wmtp.value_table import ValueTable
+
+    try:
+        table = ValueTable.from_parquet(
+            critic_path, tokenizer=tokenizer, base_model_dir=base_model_dir
+        )
+        table.check_covers(examples, pad_id)
+    except ValueError as error:
+        raise ConfigError(f"critic-wmtp: {error}") from None
+    log.info(
+        "value table %s: explained variance %s, auto strength %.3f",
+        critic_path,
+        table.explained_variance,
+        table.strength,
+    )
+    return table
+
+
 # ------------------------------------------------------------------ weights per batch
 
 
@@ -253,13 +301,13 @@ def make_weights(
     *,
     refce=None,
     frozen: torch.nn.Module | None = None,
-    value_head: torch.nn.Module | None = None,
+    value_table=None,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The `weights(ce_head0, trunk_hidden)` callable the loss calls for this batch."""
     from wmtp.weights import algorithm_weights
 
     algorithm, settings, mask = recipe.algorithm, recipe.weighting, batch.loss_mask
-    if algorithm == "baseline-mtp":
+    if algorithm in UNWEIGHTED:
         return lambda ce_head0, trunk_hidden: algorithm_weights(algorithm, mask, settings)
     if algorithm in RHO1:
         ce_ref = refce.lookup(batch.sample_ids, batch.input_ids, mask).to(mask.device)  # (B, S)
@@ -272,13 +320,35 @@ def make_weights(
             algorithm, mask, settings, ce_base=ce_head0.float(), ce_ref=ce_ref
         )
 
-    def critic_weights(ce_head0: torch.Tensor, trunk_hidden: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            dtype = next(value_head.parameters()).dtype
-            values = value_head(trunk_hidden.detach().to(dtype)).float()  # (B, S)
-        return algorithm_weights(algorithm, mask, settings, values=values)
+    deltas = value_table.lookup(batch.sample_ids, batch.input_ids, mask).to(mask.device)  # (B, S)
+    return lambda ce_head0, trunk_hidden: algorithm_weights(
+        algorithm, mask, settings, deltas=deltas, auto_strength=value_table.strength
+    )
 
-    return critic_weights
+
+def check_finite_loss(
+    loss: torch.Tensor, step: int, micro: int, batch: Batch, world: int, ckpt_dir: Path
+) -> None:
+    """Raise `NonFiniteLoss` naming the step, the micro-batch and its sample ids when
+    any rank's loss is NaN or inf, before it reaches backward and the optimizer.
+    All ranks call it together (one all-reduce), so all stop at the same point;
+    the checkpoints on disk are untouched. Costs one device sync per micro-step."""
+    bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)  # (1,)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() == 0:
+        return
+    latest = ckpt_dir / "latest"
+    kept = f"the last good checkpoint ({latest.read_text().strip()}) is kept in {ckpt_dir}" if (
+        latest.exists()) else f"no checkpoint was written yet ({ckpt_dir})"
+    raise NonFiniteLoss(
+        f"loss is {float(loss)} on this rank (non-finite on at least one rank) at step {step}, "
+        f"micro-batch {micro + 1}, samples {list(batch.sample_ids)}; {kept}. A rerun with the "
+        "same settings resumes there and meets the same batch: lower train.lr, check those "
+        "samples, or (rho1) the reference-CE table"
+    )
 
 
 # --------------------------------------------------------------------------- metrics
@@ -342,24 +412,34 @@ class Window:
 @torch.no_grad()
 def val_loss(
     model: torch.nn.Module, examples: Sequence[Example], batch_size: int, pad_id: int, device
-) -> float:
-    """Unweighted MTP loss (all heads) over the held-out examples, averaged over
-    batches weighted by their valid tokens. Every rank evaluates all of them: the
-    set is small, and ZeRO-3 needs every rank to run the same forwards."""
-    from wmtp.loss import weighted_mtp_loss
+) -> dict[str, float]:
+    """Unweighted CE of every head over the held-out examples: `val_head_ce_k` (head k's
+    mean over its valid targets) and `val_loss` (their mean, the unweighted MTP loss).
+    The same for every algorithm, so methods with different training objectives can be
+    compared on it. Every rank evaluates all examples: the set is small, and ZeRO-3
+    needs every rank to run the same forwards."""
+    from wmtp.loss import weighted_mtp_loss_details
 
+    n_heads = model.n_heads
     if not examples:
-        return math.nan
-    total, count = 0.0, 0
+        return {"val_loss": math.nan, **{f"val_head_ce_{k}": math.nan for k in range(n_heads)}}
+    totals = torch.zeros(n_heads, dtype=torch.float64)  # (H,) sum of CE over valid targets
+    counts = torch.zeros(n_heads, dtype=torch.float64)  # (H,) valid targets per head
     for first in range(0, len(examples), batch_size):
         batch = collate(examples[first : first + batch_size], pad_id).to(device)
-        ones = batch.loss_mask.float()  # (B, S)
-        loss = weighted_mtp_loss(
-            model, batch.input_ids, batch.loss_mask, ones, attention_mask=batch.attention_mask
-        )
-        n = int(batch.loss_mask.sum())
-        total, count = total + float(loss) * n, count + n
-    return total / max(count, 1)
+        out = weighted_mtp_loss_details(
+            model, batch.input_ids, batch.loss_mask, batch.loss_mask.float(),
+            attention_mask=batch.attention_mask,
+        )  # fmt: skip
+        valid = batch.loss_mask.bool() & batch.attention_mask.bool()  # (B, S) by target
+        n = torch.tensor([float(valid[:, k + 1 :].sum()) for k in range(n_heads)], dtype=torch.float64)
+        totals += out.head_ce.double().cpu() * n
+        counts += n
+    per_head = (totals / counts.clamp(min=1)).tolist()
+    return {
+        "val_loss": float(np.mean(per_head)),
+        **{f"val_head_ce_{k}": ce for k, ce in enumerate(per_head)},
+    }
 
 
 def global_tokens(
@@ -393,36 +473,56 @@ def _append_row(path: Path, row: dict) -> None:
         os.fsync(handle.fileno())
 
 
-def write_metrics_parquet(rows: list[dict], path: Path, n_heads: int) -> Path:
-    """`metrics.parquet` (one row per logged step), written atomically."""
-    columns = [
+def metric_columns(n_trained: int, n_heads: int) -> list[str]:
+    """Columns of `metrics.parquet`: training CE of the `n_trained` trained heads,
+    validation CE of all `n_heads` heads, weight statistics (overall and per token
+    class, wmtp.diagnostics)."""
+    return [
         "step",
         "tokens",
         "wall_time",
         "train_loss",
-        *[f"head_ce_{k}" for k in range(n_heads)],
+        *[f"head_ce_{k}" for k in range(n_trained)],
         "val_loss",
+        *[f"val_head_ce_{k}" for k in range(n_heads)],
         "lr",
         "tokens_per_s",
         *[f"weight_{s}" for s in WEIGHT_STATS],
+        *DIAGNOSTIC_COLUMNS,
     ]
+
+
+def write_metrics_parquet(
+    rows: list[dict], path: Path, columns: list[str], metadata: dict[bytes, bytes] | None = None
+) -> Path:
+    """`metrics.parquet` (one row per logged step, `columns` from `metric_columns`),
+    written atomically; `metadata` goes into the schema metadata (the weight probe of
+    wmtp.diagnostics)."""
     frame = pd.DataFrame(rows, columns=columns).astype({"step": "int64", "tokens": "int64"})
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **(metadata or {})})
     with atomic_file(path) as tmp:
-        frame.to_parquet(tmp, index=False)
+        pq.write_table(table, tmp)
     return path
 
 
-def mlflow_metrics(row: dict, n_heads: int) -> dict[str, float]:
-    """A metric row under its MLflow names."""
+def mlflow_metrics(row: dict) -> dict[str, float]:
+    """A metric row under its MLflow names (`val/head{k}_ce` only on validation steps)."""
     metrics = {
         "train/loss": row["train_loss"],
-        "val/loss": row["val_loss"],
+        "val/loss": row.get("val_loss", math.nan),
         "train/lr": row["lr"],
         "perf/tokens_per_s": row["tokens_per_s"],
         "train/tokens": row["tokens"],
     }
-    metrics.update({f"train/head{k}_ce": row[f"head_ce_{k}"] for k in range(n_heads)})
+    for column, value in row.items():
+        head = column.removeprefix("val_head_ce_").removeprefix("head_ce_")
+        if head.isdigit():
+            metrics[f"{'val' if column.startswith('val_') else 'train'}/head{head}_ce"] = value
     metrics.update({f"weight_stats/{s}": row[f"weight_{s}"] for s in WEIGHT_STATS})
+    metrics.update(
+        {f"weight_by_class/{c.removeprefix('weight_on_')}": row[c] for c in DIAGNOSTIC_COLUMNS}
+    )
     return metrics
 
 
@@ -452,7 +552,9 @@ def train(
     (MBPP-format parquet); write `out_dir/model/` (+ tracking.json) and
     `out_dir/metrics.parquet`. Returns the model directory.
 
-    `max_steps` overrides the recipe's (smoke tests); `tracking_uri` overrides
+    The optimizer steps follow from `recipe.train.epochs` and the number of training
+    examples (`wmtp.config.optimizer_steps`); `max_steps` replaces that number (smoke
+    tests, the CLI's `--max-steps`). `tracking_uri` overrides
     `tracking.tracking_uri`, and with both None the store is
     `sqlite:///<out_dir>/mlflow.db` (the workflow passes `results/{run}/mlflow.db`).
     `stop_after=n` (tests) raises `TrainingInterrupted` right after step n, as if
@@ -460,19 +562,22 @@ def train(
     """
     # ---- set-up: validate, distributed, seeds
     settings, algorithm = recipe.train, recipe.algorithm
-    steps = max_steps or settings.max_steps
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     validate_setup(
         recipe=recipe,
         data=data,
-        max_steps=steps,
+        max_steps=max_steps,
         base_model_dir=base_model_dir,
         train_path=train_path,
         refce_path=refce_path,
         critic_path=critic_path,
         device_type=device_type,
     )
+    if algorithm in RHO1:  # a damaged table fails here, not after DeepSpeed has started
+        from wmtp.refce import require_table
+
+        require_table(refce_path)
     if refce_path is not None and algorithm not in RHO1:
         log.warning("refce_path given but %s does not use it; ignored", algorithm)
     if critic_path is not None and algorithm != "critic-wmtp":
@@ -481,6 +586,7 @@ def train(
     from transformers import AutoTokenizer
 
     from wmtp.loss import weighted_mtp_loss_details
+    from wmtp.weights import trained_heads
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -500,19 +606,25 @@ def train(
         tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     )
     model_config = read_config(base_model_dir)
-    examples = build_examples(read_split(train_path), tokenizer, data.max_seq_len)
+    train_rows = read_split(train_path)
+    examples = build_examples(train_rows, tokenizer, data.max_seq_len)
     if data.max_train_examples is not None:
         examples = examples[: data.max_train_examples]
     train_examples, val_examples = split_train_val(examples, data.val_fraction, seed)
     if data.pack:
         train_examples = pack(train_examples, data.max_seq_len)
     per_micro_step = settings.micro_batch_size * world
-    if per_micro_step > len(train_examples):
+    try:
+        steps = max_steps or optimizer_steps(settings, len(train_examples), world)
+    except ValueError as error:
+        raise ConfigError(f"training set-up for {algorithm}: {error}") from None
+    if settings.warmup_steps >= steps:
         raise ConfigError(
-            f"micro_batch_size ({settings.micro_batch_size}) x processes ({world}) = "
-            f"{per_micro_step} > {len(train_examples)} training examples"
+            f"training set-up for {algorithm}: warmup_steps ({settings.warmup_steps}) must be < "
+            f"the {steps} optimizer steps that {settings.epochs} epochs of "
+            f"{len(train_examples)} examples give"
         )
-    refce = frozen = value_head = None
+    refce = frozen = value_table = None
     if algorithm in RHO1:
         from wmtp.refce import RefCETable
 
@@ -524,16 +636,16 @@ def train(
             frozen = load_model(base_model_dir, device=run_device).eval().requires_grad_(False)
             frozen = frozen.to(torch.bfloat16) if bf16 else frozen  # (its CE is taken in fp32)
     if algorithm == "critic-wmtp":
-        from wmtp.critic import load_value_head
-
-        value_head = load_value_head(critic_path).to(run_device).eval().requires_grad_(False)
-        if value_head.dim != model_config.dim:
-            raise ConfigError(
-                f"value head {critic_path} reads width {value_head.dim}, "
-                f"the base model's trunk has {model_config.dim}: retrain the critic"
-            )
+        value_table = load_value_table(
+            critic_path, tokenizer, base_model_dir, train_examples, pad_id
+        )
+    diagnostics = WeightDiagnostics.for_training(train_rows, tokenizer, train_examples, run_device)
 
     model = load_model(base_model_dir)
+    n_trained = trained_heads(algorithm, model_config.n_future_tokens)
+    for head in model.heads[n_trained:]:  # ntp: heads 1..H-1 keep the base's weights
+        head.requires_grad_(False)
+    columns = metric_columns(n_trained, model_config.n_future_tokens)
     ds_config = deepspeed_config(settings, bf16=bf16, device_type=device_type)
     schedule = functools.partial(
         lr_factor,
@@ -613,7 +725,7 @@ def train(
             world_size=world,
         )
         engine.train()
-        window = Window(model_config.n_future_tokens, run_device)
+        window = Window(n_trained, run_device)
         started = time.perf_counter() - wall_before
         bar = tqdm(
             total=steps,
@@ -624,12 +736,12 @@ def train(
         )
         for step in range(start_step + 1, steps + 1):
             lr = float(engine.get_lr()[0])
-            for _ in range(accum):
+            for micro in range(accum):
                 micro_step, batch = next(stream)
                 tokens_seen += global_tokens(train_examples, per_micro_step, seed, micro_step)
                 batch = batch.to(run_device)
                 weights = make_weights(
-                    recipe, batch, refce=refce, frozen=frozen, value_head=value_head
+                    recipe, batch, refce=refce, frozen=frozen, value_table=value_table
                 )
                 out = weighted_mtp_loss_details(
                     engine.module,
@@ -637,10 +749,13 @@ def train(
                     batch.loss_mask,
                     weights,
                     attention_mask=batch.attention_mask,
+                    n_heads=n_trained,
                 )
+                check_finite_loss(out.loss, step, micro, batch, world, ckpt_dir)
                 engine.backward(out.loss)
                 engine.step()
                 window.add(out.loss, out.head_ce, out.weights, batch)
+                diagnostics.add(out.weights, batch, step)
             bar.update(1)
             is_val = step % settings.val_every == 0 or step == steps
             if step % settings.log_every == 0 or is_val:
@@ -651,17 +766,17 @@ def train(
                     "wall_time": time.perf_counter() - started,
                     "lr": lr,
                     **metrics,
-                    "val_loss": math.nan,
+                    **diagnostics.reduce(world),
                 }
                 if is_val:
-                    row["val_loss"] = val_loss(
+                    row |= val_loss(
                         engine.module, val_examples, settings.micro_batch_size, pad_id, run_device
                     )
-                window = Window(model_config.n_future_tokens, run_device)
+                window = Window(n_trained, run_device)
                 if rank == 0 and step > logged_upto:
                     _append_row(jsonl, row)
                     rows.append(row)
-                    run.log_metrics(mlflow_metrics(row, model_config.n_future_tokens), step)
+                    run.log_metrics(mlflow_metrics(row), step)
                 bar.set_postfix(loss=f"{row['train_loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if step % settings.checkpoint_every == 0 or step == steps:
                 _save_checkpoint(
@@ -688,14 +803,16 @@ def train(
 
     # ---- save
     model_dir = out_dir / "model"
+    probe = diagnostics.probe_metadata(world)  # a collective call
     if rank == 0:
         extra = {"algorithm": algorithm, "seed": seed, "resolved config": resolved}
-        save_model(engine.module, model_dir, tokenizer=tokenizer, extra=extra)
+        save_model(engine.module, model_dir, tokenizer=tokenizer, extra=extra,
+                   generation_config=read_generation_config(base_model_dir))
     if rank == 0:
         tracking_lib.write_tracking_file(
             model_dir, uri if run.enabled else None, run.run_id, experiment if run.enabled else None
         )
-        write_metrics_parquet(rows, out_dir / METRICS_PARQUET, model_config.n_future_tokens)
+        write_metrics_parquet(rows, out_dir / METRICS_PARQUET, columns, metadata=probe)
         run.finish()
     if world > 1:
         import torch.distributed as dist
@@ -799,17 +916,20 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "--refce", help="default <results>/<run>/refce/<dataset>.parquet (rho1 only)"
     )
     parser.add_argument(
-        "--critic", help="default <results>/<run>/critic/value_head.safetensors (critic-wmtp only)"
+        "--critic",
+        help="default <results>/<run>/critic/seed<seed>/values.parquet (critic-wmtp only)",
     )
     parser.add_argument(
         "--tracking-uri", help="default: config tracking.tracking_uri or <results>/<run>/mlflow.db"
     )
-    parser.add_argument("--max-steps", type=int, help="override the recipe's max_steps")
+    parser.add_argument(
+        "--max-steps", type=int, help="train exactly this many optimizer steps (instead of the epochs)"
+    )
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     args = parser.parse_args(argv)
 
     config, recipes = load_config(args.config, args.base_dir)
-    recipe = load_recipe(args.recipe) if args.recipe else recipes.get(args.algorithm)
+    recipe = load_recipe(args.recipe, config) if args.recipe else recipes.get(args.algorithm)
     if recipe is None or recipe.algorithm != args.algorithm:
         raise ConfigError(
             f"no recipe for {args.algorithm!r}: the config's algorithms are {list(recipes)}"
@@ -833,7 +953,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         or (run_dir / "refce" / f"{dataset}.parquet" if args.algorithm in RHO1 else None),
         critic_path=args.critic
         or (
-            run_dir / "critic" / "value_head.safetensors"
+            run_dir / "critic" / f"seed{args.seed}" / "values.parquet"
             if args.algorithm == "critic-wmtp"
             else None
         ),

