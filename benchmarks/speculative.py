@@ -1,58 +1,45 @@
-"""Self-speculative vs plain greedy decoding: tokens/s and mean accepted length.
+"""Decoding with the MTP heads against plain decoding on the same machinery:
+greedy, self-speculative greedy, plain sampling and speculative sampling, at
+batch 1 and batch 16: tokens/s, accepted tokens per forward, cost per forward.
 
 Trains a small MTP model (a deep trunk and H one-block heads, as in the 7B
 models: 28 trunk blocks + 4 heads) with the plain MTP loss (all weights 1) on a
 predictable code corpus: tiny-mbpp training problems in the MBPP prompt format
 with their solutions and ~10 KB of Python standard library source (optionally
 also generated functions with asserts/prints, `--corpus-functions`), joined by
-blank lines like the functions of a code file. Then it decodes
-held-out tiny-mbpp test prompts with batch size 1 both ways, greedy and
-self-speculative, checks the outputs are identical and prints a table.
+blank lines like the functions of a code file. Then it decodes held-out tiny-mbpp
+test prompts every way, checks that speculative greedy decoding equals greedy
+decoding and prints a table.
 
-    time python benchmarks/speculative.py              # ~6 minutes on 2 shared cores
+    python benchmarks/speculative.py --model-dir /tmp/spec-model   # ~20 min, then ~6
 
-Timing is honest about noise on a shared machine: one warm-up prompt each way
-first, then the two decoders alternate prompt by prompt (alternating which goes
-first), so load changes hit both alike. Prefill is included in both timings.
-No stop sequences: a completion runs to `--new-tokens` or EOS, so after the
-solution the model goes on writing the next function of the "file".
+(`--model-dir` keeps the trained model: a second run only decodes.)
 
-Measured 2026-11-22 on the shared 2-core machine, outputs identical, defaults
-(800 steps, loss of the last 20 steps 0.948, 5 min 59 s / 6 min 09 s in all), two
-runs: greedy 188.1 / 205.7 tokens/s, speculative 424.0 / 469.1 tokens/s at 3.03
-accepted/forward: 2.25x / 2.28x, above the 2x goal. With 400 training steps
-(the earlier default), after batching heads 1..H-1 (`wmtp.sample._ExtraHeads`) and
-precomputing rotary tables/masks (`_Positions`), two runs (3 min 13 s and 2 min
-59 s in all): greedy 187.9 / 234.8 tokens/s, speculative 355.2 / 406.9 tokens/s
-at 2.48 accepted/forward, 1.89x / 1.73x (the run-to-run spread is machine load).
-Before (per-layer transformers blocks for heads 1..3, `MTPModel.trunk` context
-every forward): 172.8 vs 278.3 tokens/s, 1.61x; `--steps 600`: 123.8 vs 190.6
-tokens/s at 2.71 accepted/forward, 1.54x.
+The baseline is fair: plain decoding is `speculative_generate(..., draft=False)`,
+the same decoder (own blocks and KV cache, rotary tables computed once, no masks
+without holes) minus the drafting; `wmtp.sample.generate` (the generic decoder,
+any HF model) is timed too, for reference. Sampling is at temperature 0.8, top-p
+0.95. Batch 1: each prompt alone; batch 16: greedy over the prompts 16 at a time,
+sampling 16 samples of each of the first `--sampled-prompts` prompts.
 
-Why the speed-up is below the mean accepted length: a verification forward runs
-the trunk and head 0 over H tokens instead of one (on CPU not free, even for a
-tiny model), and then heads 1..H-1 over the accepted positions to keep their KV
-caches and draft the next tokens; a greedy step runs the trunk and head 0 over
-one token. Per step at these shapes (cache of 150 tokens, 1 thread), before:
-greedy step 5.5-7.6 ms, verification over 4 tokens 8.1 ms, heads 1..3 over 2 kept
-positions 3.6 ms. Now heads 1..3 run as one batched block that projects every
-kept position to K/V but attends and runs the MLP at the last position only:
-0.35 ms (1.7 ms for the three transformers blocks in the same micro-benchmark),
-0.5 ms with the unembedding and argmax; a whole speculative forward averages
-6.1-7.0 ms against 4.3-5.3 ms per greedy token, i.e. ~1.3-1.4 greedy steps, so
-2x needs ~2.7+ accepted tokens per forward. Note the greedy baseline (`generate`,
-any HF model) still builds its rotary embeddings and mask through
-`MTPModel.attention_context` every step (~0.5 ms of a step in one micro-benchmark); the
-speculative decoder does not.
+Timing is honest about noise on a shared machine: one warm-up call of every
+setting first, then unit by unit (a prompt or a batch) every setting runs, in an
+order that rotates, so load changes hit all alike; wall time and CPU time (less
+sensitive to other processes) are both reported, with the load average. Prefill
+is included. No stop sequences: a completion runs to `--new-tokens` or EOS, so
+after the solution the model goes on writing the next function of the "file".
+Measured figures and where the time of a forward goes: docs/decoding.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -61,7 +48,7 @@ from tqdm import tqdm
 from wmtp.loss import weighted_mtp_loss
 from wmtp.model import MTPConfig, MTPModel
 from wmtp.prompts import mbpp_prompt, mbpp_solution
-from wmtp.sample import generate, speculative_generate
+from wmtp.sample import DecodeStats, generate, speculative_generate
 from wmtp.tiny_data import corpus_documents, make_tiny_mbpp
 from wmtp.tiny_models import train_tokenizer
 
@@ -110,9 +97,10 @@ def train(model: MTPModel, ids: torch.Tensor, args: argparse.Namespace) -> float
     model.train()
     losses = []
     for _ in (bar := tqdm(range(args.steps), desc="train", unit="step")):
-        starts = torch.randint(0, len(ids) - args.seq, (args.batch,), generator=rng)
-        window = torch.stack([ids[s : s + args.seq] for s in starts.tolist()])  # (B, S)
-        loss = weighted_mtp_loss(model, window, torch.ones_like(window), torch.ones(window.shape))
+        starts = torch.randint(0, len(ids) - args.seq, (args.train_batch,), generator=rng)
+        window = torch.stack([ids[s : s + args.seq] for s in starts.tolist()]).to(args.device)
+        weights = torch.ones(window.shape, device=window.device)
+        loss = weighted_mtp_loss(model, window, torch.ones_like(window), weights)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -124,45 +112,29 @@ def train(model: MTPModel, ids: torch.Tensor, args: argparse.Namespace) -> float
     return sum(losses[-20:]) / len(losses[-20:])
 
 
-def decode(name: str, model: MTPModel, tokenizer, prompt: str, new_tokens: int):
-    """(completion, seconds, mean accepted length) of one prompt, batch size 1."""
-    started = time.perf_counter()
-    if name == "greedy":
-        completion = generate(
-            model, tokenizer, [prompt], n=1, temperature=0.0, top_p=1.0,
-            max_new_tokens=new_tokens, seed=0, batch_size=1, stop=(),
-        )[0][0]  # fmt: skip
-        accepted = 1.0
-    else:
-        completions, accepted = speculative_generate(
-            model, tokenizer, [prompt], new_tokens, stop=()
-        )
-        completion = completions[0]
-    return completion, time.perf_counter() - started, accepted
+TRAINING_ARGS = (
+    "dim", "trunk_layers", "heads", "vocab", "train_problems", "corpus_functions", "stdlib_bytes",
+    "steps", "train_batch", "seq", "lr", "seed", "train_threads", "prompts",
+)  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--trunk-layers", type=int, default=8)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--train-problems", type=int, default=3000)
-    parser.add_argument("--corpus-functions", type=int, default=0)
-    parser.add_argument("--stdlib-bytes", type=int, default=10_000)
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--prompts", type=int, default=12, help="held-out tiny-mbpp problems")
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-threads", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads while decoding")
-    args = parser.parse_args()
-    torch.manual_seed(args.seed)
+def trained_model(docs: list[str], args: argparse.Namespace):
+    """(model, tokenizer, corpus tokens, final loss, training seconds): trained here, or
+    loaded from `--model-dir` when a model trained with the same settings is there."""
+    from transformers import AutoTokenizer
 
-    docs, prompts = documents(args)
+    from wmtp.checkpoints import CONFIG_FILE, load_model, save_model
+
+    settings = {name: getattr(args, name) for name in TRAINING_ARGS}
+    saved = Path(args.model_dir or "", CONFIG_FILE)
+    if args.model_dir and saved.exists():
+        info = json.loads(saved.read_text())
+        if info.get("benchmark_settings") != settings:
+            sys.exit(f"{args.model_dir} holds a model trained with other settings: "
+                     f"{info.get('benchmark_settings')}")  # fmt: skip
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+        model = load_model(args.model_dir, args.device).eval()
+        return model, tokenizer, *info["benchmark_trained"]
     text = "\n\n".join(docs)
     tokenizer = train_tokenizer([text], args.vocab)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])  # (N,)
@@ -173,51 +145,187 @@ def main() -> None:
     )  # fmt: skip
     model = MTPModel(config)
     model.init_weights(args.seed)
+    model.to(args.device)
     torch.set_num_threads(args.train_threads)
     started = time.perf_counter()
     final_loss = train(model, ids, args)
-    train_seconds = time.perf_counter() - started
+    trained = [len(ids), final_loss, time.perf_counter() - started]
+    if args.model_dir:
+        extra = {"benchmark_settings": settings, "benchmark_trained": trained}
+        save_model(model, args.model_dir, tokenizer, extra=extra)
+    return model, tokenizer, *trained
 
+
+SETTINGS = {  # name -> (temperature, draft with heads 1..H-1)
+    "greedy": (0.0, False),
+    "speculative greedy": (0.0, True),
+    "sampling": (0.8, False),
+    "speculative sampling": (0.8, True),
+}
+PLAIN = {  # the plain counterpart of each setting, on the same machinery
+    "speculative greedy": "greedy",
+    "speculative sampling": "sampling",
+    "generate greedy": "greedy",
+    "generate sampling": "sampling",
+}
+
+
+@dataclass
+class Tally:
+    """Totals of one (setting, batch size) over the interleaved units."""
+
+    tokens: int = 0
+    wall: float = 0.0
+    cpu: float = 0.0
+    forwards: int = 0
+    row_forwards: int = 0
+    accepted: int = 0
+    outputs: list = field(default_factory=list)
+
+
+def run_unit(model, tokenizer, name: str, prompts: list[str], n: int, batch: int, args, tally):
+    """Decode one unit of work (a prompt or a batch of prompts) with one setting."""
+    temperature, draft = SETTINGS[name.removeprefix("generate ")]
+    wall, cpu = time.perf_counter(), time.process_time()
+    if name.startswith("generate"):  # the generic decoder (any HF model), for reference
+        completions = generate(
+            model, tokenizer, prompts, n=n, temperature=temperature, top_p=args.top_p,
+            max_new_tokens=args.new_tokens, seed=args.seed, batch_size=batch, stop=(),
+        )  # fmt: skip
+        stats = DecodeStats()
+    else:
+        completions, stats = speculative_generate(
+            model, tokenizer, prompts, n=n, temperature=temperature, top_p=args.top_p,
+            max_new_tokens=args.new_tokens, seed=args.seed, batch_size=batch, stop=(),
+            draft=draft,
+        )  # fmt: skip
+    tally.wall += time.perf_counter() - wall
+    tally.cpu += time.process_time() - cpu
+    texts = [c for per_prompt in completions for c in per_prompt]
+    tally.tokens += sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    tally.forwards += stats.forwards
+    tally.row_forwards += stats.row_forwards
+    tally.accepted += stats.accepted
+    tally.outputs.extend(texts)
+
+
+def workloads(prompts: list[str], args) -> list[tuple[int, int, tuple[str, ...], list]]:
+    """(batch size, samples per prompt, kinds of setting, units): batch 1 = each prompt
+    alone, greedy and sampled; batch 16 greedy = the prompts 16 rows at a time, as
+    many rounds as batch 16 sampling has units (one batch timed once would be at the
+    mercy of one load spike); batch 16 sampling = 16 samples of each of the first
+    `--sampled-prompts` prompts."""
+    batched = [prompts[i : i + args.batch] for i in range(0, len(prompts), args.batch)]
+    rounds = -(-args.sampled_prompts // len(batched))
+    return [
+        (1, 1, ("greedy", "sampling"), [[p] for p in prompts]),
+        (args.batch, 1, ("greedy",), batched * rounds),
+        (args.batch, args.batch, ("sampling",), [[p] for p in prompts[: args.sampled_prompts]]),
+    ]
+
+
+def decode_all(model, tokenizer, prompts: list[str], args, loads: list[float]):
+    """Every setting on every unit, interleaved: unit by unit, the settings in an order
+    that rotates, so load changes on the shared machine hit all of them alike (the load
+    average after each unit goes to `loads`). One untimed warm-up call of each first."""
+    tallies: dict[tuple[str, int], Tally] = {}
+    warm = argparse.Namespace(**{**vars(args), "new_tokens": 8})
+    for batch, n, kinds, units in workloads(prompts, args):
+        names = [k for k in SETTINGS if k.split()[-1] in kinds]
+        names += [f"generate {k}" for k in kinds] if args.generate else []
+        for name in names:
+            run_unit(model, tokenizer, name, units[0][:1], 1, 1, warm, Tally())
+        for i, unit in enumerate(tqdm(units, desc=f"decode, batch {batch}", unit="unit")):
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                tally = tallies.setdefault((name, batch), Tally())
+                run_unit(model, tokenizer, name, unit, n, batch, args, tally)
+            loads.append(os.getloadavg()[0])
+    return tallies
+
+
+def report(tallies: dict[tuple[str, int], Tally], loads: list[float]) -> bool:
+    """Print the table (markdown); returns whether speculative greedy equals greedy."""
+    print(
+        "\n| decoding | batch | tokens | tok/s | tok/CPU-s | accepted/fwd | ms/fwd | cost/fwd "
+        "| x plain | x plain (CPU) |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
+    )
+    identical = True
+    for (name, batch), t in tallies.items():
+        plain = tallies[(PLAIN.get(name, name), batch)]
+        cells = ["-"] * 3
+        if t.forwards:  # not the generic decoder: it does not count forwards
+            per_forward = t.wall / t.forwards * 1e3
+            cost = per_forward / (plain.wall / plain.forwards * 1e3)
+            cells = [f"{t.accepted / t.row_forwards:.2f}", f"{per_forward:.2f}", f"{cost:.2f}"]
+        print(
+            f"| {name} | {batch} | {t.tokens} | {t.tokens / t.wall:.1f} | {t.tokens / t.cpu:.1f} | "
+            + " | ".join(cells)
+            + f" | {(t.tokens / t.wall) / (plain.tokens / plain.wall):.2f}"
+            f" | {(t.tokens / t.cpu) / (plain.tokens / plain.cpu):.2f} |"
+        )
+        if name == "speculative greedy":
+            identical &= t.outputs == plain.outputs
+    print(
+        "\ncost/fwd: wall time per forward (prefill included) in units of the plain "
+        "decoder's; x plain: tokens/s over the plain counterpart on the same machinery "
+        "(CPU: per CPU-second of this process)\n"
+        f"load average (1 min) during decoding: {min(loads):.2f}-{max(loads):.2f}\n"
+        f"speculative greedy outputs identical to greedy: {identical}"
+    )
+    return identical
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--trunk-layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--train-problems", type=int, default=3000)
+    parser.add_argument("--corpus-functions", type=int, default=0)
+    parser.add_argument("--stdlib-bytes", type=int, default=10_000)
+    parser.add_argument("--steps", type=int, default=1600)
+    parser.add_argument("--batch-size", dest="train_batch", type=int, default=8,
+                        help="training sequences per step")  # fmt: skip
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--prompts", type=int, default=16, help="held-out tiny-mbpp problems")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16, help="the larger decoding batch")
+    parser.add_argument("--sampled-prompts", type=int, default=4,
+                        help="prompts sampled --batch times each at the larger batch")  # fmt: skip
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--no-generate", dest="generate", action="store_false",
+                        help="skip the reference rows of wmtp.sample.generate")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads while decoding")
+    parser.add_argument(
+        "--model-dir", help="reuse the model trained with these settings from here (trained "
+        "and saved there when missing)",
+    )  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (training and decoding)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+
+    docs, prompts = documents(args)
+    model, tokenizer, n_tokens, final_loss, train_seconds = trained_model(docs, args)
     torch.set_num_threads(args.threads)
-    names = ("greedy", "speculative")
-    for name in names:  # warm-up, not timed
-        decode(name, model, tokenizer, prompts[0], 8)
-    seconds = dict.fromkeys(names, 0.0)
-    outputs: dict[str, list[str]] = {name: [] for name in names}
-    forwards = 0.0  # verification forwards of the speculative decoder
-    for i, prompt in enumerate(tqdm(prompts, desc="decode", unit="prompt")):
-        for name in names if i % 2 == 0 else names[::-1]:
-            completion, took, mean = decode(name, model, tokenizer, prompt, args.new_tokens)
-            seconds[name] += took
-            outputs[name].append(completion)
-            if name == "speculative":
-                forwards += len(tokenizer(completion, add_special_tokens=False)["input_ids"]) / mean
-
-    identical = outputs["greedy"] == outputs["speculative"]
-    tokens = sum(
-        len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in outputs["greedy"]
-    )
-    rates = {name: tokens / seconds[name] for name in names}
     print(
-        f"\nmodel: dim {args.dim}, {args.trunk_layers} trunk blocks + {args.heads} heads, vocab "
+        f"model: dim {args.dim}, {args.trunk_layers} trunk blocks + {args.heads} heads, vocab "
         f"{len(tokenizer)}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params; "
-        f"corpus {len(ids) / 1e3:.0f} k tokens; trained {args.steps} steps x {args.batch} x "
-        f"{args.seq} tokens in {train_seconds:.0f} s ({args.train_threads} threads), loss of "
+        f"corpus {n_tokens / 1e3:.0f} k tokens; trained {args.steps} steps x {args.train_batch} "
+        f"x {args.seq} tokens in {train_seconds:.0f} s ({args.train_threads} threads), loss of "
         f"the last 20 steps {final_loss:.3f}\ndecoding: {len(prompts)} held-out tiny-mbpp "
-        f"prompts, up to {args.new_tokens} new tokens, batch size 1, {args.threads} threads, "
-        f"{tokens} tokens each way"
+        f"prompts, up to {args.new_tokens} new tokens, no stop sequences, {args.threads} "
+        f"threads, sampling at temperature 0.8, top-p {args.top_p}"
     )
-    print(f"{'decoding':<12} {'seconds':>8} {'tokens/s':>9} {'accepted/forward':>17}")
-    for name in names:
-        mean = tokens / forwards if name == "speculative" else 1.0
-        print(f"{name:<12} {seconds[name]:>8.2f} {rates[name]:>9.1f} {mean:>17.2f}")
-    print(
-        f"speed-up {rates['speculative'] / rates['greedy']:.2f}x; "
-        f"outputs identical to greedy: {identical}"
-    )
-    print("first completion:\n" + prompts[0] + outputs["greedy"][0])
+    loads = [os.getloadavg()[0]]
+    tallies = decode_all(model, tokenizer, prompts, args, loads)
+    identical = report(tallies, loads)
+    print("first completion:\n" + prompts[0] + tallies[("greedy", 1)].outputs[0])
     if not identical:
-        sys.exit("speculative output differs from greedy decoding")
+        sys.exit("speculative greedy output differs from greedy decoding")
 
 
 if __name__ == "__main__":

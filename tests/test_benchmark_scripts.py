@@ -14,24 +14,39 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_benchmark(name: str, *args: str) -> str:
+def run_benchmark(name: str, *args: str, timeout: int = 300) -> str:
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / name), *args],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
 
+SPECULATIVE_TOY = (
+    "--dim", "32", "--trunk-layers", "2", "--heads", "3", "--vocab", "300",
+    "--train-problems", "40", "--stdlib-bytes", "2000", "--steps", "20", "--seq", "64",
+    "--prompts", "3", "--new-tokens", "16", "--batch", "2", "--sampled-prompts", "1",
+)  # fmt: skip
+
+
 @pytest.mark.slow
 def test_speculative_benchmark_runs_and_matches_greedy():
-    out = run_benchmark(
-        "speculative.py", "--dim", "32", "--trunk-layers", "2", "--heads", "3",
-        "--vocab", "300", "--train-problems", "40", "--stdlib-bytes", "2000",
-        "--steps", "20", "--seq", "64", "--prompts", "2", "--new-tokens", "24",
-    )  # fmt: skip
-    assert "outputs identical to greedy: True" in out
-    assert "speed-up" in out
+    out = run_benchmark("speculative.py", *SPECULATIVE_TOY)
+    assert "speculative greedy outputs identical to greedy: True" in out
+    for setting in ("greedy", "speculative greedy", "sampling", "speculative sampling"):
+        for batch in (1, 2):
+            assert f"| {setting} | {batch} |" in out, (setting, batch)
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_at_toy_size_on_the_cpu():
+    """The GPU benchmark's every section (DeepSpeed bf16 training, loss memory,
+    decoding) at toy shapes on the CPU: what a GPU run does, minus the GPU."""
+    out = run_benchmark("gpu.py", "--toy", "--speculative-args", "--no-generate", timeout=600)
+    assert "## train:" in out and "tokens/s" in out and "MFU" in out
+    assert all(name in out for name in ("plain-ce", "wmtp-loss", "naive-mtp"))
+    assert "cost/fwd" in out and "speculative greedy outputs identical to greedy: True" in out
 
 
 @pytest.mark.slow

@@ -140,20 +140,24 @@ def test_evaluate_model_writes_summary_and_per_problem_records(tmp_path, tiny_to
     assert again["pass@1"] == summary["pass@1"]
 
 
-def test_evaluate_model_speculative_is_greedy(tmp_path, tiny_tokenizer):
+def test_evaluate_model_speculative_greedy_and_sampled(tmp_path, tiny_tokenizer):
+    """eval.speculative: greedy completions equal plain greedy ones; sampled evaluation
+    works too (n samples per problem, the same again under the same seed). That its
+    samples are distributed as plain sampling is tested in test_sample.py."""
     model_dir = _model_dir(tmp_path, tiny_tokenizer)
-    with pytest.raises(ValueError, match="greedy"):
-        evaluate_model(model_dir, "tiny-mbpp", FIXTURES / "mbpp.jsonl", _settings(speculative=True),
-                       0, tmp_path / "a.json", tmp_path / "a.jsonl")  # fmt: skip
-    outputs = {}
-    for speculative in (False, True):
-        settings = _settings(speculative=speculative, temperature=0.0)
-        out = tmp_path / f"{speculative}.jsonl"
-        evaluate_model(model_dir, "tiny-mbpp", FIXTURES / "mbpp.jsonl", settings, 0,
-                       tmp_path / f"{speculative}.json", out)  # fmt: skip
-        outputs[speculative] = [json.loads(x)["completions"] for x in out.read_text().splitlines()]
-    assert outputs[True] == outputs[False]
-    assert all(len(set(c)) == 1 for c in outputs[True])  # greedy: the n samples agree
+
+    def completions(name: str, **overrides) -> list[list[str]]:
+        out = tmp_path / f"{name}.jsonl"
+        evaluate_model(model_dir, "tiny-mbpp", FIXTURES / "mbpp.jsonl", _settings(**overrides), 0,
+                       tmp_path / f"{name}.json", out)  # fmt: skip
+        return [json.loads(x)["completions"] for x in out.read_text().splitlines()]
+
+    greedy = completions("greedy", speculative=True, temperature=0.0)
+    assert greedy == completions("plain", speculative=False, temperature=0.0)
+    assert all(len(set(c)) == 1 for c in greedy)  # greedy: the n samples agree
+    sampled = completions("sampled", speculative=True)
+    assert all(len(c) == 3 for c in sampled) and any(len(set(c)) > 1 for c in sampled)
+    assert completions("again", speculative=True) == sampled
 
 
 @pytest.mark.slow

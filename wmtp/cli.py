@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--speculative",
         action=argparse.BooleanOptionalAction,
-        help="override eval.speculative (self-speculative greedy decoding)",
+        help="override eval.speculative (the MTP heads draft: greedy or sampled decoding, same outputs)",
     )
     evaluate.add_argument(
         "--prompt-format",

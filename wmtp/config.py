@@ -369,7 +369,7 @@ class EvalSettings(Strict):
         None, description="parallel sandboxes (None = the eval rule's threads, or the CPU count)"
     )
     max_problems: PositiveInt | None = Field(None, description="cap on problems per benchmark (None = all)")
-    speculative: bool = Field(False, description="self-speculative decoding with the MTP heads (greedy only)")
+    speculative: bool = Field(False, description="decode with the MTP heads drafting: greedy or sampled, same outputs/distribution, faster")
 
     @model_validator(mode="after")
     def _k_within_n(self) -> EvalSettings:

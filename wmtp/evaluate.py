@@ -158,6 +158,8 @@ def with_temperatures(records: list[dict], by_temperature: dict[float, list[dict
             counts[str(temperature)] = {"n": judged[i]["n"], "c": judged[i]["c"]}
         out.append({**record, "by_temperature": counts})
     return out
+
+
 def end_token_ids(model_dir: str | Path, tokenizer) -> list[int]:
     """Every id that ends a completion: the tokenizer's EOS plus the eos ids of the
     model directory's generation_config.json (chat models end a turn with a token
@@ -178,14 +180,16 @@ def _sample_completions(
     seed: int,
     fmt: PromptFormat = "raw",
     eos_token_ids: list[int] | None = None,
-) -> tuple[list[list[str]], float, int | None, int]:
+) -> tuple[list[list[str]], float, int, int]:
     """n completions per problem in prompt format `fmt` (`wmtp.prompts`; a chat
     reply becomes the completion its code block gives); greedy decoding is
     generated once and repeated (every greedy sample is the same). Returns
     (completions, seconds, decoded tokens, kept tokens): decoded counts what the
     model generated (stop text and end ids included), kept the tokens of the
-    judged completions (re-tokenised), both for the distinct generations
-    (speculative decoding counts no decoded tokens: None)."""
+    judged completions (re-tokenised), both for the distinct generations.
+    With `settings.speculative` the MTP heads draft and head 0 verifies
+    (`speculative_generate`): the same greedy completions, or samples from the same
+    distribution."""
     from wmtp.sample import generate, speculative_generate
 
     prompts = [model_prompt(tokenizer, fmt, p.prompt, p.message) for p in problems]
@@ -194,28 +198,28 @@ def _sample_completions(
         raise ValueError(f"problems of one benchmark must share stop sequences, got {stops}")
     stop = generation_stops(fmt, stops.pop())
     greedy = settings.temperature == 0
+    sampling = dict(
+        n=1 if greedy else settings.n_samples,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        max_new_tokens=settings.max_new_tokens,
+        seed=seed,
+        batch_size=settings.batch_size,
+        stop=stop,
+        progress=True,
+    )
     started = time.perf_counter()
     if settings.speculative:
-        texts, _ = speculative_generate(
-            model, tokenizer, prompts, settings.max_new_tokens, stop=stop, progress=True
+        completions, stats = speculative_generate(
+            model, tokenizer, prompts, **sampling, eos_token_ids=eos_token_ids
         )
-        completions, decoded = [[t] for t in texts], None
+        n_decoded = stats.tokens
     else:
         completions, decoded = generate(
-            model,
-            tokenizer,
-            prompts,
-            n=1 if greedy else settings.n_samples,
-            temperature=settings.temperature,
-            top_p=settings.top_p,
-            max_new_tokens=settings.max_new_tokens,
-            seed=seed,
-            batch_size=settings.batch_size,
-            stop=stop,
-            progress=True,
-            eos_token_ids=eos_token_ids,
+            model, tokenizer, prompts, **sampling, eos_token_ids=eos_token_ids,
             with_decoded_tokens=True,
-        )
+        )  # fmt: skip
+        n_decoded = sum(sum(row) for row in decoded)
     seconds = time.perf_counter() - started
     if fmt == "chat":
         completions = [
@@ -225,15 +229,12 @@ def _sample_completions(
     kept = sum(
         len(tokenizer(c, add_special_tokens=False)["input_ids"]) for s in completions for c in s
     )
-    n_decoded = None if decoded is None else sum(sum(row) for row in decoded)
     if greedy:
         completions = [s * settings.n_samples for s in completions]
     return completions, seconds, n_decoded, kept
 
 
-def _rate(tokens: int | None, seconds: float) -> float | None:
-    if tokens is None:
-        return None
+def _rate(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else 0.0
 
 
@@ -262,8 +263,6 @@ def evaluate_model(
     from wmtp.checkpoints import load_model
     from wmtp.tracking import log_to_model_run
 
-    if settings.speculative and settings.temperature != 0:
-        raise ValueError("speculative decoding is greedy: set eval.temperature to 0")
     ks = settings.ks.get(benchmark)
     if not ks:
         raise ValueError(f"eval.ks has no k values for benchmark {benchmark!r}")
@@ -290,8 +289,11 @@ def evaluate_model(
     summary = {
         "benchmark": benchmark,
         **summarise(records, ks),
-        **({"by_temperature": {str(t): summarise(r, ks) for t, r in by_temperature.items()}}
-           if len(by_temperature) > 1 else {}),
+        **(
+            {"by_temperature": {str(t): summarise(r, ks) for t, r in by_temperature.items()}}
+            if len(by_temperature) > 1
+            else {}
+        ),
         "model_dir": str(model_dir),
         "data_path": None if data_path is None else str(data_path),
         "seed": seed,
