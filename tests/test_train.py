@@ -267,6 +267,35 @@ def test_checkpoint_of_other_settings_is_not_resumed(setup, tmp_path):
     assert metrics["lr"].iloc[0] == pytest.approx(1e-3)  # warmup 1 step: half of the new lr
 
 
+def test_a_row_killed_before_mlflow_is_logged_on_resume(setup, tmp_path, monkeypatch):
+    """Killed after a row reached metrics.jsonl but before MLflow: the resumed run
+    logs it from the jsonl, so MLflow holds every row once, with the jsonl's values."""
+    from mlflow import MlflowClient
+
+    from wmtp import tracking
+
+    log_metrics = tracking.Run.log_metrics
+
+    def killed_at_step_3(self, metrics, step):
+        if step == 3:
+            raise KeyboardInterrupt("killed between the jsonl append and MLflow")
+        log_metrics(self, metrics, step)
+
+    rec = recipe(max_steps=4, checkpoint_every=2, val_every=2)
+    monkeypatch.setattr(tracking.Run, "log_metrics", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(setup, tmp_path / "out", rec, mlflow=True)
+    monkeypatch.setattr(tracking.Run, "log_metrics", log_metrics)
+    model_dir = run(setup, tmp_path / "out", rec, mlflow=True)
+    record = json.loads((model_dir / "tracking.json").read_text())
+    history = MlflowClient(record["tracking_uri"]).get_metric_history(record["run_id"], "train/loss")
+    rows = pd.read_parquet(tmp_path / "out" / "metrics.parquet")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    assert {m.step: m.value for m in history} == pytest.approx(
+        dict(zip(rows["step"], rows["train_loss"], strict=True))
+    )
+
+
 def test_mlflow_run_has_params_metrics_and_resumes(setup, tmp_path):
     from mlflow import MlflowClient
 

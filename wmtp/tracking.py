@@ -113,6 +113,14 @@ class Run:
         with _store_lock(self.uri):
             _client(self.uri).log_batch(self.run_id, metrics=batch, synchronous=True)
 
+    def last_step(self, key: str) -> int:
+        """The highest step logged for metric `key` (0 when none, or no run)."""
+        if not self.enabled:
+            return 0
+        with _store_lock(self.uri):
+            history = _client(self.uri).get_metric_history(self.run_id, metric_key(key))
+        return max((m.step for m in history), default=0)
+
     def finish(self, status: str = "FINISHED") -> None:
         if not self.enabled:
             return

@@ -506,6 +506,18 @@ def write_metrics_parquet(
     return path
 
 
+def _log_missing_rows(run, rows: list[dict]) -> None:
+    """Log the metrics.jsonl rows a resumed MLflow run lacks: a kill between a row's
+    append to the jsonl and its MLflow call leaves it in the jsonl only, and the loop
+    does not log rows it finds there again."""
+    if not run.enabled or not rows:
+        return
+    in_mlflow = run.last_step("train/loss")
+    for row in rows:
+        if row["step"] > in_mlflow:
+            run.log_metrics(mlflow_metrics(row), row["step"])
+
+
 def mlflow_metrics(row: dict) -> dict[str, float]:
     """A metric row under its MLflow names (`val/head{k}_ce` only on validation steps)."""
     metrics = {
@@ -709,6 +721,7 @@ def train(
             params=resolved,
             run_id=client.get("mlflow_run_id"),
         )
+        _log_missing_rows(run, rows)
 
     # ---- loop
     from tqdm import tqdm
