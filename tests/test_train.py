@@ -1013,3 +1013,20 @@ def test_warmup_beyond_the_steps_the_epochs_give_is_refused(setup, tmp_path):
     assert not (tmp_path / "out" / "model").exists()
     run(setup, tmp_path / "out", recipe(epochs=2, max_steps=None, warmup_steps=5))
     assert list(pd.read_parquet(tmp_path / "out" / "metrics.parquet")["step"]) == list(range(1, 7))
+
+
+def test_make_weights_refuses_a_frozen_model_the_recipe_does_not_ask_for(setup, one_batch):
+    """rho1_base decides between the online and the frozen CE, not whether a caller
+    happens to pass a frozen model."""
+    from wmtp.refce import RefCETable
+
+    batch = one_batch
+    refce = RefCETable.from_parquet(setup["refce"])
+    frozen = load_model(setup["base"])
+    online = recipe("rho1-weighted", weighting={"rho1_base": "online"})
+    with pytest.raises(ValueError, match="rho1_base is 'online' but a frozen base model was given"):
+        train_lib.make_weights(online, batch, refce=refce, frozen=frozen)
+    wants_frozen = recipe("rho1-weighted", weighting={"rho1_base": "frozen"})
+    with pytest.raises(ValueError, match="'frozen' but a frozen base model was not given"):
+        train_lib.make_weights(wants_frozen, batch, refce=refce)
+

@@ -310,6 +310,11 @@ def make_weights(
     if algorithm in UNWEIGHTED:
         return lambda ce_head0, trunk_hidden: algorithm_weights(algorithm, mask, settings)
     if algorithm in RHO1:
+        if (frozen is not None) != (settings.rho1_base == "frozen"):  # the recipe decides
+            raise ValueError(
+                f"weighting.rho1_base is {settings.rho1_base!r} but a frozen base model was "
+                f"{'given' if frozen is not None else 'not given'}"
+            )
         ce_ref = refce.lookup(batch.sample_ids, batch.input_ids, mask).to(mask.device)  # (B, S)
         if frozen is not None:
             ce_base = head0_ce(frozen, batch)  # (B, S)
