@@ -1,4 +1,4 @@
-# Copy the run's final results (report, figures, evaluations, training metrics) to
+# Copy the run's final results (report, figures, evaluations, training and critic metrics) to
 # storage.upload_prefix. A local rule: it runs on the submit host, which has the
 # network access and credentials that compute nodes may lack.
 

@@ -207,18 +207,16 @@ def _sample_completions(
         batch_size=settings.batch_size,
         stop=stop,
         progress=True,
+        eos_token_ids=eos_token_ids,
     )
     started = time.perf_counter()
     if settings.speculative:
-        completions, stats = speculative_generate(
-            model, tokenizer, prompts, **sampling, eos_token_ids=eos_token_ids
-        )
+        completions, stats = speculative_generate(model, tokenizer, prompts, **sampling)
         n_decoded = stats.tokens
     else:
         completions, decoded = generate(
-            model, tokenizer, prompts, **sampling, eos_token_ids=eos_token_ids,
-            with_decoded_tokens=True,
-        )  # fmt: skip
+            model, tokenizer, prompts, **sampling, with_decoded_tokens=True
+        )
         n_decoded = sum(sum(row) for row in decoded)
     seconds = time.perf_counter() - started
     if fmt == "chat":

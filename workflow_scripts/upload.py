@@ -1,7 +1,8 @@
 """Snakemake adapter of the upload_results rule: copy the run's final results to
 storage.upload_prefix (wmtp.storage.upload_results).
 
-input:  report, figures (directory), evals, samples, metrics: files under results/{run}/
+input:  report, figures (directory), evals, samples, metrics, critics: files under
+        results/{run}/ (rules/common.smk::get_upload_inputs)
 output: [0] results/{run}/upload.json, the manifest that was uploaded last as
         <prefix>/manifest.json (relpath -> sha256 of every uploaded file)
 params: settings = {"prefix": s3://bucket/prefix, "endpoint_url": str | None}
