@@ -12,7 +12,7 @@ Sections:
 - `train`: a randomly initialised MTP model (default dim 2048, 16 trunk blocks + 4
   heads, vocab 32000: 1.1 B parameters) trained with `deepspeed.initialize` on one
   device (ZeRO stage 1, bf16, AdamW), `--micro-batch` sequences of `--seq` random
-  tokens per step and the weighted MTP loss with all weights 1 (`wmtp.loss`, as
+  tokens per step and the weighted MTP loss with all weights 1 (`wmtp.core.loss`, as
   the trainer runs it). Reports tokens/s over the timed steps (after warm-up), peak
   memory and MFU = model FLOPs per token x tokens/s / peak bf16 FLOP/s. Model
   FLOPs per token: 6 x (block parameters + H x the unembedding, which every head
@@ -42,8 +42,8 @@ import time
 
 import torch
 
-from wmtp.loss import weighted_mtp_loss
-from wmtp.model import MTPConfig, MTPModel
+from wmtp.core.loss import weighted_mtp_loss
+from wmtp.core.model import MTPConfig, MTPModel
 
 # Dense bf16 peak of one device, TFLOP/s (vendor data sheets), by device-name substring.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -85,7 +85,7 @@ def bench_train(args, device: torch.device) -> dict:
     """DeepSpeed bf16 training steps of a random MTP model; tokens/s and MFU."""
     import deepspeed
 
-    from wmtp.train import _init_distributed
+    from wmtp.stages.train import _init_distributed
 
     _init_distributed(device.type)
     config = mtp_config(args.dim, args.trunk_layers, args.heads, args.vocab, args.seq)
@@ -167,7 +167,7 @@ def bench_memory(args, device: torch.device) -> dict:
 def bench_forward_cost(args, device: torch.device) -> dict:
     """ms of a plain decoding step and of a speculative forward (H tokens, all heads,
     drafts picked) of the random train-size model, batch 1 and 16, in bf16."""
-    from wmtp.sample import _Decoder
+    from wmtp.core.sample import _Decoder
 
     config = mtp_config(args.dim, args.trunk_layers, args.heads, args.vocab, args.seq)
     model = MTPModel(config)

@@ -7,7 +7,7 @@ vocab 32000, seq 1024, H = 4, dim 256, batch 1, CPU):
                what a next-token model costs; the memory yardstick.
 - `naive-mtp`: the weighted MTP loss written directly on `model(input_ids)`,
                i.e. all H heads' logits `(B, S, H, V)` at once; the time yardstick.
-- `wmtp-loss`: `wmtp.loss.weighted_mtp_loss`.
+- `wmtp-loss`: `wmtp.core.loss.weighted_mtp_loss`.
 - `wmtp-loss-h1`: the same loss on the same trunk with ONE head: the sequential-head
                scheme should make H heads cost one head's logits plus the extra
                heads' parameter gradients (printed beside the measured difference).
@@ -51,8 +51,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from wmtp.loss import weighted_mtp_loss
-from wmtp.model import MTPConfig, MTPModel
+from wmtp.core.loss import weighted_mtp_loss
+from wmtp.core.model import MTPConfig, MTPModel
 
 VARIANTS = ("plain-ce", "naive-mtp", "wmtp-loss", "wmtp-loss-h1")
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wmtp.data import Example, collate
-from wmtp.model import MTPConfig, MTPModel
-from wmtp.refce import compute_refce, next_token_logits
-from wmtp.tiny_models import train_tokenizer
+from wmtp.data.training import Example, collate
+from wmtp.core.model import MTPConfig, MTPModel
+from wmtp.stages.refce import compute_refce, next_token_logits
+from wmtp.tiny.models import train_tokenizer
 
 
 def make_tokenizer(vocab_size: int):

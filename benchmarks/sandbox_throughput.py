@@ -8,7 +8,7 @@
   tests each and 20 completions per problem (right ones in several I/O idioms,
   ones wrong only on large inputs, ones wrong at once).
 
-Both go through `wmtp.evaluate.evaluate_completions` only, so the script runs
+Both go through `wmtp.stages.evaluate.evaluate_completions` only, so the script runs
 unchanged against another checkout (`PYTHONPATH=/other/checkout python
 benchmarks/sandbox_throughput.py`) for before/after comparisons. Prints one JSON
 line per workload with wall seconds, the outcome counts and the load average.
@@ -23,9 +23,9 @@ import os
 import random
 import time
 
-from wmtp.benchmarks import Problem, load_mbpp
-from wmtp.config import EvalSettings
-from wmtp.evaluate import evaluate_completions
+from wmtp.data.problems import Problem, load_mbpp
+from wmtp.config.schema import EvalSettings
+from wmtp.stages.evaluate import evaluate_completions
 
 IDIOMS = {  # a correct solution body in several I/O styles; `solve(line) -> str` is inserted
     "input": "t = int(input())\nfor _ in range(t):\n    print(solve(input()))\n",
@@ -56,7 +56,7 @@ CONTEST_PROBLEMS = {  # name -> (solve source, wrong-on-large source, make one i
 
 def tiny_mbpp_workload(n_problems: int, n_samples: int, seed: int = 0):
     """The tiny-mbpp test split with fixed model-like completions."""
-    from wmtp.tiny import make_tiny_mbpp
+    from wmtp.tiny.build import make_tiny_mbpp
 
     _, test = make_tiny_mbpp(400, n_problems, seed, 0.5)
     path = f"/tmp/wmtp-sandbox-throughput-{os.getpid()}.parquet"

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from wmtp.config import ModelSource, TrackingSettings, load_config, optimizer_steps
-from wmtp.download import download_model
-from wmtp.evaluate import evaluate_model
-from wmtp.refce import refce_stage
-from wmtp.tiny_data import make_tiny_mbpp
-from wmtp.train import train
+from wmtp.config.schema import ModelSource, TrackingSettings, load_config, optimizer_steps
+from wmtp.stages.download import download_model
+from wmtp.stages.evaluate import evaluate_model
+from wmtp.stages.refce import refce_stage
+from wmtp.tiny.data import make_tiny_mbpp
+from wmtp.stages.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 MBPP_TRAIN_ROWS = 374

@@ -17,7 +17,7 @@ decoding and prints a table.
 
 The baseline is fair: plain decoding is `speculative_generate(..., draft=False)`,
 the same decoder (own blocks and KV cache, rotary tables computed once, no masks
-without holes) minus the drafting; `wmtp.sample.generate` (the generic decoder,
+without holes) minus the drafting; `wmtp.core.sample.generate` (the generic decoder,
 any HF model) is timed too, for reference. Sampling is at temperature 0.8, top-p
 0.95. Batch 1: each prompt alone; batch 16: greedy over the prompts 16 at a time,
 sampling 16 samples of each of the first `--sampled-prompts` prompts.
@@ -45,12 +45,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from wmtp.loss import weighted_mtp_loss
-from wmtp.model import MTPConfig, MTPModel
-from wmtp.prompts import mbpp_prompt, mbpp_solution
-from wmtp.sample import DecodeStats, generate, speculative_generate
-from wmtp.tiny_data import corpus_documents, make_tiny_mbpp
-from wmtp.tiny_models import train_tokenizer
+from wmtp.core.loss import weighted_mtp_loss
+from wmtp.core.model import MTPConfig, MTPModel
+from wmtp.data.prompts import mbpp_prompt, mbpp_solution
+from wmtp.core.sample import DecodeStats, generate, speculative_generate
+from wmtp.tiny.data import corpus_documents, make_tiny_mbpp
+from wmtp.tiny.models import train_tokenizer
 
 
 def stdlib_files(max_bytes: int) -> list[str]:
@@ -123,7 +123,7 @@ def trained_model(docs: list[str], args: argparse.Namespace):
     loaded from `--model-dir` when a model trained with the same settings is there."""
     from transformers import AutoTokenizer
 
-    from wmtp.checkpoints import CONFIG_FILE, load_model, save_model
+    from wmtp.core.checkpoints import CONFIG_FILE, load_model, save_model
 
     settings = {name: getattr(args, name) for name in TRAINING_ARGS}
     saved = Path(args.model_dir or "", CONFIG_FILE)
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="prompts sampled --batch times each at the larger batch")  # fmt: skip
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--no-generate", dest="generate", action="store_false",
-                        help="skip the reference rows of wmtp.sample.generate")  # fmt: skip
+                        help="skip the reference rows of wmtp.core.sample.generate")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-threads", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch threads while decoding")

@@ -9,8 +9,8 @@ and prints pass@1 / pass@10 and the wall time of every part.
 
     python benchmarks/tiny_quality.py --out /tmp/tinyq [--steps 300] [--set dim=96 ...]
 
-Sampling and execution are the pipeline's own (`wmtp.sample.generate`, the
-sandbox via `wmtp.evaluate`), so its pass@k means what the report's does.
+Sampling and execution are the pipeline's own (`wmtp.core.sample.generate`, the
+sandbox via `wmtp.stages.evaluate`), so its pass@k means what the report's does.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from wmtp.benchmarks import load_mbpp
-from wmtp.checkpoints import load_model
-from wmtp.config import EvalSettings
-from wmtp.data import build_examples, iterate_batches
-from wmtp.evaluate import evaluate_completions, summarise
-from wmtp.loss import weighted_mtp_loss
-from wmtp.sample import generate
-from wmtp.tiny import build_tiny_base, build_tiny_ref, tiny_knobs, write_tiny_mbpp
-from wmtp.tiny_models import lr_at
+from wmtp.data.problems import load_mbpp
+from wmtp.core.checkpoints import load_model
+from wmtp.config.schema import EvalSettings
+from wmtp.data.training import build_examples, iterate_batches
+from wmtp.stages.evaluate import evaluate_completions, summarise
+from wmtp.core.loss import weighted_mtp_loss
+from wmtp.core.sample import generate
+from wmtp.tiny.build import build_tiny_base, build_tiny_ref, tiny_knobs, write_tiny_mbpp
+from wmtp.tiny.models import lr_at
 
 
 def finetune(
@@ -66,8 +66,8 @@ def finetune(
 def evaluate(
     model, tokenizer, test_path: Path, *, n: int, seed: int, max_new_tokens: int, max_problems: int
 ) -> dict:
-    """pass@1/pass@10 with the pipeline's own sampler and sandbox (wmtp.sample,
-    wmtp.evaluate), so the figures mean what the report's mean."""
+    """pass@1/pass@10 with the pipeline's own sampler and sandbox (wmtp.core.sample,
+    wmtp.stages.evaluate), so the figures mean what the report's mean."""
     problems = load_mbpp(test_path)[:max_problems]
     ks = [1, min(10, n)]
     settings = EvalSettings(

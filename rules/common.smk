@@ -7,7 +7,7 @@ import re
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
-from wmtp.config import (
+from wmtp.config.schema import (
     ALGORITHMS,
     BASE_ROW,
     BENCHMARKS,

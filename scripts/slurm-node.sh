@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real single-node Slurm on this machine, with fake A100s, for CI and for trying
-# `snakemake --profile slurm` without a cluster (tests/test_slurm.py uses it).
+# `snakemake --profile slurm` without a cluster (tests/integration/test_slurm.py uses it).
 #
 #   bash scripts/slurm-node.sh install   # apt-get install slurm-wlm munge (root, ~30 s)
 #   bash scripts/slurm-node.sh start     # write /etc/slurm/*.conf, start munged, slurmctld, slurmd

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 torch.set_num_threads(1)
 
-from wmtp.model import MTPConfig, MTPModel  # noqa: E402
+from wmtp.core.model import MTPConfig, MTPModel  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +53,7 @@ def tiny_tokenizer():
 
     The source is the standard library's `os.py`, not this project's: tests' numbers
     must not move because an unrelated module of ours was edited."""
-    from wmtp.tiny_models import train_tokenizer
+    from wmtp.tiny.models import train_tokenizer
 
     return train_tokenizer([Path(os.__file__).read_text(encoding="utf-8")], 300)
 

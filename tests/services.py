@@ -144,8 +144,8 @@ def build_ci_inputs(dest: Path) -> Path:
     """The reduced run's models and tiny-mbpp splits, built as its download stage
     builds them, laid out as `models/{base,ref}/` and `data/tiny-mbpp/{split}.parquet`
     under `dest` (ready to upload as an S3 prefix)."""
-    from wmtp.config import load_config
-    from wmtp.download import download_dataset, download_model
+    from wmtp.config.schema import load_config
+    from wmtp.stages.download import download_dataset, download_model
 
     config, _ = load_config(ci_config(), base_dir=REPO)
     for role in ("base", "ref"):

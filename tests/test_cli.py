@@ -11,11 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from test_workflow import copy_workflow
+from tests.integration.test_workflow import copy_workflow
 
-from wmtp.checkpoints import save_model
+from wmtp.core.checkpoints import save_model
 from wmtp.cli import Layout, main, parse_tags, torchrun_argv
-from wmtp.config import SCHEMA_PATH, schema_text
+from wmtp.config.schema import SCHEMA_PATH, schema_text
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "config" / "config.yaml")
@@ -258,9 +258,9 @@ def test_cli_trains_then_evaluates(capsys, tmp_path, tiny_tokenizer):
     """The real commands on a toy model: same library calls as the workflow's jobs."""
     from conftest import tiny_config
 
-    from wmtp.config import TinySettings
-    from wmtp.model import MTPModel
-    from wmtp.tiny import write_tiny_mbpp
+    from wmtp.config.schema import TinySettings
+    from wmtp.core.model import MTPModel
+    from wmtp.tiny.build import write_tiny_mbpp
 
     results = tmp_path / "results"
     layout = Layout(results, "ci")
@@ -317,8 +317,8 @@ def test_one_off_eval_of_packaged_humaneval_with_knobs_on_the_command_line(
     there is one (here: faked, and the device seen by the evaluator checked)."""
     from conftest import tiny_config
 
-    from wmtp import evaluate
-    from wmtp.model import MTPModel
+    from wmtp.stages import evaluate
+    from wmtp.core.model import MTPModel
 
     model = MTPModel(tiny_config(vocab_size=len(tiny_tokenizer)))
     model.init_weights(seed=0)

@@ -9,8 +9,8 @@
     python -m wmtp validate --config config/paper.yaml      # check a config, print it resolved
     python -m wmtp schema                                   # regenerate the JSON schema
 
-It calls the same library functions as the workflow scripts (`wmtp.train.train`,
-`wmtp.evaluate.evaluate_model`) and finds inputs where the workflow writes them
+It calls the same library functions as the workflow scripts (`wmtp.stages.train.train`,
+`wmtp.stages.evaluate.evaluate_model`) and finds inputs where the workflow writes them
 (`results/{run}/...`, the layout of rules/common.smk), so a stage the workflow has
 prepared the inputs for can be rerun by hand with other settings. Outputs go to
 `results/{run}/cli/{run_name}/` so they never overwrite (or fake) the workflow's.
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from wmtp.config import (
+from wmtp.config.schema import (
     BENCHMARKS,
     SCHEMA_PATH,
     ConfigError,
@@ -42,7 +42,7 @@ from wmtp.config import (
     schema_text,
     validate_section,
 )
-from wmtp.prompts import PROMPT_FORMATS
+from wmtp.data.prompts import PROMPT_FORMATS
 
 RHO1 = ("rho1-weighted", "rho1-tokenskip")
 
@@ -210,7 +210,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config, recipes = _load(args)
     plan = train_plan(config, recipes, args)
     print(describe_train(config, plan))
-    from wmtp.train import validate_setup
+    from wmtp.stages.train import validate_setup
 
     validate_setup(
         recipe=plan.recipe,
@@ -225,7 +225,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("dry run: set-up is valid; nothing was trained")
         return 0
-    from wmtp.train import train
+    from wmtp.stages.train import train
 
     model_dir = train(
         base_model_dir=plan.base_model,
@@ -325,7 +325,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else checkpoint.parent / "eval"
     seed = config.seeds[0] if args.seed is None else args.seed
     device = args.device or default_device()
-    from wmtp.evaluate import evaluate_model
+    from wmtp.stages.evaluate import evaluate_model
 
     for benchmark in benchmarks:
         summary = out / f"{benchmark}.json"
@@ -351,7 +351,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "config.json").is_file():
         raise ConfigError(f"--checkpoint = {str(checkpoint)!r}: no config.json (not a model directory)")
-    from wmtp.export import export_hf
+    from wmtp.stages.export import export_hf
 
     out = export_hf(checkpoint, args.out)
     print(f"wrote {out} (LlamaForCausalLM; extra heads, if any, in mtp_heads.safetensors)")

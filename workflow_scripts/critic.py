@@ -17,8 +17,8 @@ sys.stderr = open(smk.log[0], "w", buffering=1)
 
 import torch  # noqa: E402
 
-from wmtp.config import CriticSettings, DataSettings  # noqa: E402
-from wmtp.critic import HEAD_FILE, METRICS_FILE, TABLE_FILE, train_critic  # noqa: E402
+from wmtp.config.schema import CriticSettings, DataSettings  # noqa: E402
+from wmtp.stages.critic import HEAD_FILE, METRICS_FILE, TABLE_FILE, train_critic  # noqa: E402
 
 torch.set_num_threads(smk.threads)
 out_dir = Path(smk.output.table).parent

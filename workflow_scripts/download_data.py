@@ -1,5 +1,5 @@
 """Snakemake adapter of the download_data rule: one split of one dataset as parquet
-plus a sidecar manifest (wmtp.download.download_dataset).
+plus a sidecar manifest (wmtp.stages.download.download_dataset).
 
 output:    [0] results/{run}/data/{dataset}/{split}.parquet
            (also writes {split}.manifest.json next to it, not declared)
@@ -17,8 +17,8 @@ import sys
 
 sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
 
-from wmtp.config import TinySettings  # noqa: E402
-from wmtp.download import download_dataset  # noqa: E402
+from wmtp.config.schema import TinySettings  # noqa: E402
+from wmtp.stages.download import download_dataset  # noqa: E402
 
 sm = snakemake  # noqa: F821
 settings = sm.params.settings

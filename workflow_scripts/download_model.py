@@ -1,5 +1,5 @@
 """Snakemake adapter of the download_model rule: fetch or build one model
-(wmtp.download.download_model).
+(wmtp.stages.download.download_model).
 
 output:    [0] the model directory, results/{run}/models/{role}
 wildcards: role (base / ref / reward)
@@ -16,8 +16,8 @@ import sys
 
 sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
 
-from wmtp.config import ModelSource, TinySettings  # noqa: E402
-from wmtp.download import download_model  # noqa: E402
+from wmtp.config.schema import ModelSource, TinySettings  # noqa: E402
+from wmtp.stages.download import download_model  # noqa: E402
 
 sm = snakemake  # noqa: F821
 settings = sm.params.settings

@@ -1,5 +1,5 @@
 """Snakemake adapter of the `eval` rule: sample from one trained model and execute
-the samples against one benchmark's tests (wmtp.evaluate.evaluate_model).
+the samples against one benchmark's tests (wmtp.stages.evaluate.evaluate_model).
 
 Inputs: model (trained model directory), data (the benchmark's test parquet).
 Outputs: summary (json with pass@k), samples (jsonl, one line per problem).
@@ -14,8 +14,8 @@ sys.stderr = open(snakemake.log[0], "w")  # noqa: F821 (snakemake is injected)
 
 import torch  # noqa: E402
 
-from wmtp.config import EvalSettings  # noqa: E402
-from wmtp.evaluate import evaluate_model  # noqa: E402
+from wmtp.config.schema import EvalSettings  # noqa: E402
+from wmtp.stages.evaluate import evaluate_model  # noqa: E402
 
 sm = snakemake  # noqa: F821
 settings = EvalSettings.model_validate(sm.params.settings)

@@ -14,8 +14,8 @@ sys.stderr = open(smk.log[0], "w", buffering=1)
 
 import torch  # noqa: E402
 
-from wmtp.config import DataSettings  # noqa: E402
-from wmtp.refce import refce_stage  # noqa: E402
+from wmtp.config.schema import DataSettings  # noqa: E402
+from wmtp.stages.refce import refce_stage  # noqa: E402
 
 torch.set_num_threads(smk.threads)
 params = dict(smk.params.items())

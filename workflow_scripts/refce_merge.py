@@ -9,6 +9,6 @@ import sys
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 sys.stderr = open(smk.log[0], "w", buffering=1)
 
-from wmtp.refce import merge_shards  # noqa: E402
+from wmtp.stages.refce import merge_shards  # noqa: E402
 
 merge_shards(list(smk.input), smk.output[0])

@@ -1,5 +1,5 @@
 """Snakemake adapter of the report rule: the paper table and figures
-(wmtp.report.build_report).
+(wmtp.stages.report.build_report).
 
 input:  evals   = every eval/{algo}/seed{s}/{benchmark}.json of the table,
         samples = every eval/{algo}/seed{s}/{benchmark}.jsonl,
@@ -15,8 +15,8 @@ import sys
 
 sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
 
-from wmtp.config import load_config  # noqa: E402
-from wmtp.report import build_report, current_git_commit  # noqa: E402
+from wmtp.config.schema import load_config  # noqa: E402
+from wmtp.stages.report import build_report, current_git_commit  # noqa: E402
 
 sm = snakemake  # noqa: F821
 config, recipes = load_config(dict(sm.config), base_dir=".")

@@ -35,9 +35,9 @@ import logging  # noqa: E402
 
 import torch  # noqa: E402
 
-from wmtp.config import DataSettings, Recipe, TrackingSettings  # noqa: E402
-from wmtp.tracking import default_tracking_uri  # noqa: E402
-from wmtp.train import train  # noqa: E402
+from wmtp.config.schema import DataSettings, Recipe, TrackingSettings  # noqa: E402
+from wmtp.infra.tracking import default_tracking_uri  # noqa: E402
+from wmtp.stages.train import train  # noqa: E402
 
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 logging.getLogger("wmtp").setLevel(logging.INFO)  # e.g. "resuming ... from step N"

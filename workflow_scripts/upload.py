@@ -1,5 +1,5 @@
 """Snakemake adapter of the upload_results rule: copy the run's final results to
-storage.upload_prefix (wmtp.storage.upload_results).
+storage.upload_prefix (wmtp.infra.storage.upload_results).
 
 input:  report, figures (directory), evals, samples, metrics, critics: files under
         results/{run}/ (rules/common.smk::get_upload_inputs)
@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
 
-from wmtp.atomic import write_json_atomic  # noqa: E402
-from wmtp.storage import upload_results  # noqa: E402
+from wmtp.infra.atomic import write_json_atomic  # noqa: E402
+from wmtp.infra.storage import upload_results  # noqa: E402
 
 sm = snakemake  # noqa: F821
 settings = sm.params.settings

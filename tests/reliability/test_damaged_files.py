@@ -14,13 +14,13 @@ import pytest
 import yaml
 from conftest import REPO, tiny_config
 
-from wmtp import train as train_lib
-from wmtp.checkpoints import WEIGHTS_FILE, load_model, save_model, verify_model_files
-from wmtp.config import ConfigError, DataSettings, Recipe, TrackingSettings, load_config
-from wmtp.data import build_examples, read_split
-from wmtp.model import MTPModel
-from wmtp.refce import check_table, compute_refce, load_reference
-from wmtp.storage import write_manifest
+from wmtp.stages import train as train_lib
+from wmtp.core.checkpoints import WEIGHTS_FILE, load_model, save_model, verify_model_files
+from wmtp.config.schema import ConfigError, DataSettings, Recipe, TrackingSettings, load_config
+from wmtp.data.training import build_examples, read_split
+from wmtp.core.model import MTPModel
+from wmtp.stages.refce import check_table, compute_refce, load_reference
+from wmtp.infra.storage import write_manifest
 
 
 def zero_bytes(path: Path, size: int) -> None:
@@ -53,8 +53,8 @@ def test_damaged_weights_are_refused_naming_directory_and_file(model_dir, damage
 
 
 def test_a_damaged_model_is_not_evaluated(model_dir, tmp_path):
-    from wmtp.config import EvalSettings
-    from wmtp.evaluate import evaluate_model
+    from wmtp.config.schema import EvalSettings
+    from wmtp.stages.evaluate import evaluate_model
 
     zero_bytes(model_dir / WEIGHTS_FILE, 64 << 10)
     with pytest.raises(ValueError, match=str(model_dir)):

