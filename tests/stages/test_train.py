@@ -29,6 +29,7 @@ from wmtp.core.checkpoints import load_model, save_model
 from wmtp.config.schema import ConfigError, DataSettings, Recipe, TrackingSettings
 from wmtp.data.training import build_examples, read_split
 from wmtp.core.model import MTPModel
+from wmtp.core.schedule import lr_factor
 
 N_PROBLEMS = 16
 
@@ -390,7 +391,7 @@ def test_ntp_trains_head_0_only_on_the_plain_ce(setup, tmp_path):
     [
         ("rho1-weighted", {"refce_path": None}, "needs the reference-CE table"),
         ("critic-wmtp", {}, "needs the critic stage's value table"),
-        ("baseline-mtp", {"max_steps": 1}, "warmup_steps (1) must be < max_steps (1)"),
+        ("baseline-mtp", {"max_steps": 1}, "warmup_steps = 1: must be < max_steps (1)"),
     ],
 )
 def test_bad_setup_raises_before_compute(setup, tmp_path, monkeypatch, algorithm, kwargs, message):
@@ -450,13 +451,11 @@ def test_refce_from_another_tokenizer_is_refused(setup, tmp_path):
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
-    f = [train_lib.lr_factor(s, warmup_steps=4, max_steps=20, min_lr_ratio=0.1) for s in range(20)]
+    f = [lr_factor(s, warmup_steps=4, max_steps=20, min_lr_ratio=0.1) for s in range(20)]
     assert f[:4] == [0.2, 0.4, 0.6, 0.8] and f[4] == 1.0
     assert all(a >= b for a, b in zip(f[4:], f[5:], strict=False))
     assert 0.1 < f[-1] < 0.11
-    assert train_lib.lr_factor(20, warmup_steps=4, max_steps=20, min_lr_ratio=0.1) == pytest.approx(
-        0.1
-    )
+    assert lr_factor(20, warmup_steps=4, max_steps=20, min_lr_ratio=0.1) == pytest.approx(0.1)
 
 
 def test_deepspeed_config_fills_template():
@@ -1008,7 +1007,7 @@ def test_warmup_beyond_the_steps_the_epochs_give_is_refused(setup, tmp_path):
     """Without a step cap the length comes from the epochs and the data: 14 training
     examples (16 minus 2 held out) in batches of 4 give 3 steps per epoch."""
     rec = recipe(epochs=2, max_steps=None, warmup_steps=6)
-    with pytest.raises(ConfigError, match=r"warmup_steps \(6\) must be < the 6 optimizer steps that 2.0 epochs of 14"):
+    with pytest.raises(ConfigError, match=r"warmup_steps = 6: must be < the optimizer steps that 2.0 epochs of 14 examples give \(6\)"):
         run(setup, tmp_path / "out", rec)
     assert not (tmp_path / "out" / "model").exists()
     run(setup, tmp_path / "out", recipe(epochs=2, max_steps=None, warmup_steps=5))

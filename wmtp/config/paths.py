@@ -33,6 +33,7 @@ CRITIC_TABLE = "values.parquet"
 CRITIC_METRICS = "metrics.json"
 CRITIC_HEAD = "value_head.safetensors"
 TRAIN_METRICS = "metrics.parquet"
+TRAINED_MODEL = "model"  # the train stage's model directory, beside TRAIN_METRICS
 
 # .../{algo}/seed{s}/{name}.json|.jsonl|.parquet: a per-row file of the eval and train stages
 _ROW_FILE = re.compile(

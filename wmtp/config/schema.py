@@ -187,11 +187,22 @@ class TrainSettings(Strict):
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainSettings:
-        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
-            raise ValueError(
-                f"warmup_steps = {self.warmup_steps}: must be < max_steps ({self.max_steps})"
-            )
+        problem = check_warmup(self, self.max_steps) if self.max_steps is not None else None
+        if problem:
+            raise ValueError(problem)
         return self
+
+
+def check_warmup(settings: TrainSettings, steps: int, steps_are: str = "max_steps") -> str | None:
+    """The problem when `settings.warmup_steps` does not fit a training of `steps`
+    optimizer steps (`steps_are` says where that number comes from), else None.
+
+    Why one function: the warmup is checked against the recipe's cap (config
+    validation), the command line's --max-steps and the steps the epochs give once
+    the data is counted (the trainer); all must refuse the same trainings alike."""
+    if settings.warmup_steps < steps:
+        return None
+    return f"warmup_steps = {settings.warmup_steps}: must be < {steps_are} ({steps})"
 
 
 def optimizer_steps(
