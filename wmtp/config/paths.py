@@ -34,6 +34,7 @@ CRITIC_METRICS = "metrics.json"
 CRITIC_HEAD = "value_head.safetensors"
 TRAIN_METRICS = "metrics.parquet"
 TRAINED_MODEL = "model"  # the train stage's model directory, beside TRAIN_METRICS
+TRAIN_CHECKPOINTS = "checkpoints"  # the train stage's resumable state, beside TRAIN_METRICS
 
 # .../{algo}/seed{s}/{name}.json|.jsonl|.parquet: a per-row file of the eval and train stages
 _ROW_FILE = re.compile(

@@ -52,7 +52,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from wmtp.config import registry
-from wmtp.config.paths import TRAIN_METRICS, TRAINED_MODEL
+from wmtp.config.paths import TRAIN_CHECKPOINTS, TRAIN_METRICS, TRAINED_MODEL
 from wmtp.config.schema import (
     ConfigError,
     DataSettings,
@@ -94,7 +94,6 @@ from wmtp.stages.train_metrics import (
     write_metrics_parquet,
 )
 from wmtp.stages.train_state import (
-    CHECKPOINTS,
     ResumePoint,
     last_good_checkpoint,
     resume,
@@ -457,7 +456,7 @@ class Trainer:
 
     @property
     def ckpt_dir(self) -> Path:
-        return self.out_dir / CHECKPOINTS
+        return self.out_dir / TRAIN_CHECKPOINTS
 
 
 def set_up(

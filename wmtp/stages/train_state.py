@@ -28,7 +28,6 @@ from wmtp.infra.atomic import write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 FINGERPRINT = "fingerprint.json"
 LATEST = "latest"
 
