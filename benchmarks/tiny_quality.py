@@ -2,10 +2,11 @@
 
 Builds the base and reference models and the benchmark exactly as the download
 stage does, fine-tunes the base on the train split the way the trainer does
-(plain MTP loss on solution tokens, all weights 1, AdamW, warmup + cosine; one
-process, no DeepSpeed), then samples n completions per test problem (temperature
-0.8, top-p 0.95) from the base, the fine-tuned model and optionally the reference,
-and prints pass@1 / pass@10 and the wall time of every part.
+(plain MTP loss on solution tokens, all weights 1, AdamW, the trainer's lr
+schedule `wmtp.core.schedule` with the config's `train:` settings as baseline-mtp
+gets them; one process, no DeepSpeed), then samples n completions per test problem
+(temperature 0.8, top-p 0.95) from the base, the fine-tuned model and optionally
+the reference, and prints pass@1 / pass@10 and the wall time of every part.
 
     python benchmarks/tiny_quality.py --out /tmp/tinyq [--steps 300] [--set dim=96 ...]
 
@@ -24,39 +25,49 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from wmtp.data.problems import load_mbpp
+from wmtp.config.registry import BASELINE
+from wmtp.config.schema import EvalSettings, Recipe, TrainSettings, load_config, optimizer_steps
 from wmtp.core.checkpoints import load_model
-from wmtp.config.schema import EvalSettings
-from wmtp.data.training import build_examples, iterate_batches
-from wmtp.stages.evaluate import evaluate_completions, summarise
 from wmtp.core.loss import weighted_mtp_loss
 from wmtp.core.sample import generate
+from wmtp.core.schedule import lr_factor
+from wmtp.data.problems import load_mbpp
+from wmtp.data.training import build_examples, iterate_batches
+from wmtp.stages.evaluate import evaluate_completions, summarise
 from wmtp.tiny.build import build_tiny_base, build_tiny_ref, tiny_knobs, write_tiny_mbpp
-from wmtp.tiny.models import lr_at
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def finetune(
-    model, tokenizer, train_df, *, steps: int, lr: float, batch_size: int, seed: int
+    model, tokenizer, train_df, settings: TrainSettings, *, max_seq_len: int, steps: int | None,
+    seed: int,
 ) -> list[float]:
     """The trainer's loop without DeepSpeed: weighted MTP loss with w = 1 on the
-    solution tokens (prompt masked), AdamW, 10 warmup steps, cosine to 0.1 lr."""
-    examples = build_examples(train_df, tokenizer, max_seq_len=512)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    solution tokens (prompt masked), AdamW, the trainer's warmup + cosine schedule;
+    lr, warmup, floor, weight decay, clipping and batch size from `settings`, the
+    length from its epochs unless `steps` is given."""
+    examples = build_examples(train_df, tokenizer, max_seq_len=max_seq_len)
+    batch_size = settings.micro_batch_size * settings.grad_accum_steps  # one process
+    steps = steps or optimizer_steps(settings, len(examples))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     batches = iterate_batches(examples, batch_size, seed, tokenizer.pad_token_id)
     model.train()
     losses = []
     for step, batch in tqdm(batches, total=steps, desc="fine-tune"):
         if step >= steps:
             break
+        factor = lr_factor(step, warmup_steps=settings.warmup_steps, max_steps=steps,
+                           min_lr_ratio=settings.min_lr_ratio)  # fmt: skip
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup=min(10, steps // 2))
+            group["lr"] = settings.lr * factor
         weights = batch.loss_mask.float()  # (B, S) all ones on valid tokens
         loss = weighted_mtp_loss(
             model, batch.input_ids, batch.loss_mask, weights, batch.attention_mask
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         losses.append(loss.item())
     model.eval()
@@ -98,6 +109,14 @@ def evaluate(
     }
 
 
+def finetune_settings(recipes: dict[str, Recipe], args: argparse.Namespace) -> TrainSettings:
+    """The `train:` settings the trainer gives baseline-mtp under `--config`, with
+    --lr and --batch-size on top."""
+    settings = recipes[BASELINE].train
+    updates = {"lr": args.lr, "micro_batch_size": args.batch_size}
+    return settings.model_copy(update={k: v for k, v in updates.items() if v is not None})
+
+
 def parse_overrides(items: list[str]) -> dict:
     overrides = {}
     for item in items:
@@ -112,9 +131,10 @@ def main() -> None:
         "--out", type=Path, required=True, help="directory for the built models and data"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps")
-    parser.add_argument("--lr", type=float, default=2e-3, help="fine-tuning peak learning rate")
-    parser.add_argument("--batch-size", type=int, default=8, help="fine-tuning batch size")
+    parser.add_argument("--config", default="config/config.yaml", help="fine-tuning settings: its train:")
+    parser.add_argument("--steps", type=int, help="fine-tuning steps (default: the config's epochs)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default: the config's)")
+    parser.add_argument("--batch-size", type=int, help="batch size (default: the config's micro batch)")
     parser.add_argument("--n", type=int, default=10, help="samples per test problem")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--reuse", action="store_true", help="reuse models already in --out")
@@ -128,6 +148,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    config, recipes = load_config(args.config, REPO)
     overrides = parse_overrides(args.set)
     print("tiny settings:", json.dumps(tiny_knobs(**overrides)), flush=True)
 
@@ -172,9 +193,9 @@ def main() -> None:
         model,
         tokenizer,
         train_df,
+        finetune_settings(recipes, args),
+        max_seq_len=config.data.max_seq_len,
         steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
         seed=args.seed,
     )
     times["finetune"] = time.time() - start

@@ -24,7 +24,7 @@ from wmtp.tiny.build import (
     write_tiny_mbpp_split,
 )
 from wmtp.tiny.data import FAMILIES, MBPP_COLUMNS, make_tiny_mbpp, sample_problems
-from wmtp.tiny.models import build_tokenizer, lr_at, mtp_loss, pack, pretrain
+from wmtp.tiny.models import build_tokenizer, mtp_loss, pack, pretrain, pretraining_lr_at
 
 # Model and corpus small enough for a build in well under a second.
 SMALL = dict(
@@ -208,10 +208,10 @@ def test_tokenizer_round_trips_and_has_pad_eos():
     assert again.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
 
 
-def test_lr_schedule():
-    assert lr_at(0, 100, 1.0, warmup=10) == pytest.approx(0.1)
-    assert lr_at(9, 100, 1.0, warmup=10) == pytest.approx(1.0)
-    assert lr_at(100, 100, 1.0, warmup=10) == pytest.approx(0.1)
+def test_pretraining_lr_schedule():
+    assert pretraining_lr_at(0, 100, 1.0, warmup=10) == pytest.approx(0.1)
+    assert pretraining_lr_at(9, 100, 1.0, warmup=10) == pytest.approx(1.0)
+    assert pretraining_lr_at(100, 100, 1.0, warmup=10) == pytest.approx(0.1)
 
 
 def test_pretraining_lowers_the_loss():

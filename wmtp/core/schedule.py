@@ -3,8 +3,9 @@
 One formula for every fine-tuning, so a comparison of methods cannot differ in its
 schedule: the trainer (`wmtp.stages.train`, a torch `LambdaLR` the DeepSpeed engine
 steps) and `benchmarks/tiny_quality.py` both read it from here. The tiny
-miniature's *pretraining* has a schedule of its own (`wmtp.tiny.models.pretrain_lr`),
-kept apart because the built-in base model was trained with it.
+miniature's *pretraining* has a schedule of its own
+(`wmtp.tiny.models.pretraining_lr_at`), kept apart because the built-in base model
+was trained with it.
 
 Standard library only.
 """

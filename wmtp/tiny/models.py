@@ -97,8 +97,15 @@ def causal_lm_loss(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
-def lr_at(step: int, steps: int, peak: float, warmup: int, min_ratio: float = 0.1) -> float:
-    """Linear warmup to `peak`, then cosine down to `min_ratio * peak`."""
+def pretraining_lr_at(
+    step: int, steps: int, peak: float, warmup: int, min_ratio: float = 0.1
+) -> float:
+    """The miniature's pretraining schedule: linear warmup to `peak` (step `warmup - 1`
+    reaches it), then cosine down to `min_ratio * peak`.
+
+    Not the fine-tuning schedule (`wmtp.core.schedule.lr_factor`, whose warmup ends one
+    step later): the built-in base and reference models were pretrained with this one,
+    and changing it would rebuild them and move every number of the tiny table."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
@@ -126,7 +133,7 @@ def pretrain(
     bar = tqdm(range(steps), desc=desc, mininterval=2.0)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
+            group["lr"] = pretraining_lr_at(step, steps, lr, warmup)
         rows = torch.randint(0, data.shape[0], (batch_size,), generator=generator)
         loss = loss_fn(model, data[rows])  # data[rows]: (B, S)
         optimizer.zero_grad(set_to_none=True)
