@@ -48,9 +48,9 @@ FAULTS = (
         "trainer-baseline-weights",
         "the trainer hands every method the baseline's weights (rho1 and critic train as baseline-mtp)",
         "wmtp/stages/train.py",
-        "                weights = make_weights(\n                    recipe, batch,",
-        "                weights = make_weights(\n"
-        '                    recipe.model_copy(update={"algorithm": "baseline-mtp"}), batch,',
+        "        weights = make_weights(\n            t.recipe, batch,",
+        "        weights = make_weights(\n"
+        '            t.recipe.model_copy(update={"algorithm": "baseline-mtp"}), batch,',
         ("tests/stages/test_train.py::test_each_method_trains_with_its_formulas_weights",),
     ),
     Fault(

@@ -1,7 +1,7 @@
 """Snakemake adapter of the train rule: weighted-MTP fine-tuning of one (algorithm, seed).
 
 input:  base (base model dir), data (MBPP-format train parquet), refce (ref-CE
-        parquet, rho1-* only), critic (value head safetensors, critic-wmtp only)
+        parquet, rho1-* only), critic (the critic stage's value table, critic-wmtp only)
 output: model (model dir), metrics (metrics.parquet; same directory as model)
 params: algorithm, recipe (Recipe as a dict), settings = {"data": DataSettings,
         "tracking": TrackingSettings} as dicts
@@ -35,8 +35,8 @@ import logging  # noqa: E402
 
 import torch  # noqa: E402
 
+from wmtp.config.paths import Layout, mlflow_uri  # noqa: E402
 from wmtp.config.schema import DataSettings, Recipe, TrackingSettings  # noqa: E402
-from wmtp.infra.tracking import default_tracking_uri  # noqa: E402
 from wmtp.stages.train import train  # noqa: E402
 
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -60,7 +60,7 @@ train(
     seed=int(wildcards.seed),
     dataset_name=data.train_dataset,
     tracking=tracking,
-    tracking_uri=tracking.tracking_uri or default_tracking_uri(Path("results") / wildcards.run),
+    tracking_uri=tracking.tracking_uri or mlflow_uri(Layout.of_run(wildcards.run).mlflow_db()),
     refce_path=inputs.get("refce"),
     critic_path=inputs.get("critic"),
     run_name=f"{params['algorithm']}-seed{wildcards.seed}",
