@@ -15,8 +15,8 @@ import yaml
 
 from wmtp.cli import main, parse_tags, torchrun_argv
 from wmtp.config.paths import Layout
-from wmtp.core.checkpoints import save_model
 from wmtp.config.schema import SCHEMA_PATH, schema_text
+from wmtp.core.checkpoints import save_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "config" / "config.yaml")
@@ -307,8 +307,8 @@ def test_one_off_eval_of_packaged_humaneval_with_knobs_on_the_command_line(
     there is one (here: faked, and the device seen by the evaluator checked)."""
     from conftest import tiny_config
 
-    from wmtp.stages import evaluate
     from wmtp.core.model import MTPModel
+    from wmtp.stages import evaluate
 
     model = MTPModel(tiny_config(vocab_size=len(tiny_tokenizer)))
     model.init_weights(seed=0)

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from conftest import REPO, tiny_config
 from safetensors.torch import load_file
 
-from wmtp.stages import train as train_lib
-from wmtp.core.checkpoints import load_model, save_model
 from wmtp.config.schema import ConfigError, DataSettings, Recipe, TrackingSettings
-from wmtp.data.training import build_examples, read_split
+from wmtp.core.checkpoints import load_model, save_model
 from wmtp.core.model import MTPModel
 from wmtp.core.schedule import lr_factor
+from wmtp.data.training import build_examples, read_split
+from wmtp.stages import train as train_lib
 
 N_PROBLEMS = 16
 
