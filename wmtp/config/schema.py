@@ -37,8 +37,9 @@ from wmtp.config.preflight import missing_paths
 _REGISTRY_NAME = WithJsonSchema({"type": "string", "description": "a name in wmtp.config.registry"})
 Algorithm = Annotated[Literal[registry.TRAINED], _REGISTRY_NAME]
 Row = Annotated[Literal[registry.ROWS], _REGISTRY_NAME]
+# Evaluation datasets (README: "Add a benchmark" lists what else one needs).
 BENCHMARKS = ("mbpp", "humaneval", "codecontests", "tiny-mbpp")
-Benchmark = Literal["mbpp", "humaneval", "codecontests", "tiny-mbpp"]
+Benchmark = Literal[BENCHMARKS]
 TRAIN_DATASETS = ("mbpp", "codecontests", "tiny-mbpp")  # HumanEval has only a test split
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
