@@ -105,14 +105,20 @@ def get_report_inputs(wildcards):
     trained = [(a, s) for a in CONFIG.trained_algorithms for s in CONFIG.seeds]
     return {
         "evals": [
-            LAYOUT.eval_file(a, s, b, "json") for a, s in runs for b in CONFIG.benchmarks
+            LAYOUT.eval_file(a, s, b, "json")
+            for a, s in runs
+            for b in CONFIG.benchmarks
         ],
         "samples": [
-            LAYOUT.eval_file(a, s, b, "jsonl") for a, s in runs for b in CONFIG.benchmarks
+            LAYOUT.eval_file(a, s, b, "jsonl")
+            for a, s in runs
+            for b in CONFIG.benchmarks
         ],
         "metrics": [LAYOUT.train_metrics(a, s) for a, s in trained],
         "critics": (
-            [LAYOUT.critic_metrics(s) for s in CONFIG.seeds] if CONFIG.critic_rows else []
+            [LAYOUT.critic_metrics(s) for s in CONFIG.seeds]
+            if CONFIG.critic_rows
+            else []
         ),
     }
 

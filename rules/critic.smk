@@ -1,6 +1,7 @@
-# Stage 1 of the methods with a critic (critic-wmtp), one critic per seed (its rollouts, hold-out, selection and
-# value head are seeded by it): a value head fitted on the frozen base model's
-# rollouts, its held-out explained variance, and the value table training reads.
+# Stage 1 of the methods with a critic (critic-wmtp), one critic per seed (its
+# rollouts, hold-out, selection and value head are seeded by it): a value head fitted
+# on the frozen base model's rollouts, its held-out explained variance, and the value
+# table training reads.
 
 
 rule critic:
