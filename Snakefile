@@ -29,4 +29,4 @@ rule all:
 
 
 onsuccess:
-    print(f"Report: {REPORT_COPY} (also {report_path()})")
+    print(f"Report: {REPORT_COPY} (also {LAYOUT.report()})")

@@ -7,15 +7,9 @@ import re
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
-from wmtp.config.schema import (
-    ALGORITHMS,
-    BASE_ROW,
-    BENCHMARKS,
-    TRAINED,
-    ConfigError,
-    config_hash,
-    load_config,
-)
+from wmtp.config import registry
+from wmtp.config.paths import REPORT_COPY, TEST_SPLIT, TRAIN_SPLIT, Layout
+from wmtp.config.schema import BENCHMARKS, ConfigError, config_hash, load_config
 
 min_version("9.0")
 
@@ -26,9 +20,10 @@ except ConfigError as error:
 validate(config, "../config/schema/config.schema.json", set_default=False)
 
 RUN = CONFIG.run
-REPORT_COPY = "results/report.md"
-TRAIN_SPLIT = "train"
-TEST_SPLIT = "test"
+# Every results/ path comes from wmtp.config.paths: LAYOUT is this run's (inputs),
+# PATTERN the same layout with the {run} wildcard (the rules' outputs).
+LAYOUT = Layout.of_run(RUN)
+PATTERN = Layout.of_run("{run}")
 
 
 def _alternatives(names):
@@ -37,7 +32,7 @@ def _alternatives(names):
 
 wildcard_constraints:
     run=re.escape(RUN),
-    algo=_alternatives(ALGORITHMS),
+    algo=_alternatives(registry.ROWS),
     seed=r"\d+",
     benchmark=_alternatives(BENCHMARKS),
     dataset=_alternatives(BENCHMARKS),
@@ -45,68 +40,29 @@ wildcard_constraints:
     role="base|ref|reward",
 
 
-# ---- paths -------------------------------------------------------------------------
-
-
-def model_dir(role):
-    return f"results/{RUN}/models/{role}"
-
-
-def data_path(dataset, split):
-    return f"results/{RUN}/data/{dataset}/{split}.parquet"
-
-
 def train_data():
-    return data_path(CONFIG.data.train_dataset, TRAIN_SPLIT)
-
-
-def refce_path():
-    return f"results/{RUN}/refce/{CONFIG.data.train_dataset}.parquet"
-
-
-def critic_dir(seed):
-    return f"results/{RUN}/critic/seed{seed}"
-
-
-def critic_table(seed):
-    return f"{critic_dir(seed)}/values.parquet"
-
-
-def critic_metrics(seed):
-    return f"{critic_dir(seed)}/metrics.json"
-
-
-def trained_model(algo, seed):
-    return f"results/{RUN}/train/{algo}/seed{seed}/model"
-
-
-def train_metrics(algo, seed):
-    return f"results/{RUN}/train/{algo}/seed{seed}/metrics.parquet"
-
-
-def eval_file(algo, seed, benchmark, ext):
-    return f"results/{RUN}/eval/{algo}/seed{seed}/{benchmark}.{ext}"
-
-
-def report_path():
-    return f"results/{RUN}/report.md"
+    return LAYOUT.data(CONFIG.data.train_dataset, TRAIN_SPLIT)
 
 
 def trained_alternatives():
-    """The `algo` wildcard of the train rule: training methods only ('base' is not trained)."""
-    return _alternatives(TRAINED)
+    """The `algo` wildcard of the train rule: the registry's trained methods ('base' is not)."""
+    return _alternatives(registry.TRAINED)
 
 
-def upload_manifest():
-    return f"results/{RUN}/upload.json"
+def critic_settings():
+    """The critic stage's `critic:` section: that of the configured rows with a critic
+    (load_config checks they agree, since one critic per seed serves them all)."""
+    if not CONFIG.critic_rows:
+        raise WorkflowError(f"no row of algorithms {CONFIG.algorithms} has a critic")
+    return RECIPES[CONFIG.critic_rows[0]].critic
 
 
 def get_final_outputs():
     """What `snakemake all` builds: the run's report and its copy at results/report.md,
     and with storage.upload_prefix set, the record of their upload."""
-    outputs = [report_path(), REPORT_COPY]
+    outputs = [LAYOUT.report(), REPORT_COPY]
     if CONFIG.storage.upload_prefix is not None:
-        outputs.append(upload_manifest())
+        outputs.append(LAYOUT.upload_manifest())
     return outputs
 
 
@@ -114,32 +70,32 @@ def get_final_outputs():
 
 
 def get_train_inputs(wildcards):
-    """Every algorithm needs the base model and the training split; rho1-* also the
-    reference CE table, critic-wmtp also its seed's value table. Nothing else, so a
-    change upstream of one method reruns only that method."""
-    inputs = {"base": model_dir("base"), "data": train_data()}
-    if wildcards.algo.startswith("rho1-"):
-        inputs["refce"] = refce_path()
-    if wildcards.algo == "critic-wmtp":
-        inputs["critic"] = critic_table(wildcards.seed)
+    """Every method needs the base model and the training split, and besides exactly
+    the stage outputs its registry entry names (the reference CE table, its seed's
+    value table), so a change upstream of one method reruns only that method."""
+    inputs = {"base": LAYOUT.model("base"), "data": train_data()}
+    if registry.needs(wildcards.algo, "refce"):
+        inputs["refce"] = LAYOUT.refce(CONFIG.data.train_dataset)
+    if registry.needs(wildcards.algo, "values"):
+        inputs["critic"] = LAYOUT.critic_table(wildcards.seed)
     return inputs
 
 
 def get_critic_inputs(wildcards):
-    inputs = {"base": model_dir("base"), "data": train_data()}
-    if RECIPES["critic-wmtp"].critic.reward == "reward_model":
-        inputs["reward"] = model_dir("reward")
+    inputs = {"base": LAYOUT.model("base"), "data": train_data()}
+    if critic_settings().reward == "reward_model":
+        inputs["reward"] = LAYOUT.model("reward")
     return inputs
 
 
 def get_eval_inputs(wildcards):
-    """The model a row evaluates: the `base` row the downloaded base model itself
-    (same protocol, no training), every other row its fine-tuned model."""
-    if wildcards.algo == BASE_ROW:
-        model = model_dir("base")
+    """The model a row evaluates: an untrained row (`base`) the downloaded base model
+    itself (same protocol, no training), every other row its fine-tuned model."""
+    if registry.method(wildcards.algo).trained:
+        model = LAYOUT.trained_model(wildcards.algo, wildcards.seed)
     else:
-        model = trained_model(wildcards.algo, wildcards.seed)
-    return {"model": model, "data": data_path(wildcards.benchmark, TEST_SPLIT)}
+        model = LAYOUT.model("base")
+    return {"model": model, "data": LAYOUT.data(wildcards.benchmark, TEST_SPLIT)}
 
 
 def get_report_inputs(wildcards):
@@ -149,15 +105,19 @@ def get_report_inputs(wildcards):
     trained = [(a, s) for a in CONFIG.trained_algorithms for s in CONFIG.seeds]
     return {
         "evals": [
-            eval_file(a, s, b, "json") for a, s in runs for b in CONFIG.benchmarks
+            LAYOUT.eval_file(a, s, b, "json")
+            for a, s in runs
+            for b in CONFIG.benchmarks
         ],
         "samples": [
-            eval_file(a, s, b, "jsonl") for a, s in runs for b in CONFIG.benchmarks
+            LAYOUT.eval_file(a, s, b, "jsonl")
+            for a, s in runs
+            for b in CONFIG.benchmarks
         ],
-        "metrics": [train_metrics(a, s) for a, s in trained],
+        "metrics": [LAYOUT.train_metrics(a, s) for a, s in trained],
         "critics": (
-            [critic_metrics(s) for s in CONFIG.seeds]
-            if "critic-wmtp" in CONFIG.algorithms
+            [LAYOUT.critic_metrics(s) for s in CONFIG.seeds]
+            if CONFIG.critic_rows
             else []
         ),
     }
@@ -165,10 +125,10 @@ def get_report_inputs(wildcards):
 
 def get_upload_inputs(wildcards):
     """The report with its figures, and every file behind it: evaluations, training
-    metrics and (with critic-wmtp) the critics' metrics."""
+    metrics and (with a critic row) the critics' metrics."""
     return {
-        "report": report_path(),
-        "figures": f"results/{RUN}/figures",
+        "report": LAYOUT.report(),
+        "figures": LAYOUT.figures(),
         **get_report_inputs(wildcards),
     }
 
@@ -208,7 +168,7 @@ def get_critic_params(wildcards):
     of the eval section (for rollout rewards); its seed is the {seed} wildcard."""
     sandbox = ("timeout", "memory_mb", "workers")
     return {
-        "critic": RECIPES["critic-wmtp"].critic.model_dump(mode="json"),
+        "critic": critic_settings().model_dump(mode="json"),
         "data": CONFIG.data.model_dump(mode="json"),
         "sandbox": {key: getattr(CONFIG.eval, key) for key in sandbox},
     }

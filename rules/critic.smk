@@ -1,19 +1,20 @@
-# Stage 1 of critic-wmtp, one critic per seed (its rollouts, hold-out, selection and
-# value head are seeded by it): a value head fitted on the frozen base model's
-# rollouts, its held-out explained variance, and the value table training reads.
+# Stage 1 of the methods with a critic (critic-wmtp), one critic per seed (its
+# rollouts, hold-out, selection and value head are seeded by it): a value head fitted
+# on the frozen base model's rollouts, its held-out explained variance, and the value
+# table training reads.
 
 
 rule critic:
     input:
         unpack(get_critic_inputs),
     output:
-        table="results/{run}/critic/seed{seed}/values.parquet",
-        head="results/{run}/critic/seed{seed}/value_head.safetensors",
-        metrics="results/{run}/critic/seed{seed}/metrics.json",
+        table=PATTERN.critic_table("{seed}"),
+        head=PATTERN.critic_head("{seed}"),
+        metrics=PATTERN.critic_metrics("{seed}"),
     log:
         "logs/{run}/critic/seed{seed}.log",
     benchmark:
-        "logs/{run}/benchmarks/critic/seed{seed}.tsv"
+        "logs/{run}/timings/critic/seed{seed}.tsv"
     conda:
         "../envs/train.yaml"
     threads: 1

@@ -3,11 +3,11 @@
 
 rule download_model:
     output:
-        directory("results/{run}/models/{role}"),
+        directory(PATTERN.model("{role}")),
     log:
         "logs/{run}/download_model/{role}.log",
     benchmark:
-        "logs/{run}/benchmarks/download_model/{role}.tsv"
+        "logs/{run}/timings/download_model/{role}.tsv"
     conda:
         "../envs/train.yaml"
     threads: 1
@@ -22,7 +22,7 @@ rule download_model:
 
 rule download_data:
     output:
-        "results/{run}/data/{dataset}/{split}.parquet",
+        PATTERN.data("{dataset}", "{split}"),
     log:
         "logs/{run}/download_data/{dataset}/{split}.log",
     conda:

@@ -5,12 +5,12 @@ rule eval:
     input:
         unpack(get_eval_inputs),
     output:
-        summary="results/{run}/eval/{algo}/seed{seed}/{benchmark}.json",
-        samples="results/{run}/eval/{algo}/seed{seed}/{benchmark}.jsonl",
+        summary=PATTERN.eval_file("{algo}", "{seed}", "{benchmark}", "json"),
+        samples=PATTERN.eval_file("{algo}", "{seed}", "{benchmark}", "jsonl"),
     log:
         "logs/{run}/eval/{algo}/seed{seed}/{benchmark}.log",
     benchmark:
-        "logs/{run}/benchmarks/eval/{algo}/seed{seed}/{benchmark}.tsv"
+        "logs/{run}/timings/eval/{algo}/seed{seed}/{benchmark}.tsv"
     conda:
         "../envs/eval.yaml"
     threads: 1

@@ -3,15 +3,15 @@
 
 rule refce:
     input:
-        ref="results/{run}/models/ref",
-        base="results/{run}/models/base",
-        data="results/{run}/data/{dataset}/train.parquet",
+        ref=PATTERN.model("ref"),
+        base=PATTERN.model("base"),
+        data=PATTERN.data("{dataset}", TRAIN_SPLIT),
     output:
-        "results/{run}/refce/{dataset}.parquet",
+        PATTERN.refce("{dataset}"),
     log:
         "logs/{run}/refce/{dataset}.log",
     benchmark:
-        "logs/{run}/benchmarks/refce/{dataset}.tsv"
+        "logs/{run}/timings/refce/{dataset}.tsv"
     conda:
         "../envs/train.yaml"
     threads: 1

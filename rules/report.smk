@@ -5,9 +5,9 @@ rule report:
     input:
         unpack(get_report_inputs),
     output:
-        report=report("results/{run}/report.md", category="Report"),
+        report=report(PATTERN.report(), category="Report"),
         figures=report(
-            directory("results/{run}/figures"),
+            directory(PATTERN.figures()),
             patterns=["{name}.png"],
             category="Figures",
         ),
@@ -30,7 +30,7 @@ rule report:
 # `run` is a param, so switching configs re-copies even when the copy is newer.
 rule publish_report:
     input:
-        report_path(),
+        LAYOUT.report(),
     output:
         REPORT_COPY,
     log:

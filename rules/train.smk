@@ -8,12 +8,12 @@ rule train:
     input:
         unpack(get_train_inputs),
     output:
-        model=directory("results/{run}/train/{algo}/seed{seed}/model"),
-        metrics="results/{run}/train/{algo}/seed{seed}/metrics.parquet",
+        model=directory(PATTERN.trained_model("{algo}", "{seed}")),
+        metrics=PATTERN.train_metrics("{algo}", "{seed}"),
     log:
         "logs/{run}/train/{algo}/seed{seed}.log",
     benchmark:
-        "logs/{run}/benchmarks/train/{algo}/seed{seed}.tsv"
+        "logs/{run}/timings/train/{algo}/seed{seed}.tsv"
     wildcard_constraints:
         algo=trained_alternatives(),
     conda:

@@ -7,7 +7,7 @@ rule upload_results:
     input:
         unpack(get_upload_inputs),
     output:
-        "results/{run}/upload.json",
+        PATTERN.upload_manifest(),
     log:
         "logs/{run}/upload_results.log",
     conda:

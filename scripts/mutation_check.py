@@ -70,6 +70,14 @@ FAULTS = (
         ("tests/stages/test_train.py::test_each_method_trains_with_its_formulas_weights",),
     ),
     Fault(
+        "registry-wrong-weight-function",
+        "rho1-weighted trains with tokenskip's weights (its registry entry names another function)",
+        "wmtp/config/registry.py",
+        '            "rho1_weighted",\n',
+        '            "rho1_tokenskip",\n',
+        ("tests/core/test_weights.py::test_algorithm_weights_use_each_setting",),
+    ),
+    Fault(
         "normalise-temperature-1.5x",
         "weights flatter than the configured temperature",
         "wmtp/core/weights.py",

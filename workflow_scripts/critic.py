@@ -1,4 +1,5 @@
-"""Snakemake adapter of the critic rule: stage 1 of critic-wmtp for one seed.
+"""Snakemake adapter of the critic rule: stage 1 of the methods with a critic
+(critic-wmtp), for one seed.
 
 input:  base (base model dir, with tokenizer), data (MBPP-format train parquet),
         reward (reward model dir; only when critic.reward = reward_model)

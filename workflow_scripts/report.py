@@ -4,7 +4,7 @@
 input:  evals   = every eval/{algo}/seed{s}/{benchmark}.json of the table,
         samples = every eval/{algo}/seed{s}/{benchmark}.jsonl,
         metrics = every train/{algo}/seed{s}/metrics.parquet,
-        critics = every critic/seed{s}/metrics.json (when critic-wmtp is a row)
+        critics = every critic/seed{s}/metrics.json (when a row has a critic)
         (algorithm, seed and benchmark are read from each path)
 output: report  = results/{run}/report.md, figures = results/{run}/figures (directory)
 params: settings = {"report": ReportSettings, "config_hash": str} (a rerun trigger

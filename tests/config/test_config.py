@@ -6,16 +6,22 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
+from types import SimpleNamespace
+from typing import get_args
 
 import pytest
 import yaml
 
+from wmtp.config import registry
+from wmtp.config.registry import ROWS, TRAINED
 from wmtp.config.schema import (
-    ALGORITHMS,
     SCHEMA_PATH,
-    TRAINED,
+    Algorithm,
     ConfigError,
+    CriticSettings,
     PipelineConfig,
+    Row,
+    _shared_critic_problems,
     config_hash,
     load_config,
     load_recipe,
@@ -69,7 +75,7 @@ def test_the_tiny_default_is_the_issue_setting():
     config, _ = load_config(REPO / "config" / "config.yaml", base_dir=REPO)
     assert config.run == "tiny" and len(config.seeds) >= 2
     assert sorted(config.trained_algorithms) == sorted(TRAINED)
-    assert sorted(config.algorithms) == sorted(ALGORITHMS)
+    assert sorted(config.algorithms) == sorted(ROWS)
     assert config.models.base.source == config.models.ref.source == "tiny"
     assert config.eval.ks["tiny-mbpp"] == [1, 10] and config.eval.n_samples == 10
 
@@ -318,7 +324,7 @@ def test_a_batch_larger_than_the_data_is_refused():
         optimizer_steps(TrainSettings(micro_batch_size=8), 20, processes=4)
 
 
-# ---- one error test per section (issue 14) ---------------------------------------------
+# ---- one error test per section -------------------------------------------------------
 
 
 def with_value(keys: tuple[str, ...], value) -> dict:
@@ -404,3 +410,29 @@ def test_prompt_format_is_the_base_models(tmp_path):
     data["algorithms"].remove("critic-wmtp")
     config, _ = load_config(data, base_dir=REPO)
     assert config.models.base.prompt_format == "chat"
+
+
+def test_the_schema_names_come_from_the_registry():
+    """Config validation reads wmtp.config.registry: the allowed rows and methods are
+    its names, and a method's recipe needs a `critic:` section exactly when it has a
+    critic."""
+    assert get_args(get_args(Algorithm)[0]) == registry.TRAINED
+    assert get_args(get_args(Row)[0]) == registry.ROWS
+    assert registry.BASE_ROW in registry.ROWS and registry.BASE_ROW not in registry.TRAINED
+    config, recipes = load_config(REPO / "config" / "config.yaml", base_dir=REPO)
+    assert config.critic_rows == [m for m in config.algorithms if registry.method(m).has_critic]
+    for name, recipe in recipes.items():
+        assert (recipe.critic is not None) == registry.method(name).has_critic
+
+
+def test_rows_with_a_critic_must_agree_on_its_section():
+    """One critic per seed serves every row with a critic, so their `critic:` sections
+    must be equal; the check is by row, whatever the registry holds."""
+    recipes = {
+        "a": SimpleNamespace(critic=CriticSettings()),
+        "b": SimpleNamespace(critic=CriticSettings()),
+        "c": SimpleNamespace(critic=CriticSettings(gamma=0.5)),
+    }
+    assert _shared_critic_problems(SimpleNamespace(critic_rows=["a", "b"]), recipes) == []
+    problems = _shared_critic_problems(SimpleNamespace(critic_rows=["a", "b", "c"]), recipes)
+    assert len(problems) == 1 and "a, b, c share the critic stage" in problems[0]

@@ -13,7 +13,7 @@ from wmtp.core.model import MTPModel
 
 
 def naive_loss(model, input_ids, loss_mask, weights, attention_mask=None):
-    """DESIGN.md section 3 written literally on the (B, S, H, V) logits; also returns
+    """The loss formula of wmtp.core.loss written literally on the (B, S, H, V) logits; also returns
     each head's unweighted mean CE."""
     logits = model(input_ids, attention_mask)  # (B, S, H, V)
     batch, seq, n_heads, vocab = logits.shape

@@ -1,4 +1,4 @@
-"""Invariants of the token weights (issue 2, DESIGN.md section 3)."""
+"""Invariants of the token weights (their definition: docs/design.md)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
+from wmtp.config import registry
 from wmtp.config.schema import WeightingSettings
+from wmtp.core import weights as weights_module
 from wmtp.core.weights import (
-    WEIGHT_FUNCTIONS,
     algorithm_weights,
     critic_deltas,
     exp_weights,
@@ -92,7 +93,7 @@ def test_normalize_edge_cases():
     assert torch.equal(none, torch.zeros(2, 3))
 
 
-# Hand-worked cases (issue 14): the expected weights are derived on paper from DESIGN.md's
+# Hand-worked cases: the expected weights are derived on paper from the
 # definition (z-score with the POPULATION std over the batch's valid tokens, softmax(z / T),
 # mean 1, clip to [eps, w_max] with the rest rescaled), never from the implementation.
 # Valid tokens are spread over two rows, with garbage at invalid positions, so a per-row
@@ -259,7 +260,7 @@ def inputs(seed: int):
     return mask, dict(ce_base=ce_base, ce_ref=ce_ref, deltas=critic_deltas(scores.cumsum(-1), mask))
 
 
-@pytest.mark.parametrize("algorithm", sorted(WEIGHT_FUNCTIONS))
+@pytest.mark.parametrize("algorithm", registry.TRAINED)
 @pytest.mark.parametrize("lam", [1.0, 0.5])
 def test_algorithm_weights_invariants(algorithm, lam):
     mask, extra = inputs(8)
@@ -293,8 +294,10 @@ def test_algorithm_weights_use_each_setting():
 
 def test_algorithm_weights_errors():
     mask, extra = inputs(10)
-    with pytest.raises(ValueError, match="baseline-mtp.*rho1-weighted.*rho1-tokenskip.*critic-wmtp"):
+    with pytest.raises(ValueError, match="unknown algorithm 'rho2'; allowed: base, baseline-mtp"):
         algorithm_weights("rho2", mask, WeightingSettings())
+    with pytest.raises(ValueError, match="'base' is not trained; trained: baseline-mtp"):
+        algorithm_weights("base", mask, WeightingSettings())
     with pytest.raises(ValueError, match="ce_ref"):
         algorithm_weights("rho1-weighted", mask, WeightingSettings(), ce_base=extra["ce_base"])
     with pytest.raises(ValueError, match="deltas"):
@@ -349,3 +352,15 @@ def test_exp_weights_keep_the_scale_of_the_scores():
         algorithm_weights("critic-wmtp", mask, settings, deltas=scores),
         exp_weights(scores, mask, 0.5, settings.eps, settings.w_max),
     )
+
+
+def test_every_trained_method_names_a_weight_function_here():
+    """The registry names each trained method's function; it is a module-level
+    function of wmtp.core.weights and reads only knobs that exist."""
+    knobs = set(WeightingSettings.model_fields)
+    for name in registry.TRAINED:
+        method = registry.method(name)
+        assert callable(getattr(weights_module, method.weight_function)), name
+        assert weights_module.weight_function(name) is getattr(weights_module, method.weight_function)
+        assert set(method.knobs) <= knobs, name
+    assert weights_module.weight_function("ntp") is weights_module.uniform

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wmtp.config.schema import ALGORITHMS, TRAINED  # rows of the table; the trained ones
+from wmtp.config.registry import ROWS, TRAINED  # rows of the table; the trained ones
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOW = ("Snakefile", "rules", "config", "profiles", "envs", "workflow_scripts")
@@ -107,12 +107,12 @@ def test_dry_run_plans_the_whole_table(tiny_plan):
         refce=1,  # shared by both rho1 algorithms
         critic=seeds,  # one critic per seed: its randomness is inside the interval
         train=len(TRAINED) * seeds,  # every row but base
-        eval=len(ALGORITHMS) * seeds,  # every row, one benchmark
+        eval=len(ROWS) * seeds,  # every row, one benchmark
         report=1,
         publish_report=1,
         all=1,
     )
-    for algo in ALGORITHMS:
+    for algo in ROWS:
         for seed in range(seeds):
             assert f"results/tiny/eval/{algo}/seed{seed}/tiny-mbpp.json" in tiny_plan
 
@@ -137,7 +137,7 @@ def test_each_algorithm_reads_only_what_it_needs(tiny_plan):
         f"results/tiny/critic/seed{s}/values.parquet" for s in range(2)
     ]
     evals = planned_inputs(tiny_plan, "eval")
-    assert len(evals) == 2 * len(ALGORITHMS)
+    assert len(evals) == 2 * len(ROWS)
     for output, inputs in evals.items():
         model = output.split(",")[0].replace("/eval/", "/train/").rsplit("/", 1)[0] + "/model"
         if "/eval/base/" in output:  # the base row: the downloaded model, never trained
@@ -151,7 +151,7 @@ def test_paper_dry_run_plans_three_benchmarks(workdir):
     result = snakemake(workdir, "all", "-n", "--configfile", "config/paper.yaml")
     assert result.returncode == 0, result.stderr
     jobs = planned_jobs(result.stdout)
-    assert jobs["train"] == len(TRAINED) * 3 and jobs["eval"] == len(ALGORITHMS) * 3 * 3
+    assert jobs["train"] == len(TRAINED) * 3 and jobs["eval"] == len(ROWS) * 3 * 3
     assert jobs["critic"] == 3  # one per seed
     assert jobs["download_data"] == 1 + 3  # mbpp train + the three test splits
     assert "results/paper/eval/critic-wmtp/seed2/codecontests.json" in result.stdout

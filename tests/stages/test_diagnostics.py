@@ -17,8 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from wmtp.stages import diagnostics, report
+from wmtp.data.prompts import mbpp_solution
 from wmtp.data.training import build_examples, collate, pack
+from wmtp.stages import diagnostics, report
 from wmtp.stages.diagnostics import (
     CODE,
     COMMENT,
@@ -29,7 +30,6 @@ from wmtp.stages.diagnostics import (
     comment_chars,
     solution_classes,
 )
-from wmtp.data.prompts import mbpp_solution
 from wmtp.tiny.data import WORDS, make_tiny_mbpp
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wmtp.stages import report
 from wmtp.config.schema import load_config
+from wmtp.stages import report
 
 REPO = Path(__file__).resolve().parents[2]
 ALGOS = ["base", "ntp", "baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip"]

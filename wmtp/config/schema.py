@@ -17,19 +17,29 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    create_model,
+    model_validator,
+)
 
+from wmtp.config import registry
 from wmtp.config.preflight import missing_paths
 
-# Training methods (each has a recipe and a train job per seed) ...
-Algorithm = Literal["baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip", "ntp"]
-TRAINED = get_args(Algorithm)
-# ... and rows of the table that evaluate a model without training it.
-BASE_ROW = "base"
-Row = Literal["base", "baseline-mtp", "critic-wmtp", "rho1-weighted", "rho1-tokenskip", "ntp"]
-ALGORITHMS = get_args(Row)  # every row name (the `algo` wildcard of the eval paths)
+# The names wmtp.config.registry knows: training methods (each has a recipe and a
+# train job per seed) and every row of the table (the trained ones and `base`).
+# The JSON schema file says only "a string" for them, so a new registry entry needs
+# no regenerated schema: these models, which run first, check the names.
+_REGISTRY_NAME = WithJsonSchema({"type": "string", "description": "a name in wmtp.config.registry"})
+Algorithm = Annotated[Literal[registry.TRAINED], _REGISTRY_NAME]
+Row = Annotated[Literal[registry.ROWS], _REGISTRY_NAME]
+# Evaluation datasets (README: "Add a benchmark" lists what else one needs).
 BENCHMARKS = ("mbpp", "humaneval", "codecontests", "tiny-mbpp")
-Benchmark = Literal["mbpp", "humaneval", "codecontests", "tiny-mbpp"]
+Benchmark = Literal[BENCHMARKS]
 TRAIN_DATASETS = ("mbpp", "codecontests", "tiny-mbpp")  # HumanEval has only a test split
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -275,43 +285,41 @@ def _overrides_of(section: type[BaseModel]) -> type[BaseModel]:
 TrainOverrides = _overrides_of(TrainSettings)
 WeightingOverrides = _overrides_of(WeightingSettings)
 
-# The weighting knobs each algorithm reads; a recipe overriding any other one would
-# set a knob that is validated but never used.
-WEIGHTING_KNOBS: dict[str, tuple[str, ...]] = {
-    "baseline-mtp": (),
-    "ntp": (),
-    "rho1-weighted": ("temperature", "eps", "w_max", "strength", "rho1_mode", "rho1_base"),
-    "rho1-tokenskip": ("strength", "rho1_mode", "rho1_base", "skip_ratio"),
-    "critic-wmtp": ("temperature", "eps", "w_max", "strength", "critic_scores", "critic_beta"),
-}
-
-
 class RecipeFile(Strict):
     """One training method as written in `config/recipes/<algorithm>.yaml`: the
-    algorithm, its own section (critic-wmtp's `critic:`) and deliberate overrides of
-    the setting's shared `train:` / `weighting:` sections (each listed in the report)."""
+    algorithm, its own section (a method with a critic: `critic:`) and deliberate
+    overrides of the setting's shared `train:` / `weighting:` sections (each listed in
+    the report)."""
 
-    algorithm: Algorithm = Field(description="selects the weight function (wmtp.core.weights.WEIGHT_FUNCTIONS)")
+    algorithm: Algorithm = Field(
+        description="the method's entry in wmtp.config.registry (its weight function, heads and inputs)"
+    )
     train: TrainOverrides = Field(  # type: ignore[valid-type]
         default_factory=TrainOverrides, description="overrides of the setting's train section"
     )
     weighting: WeightingOverrides = Field(  # type: ignore[valid-type]
         default_factory=WeightingOverrides, description="overrides of the setting's weighting section"
     )
-    critic: CriticSettings | None = Field(None, description="required by critic-wmtp, rejected otherwise")
+    critic: CriticSettings | None = Field(
+        None, description="required by a method with a critic (critic-wmtp), rejected otherwise"
+    )
 
     @model_validator(mode="after")
     def _own_sections(self) -> RecipeFile:
+        """A `critic:` section exactly when the method has a critic, and weighting
+        overrides only of the knobs the method reads (any other would be validated
+        but never used)."""
+        method = registry.method(self.algorithm)
         problems = []
-        if self.algorithm == "critic-wmtp" and self.critic is None:
-            problems.append("critic = null: critic-wmtp needs a 'critic' section")
-        if self.algorithm != "critic-wmtp" and self.critic is not None:
+        if method.has_critic and self.critic is None:
+            problems.append(f"critic = null: {self.algorithm} needs a 'critic' section")
+        if not method.has_critic and self.critic is not None:
             problems.append(f"critic: section given for {self.algorithm}, which has no critic")
-        unused = [k for k in self.weighting.model_fields_set if k not in WEIGHTING_KNOBS[self.algorithm]]
+        unused = [k for k in self.weighting.model_fields_set if k not in method.knobs]
         if unused:
             problems.append(
                 f"weighting: {self.algorithm} does not use {sorted(unused)} "
-                f"(it reads {list(WEIGHTING_KNOBS[self.algorithm]) or 'no weighting knob'})"
+                f"(it reads {list(method.knobs) or 'no weighting knob'})"
             )
         if problems:
             raise ValueError("; ".join(problems))
@@ -331,20 +339,26 @@ class Recipe(Strict):
     `weighting:` sections with the recipe's overrides applied. This is what the
     trainer reads (and Snakemake's rerun trigger sees)."""
 
-    algorithm: Algorithm = Field(description="selects the weight function (wmtp.core.weights.WEIGHT_FUNCTIONS)")
+    algorithm: Algorithm = Field(
+        description="the method's entry in wmtp.config.registry (its weight function, heads and inputs)"
+    )
     train: TrainSettings = Field(default_factory=TrainSettings)
     weighting: WeightingSettings = Field(default_factory=WeightingSettings)
-    critic: CriticSettings | None = Field(None, description="required by critic-wmtp, rejected otherwise")
+    critic: CriticSettings | None = Field(
+        None, description="required by a method with a critic (critic-wmtp), rejected otherwise"
+    )
     overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="what the recipe file sets of the shared sections (reported)"
     )
 
     @model_validator(mode="after")
     def _auto_strength_needs_a_critic(self) -> Recipe:
-        if self.weighting.strength == "auto" and self.algorithm != "critic-wmtp":
+        """`auto` is the critic's held-out explained variance: undefined without one."""
+        if self.weighting.strength == "auto" and not registry.method(self.algorithm).has_critic:
+            with_critic = [m.name for m in registry.METHODS.values() if m.has_critic]
             raise ValueError(
-                f"weighting.strength = 'auto': only critic-wmtp has a confidence measure (its "
-                f"critic's explained variance); give {self.algorithm} a number in [0, 1]"
+                f"weighting.strength = 'auto': only {', '.join(with_critic)} has a confidence "
+                f"measure (its critic's explained variance); give {self.algorithm} a number in [0, 1]"
             )
         return self
 
@@ -465,10 +479,11 @@ class PipelineConfig(Strict):
         models = (self.models.base, self.models.ref, self.models.reward)
         uses_tiny = any(m is not None and m.source == "tiny" for m in models)
         problems += _base_problems(self.models)
-        if self.models.base.prompt_format == "chat" and "critic-wmtp" in self.algorithms:
+        if self.models.base.prompt_format == "chat" and self.critic_rows:
+            names = ", ".join(self.critic_rows)
             problems.append(
-                "models.base.prompt_format = 'chat': critic-wmtp's rollouts are sampled in the raw "
-                "format only (wmtp/stages/critic.py); drop critic-wmtp from algorithms or use raw"
+                f"models.base.prompt_format = 'chat': {names}'s rollouts are sampled in the raw "
+                f"format only (wmtp/stages/critic.py); drop {names} from algorithms or use raw"
             )
         if uses_tiny and self.data.max_seq_len > self.tiny.max_seq_len:
             problems.append(
@@ -482,7 +497,13 @@ class PipelineConfig(Strict):
     @property
     def trained_algorithms(self) -> list[str]:
         """The rows that are fine-tunings (every row but 'base'), in table order."""
-        return [a for a in self.algorithms if a != BASE_ROW]
+        return [a for a in self.algorithms if registry.method(a).trained]
+
+    @property
+    def critic_rows(self) -> list[str]:
+        """The rows that read a critic's value table, in table order: they share the
+        critic stage (one critic per seed)."""
+        return [a for a in self.algorithms if registry.method(a).has_critic]
 
 
 def is_mtp_model_config(payload: dict) -> bool:
@@ -603,6 +624,18 @@ def load_recipe(path: str | Path, setting: PipelineConfig | None = None) -> Reci
     return resolve_recipe(recipe, train, weighting, str(path))
 
 
+def _shared_critic_problems(config: PipelineConfig, recipes: dict[str, Recipe]) -> list[str]:
+    """The rows with a critic share one critic per seed (results/{run}/critic/seed{s}),
+    so their recipes' `critic:` sections must be equal; the critic stage reads them."""
+    sections = {a: recipes[a].critic for a in config.critic_rows if a in recipes}
+    if len({json.dumps(c.model_dump(mode="json"), sort_keys=True) for c in sections.values()}) <= 1:
+        return []
+    return [
+        f"recipes: {', '.join(sections)} share the critic stage (one critic per seed) but "
+        "their 'critic' sections differ; make them equal"
+    ]
+
+
 def load_config(data_or_path: dict | str | Path, base_dir: str | Path = ".") -> tuple[PipelineConfig, dict[str, Recipe]]:
     """Validate the pipeline config, every recipe it names (resolved against the
     config's shared sections) and every file or directory they name
@@ -635,6 +668,7 @@ def load_config(data_or_path: dict | str | Path, base_dir: str | Path = ".") -> 
                 "a reward model (or use critic.reward = 'execution')"
             )
         recipes[algorithm] = recipe
+    problems += _shared_critic_problems(config, recipes)
     problems += missing_paths(config, recipes, base_dir)
     if problems:
         raise ConfigError("\n".join(problems))

@@ -1,4 +1,4 @@
-"""Memory-efficient weighted multi-token-prediction loss (DESIGN.md section 3).
+"""Memory-efficient weighted multi-token-prediction loss (docs/design.md).
 
     L = (1/H) * sum_k [ sum_{(b,t) valid for k} w[b, t+k+1] * CE_k(b, t) ] / #{(b,t) valid for k}
 
@@ -84,7 +84,7 @@ def weighted_mtp_loss_details(
     without a second forward. Head k at position t uses w[t+k+1].
 
     `n_heads` (default all H) restricts the loss to heads 0..n_heads-1 (the mean is
-    over those): `ntp` trains head 0 alone (`wmtp.core.weights.TRAINED_HEADS`).
+    over those): `ntp` trains head 0 alone (its `heads` in `wmtp.config.registry`).
     `model` is the bare `MTPModel` (pass `engine.module` under DeepSpeed).
     Under `torch.no_grad()` only the value is computed.
     """

@@ -1,4 +1,4 @@
-"""Token-importance scores -> per-token loss weights (DESIGN.md section 3).
+"""Token-importance scores -> per-token loss weights.
 
 Every tensor is `(B, S)` and indexed by the TARGET token j: `w[b, j]` weights
 every head that predicts `x[b, j]`. `mask[b, j]` marks valid targets (solution
@@ -9,11 +9,12 @@ Weights have mean 1 over the valid tokens of the batch, so a weighted loss stays
 on the scale of plain cross-entropy, and they never carry gradient: every
 function runs under `torch.no_grad()` on detached inputs and returns float32.
 
-An algorithm name selects one function from `WEIGHT_FUNCTIONS` and, through
-`TRAINED_HEADS`, the heads it trains; `algorithm_weights` adds the recipe's weight
-strength on top. Strength `auto` (critic-wmtp) is resolved by the caller from the
-critic's held-out explained variance (wmtp.stages.value_table.auto_strength) and passed in
-as a number.
+A method's entry in `wmtp.config.registry` names its weight function here (a
+module-level function `fn(mask, settings, *, ce_base, ce_ref, deltas)`), so
+adding a method adds a function, not a branch; `algorithm_weights` looks it up
+and adds the recipe's weight strength on top. Strength `auto` (a method with a
+critic) is resolved by the caller from the critic's held-out explained variance
+(wmtp.stages.value_table.auto_strength) and passed in as a number.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 
+from wmtp.config import registry
+from wmtp.config.registry import trained_heads  # noqa: F401 (re-exported: wmtp.stages.train imports it here)
 from wmtp.config.schema import WeightingSettings
 
 WEIGHT_DTYPE = torch.float32
@@ -143,8 +146,9 @@ def tokenskip(scores: torch.Tensor, mask: torch.Tensor, skip_ratio: float = 0.3)
     """Drop the floor(skip_ratio * n_valid) lowest-scoring valid tokens of the batch;
     the kept ones get n_valid / n_kept so the mean over valid tokens is 1.
 
-    Only valid tokens are ranked (a threshold over padding was a bug of an earlier
-    framework); ties are broken by position so the result is deterministic."""
+    Only valid tokens are ranked (a threshold that counted padding would drop a
+    batch-dependent share of real tokens); ties are broken by position so the
+    result is deterministic."""
     if not 0 <= skip_ratio < 1:
         raise ValueError(f"skip_ratio must be in [0, 1), got {skip_ratio}")
     mask = _check(scores, mask)
@@ -190,60 +194,60 @@ def strength(weights: torch.Tensor, mask: torch.Tensor, lam: float) -> torch.Ten
     return torch.where(mask, 1.0 + lam * (w - 1.0), torch.zeros_like(w))
 
 
-def _require(name: str, algorithm: str, tensor: torch.Tensor | None) -> torch.Tensor:
+class MissingInput(ValueError):
+    """A weight function was called without a tensor its method reads;
+    `algorithm_weights` names the method in the message."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"needs {name}")
+        self.name = name
+
+
+def _require(name: str, tensor: torch.Tensor | None) -> torch.Tensor:
     if tensor is None:
-        raise ValueError(f"algorithm {algorithm!r} needs {name}")
+        raise MissingInput(name)
     return tensor
 
 
-def _baseline(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torch.Tensor:
+# The weight functions the registry names: fn(mask, settings, *, ce_base, ce_ref,
+# deltas) -> (B, S) weights before the strength mix.
+
+
+def uniform(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torch.Tensor:
+    """1 on every valid token: plain (multi-token) cross-entropy."""
     return mask.detach().bool().to(WEIGHT_DTYPE)
 
 
-def _rho1_weighted(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torch.Tensor:
-    scores = rho1_scores(
-        _require("ce_base", "rho1-weighted", ce_base), _require("ce_ref", "rho1-weighted", ce_ref),
-        mode=settings.rho1_mode,
-    )
+def rho1_weighted(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torch.Tensor:
+    """normalise(Rho-1 excess loss)."""
+    scores = rho1_scores(_require("ce_base", ce_base), _require("ce_ref", ce_ref), mode=settings.rho1_mode)
     return normalize(scores, mask, settings.temperature, settings.eps, settings.w_max)
 
 
-def _rho1_tokenskip(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torch.Tensor:
-    scores = rho1_scores(
-        _require("ce_base", "rho1-tokenskip", ce_base), _require("ce_ref", "rho1-tokenskip", ce_ref),
-        mode=settings.rho1_mode,
-    )
+def rho1_tokenskip(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torch.Tensor:
+    """Drop the lowest-scored share of the batch's tokens by Rho-1 excess loss."""
+    scores = rho1_scores(_require("ce_base", ce_base), _require("ce_ref", ce_ref), mode=settings.rho1_mode)
     return tokenskip(scores, mask, settings.skip_ratio)
 
 
-def _critic(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torch.Tensor:
-    scores = _require("deltas", "critic-wmtp", deltas)
+def critic(mask, settings, *, ce_base=None, ce_ref=None, deltas=None) -> torch.Tensor:
+    """The critic's deltas V(j) - V(j-1) through normalise() or exp()."""
+    scores = _require("deltas", deltas)
     if settings.critic_scores == "exp":
         return exp_weights(scores, mask, settings.critic_beta, settings.eps, settings.w_max)
     return normalize(scores, mask, settings.temperature, settings.eps, settings.w_max)
 
 
-# algorithm name -> fn(mask, settings, *, ce_base, ce_ref, deltas) -> (B, S) weights
-WEIGHT_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
-    "ntp": _baseline,
-    "baseline-mtp": _baseline,
-    "rho1-weighted": _rho1_weighted,
-    "rho1-tokenskip": _rho1_tokenskip,
-    "critic-wmtp": _critic,
-}
-
-
-# How many heads, counted from head 0, an algorithm trains (absent: all H). ntp is
-# next-token fine-tuning of the MTP base: only head 0 (with the trunk, shared norm and
-# unembedding) learns, on the plain CE; heads 1..H-1 keep the downloaded weights.
-TRAINED_HEADS: dict[str, int] = {"ntp": 1}
-
-
-def trained_heads(algorithm: str, n_heads: int) -> int:
-    """Heads 0..n-1 that `algorithm` trains out of a model's `n_heads`."""
-    if algorithm not in WEIGHT_FUNCTIONS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; allowed: {', '.join(WEIGHT_FUNCTIONS)}")
-    return min(TRAINED_HEADS.get(algorithm, n_heads), n_heads)
+def weight_function(algorithm: str) -> Callable[..., torch.Tensor]:
+    """The weight function `algorithm`'s registry entry names (a ValueError for an
+    unknown or untrained row, or a name this module lacks)."""
+    name = registry.method(algorithm).weight_function
+    if name is None:
+        raise ValueError(f"algorithm {algorithm!r} is not trained; trained: {', '.join(registry.TRAINED)}")
+    function = globals().get(name)
+    if not callable(function):
+        raise ValueError(f"algorithm {algorithm!r}: wmtp.core.weights has no weight function {name!r}")
+    return function
 
 
 @torch.no_grad()
@@ -259,16 +263,19 @@ def algorithm_weights(
 ) -> torch.Tensor:
     """The `(B, S)` weights of `algorithm`, with `settings.strength` applied.
 
-    rho1-* need `ce_base` (the model's head-0 CE per target token, detached) and
-    `ce_ref`; critic-wmtp needs the critic's `deltas` per target token (from the
-    value table); baseline-mtp needs none. `auto_strength` is the number that
-    `settings.strength == "auto"` stands for (required then, ignored otherwise)."""
-    if algorithm not in WEIGHT_FUNCTIONS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; allowed: {', '.join(WEIGHT_FUNCTIONS)}")
+    A method reading the refce table needs `ce_base` (the model's head-0 CE per
+    target token, detached) and `ce_ref`; one reading a value table needs the
+    critic's `deltas` per target token; a uniform one needs none. `auto_strength` is
+    the number that `settings.strength == "auto"` stands for (required then,
+    ignored otherwise)."""
+    function = weight_function(algorithm)
     lam = settings.strength
     if lam == "auto":
         if auto_strength is None:
             raise ValueError("weighting.strength = 'auto' needs the critic's strength (auto_strength)")
         lam = auto_strength
-    weights = WEIGHT_FUNCTIONS[algorithm](mask, settings, ce_base=ce_base, ce_ref=ce_ref, deltas=deltas)
+    try:
+        weights = function(mask, settings, ce_base=ce_base, ce_ref=ce_ref, deltas=deltas)
+    except MissingInput as missing:
+        raise ValueError(f"algorithm {algorithm!r} needs {missing.name}") from None
     return strength(weights, mask, lam)

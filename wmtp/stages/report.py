@@ -1,7 +1,7 @@
 """The paper table: evaluation and training results -> `report.md` + PNG figures.
 
-Inputs (paths follow DESIGN.md section 2; algorithm, seed and benchmark are read
-from the path, so a file cannot be attributed to the wrong row):
+Inputs (paths of the layout in wmtp.config.paths; algorithm, seed and benchmark are
+read from the path, so a file cannot be attributed to the wrong row):
 
 - `eval/{algo}/seed{s}/{benchmark}.jsonl` (`wmtp.stages.evaluate`): one JSON object per
   problem with `task_id`, `n` (samples), `c` (samples that passed), `statuses`
@@ -20,7 +20,8 @@ algorithm the per-problem value (pass@k by the unbiased estimator, or exact
 match) is first averaged over seeds, the benchmark score is the mean over
 problems, and its 95% interval comes from resampling problems with replacement.
 The same resamples (one seeded draw per benchmark) are used for every algorithm
-and seed, so the difference to `baseline-mtp` is a paired bootstrap: the
+and seed, so the difference to the baseline row (`wmtp.config.registry.BASELINE`)
+is a paired bootstrap: the
 interval of mean(algo - baseline) over the same resampled problems. Problem-level
 resampling captures the benchmark's finite size, the dominant source of noise
 when comparing fine-tunings; seed variation enters through the seed average.
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import zlib
@@ -42,12 +42,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from wmtp.stages import diagnostics, evaluate
-from wmtp.infra.atomic import atomic_file, write_text_atomic
+from wmtp.config.paths import parse_row_file
+from wmtp.config.registry import BASE_ROW, BASELINE
 from wmtp.config.schema import PipelineConfig, Recipe, config_hash
+from wmtp.infra.atomic import atomic_file, write_text_atomic
+from wmtp.stages import diagnostics, evaluate
 
-BASELINE = "baseline-mtp"
-_PATH = re.compile(r"(?P<algo>[^/]+)/seed(?P<seed>\d+)/(?P<name>[^/]+?)(?:\.json|\.jsonl|\.parquet)$")
 # metrics.parquet: our name -> accepted column names, first present wins.
 _COLUMNS = {
     "step": ("step", "global_step"),
@@ -127,11 +127,11 @@ def paired_difference(
 
 
 def _parse_path(path: str | Path) -> tuple[str, int, str]:
-    match = _PATH.search(Path(path).as_posix())
-    if not match:
+    parsed = parse_row_file(path)
+    if parsed is None:
         raise ValueError(f"cannot tell algorithm/seed/benchmark from path {path} "
                          "(expected .../{algo}/seed{s}/{name}.json[l]|.parquet)")
-    return match["algo"], int(match["seed"]), match["name"]
+    return parsed
 
 
 def read_problems(path: str | Path) -> pd.DataFrame:
@@ -665,6 +665,7 @@ def build_report(
         seeds=seeds,
         benchmarks=benchmarks,
         baseline=BASELINE,
+        base_row=BASE_ROW,
         tables=tables,
         trained=trained,
         cost=training_cost(metrics, trained),
