@@ -12,10 +12,12 @@ model and data -> loop -> save. The algorithm only decides which inputs
                      once on the frozen base; no value head runs here)
 
 DeepSpeed config: the JSON template `TrainSettings.deepspeed_config` supplies the
-ZeRO knobs and AdamW's betas/eps; the trainer fills in what the recipe owns
+ZeRO bucket knobs and AdamW's betas/eps; the trainer fills in what the recipe owns
 (micro batch size, gradient accumulation, clipping, ZeRO stage, bf16, lr, weight
-decay). The learning rate follows linear warmup then cosine decay to
-`min_lr_ratio * lr` (a torch `LambdaLR` stepped by the engine).
+decay). The ZeRO stage is written only as `train.zero_stage`: a template that sets
+one is refused (`wmtp.config.preflight.template_problems`). The learning rate
+follows linear warmup then cosine decay to `min_lr_ratio * lr` (a torch `LambdaLR`
+stepped by the engine).
 
 Resume: every `checkpoint_every` steps (and at the end) a DeepSpeed checkpoint
 `out_dir/checkpoints/step{n}` stores model, optimizer, scheduler and a client
@@ -64,6 +66,7 @@ from wmtp.core.checkpoints import (
     read_generation_config,
     save_model,
 )
+from wmtp.config.preflight import template_path, template_problems
 from wmtp.config.schema import (
     ConfigError,
     DataSettings,
@@ -123,18 +126,11 @@ def lr_factor(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: flo
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _template_path(path: str) -> Path:
-    """Template paths are relative to the working directory (the workflow root),
-    falling back to the repository root."""
-    candidate = Path(path)
-    if candidate.is_absolute() or candidate.exists():
-        return candidate
-    return REPO / path
-
-
 def deepspeed_config(settings: TrainSettings, *, bf16: bool, device_type: str) -> dict:
-    """The DeepSpeed config dict: the JSON template with the recipe's values filled in."""
-    config = json.loads(_template_path(settings.deepspeed_config).read_text())
+    """The DeepSpeed config dict: the JSON template with the recipe's values filled in.
+    Template paths are relative to the working directory (the workflow root), falling
+    back to the repository."""
+    config = json.loads(template_path(settings.deepspeed_config).read_text())
     optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
     optimizer["type"] = "AdamW"
     params = optimizer.setdefault("params", {})
@@ -148,7 +144,7 @@ def deepspeed_config(settings: TrainSettings, *, bf16: bool, device_type: str) -
         bf16={"enabled": bf16},
     )
     config.pop("train_batch_size", None)  # derived by DeepSpeed from the two above
-    config.setdefault("zero_optimization", {})["stage"] = settings.zero_stage
+    config["zero_optimization"] = {"stage": settings.zero_stage, **config.get("zero_optimization", {})}
     return config
 
 
@@ -187,31 +183,13 @@ def validate_setup(
         )
     if max_steps is not None and settings.warmup_steps >= max_steps:
         problems.append(f"warmup_steps ({settings.warmup_steps}) must be < max_steps ({max_steps})")
-    template = _template_path(settings.deepspeed_config)
-    if not template.exists():
-        problems.append(f"deepspeed_config: {settings.deepspeed_config} not found")
-    else:
-        try:
-            stage = json.loads(template.read_text()).get("zero_optimization", {}).get("stage")
-        except json.JSONDecodeError as error:
-            problems.append(f"deepspeed_config: {template} is not valid JSON ({error})")
-        else:
-            if stage is not None and stage != settings.zero_stage:
-                problems.append(
-                    f"zero_stage = {settings.zero_stage} but the DeepSpeed template "
-                    f"{template.name} is for stage {stage}: use config/deepspeed/zero{settings.zero_stage}.json"
-                )
+    problems += template_problems("deepspeed_config", settings.deepspeed_config)
     if (
         settings.precision == "bf16"
         and device_type == "cuda"
         and not torch.cuda.is_bf16_supported()
     ):
         problems.append("precision = bf16 but this GPU has no bf16 support: use fp32")
-    if settings.zero_stage == 3:
-        problems.append(
-            "zero_stage = 3 is not supported: the weighted MTP loss (wmtp.core.loss) runs the heads "
-            "outside module forwards, where ZeRO-3 has not gathered their parameters; use 0, 1 or 2"
-        )
     if problems:
         raise ConfigError(
             f"training set-up for {algorithm}: {len(problems)} problem(s)\n  - "
