@@ -242,7 +242,7 @@ def test_shipped_recipes_pass_the_trainers_set_up_checks(path, tmp_path):
 def test_a_shared_knob_changed_in_its_one_place_reaches_every_algorithm():
     data = tiny()
     data["train"]["lr"] = 7.5e-4
-    data["weighting"]["temperature"] = 1.3
+    data.setdefault("weighting", {})["temperature"] = 1.3
     config, recipes = load_config(data, base_dir=REPO)
     assert set(recipes) == set(config.trained_algorithms)
     assert {a: r.train.lr for a, r in recipes.items()} == {a: 7.5e-4 for a in recipes}

@@ -135,6 +135,8 @@ def _config(bootstrap: int = 300, recipes: dict | None = None):
         "benchmarks": BENCHES,
         "recipes": {a: f"config/recipes/{a}.yaml" for a in TRAINED},
         "models": {"base": {"source": "tiny", "id": "base"}, "ref": {"source": "tiny", "id": "ref"}},
+        "data": {"train_dataset": "tiny-mbpp", "max_seq_len": 512},
+        "train": {"epochs": 3, "micro_batch_size": 8, "grad_accum_steps": 1, "lr": 1e-4, "warmup_steps": 10},
         "eval": {"n_samples": N, "ks": KS},
         "report": {"bootstrap_samples": bootstrap},
     }

@@ -1,6 +1,6 @@
 """Every file and directory a config names, checked when the config loads.
 
-Why: a missing DeepSpeed template or local model directory used to pass
+A missing DeepSpeed template or local model directory would otherwise pass
 `snakemake -n` and fail inside the job, after Snakemake had already removed the
 outputs the job was to replace. `load_config` calls `missing_paths` (so the
 Snakefile stops before planning any job, and `python -m wmtp train` before any
@@ -29,15 +29,32 @@ def _resolve(path: str, base_dir: Path, *fallbacks: Path) -> Path:
     return base_dir / candidate
 
 
-def _template_problems(key: str, path: str, base_dir: Path) -> list[str]:
-    resolved = _resolve(path, base_dir, REPO)
+def template_path(path: str, base_dir: str | Path = ".") -> Path:
+    """Where the trainer reads a DeepSpeed template: `base_dir` (the workflow root),
+    falling back to the repository, so a run from another directory finds the
+    shipped templates."""
+    return _resolve(path, Path(base_dir).resolve(), REPO)
+
+
+def template_problems(key: str, path: str, base_dir: str | Path = ".") -> list[str]:
+    """What keeps the template at `path` from being used: missing, not JSON, or
+    setting the ZeRO stage, which `train.zero_stage` alone decides (a second place
+    for it could silently disagree)."""
+    base_dir = Path(base_dir).resolve()
+    resolved = template_path(path, base_dir)
     if not resolved.is_file():
         where = " and ".join(dict.fromkeys(str(d) for d in (base_dir, REPO)))
         return [f"{key} = {path!r}: DeepSpeed template not found (looked in {where})"]
     try:
-        json.loads(resolved.read_text())
+        template = json.loads(resolved.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         return [f"{key} = {path!r}: {resolved} is not valid JSON ({error})"]
+    zero = template.get("zero_optimization") if isinstance(template, dict) else None
+    if isinstance(zero, dict) and "stage" in zero:
+        return [
+            f"{key} = {path!r}: {resolved.name} sets zero_optimization.stage = {zero['stage']}; "
+            "the stage is train.zero_stage alone: remove it from the template"
+        ]
     return []
 
 
@@ -56,11 +73,11 @@ def missing_paths(config, recipes: dict, base_dir: str | Path = ".") -> list[str
     is not there (or not what it should be); empty when all are."""
     base_dir = Path(base_dir).resolve()
     problems = []
-    problems += _template_problems("train.deepspeed_config", config.train.deepspeed_config, base_dir)
+    problems += template_problems("train.deepspeed_config", config.train.deepspeed_config, base_dir)
     for algorithm, recipe in sorted(recipes.items()):
         if "deepspeed_config" in recipe.overrides.get("train", {}):  # else the shared one above
             key = f"recipes.{algorithm} ({config.recipes[algorithm]}): train.deepspeed_config"
-            problems += _template_problems(key, recipe.train.deepspeed_config, base_dir)
+            problems += template_problems(key, recipe.train.deepspeed_config, base_dir)
     for role in ("base", "ref", "reward"):
         source = getattr(config.models, role)
         if source is not None and source.source == "local":

@@ -62,7 +62,9 @@ class ModelSource(Strict):
         "local: a directory on disk; s3: s3://bucket/prefix holding any of these"
     )
     id: str = Field(description="hub id, directory, s3 URI, or the tiny model's role (base/ref)")
-    revision: str | None = Field(None, description="hub revision (commit) to pin; None = main")
+    revision: str | None = Field(
+        None, description="hub revision (commit) to pin, for an exactly reproducible run; None = main"
+    )
     subfolder: str | None = Field(
         None, description="subfolder inside the repo, e.g. '7B_1T_4' for facebook/multi-token-prediction"
     )
@@ -87,22 +89,27 @@ class ModelsSettings(Strict):
     base: ModelSource = Field(description="the MTP model that is fine-tuned")
     ref: ModelSource = Field(description="reference model for Rho-1 excess loss; must share the base vocabulary")
     reward: ModelSource | None = Field(
-        None, description="sequence-classification reward model; only used when critic.reward = reward_model"
+        None,
+        description="sequence-classification reward model (source hf); only used when a critic "
+        "recipe sets critic.reward = reward_model",
     )
 
 
 class TinySettings(Strict):
-    """The built-in miniature (see wmtp/tiny/build.py): corpus, tokenizer, models, benchmark."""
+    """The built-in miniature (wmtp/tiny/build.py, docs/tiny.md): corpus, tokenizer, models,
+    benchmark. Read only when a model has source: tiny (and for the tiny-mbpp data)."""
 
-    vocab_size: PositiveInt = Field(1024, description="byte-level BPE vocabulary trained on the corpus")
+    vocab_size: PositiveInt = Field(1024, description="byte-level BPE vocabulary trained on the tiny corpus")
     dim: PositiveInt = Field(128, description="model width")
-    n_layers: PositiveInt = Field(6, description="decoder blocks including the heads")
-    n_heads: PositiveInt = Field(4, description="attention heads")
+    n_layers: PositiveInt = Field(6, description="decoder blocks including the n_future_tokens heads")
+    n_heads: PositiveInt = Field(4, description="attention heads; must divide dim")
     n_future_tokens: PositiveInt = Field(
         2, description="MTP heads (H); 2, not the paper's 4: at this size 4 heads starve head 0 (docs/tiny.md)"
     )
     max_seq_len: PositiveInt = Field(512, description="longest sequence the models see")
-    pretrain_seq_len: PositiveInt = Field(128, description="tokens per pretraining row (documents packed)")
+    pretrain_seq_len: PositiveInt = Field(
+        128, description="tokens per pretraining row (documents packed, EOS-separated)"
+    )
     pretrain_steps: PositiveInt = Field(400, description="optimizer steps of base-model pretraining")
     ref_pretrain_steps: PositiveInt = Field(400, description="optimizer steps of reference pretraining")
     ref_n_layers: PositiveInt = Field(4, description="decoder blocks of the reference causal LM")
@@ -111,7 +118,7 @@ class TinySettings(Strict):
         0.7, description="share of corpus functions preceded by a '# statement' comment"
     )
     ref_prompt_documents: Annotated[int, Field(ge=0)] = Field(
-        1000, description="clean prompt/solution pairs the reference also sees (its 'high-quality data')"
+        1000, description="clean prompt/solution pairs only the reference sees (its 'high-quality data')"
     )
     pretrain_batch_size: PositiveInt = Field(16, description="sequences per pretraining step")
     pretrain_lr: PositiveFloat = Field(3e-3, description="peak learning rate of pretraining")
@@ -123,8 +130,14 @@ class TinySettings(Strict):
 
 
 class DataSettings(Strict):
-    train_dataset: Benchmark = Field("tiny-mbpp", description="dataset whose train split is fine-tuned on")
-    max_seq_len: PositiveInt = Field(512, description="prompt + solution tokens; longer examples are dropped")
+    train_dataset: Benchmark = Field(
+        "tiny-mbpp", description="dataset whose train split is fine-tuned on (HumanEval has none)"
+    )
+    max_seq_len: PositiveInt = Field(
+        512,
+        description="prompt + solution tokens; longer examples are dropped; <= tiny.max_seq_len "
+        "when a model has source: tiny",
+    )
     max_train_examples: PositiveInt | None = Field(None, description="cap on training examples (None = all)")
     val_fraction: Fraction = Field(0.05, description="share of training examples held out for val/loss")
     pack: bool = Field(False, description="pack several examples per row (attention may cross examples)")
@@ -137,11 +150,14 @@ class DataSettings(Strict):
 
 
 class WeightingSettings(Strict):
-    """How token-importance scores become weights (DESIGN.md section 3)."""
+    """How token-importance scores become weights (docs/design.md). One section per
+    setting, shared by the methods that read each knob (`wmtp.config.registry`)."""
 
-    temperature: PositiveFloat = Field(0.7, description="softmax temperature T of normalise()")
-    eps: Annotated[float, Field(ge=0, le=1)] = Field(0.05, description="lower clip of weights; must be <= 1")
-    w_max: Annotated[float, Field(ge=1)] = Field(3.0, description="upper clip of weights; must be >= 1")
+    temperature: PositiveFloat = Field(
+        0.7, description="softmax temperature T of normalise() (rho1-weighted, critic-wmtp); lower = peakier"
+    )
+    eps: Annotated[float, Field(ge=0, le=1)] = Field(0.05, description="lower clip of normalised weights")
+    w_max: Annotated[float, Field(ge=1)] = Field(3.0, description="upper clip of normalised weights")
     strength: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = Field(
         1.0,
         description="lambda of w <- 1 + lambda (w - 1); 0 = baseline, 1 = full weights; "
@@ -156,9 +172,13 @@ class WeightingSettings(Strict):
     critic_beta: PositiveFloat = Field(
         1.0, description="critic-wmtp with critic_scores = exp: temperature in reward units"
     )
-    rho1_mode: Literal["signed", "abs"] = Field("signed", description="Rho-1 excess loss, or its absolute value")
+    rho1_mode: Literal["signed", "abs"] = Field(
+        "signed", description="rho1-*: signed = CE_base - CE_ref (Rho-1's excess loss); abs = its absolute value"
+    )
     rho1_base: Literal["online", "frozen"] = Field(
-        "online", description="CE_base from the current model (online) or the initial model (frozen)"
+        "online",
+        description="rho1-*: CE_base is the current model's head-0 CE (online, as in Rho-1) or the "
+        "initial model's (frozen)",
     )
     skip_ratio: Fraction = Field(0.3, description="rho1-tokenskip: share of valid tokens dropped per batch")
 
@@ -167,7 +187,9 @@ class TrainSettings(Strict):
     """Optimisation of one fine-tuning. Written once per setting (the `train:` section of
     config/config.yaml, paper.yaml, ...) and shared by every algorithm, so a comparison
     cannot silently differ in lr or length; a recipe overrides a key only deliberately
-    (and the report lists it)."""
+    (and the report lists it). A setting file must choose the knobs of `SETTING_CHOICES`
+    itself; their defaults here serve sections built in code (tests, a recipe loaded
+    without a setting)."""
 
     epochs: PositiveFloat = Field(
         3.0,
@@ -177,23 +199,45 @@ class TrainSettings(Strict):
     max_steps: PositiveInt | None = Field(
         None, description="cap on the optimizer steps the epochs give (None = no cap)"
     )
-    micro_batch_size: PositiveInt = Field(8, description="sequences per process per forward")
-    grad_accum_steps: PositiveInt = Field(1, description="micro-batches per optimizer step")
+    micro_batch_size: PositiveInt = Field(
+        8, description="sequences per process per forward; memory grows linearly with it"
+    )
+    grad_accum_steps: PositiveInt = Field(
+        1,
+        description="micro-batches per optimizer step; effective batch = micro_batch_size x "
+        "grad_accum_steps x processes",
+    )
     lr: PositiveFloat = Field(1e-4, description="peak learning rate (AdamW)")
-    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = Field(0.1, description="cosine floor as a share of lr")
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.1, description="floor of the cosine schedule as a share of lr"
+    )
     warmup_steps: Annotated[int, Field(ge=0)] = Field(
         10, description="linear warmup steps; must be < the training's optimizer steps"
     )
     weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="AdamW weight decay")
     grad_clip: PositiveFloat = Field(1.0, description="global gradient-norm clip")
-    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    zero_stage: Literal[0, 1, 2] = Field(
+        0,
+        description="DeepSpeed ZeRO stage, written into the template's zero_optimization.stage: "
+        "1 shards the optimizer state over the processes, 2 also the gradients. No stage 3: the "
+        "weighted MTP loss (wmtp.core.loss) runs the heads outside module forwards, where ZeRO-3 "
+        "has not gathered their parameters",
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU; bf16 needs a GPU with bf16 support"
+    )
     deepspeed_config: str = Field(
-        "config/deepspeed/zero0.json", description="DeepSpeed JSON template; batch/optimizer keys are filled in"
+        "config/deepspeed/zero0.json",
+        description="DeepSpeed JSON template (relative to the workflow root, else the repository): "
+        "ZeRO bucket knobs and AdamW betas/eps; config/deepspeed/zero{0,1,2}.json hold those tuned "
+        "for each stage. The trainer fills in batch, accumulation, clipping, precision, lr, weight "
+        "decay and the stage (zero_stage; a template that sets one is refused)",
     )
     checkpoint_every: PositiveInt = Field(50, description="steps between resumable checkpoints")
-    log_every: PositiveInt = Field(5, description="steps between metric rows")
-    val_every: PositiveInt = Field(50, description="steps between val/loss evaluations")
+    log_every: PositiveInt = Field(5, description="steps between metric rows in metrics.parquet (and MLflow)")
+    val_every: PositiveInt = Field(
+        50, description="steps between val/loss evaluations (unweighted, every head)"
+    )
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainSettings:
@@ -236,13 +280,19 @@ def optimizer_steps(
 
 
 class CriticSettings(Strict):
-    """Stage 1 of critic-wmtp: a value head on the frozen base model (DESIGN.md section 4)."""
+    """Stage 1 of critic-wmtp: a value head on the frozen base model (docs/design.md)."""
 
     reward: Literal["execution", "reward_model"] = Field(
-        "execution", description="fraction of tests passed, or a reward model's score"
+        "execution",
+        description="execution = fraction of tests passed; reward_model = a reward model's score "
+        "(needs models.reward)",
     )
     samples_per_problem: PositiveInt = Field(4, description="completions sampled per training problem (m)")
-    max_samples_per_problem: PositiveInt = Field(4, description="cap kept per problem after length balancing")
+    max_samples_per_problem: PositiveInt = Field(
+        4,
+        description="rollouts kept per problem before length balancing, alternating high and low "
+        "rewards so the cap keeps contrast; caps easy problems",
+    )
     length_balance: bool = Field(True, description="balance kept samples by length so V cannot learn length")
     include_references: bool = Field(
         True,
@@ -255,7 +305,7 @@ class CriticSettings(Strict):
         "changed; wmtp.data.mutants) added as rollouts and rewarded by execution: negatives that differ "
         "from a correct solution in one token, so the critic learns which tokens decide the reward",
     )
-    max_problems: PositiveInt | None = Field(None, description="training problems used (None = all)")
+    max_problems: PositiveInt | None = Field(None, description="training problems rolled out (None = all)")
     temperature: PositiveFloat = Field(1.0, description="sampling temperature of the rollouts")
     top_p: Annotated[float, Field(gt=0, le=1)] = Field(0.95, description="nucleus sampling of the rollouts")
     max_new_tokens: PositiveInt = Field(128, description="rollout length cap")
@@ -394,7 +444,11 @@ class EvalSettings(Strict):
         None, description="parallel sandboxes (None = the eval rule's threads, or the CPU count)"
     )
     max_problems: PositiveInt | None = Field(None, description="cap on problems per benchmark (None = all)")
-    speculative: bool = Field(False, description="decode with the MTP heads drafting: greedy or sampled, same outputs/distribution, faster")
+    speculative: bool = Field(
+        False,
+        description="decode with the MTP heads drafting and head 0 verifying: the same greedy outputs "
+        "or sampling distribution, faster (docs/decoding.md)",
+    )
 
     @model_validator(mode="after")
     def _k_within_n(self) -> EvalSettings:
@@ -414,9 +468,11 @@ class EvalSettings(Strict):
 
 
 class TrackingSettings(Strict):
-    mlflow: bool = Field(True, description="log runs to MLflow")
+    mlflow: bool = Field(True, description="log every training to MLflow")
     tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI; None = sqlite:///results/{run}/mlflow.db"
+        None,
+        description="MLflow tracking URI, e.g. a server on a cluster; None = "
+        "sqlite:///results/{run}/mlflow.db (browse with `mlflow ui`)",
     )
 
 
@@ -429,32 +485,70 @@ class ReportSettings(Strict):
     bootstrap_samples: PositiveInt = Field(1000, description="resamples of problems for 95% intervals")
 
 
+# The knobs every setting file chooses itself: training length, batch and lr, the data
+# and its sequence length, the samples and k values of pass@k. They have no default in
+# a setting, so none is a hidden choice that settings share without saying so.
+SETTING_CHOICES: dict[str, tuple[str, ...]] = {
+    "train": ("epochs", "micro_batch_size", "grad_accum_steps", "lr", "warmup_steps"),
+    "data": ("train_dataset", "max_seq_len"),
+    "eval": ("n_samples", "ks"),
+}
+
+
+def _chosen_by_the_setting(section: type[BaseModel], names: tuple[str, ...]) -> type[BaseModel]:
+    """`section` with the fields `names` required (same types, constraints, descriptions
+    and validators): the section as a setting file must write it."""
+    fields = {}
+    for name in names:
+        info = section.model_fields[name]
+        annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        fields[name] = (annotation, Field(description=info.description))
+    return create_model(f"Setting{section.__name__}", __base__=section, **fields)
+
+
+SettingTrainSettings = _chosen_by_the_setting(TrainSettings, SETTING_CHOICES["train"])
+SettingDataSettings = _chosen_by_the_setting(DataSettings, SETTING_CHOICES["data"])
+SettingEvalSettings = _chosen_by_the_setting(EvalSettings, SETTING_CHOICES["eval"])
+
+
 class PipelineConfig(Strict):
-    """The whole experiment: `config/config.yaml` (tiny) or `config/paper.yaml` (7B)."""
+    """The whole experiment, one setting: `config/config.yaml` (the tiny default) or a
+    file merged over it (`config/paper.yaml`, `smol.yaml`, `ci.yaml`)."""
 
     run: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$")] = Field(description="results go to results/{run}/")
     seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] = Field(
-        description="every training and evaluation runs once per seed"
+        description="every training and evaluation runs once per seed (each seeds its data order, "
+        "sampling and critic)"
     )
     algorithms: Annotated[list[Row], Field(min_length=1)] = Field(
         description="rows of the table: training methods (each needs a recipe) and 'base' "
         "(the downloaded base model evaluated without training)"
     )
-    benchmarks: Annotated[list[Benchmark], Field(min_length=1)] = Field(description="columns of the table")
-    recipes: dict[Algorithm, str] = Field(description="algorithm -> recipe YAML path")
-    models: ModelsSettings
-    data: DataSettings = Field(default_factory=DataSettings)
-    train: TrainSettings = Field(
-        default_factory=TrainSettings, description="optimisation shared by every algorithm of this setting"
+    benchmarks: Annotated[list[Benchmark], Field(min_length=1)] = Field(
+        description="columns of the table; tiny-mbpp is generated by the download stage"
+    )
+    recipes: dict[Algorithm, str] = Field(
+        description="algorithm -> recipe YAML file (relative to the repository root); 'base' needs none"
+    )
+    models: ModelsSettings = Field(description="the base model fine-tuned, the Rho-1 reference, a reward model")
+    data: SettingDataSettings = Field(  # type: ignore[valid-type]
+        description="the fine-tuning data, the same for every algorithm"
+    )
+    train: SettingTrainSettings = Field(  # type: ignore[valid-type]
+        description="optimisation shared by every algorithm of this setting"
     )
     weighting: WeightingSettings = Field(
         default_factory=WeightingSettings, description="weighting knobs shared by every algorithm of this setting"
     )
-    tiny: TinySettings = Field(default_factory=TinySettings)
-    eval: EvalSettings = Field(default_factory=EvalSettings)
-    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
-    storage: StorageSettings = Field(default_factory=StorageSettings)
-    report: ReportSettings = Field(default_factory=ReportSettings)
+    tiny: TinySettings = Field(
+        default_factory=TinySettings, description="the built-in miniature's build (models with source: tiny)"
+    )
+    eval: SettingEvalSettings = Field(  # type: ignore[valid-type]
+        description="sampling and execution of evaluation, the same for every algorithm"
+    )
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="MLflow logging of trainings")
+    storage: StorageSettings = Field(default_factory=StorageSettings, description="S3 access and the results upload")
+    report: ReportSettings = Field(default_factory=ReportSettings, description="the report's statistics")
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:

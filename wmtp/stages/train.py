@@ -17,10 +17,11 @@ method reads is its row of `wmtp.config.registry`):
                        once on the frozen base; no value head runs here)
 
 DeepSpeed config: the JSON template `TrainSettings.deepspeed_config` supplies the
-ZeRO knobs and AdamW's betas/eps; the trainer fills in what the recipe owns
+ZeRO bucket knobs and AdamW's betas/eps; the trainer fills in what the recipe owns
 (micro batch size, gradient accumulation, clipping, ZeRO stage, bf16, lr, weight
-decay). The learning rate follows `wmtp.core.schedule` (a torch `LambdaLR` stepped
-by the engine).
+decay). The ZeRO stage is written only as `train.zero_stage`: a template that sets
+one is refused (`wmtp.config.preflight.template_problems`). The learning rate
+follows `wmtp.core.schedule` (a torch `LambdaLR` stepped by the engine).
 
 A killed training resumes from its last checkpoint to exactly the weights of an
 uninterrupted one (`wmtp.stages.train_state`); its metric rows survive the kill
@@ -53,6 +54,7 @@ from transformers import AutoTokenizer
 
 from wmtp.config import registry
 from wmtp.config.paths import TRAIN_CHECKPOINTS, TRAIN_METRICS, TRAINED_MODEL
+from wmtp.config.preflight import template_path, template_problems
 from wmtp.config.schema import (
     ConfigError,
     DataSettings,
@@ -144,18 +146,13 @@ class TrackingTarget:
 # ---------------------------------------------------------------------------- set-up
 
 
-def _template_path(path: str) -> Path:
-    """Template paths are relative to the working directory (the workflow root),
-    falling back to the repository root."""
-    candidate = Path(path)
-    if candidate.is_absolute() or candidate.exists():
-        return candidate
-    return REPO / path
 
 
 def deepspeed_config(settings: TrainSettings, *, bf16: bool, device_type: str) -> dict:
-    """The DeepSpeed config dict: the JSON template with the recipe's values filled in."""
-    config = json.loads(_template_path(settings.deepspeed_config).read_text())
+    """The DeepSpeed config dict: the JSON template with the recipe's values filled in.
+    Template paths are relative to the working directory (the workflow root), falling
+    back to the repository."""
+    config = json.loads(template_path(settings.deepspeed_config).read_text())
     optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
     optimizer["type"] = "AdamW"
     params = optimizer.setdefault("params", {})
@@ -169,7 +166,7 @@ def deepspeed_config(settings: TrainSettings, *, bf16: bool, device_type: str) -
         bf16={"enabled": bf16},
     )
     config.pop("train_batch_size", None)  # derived by DeepSpeed from the two above
-    config.setdefault("zero_optimization", {})["stage"] = settings.zero_stage
+    config["zero_optimization"] = {"stage": settings.zero_stage, **config.get("zero_optimization", {})}
     return config
 
 
@@ -209,40 +206,18 @@ def validate_setup(
         )
     if max_steps is not None and (problem := check_warmup(settings, max_steps)):
         problems.append(problem)
-    problems += _template_problems(settings)
+    problems += template_problems("deepspeed_config", settings.deepspeed_config)
     if (
         settings.precision == "bf16"
         and device_type == "cuda"
         and not torch.cuda.is_bf16_supported()
     ):
         problems.append("precision = bf16 but this GPU has no bf16 support: use fp32")
-    if settings.zero_stage == 3:
-        problems.append(
-            "zero_stage = 3 is not supported: the weighted MTP loss (wmtp.core.loss) runs the heads "
-            "outside module forwards, where ZeRO-3 has not gathered their parameters; use 0, 1 or 2"
-        )
     if problems:
         raise ConfigError(
             f"training set-up for {algorithm}: {len(problems)} problem(s)\n  - "
             + "\n  - ".join(problems)
         )
-
-
-def _template_problems(settings: TrainSettings) -> list[str]:
-    """The DeepSpeed template is missing, not JSON, or for another ZeRO stage."""
-    template = _template_path(settings.deepspeed_config)
-    if not template.exists():
-        return [f"deepspeed_config: {settings.deepspeed_config} not found"]
-    try:
-        stage = json.loads(template.read_text()).get("zero_optimization", {}).get("stage")
-    except json.JSONDecodeError as error:
-        return [f"deepspeed_config: {template} is not valid JSON ({error})"]
-    if stage is not None and stage != settings.zero_stage:
-        return [
-            f"zero_stage = {settings.zero_stage} but the DeepSpeed template "
-            f"{template.name} is for stage {stage}: use config/deepspeed/zero{settings.zero_stage}.json"
-        ]
-    return []
 
 
 def check_setup(
