@@ -1,4 +1,4 @@
-"""Peak memory and step time of the weighted MTP loss (issue 2's benchmark).
+"""Peak memory and step time of the weighted MTP loss.
 
 Compares, on one model and batch where the logits dominate memory (default:
 vocab 32000, seq 1024, H = 4, dim 256, batch 1, CPU):
@@ -24,16 +24,16 @@ above the model and batch. That step runs with glibc's mmap threshold pinned at
 OS when freed, and RSS tracks live tensors. glibc's default threshold is dynamic:
 after the first large free (a 16 MB logits chunk) it rises to that size, later
 tensors come from the heap, and freed heap memory stays in RSS; the figure then
-measures the heap's fragmentation (issue 14: H=4 vs H=1 read 1.17-1.38x that way,
-and one H=1 step alone read 119 MB in one run and 153 MB in another). Step time is
+measures the heap's fragmentation (H=4 vs H=1 reads 1.17-1.38x that way, and
+one H=1 step alone 119 MB in one run and 153 MB in another). Step time is
 the median of `--steps` further steps in the same process with the threshold
 raised to glibc's dynamic maximum (32 MiB), as the default allocator settles, since
-a page-faulting mmap per tensor would skew the times. Goals (issue 2): wmtp-loss
-peak <= 1.15x plain-ce, time <= 1.3x naive-mtp.
+a page-faulting mmap per tensor would skew the times. Goals: wmtp-loss peak
+<= 1.15x plain-ce, time <= 1.3x naive-mtp.
 
     python benchmarks/loss_memory.py                      # the table, ~2 min on 2 idle cores
     python benchmarks/loss_memory.py --prompt-fraction 0.5  # half the targets are prompt
-    python benchmarks/loss_memory.py --dim 128            # issue 14's H=4 vs H=1 setting
+    python benchmarks/loss_memory.py --dim 128            # the H=4 vs H=1 comparison's setting
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 
 def naive_mtp_loss(model, input_ids, loss_mask, weights):
-    """DESIGN.md section 3 on the full `(B, S, H, V)` logits."""
+    """The loss of wmtp.core.loss written literally on the full `(B, S, H, V)` logits."""
     logits = model(input_ids)  # (B, S, H, V)
     batch, seq, n_heads, vocab = logits.shape
     total = 0.0

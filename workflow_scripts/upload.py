@@ -27,5 +27,5 @@ manifest = upload_results(
     endpoint_url=settings["endpoint_url"],
     info={"run": sm.wildcards.run, "prefix": settings["prefix"]},
 )
-write_json_atomic(manifest, sm.output[0])
+write_json_atomic(sm.output[0], manifest)
 print(f"uploaded {len(manifest['files'])} files to {settings['prefix']}", file=sys.stderr)

@@ -108,6 +108,9 @@ def test_atomic_dir_creates_parents(tmp_path):
 
 
 def test_write_json_atomic_format_and_storage_reexport(tmp_path):
-    path = write_json_atomic({"b": 1, "a": [1, 2]}, tmp_path / "x" / "m.json")
+    path = write_json_atomic(tmp_path / "x" / "m.json", {"b": 1, "a": [1, 2]})
     assert path.read_text() == json.dumps({"a": [1, 2], "b": 1}, indent=2) + "\n"
+    kept = write_json_atomic(path=tmp_path / "k.json", payload={"b": 1, "a": 2}, sort_keys=False)
+    assert kept.read_text() == '{\n  "b": 1,\n  "a": 2\n}\n'
+    assert write_json_atomic(tmp_path / "c.json", {"a": 1}, indent=None).read_text() == '{"a": 1}\n'
     assert storage.write_json_atomic is write_json_atomic

@@ -6,7 +6,7 @@ every one of them must fail; the test module runs them through
 WRONG = "def add(a, b):\n    return a - b\n"
 TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0\n"
 
-# A line the old harness printed on success, with a nonce found somewhere; every
+# The harness's success line, with a nonce found somewhere; every
 # attack that finds a secret writes it to every fd it can (the result pipe among them).
 _SPRAY = '''
 def _spray(secret):

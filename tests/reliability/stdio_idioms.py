@@ -1,7 +1,9 @@
 """Correct stdin/stdout programs in the idioms competitive programmers use. Each
 solves "t test cases of `a b`, print a + b per case" (CASES) and prints the
 right answer under plain `python`; a judge that scores any of them as a failure
-is wrong. The first five are the idioms issue 9 found scored as failures."""
+is wrong. The first five are the ones a judge that runs the program inside its
+own harness process (capturing `sys.stdout`, judging when the main thread
+returns) scores as failures."""
 
 CASES = (
     ("2\n1 2\n3 4\n", "3\n7\n"),

@@ -1,4 +1,4 @@
-"""Issue 9, "generated programs must not fake a pass": every attack program in
+"""Generated programs must not fake a pass: every attack program in
 `attacks.py` is a wrong solution plus a trick; judged through the evaluation
 entry point (`evaluate_completions`) none may pass, on every sandbox tier this
 machine offers (the degraded tiers are what clusters without root get)."""

@@ -1,4 +1,4 @@
-"""Issue 9, "one program's effects stay with it": private size-limited /tmp,
+"""One program's effects stay with it: private size-limited /tmp,
 /var/tmp and /dev/shm gone when the run ends; no leftover processes; the
 project's files invisible; memory and process count capped per run by a cgroup
 (or, where none can be made, one warning and per-process rlimits)."""

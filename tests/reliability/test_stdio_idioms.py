@@ -1,4 +1,4 @@
-"""Issue 9, "correct stdin/stdout programs must pass": each idiom in
+"""Correct stdin/stdout programs must pass: each idiom in
 `stdio_idioms.py` prints the right answer under plain `python` (checked here, so
 the fixture cannot rot) and must pass through `evaluate_completions`; outputs a
 CodeContests checker accepts pass, wrong ones fail."""

@@ -1,6 +1,6 @@
 """Sandbox: honest programs pass or fail on their merits; hostile ones are contained,
-scored as failures, and do not disturb the rest of the evaluation. (Each promise
-of issue 9 has its own test in tests/reliability/.)"""
+scored as failures, and do not disturb the rest of the evaluation. (Attacks,
+isolation and stdin/stdout idioms have their own tests in tests/reliability/.)"""
 
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ HUMANEVAL_INSTRUCTION = (
 
 def mbpp_prompt(text: str, first_test: str) -> str:
     """MBPP prompt: the problem statement and the first test in a docstring, so the
-    model knows the function name and signature (Austin et al. 2021, DESIGN.md 5)."""
+    model knows the function name and signature (Austin et al. 2021)."""
     return f'"""\n{text.strip()}\n{first_test.strip()}\n"""\n'
 
 

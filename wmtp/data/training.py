@@ -1,7 +1,7 @@
 """Training data: MBPP-format rows -> tokenised (prompt, solution) examples -> batches.
 
-The loss is computed on solution tokens only (DESIGN.md section 7: the earlier
-framework trained on problem statements), so every example carries a loss mask
+The loss is computed on solution tokens only (the model is tuned to write code,
+not to reproduce problem statements), so every example carries a loss mask
 that is 1 exactly on the solution tokens and the final EOS. Prompt and solution
 are tokenised separately and concatenated, so the boundary between them is exact
 and identical to what evaluation feeds the model (the prompt alone, then the

@@ -64,6 +64,13 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
-def write_json_atomic(payload: dict, path: str | Path) -> Path:
-    """Write `payload` as indented, key-sorted JSON (plus a newline) atomically."""
-    return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+def write_json_atomic(
+    path: str | Path, payload: dict, *, indent: int | None = 2, sort_keys: bool = True
+) -> Path:
+    """Write `payload` as JSON plus a newline to `path` atomically: the one JSON
+    writer of the package, so every JSON output is complete or absent.
+
+    Indented and key-sorted by default (manifests: the same bytes whatever order
+    the dict was built in); `sort_keys=False` keeps the payload's insertion order,
+    the order a reader should see (evaluation summaries, critic metrics)."""
+    return write_text_atomic(path, json.dumps(payload, indent=indent, sort_keys=sort_keys) + "\n")

@@ -67,7 +67,7 @@ def write_manifest(directory: str | Path, info: dict, files: dict[str, str] | No
     plus `files` (relpath -> sha256; computed from the directory when omitted)."""
     directory = Path(directory)
     payload = {**info, "files": files if files is not None else sha256_tree(directory)}
-    return write_json_atomic(payload, directory / MANIFEST_FILE)
+    return write_json_atomic(directory / MANIFEST_FILE, payload)
 
 
 def verify_manifest(directory: str | Path) -> None:

@@ -31,7 +31,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from wmtp.infra.atomic import write_text_atomic
+from wmtp.infra.atomic import write_json_atomic
 
 TRACKING_FILE = "tracking.json"
 
@@ -179,7 +179,7 @@ def write_tracking_file(
     """Record where the model's training run lives (atomically), for evaluation."""
     path = Path(model_dir) / TRACKING_FILE
     payload = {"tracking_uri": uri, "run_id": run_id, "experiment": experiment}
-    return write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+    return write_json_atomic(path, payload, sort_keys=False)
 
 
 def read_tracking_file(model_dir: str | Path) -> dict[str, str | None]:

@@ -1,4 +1,4 @@
-"""Stage 1 of critic-wmtp: a value head on the frozen base model (DESIGN.md section 4).
+"""Stage 1 of critic-wmtp: a value head on the frozen base model (docs/design.md).
 
     rows -> m sampled completions per problem (base model, head 0), plus the
             reference solution and mutants of it (wmtp.data.mutants: one code token
@@ -40,7 +40,6 @@ metrics.json says so.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Sequence
@@ -49,16 +48,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from wmtp.infra.atomic import atomic_file, write_text_atomic
 from wmtp.config.schema import CriticSettings
-from wmtp.data.training import Example, build_examples, collate, read_split, special_prefix
-from wmtp.stages.diagnostics import TokenClasses, class_means
+from wmtp.core.checkpoints import load_model
+from wmtp.core.sample import generate
 from wmtp.data.mutants import mutants
 from wmtp.data.prompts import mbpp_prompt, mbpp_solution
+from wmtp.data.training import Example, build_examples, collate, read_split, special_prefix
+from wmtp.infra.atomic import atomic_file, write_json_atomic
+from wmtp.sandbox.runner import Job, run_many
+from wmtp.stages.diagnostics import TokenClasses, class_means
 from wmtp.stages.value_table import (
     auto_strength,
     compute_values,
@@ -109,8 +112,6 @@ def save_value_head(head: ValueHead, path: str | Path) -> Path:
 
 
 def load_value_head(path: str | Path, device: str | torch.device = "cpu") -> ValueHead:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata() or {}
     if meta.get("format") != "wmtp-value-head":
@@ -160,8 +161,6 @@ def sample_completions(
 ) -> list[list[str]]:
     """`settings.samples_per_problem` completions per prompt from the base model
     (wmtp.core.sample.generate: head 0, truncated at stop sequences)."""
-    from wmtp.core.sample import generate
-
     return generate(
         model,
         tokenizer,
@@ -186,8 +185,6 @@ def execution_rewards(
 ) -> list[float]:
     """Fraction of each program's tests that pass, every assert run on its own in
     the sandbox (so one failing assert does not hide the others)."""
-    from wmtp.sandbox.runner import Job, run_many
-
     setups = setups if setups is not None else [""] * len(programs)
     jobs, owner = [], []
     for i, (program, asserts, setup) in enumerate(zip(programs, tests, setups, strict=True)):
@@ -432,10 +429,6 @@ def _pad(
     return hidden, mask, reward
 
 
-def _write_json(payload: dict, path: Path) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
-
-
 def _reward_stats(rewards: Sequence[float]) -> dict:
     r = np.asarray(rewards, float)
     if not len(r):
@@ -600,8 +593,6 @@ def train_critic(
     `max_seq_len` (prompt + completion + EOS) are dropped, as training examples are."""
     from transformers import AutoTokenizer
 
-    from wmtp.core.checkpoints import load_model
-
     if settings.reward == "reward_model" and reward_model_dir is None:
         raise ValueError("critic.reward = reward_model needs a reward model directory")
     tokenizer = AutoTokenizer.from_pretrained(str(base_model_dir))
@@ -650,7 +641,7 @@ def train_critic(
     }
     head_path = save_value_head(head, out_dir / HEAD_FILE)
     metrics_path = out_dir / METRICS_FILE
-    _write_json(metrics, metrics_path)
+    write_json_atomic(metrics_path, metrics, sort_keys=False)
     return CriticOutputs(head_path, metrics_path, table_path)
 
 

@@ -43,12 +43,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from wmtp.config.schema import ModelSource, TinySettings
 from wmtp.core import checkpoints
-
+from wmtp.data.prompts import set_prompt_format
 from wmtp.infra import storage
 from wmtp.infra.atomic import atomic_file, write_json_atomic
-from wmtp.config.schema import ModelSource, TinySettings
-from wmtp.data.prompts import set_prompt_format
+from wmtp.tiny import build as tiny_builders
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +172,6 @@ def _from_s3(source: ModelSource, out: Path, stage: Path, endpoint_url=None, **_
 
 
 def _from_tiny(source: ModelSource, out: Path, stage: Path, tiny=None, seed=0, threads=1, **_) -> None:
-    from wmtp.tiny import build as tiny_builders
-
     builders = {"base": tiny_builders.build_tiny_base, "ref": tiny_builders.build_tiny_ref}
     if source.id not in builders:
         raise ValueError(f"models: tiny source id must be one of {sorted(builders)}, got {source.id!r}")
@@ -297,8 +295,6 @@ def _humaneval(split, stage, source, endpoint_url, **_) -> tuple[pd.DataFrame, d
 
 
 def _tiny_mbpp(split, stage, source, endpoint_url, tiny=None, seed=0, **_) -> tuple[pd.DataFrame, dict]:
-    from wmtp.tiny.build import make_tiny_mbpp, tiny_knobs
-
     if split not in ("train", "test"):
         raise ValueError(f"tiny-mbpp has splits train/test, not {split!r}")
     if source:  # a copy made earlier (e.g. uploaded to S3), read like any other dataset
@@ -306,8 +302,8 @@ def _tiny_mbpp(split, stage, source, endpoint_url, tiny=None, seed=0, **_) -> tu
         return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True), {
             "repo": source, "files": [f.name for f in files]
         }
-    knobs = tiny_knobs(tiny)
-    train, test = make_tiny_mbpp(knobs["n_train_problems"], knobs["n_test_problems"], seed,
+    knobs = tiny_builders.tiny_knobs(tiny)
+    train, test = tiny_builders.make_tiny_mbpp(knobs["n_train_problems"], knobs["n_test_problems"], seed,
                                  knobs["noise_comment_prob"])
     return {"train": train, "test": test}[split], {
         "repo": "wmtp.tiny.build", "seed": seed, "tiny": (tiny or TinySettings()).model_dump(mode="json")
@@ -357,7 +353,7 @@ def download_dataset(
             frame.to_parquet(staged, index=False)
             manifest = {"dataset": name, "split": split, **info, "rows": len(frame),
                         "columns": list(frame.columns), "sha256": storage.sha256_file(staged)}
-            write_json_atomic(manifest, manifest_path(out_path))
+            write_json_atomic(manifest_path(out_path), manifest)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out_path

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wmtp.infra.atomic import write_text_atomic
-from wmtp.data.problems import Problem, load_benchmark
 from wmtp.config.schema import EvalSettings
+from wmtp.data.problems import Problem, load_benchmark
 from wmtp.data.prompts import (
     PromptFormat,
     chat_completion,
@@ -30,10 +29,12 @@ from wmtp.data.prompts import (
     model_prompt,
     prompt_format,
 )
+from wmtp.infra.atomic import write_json_atomic, write_text_atomic
+from wmtp.infra.tracking import log_to_model_run
 from wmtp.sandbox.runner import STATUSES, run_many
 
 MBPP_FORMAT = ("mbpp", "tiny-mbpp")
-# Metric names in MLflow, as the earlier framework logged them.
+# MLflow metric name prefix per benchmark: `tiny_mbpp_pass@1`, `contest_pass@1`, ...
 METRIC_PREFIX = {
     "mbpp": "mbpp",
     "tiny-mbpp": "tiny_mbpp",
@@ -164,6 +165,7 @@ def end_token_ids(model_dir: str | Path, tokenizer) -> list[int]:
     """Every id that ends a completion: the tokenizer's EOS plus the eos ids of the
     model directory's generation_config.json (chat models end a turn with a token
     of their own and list several)."""
+    # imported here: wmtp.stages.report reads this module's pass@k and must not import torch
     from wmtp.core.checkpoints import read_generation_config
 
     ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
@@ -190,6 +192,7 @@ def _sample_completions(
     With `settings.speculative` the MTP heads draft and head 0 verifies
     (`speculative_generate`): the same greedy completions, or samples from the same
     distribution."""
+    # imported here: wmtp.stages.report reads this module's pass@k and must not import torch
     from wmtp.core.sample import generate, speculative_generate
 
     prompts = [model_prompt(tokenizer, fmt, p.prompt, p.message) for p in problems]
@@ -255,11 +258,11 @@ def evaluate_model(
     Prompts are in the format the model's tokenizer records (the one it was
     trained with, `wmtp.data.prompts`) unless `fmt` overrides it; generation ends at
     any of the model's end ids (`end_token_ids`)."""
+    # imported here: wmtp.stages.report reads this module's pass@k and must not import torch
     import torch
     from transformers import AutoTokenizer
 
     from wmtp.core.checkpoints import load_model
-    from wmtp.infra.tracking import log_to_model_run
 
     ks = settings.ks.get(benchmark)
     if not ks:
@@ -305,7 +308,7 @@ def evaluate_model(
         "wall_seconds": time.perf_counter() - started,
     }
     write_text_atomic(out_jsonl, "".join(json.dumps(r) + "\n" for r in records))
-    write_text_atomic(out_json, json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(out_json, summary, sort_keys=False)
     prefix = METRIC_PREFIX.get(benchmark, benchmark.replace("-", "_"))
     metrics = {f"{prefix}_pass@{k}": summary[f"pass@{k}"] for k in ks}
     if "exact_match" in summary:

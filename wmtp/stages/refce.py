@@ -1,13 +1,15 @@
 """Reference cross-entropy: the reference model's per-token loss over the training set.
 
 Rho-1 weighting needs ce_ref[j] = -log p_ref(x_j | x_<j) for every training token
-(DESIGN.md section 3). It is computed once, before training, and stored as a
-parquet table with one row per (sample_id, position >= 1):
+(the weights are indexed by the target token, docs/design.md). It is computed
+once, before training, and stored as a parquet table with one row per
+(sample_id, position >= 1):
 
     sample_id (string), position (int32), token_id (int32), ce_ref (float32)
 
-The logits of position j-1 score token j (the earlier framework shifted this by
-one). Position 0 has no row: nothing predicts the first token. All positions are
+The logits of position j-1 score token j, so row j is the CE of predicting token
+j: the same index as the weight w[j] it feeds. Position 0 has no row: nothing
+predicts the first token. All positions are
 written, prompt included; trainers apply their loss mask. The schema metadata
 records the reference model id, the tokenizer hash and the sample count, and
 `RefCETable.lookup` aligns by (sample_id, position) and checks every token id,
@@ -32,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from wmtp.infra.atomic import atomic_file
 from wmtp.config.schema import DataSettings, is_mtp_model_config
+from wmtp.core.checkpoints import load_model, verify_model_files
+from wmtp.core.model import MTPModel
 from wmtp.data.training import (
     PACK_SEPARATOR,
     Example,
@@ -43,7 +46,7 @@ from wmtp.data.training import (
     read_split,
     tokenizer_hash,
 )
-from wmtp.core.model import MTPModel
+from wmtp.infra.atomic import atomic_file
 
 SCHEMA = pa.schema(
     [
@@ -69,13 +72,9 @@ def load_reference(model_dir: str | Path, device: str | torch.device = "cpu") ->
         raise FileNotFoundError(f"{model_dir}: no config.json; not a model directory")
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if is_mtp_model_config(json.loads(config_path.read_text())):
-        from wmtp.core.checkpoints import load_model
-
         model = load_model(model_dir, device=device).to(dtype)
     else:
         from transformers import AutoModelForCausalLM
-
-        from wmtp.core.checkpoints import verify_model_files
 
         verify_model_files(model_dir)  # the download stage's manifest
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)

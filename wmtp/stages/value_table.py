@@ -1,7 +1,7 @@
 """The critic's value table: V and delta for every training token, computed once on the frozen base.
 
 critic-wmtp weights token j by delta_j = V_j - V_{j-1}, where V_j is the value
-head's estimate of the reward to come after x_<=j (DESIGN.md sections 3-4). The
+head's estimate of the reward to come after x_<=j (wmtp.stages.critic). The
 value head was fitted on the *frozen base* trunk, so that is the only trunk it
 may read: applied to the trunk being fine-tuned, its inputs would drift away
 from what it was fitted on and its deltas become arbitrary. The critic stage
@@ -33,8 +33,9 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from wmtp.infra.atomic import atomic_file
+from wmtp.core.weights import critic_deltas
 from wmtp.data.training import PACK_SEPARATOR, Example, collate, tokenizer_hash
+from wmtp.infra.atomic import atomic_file
 from wmtp.stages.refce import align_to_batch, read_per_token
 
 SCHEMA = pa.schema(
@@ -87,8 +88,6 @@ def table_values(values: np.ndarray, loss_mask: Sequence[int]) -> tuple[np.ndarr
     (value, delta) columns for positions 1..L-1, (L-1,) each: V from s0 (the last
     prompt token) on, delta = wmtp.core.weights.critic_deltas on the solution tokens
     (the first one's is V(first) - V(s0)), NaN elsewhere."""
-    from wmtp.core.weights import critic_deltas
-
     mask = np.asarray(loss_mask, dtype=bool)
     start = int(np.argmax(mask))
     value = values.astype(np.float32).copy()

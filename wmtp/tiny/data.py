@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from wmtp.data.prompts import mbpp_prompt, mbpp_solution
 from wmtp.infra.atomic import atomic_file
 
 MBPP_COLUMNS = ("task_id", "text", "code", "test_list", "test_setup_code", "challenge_test_list")
@@ -506,8 +507,6 @@ def prompt_documents(n: int, seed: int, noise_comment_prob: float = 0.0) -> list
     """(prompt, solution) text pairs in the fine-tuning format, from a pool of their
     own seed: clean ones are the reference model's high-quality data, noisy ones
     let the tokenizer learn the comment words."""
-    from wmtp.data.prompts import mbpp_prompt, mbpp_solution
-
     rng = random.Random(f"tiny-prompts-{seed}")
     families = list(FAMILIES)
     pairs = []
