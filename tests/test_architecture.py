@@ -210,7 +210,6 @@ def test_the_snakemake_check_sees_one():
 
 _TORCH = "keeps torch out of a module that must load without it (rule b)"
 _STAGE_ON_DEMAND = "the command line imports a stage when its subcommand runs: `validate`, `schema` and --help load without torch"
-_TRAINER = "none of its own (wmtp.stages.train imports torch and these at no cost): move it to the top"
 
 FUNCTION_LEVEL_ALLOWED: dict[tuple[str, str], str] = {
     ("wmtp.stages.evaluate", "wmtp.core.checkpoints"): f"report reads pass@k from evaluate: {_TORCH}",
@@ -219,12 +218,6 @@ FUNCTION_LEVEL_ALLOWED: dict[tuple[str, str], str] = {
     ("wmtp.cli", "wmtp.stages.train"): _STAGE_ON_DEMAND,
     ("wmtp.cli", "wmtp.stages.evaluate"): _STAGE_ON_DEMAND,
     ("wmtp.cli", "wmtp.stages.export"): _STAGE_ON_DEMAND,
-    ("wmtp.stages.train", "wmtp.core.loss"): "tests patch wmtp.core.loss.weighted_mtp_loss_details, "
-    "which a call-time import picks up",
-    ("wmtp.stages.train", "wmtp.core.weights"): _TRAINER,
-    ("wmtp.stages.train", "wmtp.stages.value_table"): _TRAINER,
-    ("wmtp.stages.train", "wmtp.stages.refce"): _TRAINER,
-    ("wmtp.stages.train", "wmtp.config.schema"): _TRAINER,
 }
 
 

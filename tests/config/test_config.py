@@ -71,7 +71,7 @@ def test_shipped_recipes_validate_and_comment_every_key(path):
     assert not uncommented, f"{path}: keys without a comment: {uncommented}"
 
 
-def test_the_tiny_default_is_the_issue_setting():
+def test_the_tiny_default_is_the_documented_setting():
     config, _ = load_config(REPO / "config" / "config.yaml", base_dir=REPO)
     assert config.run == "tiny" and len(config.seeds) >= 2
     assert sorted(config.trained_algorithms) == sorted(TRAINED)

@@ -77,7 +77,7 @@ def test_tiny_quality_benchmark_runs(tmp_path):
 @pytest.mark.slow
 def test_smol_stages_benchmark_runs(tmp_path, tiny_tokenizer):
     """On a toy HF Llama in place of SmolLM2 (the stages and their scaling are what
-    is checked; the real model's figures are in the note of issue 12)."""
+    is checked; the real model's figures are in docs/smol.md)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,

@@ -21,7 +21,7 @@ from smollm2 import cached_hf_dir
 pytestmark = pytest.mark.slow
 
 # Greedy, before fine-tuning, the model passes HumanEval/22 and /23, fails /0's tests and
-# raises in /3 (the note of issue 12 has problems 0-39): both scorers see every outcome.
+# raises in /3: both scorers see every outcome.
 TASKS = ("HumanEval/0", "HumanEval/3", "HumanEval/22", "HumanEval/23")
 
 

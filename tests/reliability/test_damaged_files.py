@@ -1,4 +1,4 @@
-"""Issue 9, "damaged or missing files: a clear error, early, naming the file":
+"""Damaged or missing files give a clear error, early, naming the file:
 model checksums verified on load, ref-CE tables checked before any training
 work, and every file or directory a config names checked when it loads (before
 `snakemake -n` plans a job)."""

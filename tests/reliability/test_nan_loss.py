@@ -1,4 +1,4 @@
-"""Issue 9: a NaN or inf loss stops training with an error that names the step and
+"""A NaN or inf loss stops training with an error that names the step and
 the batch (its sample ids), keeping the last good checkpoint; no silent skip.
 And the model a training writes carries a checksum manifest."""
 

@@ -409,7 +409,7 @@ def _build(files, root: Path, config, recipes) -> str:
 
 
 def test_summary_disagreeing_with_its_records_is_refused(tmp_path):
-    """The issue's case: a summary saying pass@1 = 1.2 % whose samples say far more."""
+    """A summary saying pass@1 = 1.2 % whose samples say far more."""
     files = _write_results(tmp_path)
     config, recipes = _config(bootstrap=10)
     summary_path = tmp_path / "eval" / "rho1-weighted" / "seed1" / "tiny-mbpp.json"

@@ -733,7 +733,7 @@ def test_workflow_script_relaunches_itself_under_torchrun(setup, tmp_path):
     assert "train baseline-mtp" in log  # rank 0's progress bar reached the job's log
 
 
-# ---- the weights each method really trains with (issue 14) ------------------------------
+# ---- the weights each method really trains with ------------------------------
 # Every expected weight below is rebuilt from the raw inputs without the trainer's own
 # helpers: the reference CE straight from the parquet (matched to a batch row by its
 # tokens), the head-0 CE from a full `model(...)` forward, the critic's values from the

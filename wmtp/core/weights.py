@@ -25,7 +25,6 @@ from collections.abc import Callable
 import torch
 
 from wmtp.config import registry
-from wmtp.config.registry import trained_heads  # noqa: F401 (re-exported: wmtp.stages.train imports it here)
 from wmtp.config.schema import WeightingSettings
 
 WEIGHT_DTYPE = torch.float32
@@ -53,8 +52,8 @@ def normalize(
 ) -> torch.Tensor:
     """z-score over the batch's valid tokens -> softmax(z / T) -> mean 1 -> clip to [eps, w_max].
 
-    The issue describes "rescale to mean 1 and clip, repeat until both hold". Its
-    fixed point is reached here in one step: the weights are `clip(c * p, eps, w_max)`
+    "Rescale to mean 1 and clip, repeat until both hold" has a fixed point, reached
+    here in one step: the weights are `clip(c * p, eps, w_max)`
     with `p = n * softmax(z / T)` and the single scale `c` for which their mean is
     1 (to float64 resolution). Unlike alternating rescale/clip, this keeps every unclipped
     token proportional to its softmax mass instead of flattening the ones first

@@ -358,8 +358,6 @@ def load_value_table(
 ):
     """critic-wmtp's value table (wmtp.stages.value_table), checked against this tokenizer,
     this base model and every training example before any training compute."""
-    from wmtp.stages.value_table import ValueTable
-
     try:
         table = ValueTable.from_parquet(
             critic_path, tokenizer=tokenizer, base_model_dir=base_model_dir
