@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wmtp.data.training import Example, collate
 from wmtp.core.model import MTPConfig, MTPModel
+from wmtp.data.training import Example, collate
 from wmtp.stages.refce import compute_refce, next_token_logits
 from wmtp.tiny.models import train_tokenizer
 

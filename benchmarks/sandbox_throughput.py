@@ -23,8 +23,8 @@ import os
 import random
 import time
 
-from wmtp.data.problems import Problem, load_mbpp
 from wmtp.config.schema import EvalSettings
+from wmtp.data.problems import Problem, load_mbpp
 from wmtp.stages.evaluate import evaluate_completions
 
 IDIOMS = {  # a correct solution body in several I/O styles; `solve(line) -> str` is inserted

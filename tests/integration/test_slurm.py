@@ -37,8 +37,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.services import AWS_TEST_ENV, build_ci_inputs, moto_server, slurm_node
 from tests.integration.test_workflow import LAUNCHER_VARIABLES, REPO, copy_workflow, planned_jobs
+from tests.services import AWS_TEST_ENV, build_ci_inputs, moto_server, slurm_node
 from wmtp.infra import storage
 
 BUCKET = "wmtp-ci"

@@ -11,9 +11,9 @@ import os
 import pytest
 from attacks import ATTACKS, TESTS, WRONG
 
-from wmtp.sandbox import runner as sandbox
-from wmtp.data.problems import Problem
 from wmtp.config.schema import EvalSettings
+from wmtp.data.problems import Problem
+from wmtp.sandbox import runner as sandbox
 from wmtp.stages.evaluate import evaluate_completions
 
 RIGHT = WRONG.replace("a - b", "a + b")

@@ -14,13 +14,13 @@ import pytest
 import yaml
 from conftest import REPO, tiny_config
 
-from wmtp.stages import train as train_lib
-from wmtp.core.checkpoints import WEIGHTS_FILE, load_model, save_model, verify_model_files
 from wmtp.config.schema import ConfigError, DataSettings, Recipe, TrackingSettings, load_config
-from wmtp.data.training import build_examples, read_split
+from wmtp.core.checkpoints import WEIGHTS_FILE, load_model, save_model, verify_model_files
 from wmtp.core.model import MTPModel
-from wmtp.stages.refce import check_table, compute_refce, load_reference
+from wmtp.data.training import build_examples, read_split
 from wmtp.infra.storage import write_manifest
+from wmtp.stages import train as train_lib
+from wmtp.stages.refce import check_table, compute_refce, load_reference
 
 
 def zero_bytes(path: Path, size: int) -> None:

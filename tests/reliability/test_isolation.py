@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from wmtp.sandbox import cgroups, runner as sandbox
+from wmtp.sandbox import cgroups
+from wmtp.sandbox import runner as sandbox
 from wmtp.sandbox.runner import TMP_MB, Job, _isolation, run_job, run_many
 
 REPO = Path(__file__).resolve().parents[2]

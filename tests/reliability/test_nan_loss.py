@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from conftest import tiny_config
 
-from wmtp.stages import train as train_lib
-from wmtp.core.checkpoints import save_model, verify_model_files
 from wmtp.config.schema import DataSettings, Recipe, TrackingSettings
+from wmtp.core.checkpoints import save_model, verify_model_files
 from wmtp.core.model import MTPModel
+from wmtp.stages import train as train_lib
 
 
 @pytest.fixture(scope="module")

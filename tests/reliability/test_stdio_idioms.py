@@ -12,8 +12,8 @@ import tempfile
 import pytest
 from stdio_idioms import CASES, EQUIVALENT_OUTPUTS, IDIOMS, WRONG_OUTPUTS
 
-from wmtp.data.problems import Problem
 from wmtp.config.schema import EvalSettings
+from wmtp.data.problems import Problem
 from wmtp.stages.evaluate import evaluate_completions
 
 SETTINGS = EvalSettings(timeout=10.0, workers=2)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from wmtp.sandbox import cgroups, runner as sandbox
+from wmtp.sandbox import cgroups
+from wmtp.sandbox import runner as sandbox
 from wmtp.sandbox.runner import (
     Job,
     SandboxError,

@@ -10,11 +10,14 @@ import pandas as pd
 import pytest
 import torch
 from conftest import REPO, tiny_config
-from tests.stages.test_refce import run_workflow_script
 
 import wmtp.stages.critic as critic
-from wmtp.core.checkpoints import load_model, save_model
+from tests.stages.test_refce import run_workflow_script
 from wmtp.config.schema import ConfigError, CriticSettings, DataSettings, load_recipe
+from wmtp.core.checkpoints import load_model, save_model
+from wmtp.core.model import MTPModel
+from wmtp.core.weights import critic_deltas
+from wmtp.data.training import build_examples, collate, read_split
 from wmtp.stages.critic import (
     Rollout,
     ValueHead,
@@ -29,10 +32,7 @@ from wmtp.stages.critic import (
     split_problems,
     train_critic,
 )
-from wmtp.data.training import build_examples, collate, read_split
-from wmtp.core.model import MTPModel
 from wmtp.stages.value_table import ValueTable
-from wmtp.core.weights import critic_deltas
 
 
 def test_gae_matches_hand_computation():

@@ -15,15 +15,13 @@ import pandas as pd
 import pytest
 import torch
 from conftest import tiny_config
+
 from tests.infra.test_storage import s3_endpoint  # noqa: F401  (session fixture: moto on loopback)
-
-from wmtp.core import checkpoints
-
-from wmtp.stages import download
-
-from wmtp.infra import storage
 from wmtp.config.schema import ModelSource, TinySettings
+from wmtp.core import checkpoints
 from wmtp.core.model import MTPModel
+from wmtp.infra import storage
+from wmtp.stages import download
 
 # ---------------------------------------------------------------- hub fakes
 

@@ -9,11 +9,17 @@ from pathlib import Path
 import pytest
 from conftest import tiny_config
 
-from wmtp.data.problems import load_benchmark
-from wmtp.core.checkpoints import save_model
 from wmtp.config.schema import EvalSettings
-from wmtp.stages.evaluate import evaluate_completions, evaluate_model, exact_match, pass_at_k, summarise
+from wmtp.core.checkpoints import save_model
 from wmtp.core.model import MTPModel
+from wmtp.data.problems import load_benchmark
+from wmtp.stages.evaluate import (
+    evaluate_completions,
+    evaluate_model,
+    exact_match,
+    pass_at_k,
+    summarise,
+)
 
 
 @pytest.mark.parametrize(
@@ -211,8 +217,8 @@ def test_chat_format_evaluation(tmp_path, chat_tokenizer, monkeypatch):
     import copy
 
     from wmtp.core import sample
-    from wmtp.stages.evaluate import end_token_ids
     from wmtp.data.prompts import chat_prompt, set_prompt_format
+    from wmtp.stages.evaluate import end_token_ids
 
     tokenizer = copy.deepcopy(chat_tokenizer)
     set_prompt_format(tokenizer, "chat")

@@ -9,10 +9,10 @@ import torch
 from conftest import tiny_config
 from safetensors import safe_open
 
-from wmtp.core.checkpoints import save_model
 from wmtp.cli import main
-from wmtp.stages.export import HEADS_FILE, export_hf, load_exported
+from wmtp.core.checkpoints import save_model
 from wmtp.core.model import MTPModel
+from wmtp.stages.export import HEADS_FILE, export_hf, load_exported
 
 
 @pytest.fixture

@@ -6,11 +6,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import tiny_config
-from tests.data.test_training import _other_tokenizer, mbpp_rows
 
+from tests.data.test_training import _other_tokenizer, mbpp_rows
 from wmtp.core.checkpoints import save_model
-from wmtp.data.training import build_examples, collate, pack, tokenizer_hash
 from wmtp.core.model import MTPModel
+from wmtp.data.training import build_examples, collate, pack, tokenizer_hash
 from wmtp.stages.refce import RefCETable, compute_refce, load_reference, merge_shards, refce_stage
 
 

@@ -14,8 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from wmtp.core.checkpoints import load_model, read_config
-from wmtp.data.training import check_same_vocabulary, read_split
 from wmtp.core.model import MTPModel
+from wmtp.data.training import check_same_vocabulary, read_split
 from wmtp.tiny.build import (
     build_tiny_base,
     build_tiny_ref,

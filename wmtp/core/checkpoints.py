@@ -31,9 +31,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from wmtp.infra.atomic import atomic_dir
 from wmtp.config.schema import is_mtp_model_config
 from wmtp.core.model import MTPConfig, MTPModel
+from wmtp.infra.atomic import atomic_dir
 from wmtp.infra.storage import MANIFEST_FILE, sha256_file, write_manifest
 
 CONFIG_FILE = "config.json"

@@ -18,7 +18,13 @@ from typing import Literal
 
 import pandas as pd
 
-from wmtp.data.prompts import HUMANEVAL_STOP, MBPP_STOP, humaneval_message, mbpp_message, mbpp_prompt
+from wmtp.data.prompts import (
+    HUMANEVAL_STOP,
+    MBPP_STOP,
+    humaneval_message,
+    mbpp_message,
+    mbpp_prompt,
+)
 from wmtp.sandbox.runner import Job
 
 # A stdin/stdout program legitimately ends with a top-level `print(` or a

@@ -21,9 +21,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from wmtp.infra.atomic import atomic_dir
-from wmtp.core.checkpoints import GENERATION_FILE, load_model, mtp_from_hf_llama, read_generation_config
+from wmtp.core.checkpoints import (
+    GENERATION_FILE,
+    load_model,
+    mtp_from_hf_llama,
+    read_generation_config,
+)
 from wmtp.core.model import MTPModel
+from wmtp.infra.atomic import atomic_dir
 
 HEADS_FILE = "mtp_heads.safetensors"
 

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from wmtp.infra.atomic import atomic_dir
 from wmtp.core.checkpoints import save_model
 from wmtp.core.loss import weighted_mtp_loss
 from wmtp.core.model import MTPConfig, MTPModel
+from wmtp.infra.atomic import atomic_dir
 from wmtp.tiny.data import corpus_documents, prompt_documents
 
 PAD, EOS = "<pad>", "<eos>"
