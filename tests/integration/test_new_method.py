@@ -26,7 +26,7 @@ from tests.integration.test_workflow import REPO, copy_workflow, planned_inputs,
 
 NAME = "half-mtp"
 ENTRY = (
-    f'        Method("{NAME}", "halfway between 1 and rho1-weighted\'s weights", "half",\n'
+    f'        Method("{NAME}", "half",\n'
     '               inputs=("refce",), knobs=("temperature", "eps", "w_max", "strength",'
     ' "rho1_mode", "rho1_base")),\n'
 )

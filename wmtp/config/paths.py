@@ -77,7 +77,7 @@ class Layout:
         return f"{self.root}/train/{algo}/seed{seed}"
 
     def trained_model(self, algo: str, seed: int | str) -> str:
-        return f"{self.train_dir(algo, seed)}/model"
+        return f"{self.train_dir(algo, seed)}/{TRAINED_MODEL}"
 
     def train_metrics(self, algo: str, seed: int | str) -> str:
         return f"{self.train_dir(algo, seed)}/{TRAIN_METRICS}"

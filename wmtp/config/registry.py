@@ -27,7 +27,6 @@ class Method:
     """One row of the table."""
 
     name: str
-    summary: str  # the token weight w[j] of target token j, in words (README table)
     weight_function: str | None = None  # name in wmtp.core.weights; None: not trained
     heads: int | None = None  # heads trained, counted from head 0; None: all of the model's
     inputs: tuple[StageInput, ...] = ()
@@ -50,30 +49,27 @@ _RHO1 = ("rho1_mode", "rho1_base")
 METHODS: dict[str, Method] = {
     method.name: method
     for method in (
-        Method("base", "not trained: the downloaded base model, evaluated as it is"),
-        Method("baseline-mtp", "1 (every head); the reference of every Δ", "uniform"),
+        Method("base"),  # not trained: the downloaded base model, evaluated as it is
+        Method("baseline-mtp", "uniform"),
         Method(
             "critic-wmtp",
-            "normalise(V(j) - V(j-1)), V from a value head fitted on the frozen base",
             "critic",
             inputs=("values",),
             knobs=(*_NORMALISE, "critic_scores", "critic_beta"),
         ),
         Method(
             "rho1-weighted",
-            "normalise(CE_base(j) - CE_ref(j)) (Rho-1's excess loss)",
             "rho1_weighted",
             inputs=("refce",),
             knobs=(*_NORMALISE, *_RHO1),
         ),
         Method(
             "rho1-tokenskip",
-            "drop the lowest-scored share of a batch's tokens, the rest 1/keep",
             "rho1_tokenskip",
             inputs=("refce",),
             knobs=("strength", *_RHO1, "skip_ratio"),
         ),
-        Method("ntp", "1, head 0 only (next-token fine-tuning)", "uniform", heads=1),
+        Method("ntp", "uniform", heads=1),  # next-token fine-tuning: head 0 alone
     )
 }
 
