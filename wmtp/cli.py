@@ -56,6 +56,7 @@ from wmtp.config.schema import (
     validate_section,
 )
 from wmtp.data.prompts import PROMPT_FORMATS
+from wmtp.infra import tracking
 
 
 def parse_tags(text: str | None) -> dict[str, str]:
@@ -146,7 +147,7 @@ def train_plan(
     seed = config.seeds[0] if args.seed is None else args.seed
     layout = Layout.of_run(config.run, args.results)
     dataset = config.data.train_dataset
-    run_name = args.run_name or f"{recipe.algorithm}-seed{seed}"
+    run_name = args.run_name or tracking.run_name(recipe.algorithm, seed)
     algorithm = recipe.algorithm
     return TrainPlan(
         recipe=recipe,

@@ -37,6 +37,7 @@ import torch  # noqa: E402
 
 from wmtp.config.paths import Layout, mlflow_uri  # noqa: E402
 from wmtp.config.schema import DataSettings, Recipe, TrackingSettings  # noqa: E402
+from wmtp.infra.tracking import run_name  # noqa: E402
 from wmtp.stages.train import train  # noqa: E402
 
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -63,6 +64,6 @@ train(
     tracking_uri=tracking.tracking_uri or mlflow_uri(Layout.of_run(wildcards.run).mlflow_db()),
     refce_path=inputs.get("refce"),
     critic_path=inputs.get("critic"),
-    run_name=f"{params['algorithm']}-seed{wildcards.seed}",
+    run_name=run_name(params["algorithm"], wildcards.seed),
     tags={"run": wildcards.run},
 )

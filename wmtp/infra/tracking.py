@@ -45,6 +45,11 @@ def experiment_name(algorithm: str, dataset: str) -> str:
     return f"mtp/{algorithm}/{dataset}"
 
 
+def run_name(algorithm: str, seed: int | str) -> str:
+    """The default MLflow run name of one training (a row's seed)."""
+    return f"{algorithm}-seed{seed}"
+
+
 def metric_key(name: str) -> str:
     """A name MLflow accepts: `@` becomes `_at_` (pass@k -> pass_at_k), any other
     character outside alphanumerics and `_ - . : / space` becomes `_`."""

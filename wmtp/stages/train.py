@@ -768,7 +768,7 @@ def train(
         mlflow=tracking.mlflow,
         uri=tracking_uri or tracking.tracking_uri or tracking_lib.default_tracking_uri(out_dir),
         experiment=tracking_lib.experiment_name(recipe.algorithm, dataset_name),
-        run_name=run_name or f"{recipe.algorithm}-seed{seed}",
+        run_name=run_name or tracking_lib.run_name(recipe.algorithm, seed),
         tags=dict(tags),
     )
     metrics = open_metrics(t, start, target)
