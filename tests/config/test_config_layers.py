@@ -13,6 +13,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from tests.config.test_config import merged
 from wmtp.config.schema import (
     SETTING_CHOICES,
     ConfigError,
@@ -29,17 +30,6 @@ RECIPES = sorted((REPO / "config" / "recipes").rglob("*.yaml"))
 
 def read(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
-
-
-def merged(base: dict, override: dict) -> dict:
-    """Snakemake's merge of `--configfile` over the Snakefile's `configfile:`."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def leaves(data: dict, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
