@@ -30,7 +30,7 @@ from wmtp.config.schema import ModelSource, TrackingSettings, load_config, optim
 from wmtp.stages.download import download_model
 from wmtp.stages.evaluate import evaluate_model
 from wmtp.stages.refce import refce_stage
-from wmtp.stages.train import train
+from wmtp.stages.train import TrainInputs, train
 from wmtp.tiny.data import make_tiny_mbpp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,12 +85,11 @@ def main() -> None:
     full = args.out / "train.parquet"
     rows.to_parquet(full)
     steps = args.train_steps
-    timed("train sample", results, train, base_model_dir=base, train_path=full, out_dir=args.out / "train",
+    timed("train sample", results, train, inputs=TrainInputs(base, full), out_dir=args.out / "train",
           recipe=recipe.model_copy(update={"train": recipe.train.model_copy(update={
               "max_steps": steps, "warmup_steps": 1, "log_every": 1, "val_every": steps,
               "checkpoint_every": steps})}),
-          data=config.data, seed=0, dataset_name="mbpp", tracking=TrackingSettings(mlflow=False),
-          tracking_uri=None)  # fmt: skip
+          data=config.data, seed=0, tracking=TrackingSettings(mlflow=False))  # fmt: skip
     wall = pd.read_parquet(args.out / "train" / "metrics.parquet")["wall_time"].tolist()
     per_step = (wall[-1] - wall[0]) / (len(wall) - 1)  # steady state: set-up and step 1 excluded
 

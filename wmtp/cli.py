@@ -205,7 +205,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(describe_train(config, plan))
     # imported here: the trainer brings torch and DeepSpeed, which the other commands,
     # --help and a dry run's plan do not need
-    from wmtp.stages.train import train, validate_setup
+    from wmtp.stages.train import TrainInputs, train, validate_setup
 
     validate_setup(
         recipe=plan.recipe,
@@ -221,17 +221,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("dry run: set-up is valid; nothing was trained")
         return 0
     model_dir = train(
-        base_model_dir=plan.base_model,
-        train_path=plan.train_data,
+        inputs=TrainInputs(plan.base_model, plan.train_data, plan.refce, plan.critic),
         out_dir=plan.out_dir,
         recipe=plan.recipe,
         data=config.data,
         seed=plan.seed,
-        dataset_name=config.data.train_dataset,
-        tracking=config.tracking,
-        tracking_uri=plan.tracking_uri,
-        refce_path=plan.refce,
-        critic_path=plan.critic,
+        tracking=config.tracking.model_copy(update={"tracking_uri": plan.tracking_uri}),
         run_name=plan.run_name,
         tags=plan.tags,
         max_steps=plan.max_steps,

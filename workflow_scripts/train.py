@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from wmtp.config.paths import Layout, mlflow_uri  # noqa: E402
 from wmtp.config.schema import DataSettings, Recipe, TrackingSettings  # noqa: E402
 from wmtp.infra.tracking import run_name  # noqa: E402
-from wmtp.stages.train import train  # noqa: E402
+from wmtp.stages.train import TrainInputs, train  # noqa: E402
 
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 logging.getLogger("wmtp").setLevel(logging.INFO)  # e.g. "resuming ... from step N"
@@ -52,18 +52,14 @@ data = DataSettings(**params["settings"]["data"])
 out_dir = Path(snakemake.output.model).parent  # noqa: F821
 if Path(snakemake.output.metrics).parent != out_dir:  # noqa: F821
     raise ValueError("the train rule must write model/ and metrics.parquet into the same directory")
+default_store = mlflow_uri(Layout.of_run(wildcards.run).mlflow_db())
 train(
-    base_model_dir=inputs.base,
-    train_path=inputs.data,
+    inputs=TrainInputs(inputs.base, inputs.data, inputs.get("refce"), inputs.get("critic")),
     out_dir=out_dir,
     recipe=recipe,
     data=data,
     seed=int(wildcards.seed),
-    dataset_name=data.train_dataset,
-    tracking=tracking,
-    tracking_uri=tracking.tracking_uri or mlflow_uri(Layout.of_run(wildcards.run).mlflow_db()),
-    refce_path=inputs.get("refce"),
-    critic_path=inputs.get("critic"),
+    tracking=tracking.model_copy(update={"tracking_uri": tracking.tracking_uri or default_store}),
     run_name=run_name(params["algorithm"], wildcards.seed),
     tags={"run": wildcards.run},
 )

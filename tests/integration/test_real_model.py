@@ -43,7 +43,7 @@ def test_a_real_model_through_every_stage(smollm2_dir, tmp_path):
     from wmtp.stages.download import download_model
     from wmtp.stages.evaluate import end_token_ids, evaluate_model
     from wmtp.stages.refce import refce_stage
-    from wmtp.stages.train import train
+    from wmtp.stages.train import TrainInputs, train
     from wmtp.tiny.data import make_tiny_mbpp
 
     # ---- download: heads added, chat format and both end ids kept
@@ -75,9 +75,8 @@ def test_a_real_model_through_every_stage(smollm2_dir, tmp_path):
         }
     )  # fmt: skip
     model_dir = train(
-        base_model_dir=base, train_path=train_path, out_dir=tmp_path / "train", recipe=recipe,
-        data=data, seed=0, dataset_name="tiny-mbpp", tracking=TrackingSettings(mlflow=False),
-        tracking_uri=None, refce_path=refce, device="cpu",
+        inputs=TrainInputs(base, train_path, refce), out_dir=tmp_path / "train", recipe=recipe,
+        data=data, seed=0, tracking=TrackingSettings(mlflow=False), device="cpu",
     )  # fmt: skip
     metrics = pd.read_parquet(tmp_path / "train" / "metrics.parquet")
     assert metrics["train_loss"].notna().all() and len(metrics) == 3

@@ -125,11 +125,10 @@ def test_damaged_refce_table_fails_before_training_naming_the_path(refce_setup, 
     monkeypatch.setattr(train_lib, "_init_distributed", no_training)
     recipe = Recipe.model_validate({"algorithm": "rho1-weighted", "train": {"max_steps": 2, "warmup_steps": 0}})
     with pytest.raises(ValueError, match=str(refce_setup["refce"])):
-        train_lib.train(base_model_dir=refce_setup["base"], train_path=refce_setup["train"],
-                        out_dir=refce_setup["base"].parent / "out", recipe=recipe,
-                        data=DataSettings(max_seq_len=256), seed=0, dataset_name="tiny-mbpp",
-                        tracking=TrackingSettings(mlflow=False), tracking_uri=None,
-                        refce_path=refce_setup["refce"])
+        inputs = train_lib.TrainInputs(refce_setup["base"], refce_setup["train"], refce_setup["refce"])
+        train_lib.train(inputs=inputs, out_dir=refce_setup["base"].parent / "out", recipe=recipe,
+                        data=DataSettings(max_seq_len=256), seed=0,
+                        tracking=TrackingSettings(mlflow=False))
 
 
 def test_non_finite_reference_ce_is_a_problem(refce_setup):

@@ -30,10 +30,9 @@ def run(setup, out, lr: float, max_steps: int):
     recipe = Recipe.model_validate({"algorithm": "baseline-mtp", "train": {
         "max_steps": max_steps, "micro_batch_size": 4, "lr": lr, "warmup_steps": 0,
         "checkpoint_every": 1, "log_every": 1, "val_every": max_steps}})
-    return train_lib.train(base_model_dir=setup["base"], train_path=setup["train"], out_dir=out,
+    return train_lib.train(inputs=train_lib.TrainInputs(setup["base"], setup["train"]), out_dir=out,
                            recipe=recipe, data=DataSettings(max_seq_len=256, val_fraction=0.125),
-                           seed=0, dataset_name="tiny-mbpp", tracking=TrackingSettings(mlflow=False),
-                           tracking_uri=None)
+                           seed=0, tracking=TrackingSettings(mlflow=False))
 
 
 @pytest.mark.slow

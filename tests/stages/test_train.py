@@ -30,6 +30,7 @@ from wmtp.core.model import MTPModel
 from wmtp.core.schedule import lr_factor
 from wmtp.data.training import build_examples, read_split
 from wmtp.stages import train as train_lib
+from wmtp.stages.train import TrainInputs
 
 N_PROBLEMS = 16
 
@@ -97,18 +98,22 @@ def recipe(algorithm: str = "baseline-mtp", *, weighting: dict | None = None, **
     return Recipe.model_validate(payload)
 
 
+def inputs_of(setup, rec: Recipe, **paths) -> TrainInputs:
+    """The fixture's files for `rec`'s method: the reference-CE table for rho1-*
+    unless `refce_path` says otherwise, the value table given as `critic_path`."""
+    refce = paths.get("refce_path", setup["refce"] if rec.algorithm.startswith("rho1") else None)
+    return TrainInputs(setup["base"], setup["train"], refce, paths.get("critic_path"))
+
+
 def run(setup, out: Path, rec: Recipe, *, mlflow: bool = False, **kwargs) -> Path:
-    kwargs.setdefault("refce_path", setup["refce"] if rec.algorithm.startswith("rho1") else None)
+    paths = {key: kwargs.pop(key) for key in ("refce_path", "critic_path") if key in kwargs}
     return train_lib.train(
-        base_model_dir=setup["base"],
-        train_path=setup["train"],
+        inputs=inputs_of(setup, rec, **paths),
         out_dir=out,
         recipe=rec,
         data=DataSettings(max_seq_len=256, val_fraction=0.125),
         seed=0,
-        dataset_name="tiny-mbpp",
         tracking=TrackingSettings(mlflow=mlflow),
-        tracking_uri=None,
         **kwargs,
     )
 
@@ -396,16 +401,15 @@ def test_ntp_trains_head_0_only_on_the_plain_ce(setup, tmp_path):
 )
 def test_bad_setup_raises_before_compute(setup, tmp_path, monkeypatch, algorithm, kwargs, message):
     monkeypatch.setattr(train_lib, "_init_distributed", lambda *a: pytest.fail("compute started"))
+    kwargs = dict(kwargs)
+    paths = {key: kwargs.pop(key) for key in ("refce_path", "critic_path") if key in kwargs}
     args = dict(
-        base_model_dir=setup["base"],
-        train_path=setup["train"],
+        inputs=inputs_of(setup, recipe(algorithm), **paths),
         out_dir=tmp_path,
         recipe=recipe(algorithm),
         data=DataSettings(),
         seed=0,
-        dataset_name="tiny-mbpp",
         tracking=TrackingSettings(mlflow=False),
-        tracking_uri=None,
     )
     args.update(kwargs)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -419,16 +423,13 @@ def test_bad_setup_lists_every_problem(setup, tmp_path, monkeypatch):
     rec = recipe("rho1-tokenskip", deepspeed_config=str(staged))
     with pytest.raises(ConfigError) as error:
         train_lib.train(
-            base_model_dir=tmp_path / "nothing",
-            train_path=tmp_path / "missing.parquet",
+            inputs=TrainInputs(tmp_path / "nothing", tmp_path / "missing.parquet"),
             out_dir=tmp_path,
             recipe=rec,
             data=DataSettings(),
             seed=0,
-            dataset_name="tiny-mbpp",
-            tracking=TrackingSettings(mlflow=False),
-            tracking_uri=None,
-        )
+                tracking=TrackingSettings(mlflow=False),
+            )
     text = str(error.value)
     for part in (
         "not a wmtp model directory",
@@ -574,10 +575,10 @@ def test_killed_process_resumes_to_identical_weights(setup, tmp_path):
         "    time.sleep(0.5)\n"
         "    return orig(*a, **k)\n"
         "loss.weighted_mtp_loss_details = slowed\n"
-        f"t.train(base_model_dir={str(setup['base'])!r}, train_path={str(setup['train'])!r},\n"
+        f"t.train(inputs=t.TrainInputs({str(setup['base'])!r}, {str(setup['train'])!r}),\n"
         f"        out_dir={str(tmp_path / 'killed')!r}, recipe=rec,\n"
-        "        data=DataSettings(max_seq_len=256, val_fraction=0.125), seed=0, dataset_name='tiny-mbpp',\n"
-        "        tracking=TrackingSettings(mlflow=False), tracking_uri=None)\n"
+        "        data=DataSettings(max_seq_len=256, val_fraction=0.125), seed=0,\n"
+        "        tracking=TrackingSettings(mlflow=False))\n"
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):

@@ -438,7 +438,6 @@ def set_up(
     inputs: TrainInputs,
     *,
     seed: int,
-    dataset_name: str,
     out_dir: Path,
     max_steps: int | None,
     device: str | None,
@@ -478,9 +477,8 @@ def set_up(
         device_type=device_type,
     )
     resolved = resolved_settings(
-        recipe, data, inputs, seed=seed, dataset_name=dataset_name, steps=train_data.steps,
-        world=world, ds_config=ds_config,
-    )  # fmt: skip
+        recipe, data, inputs, seed=seed, steps=train_data.steps, world=world, ds_config=ds_config
+    )
     return Trainer(
         recipe, inputs, seed, out_dir, rank, world, run_device, tokenizer, pad_id, train_data,
         sources, diagnostics, engine, n_trained, metric_columns(n_trained, n_heads), resolved,
@@ -493,7 +491,6 @@ def resolved_settings(
     inputs: TrainInputs,
     *,
     seed: int,
-    dataset_name: str,
     steps: int,
     world: int,
     ds_config: dict,
@@ -503,7 +500,7 @@ def resolved_settings(
     return {
         "algorithm": recipe.algorithm,
         "seed": seed,
-        "dataset": dataset_name,
+        "dataset": data.train_dataset,
         "max_steps": steps,
         "world_size": world,
         "base_model": str(inputs.base_model),
@@ -729,45 +726,39 @@ def finish(t: Trainer, metrics: MetricLog, target: TrackingTarget) -> Path:
 
 def train(
     *,
-    base_model_dir: str | Path,
-    train_path: str | Path,
+    inputs: TrainInputs,
     out_dir: str | Path,
     recipe: Recipe,
     data: DataSettings,
     seed: int,
-    dataset_name: str,
     tracking: TrackingSettings,
-    tracking_uri: str | None,
-    refce_path: str | Path | None = None,
-    critic_path: str | Path | None = None,
     run_name: str | None = None,
     tags: Sequence[tuple[str, str]] | dict = (),
     max_steps: int | None = None,
     device: str | None = None,
     stop_after: int | None = None,
 ) -> Path:
-    """Fine-tune the MTP model in `base_model_dir` with `recipe` on `train_path`
-    (MBPP-format parquet); write `out_dir/model/` (+ tracking.json) and
-    `out_dir/metrics.parquet`. Returns the model directory.
+    """Fine-tune the MTP model `inputs.base_model` with `recipe` on `inputs.train_data`
+    (MBPP-format parquet, the dataset `data.train_dataset`); write `out_dir/model/`
+    (+ tracking.json) and `out_dir/metrics.parquet`. Returns the model directory.
 
     The optimizer steps follow from `recipe.train.epochs` and the number of training
-    examples (`wmtp.config.schema.optimizer_steps`); `max_steps` replaces that number (smoke
-    tests, the CLI's `--max-steps`). `tracking_uri` overrides
-    `tracking.tracking_uri`, and with both None the store is
-    `sqlite:///<out_dir>/mlflow.db` (the workflow passes `results/{run}/mlflow.db`).
-    `stop_after=n` (tests) raises `TrainingInterrupted` right after step n, as if
-    the job had been killed there.
+    examples (`wmtp.config.schema.optimizer_steps`); `max_steps` replaces that number
+    (smoke tests, the CLI's `--max-steps`). With `tracking.tracking_uri` None the
+    MLflow store is `sqlite:///<out_dir>/mlflow.db` (the workflow passes
+    `results/{run}/mlflow.db`). `stop_after=n` (tests) raises `TrainingInterrupted`
+    right after step n, as if the job had been killed there.
     """
     out_dir = Path(out_dir)
-    inputs = TrainInputs(base_model_dir, train_path, refce_path, critic_path)
-    t = set_up(recipe, data, inputs, seed=seed, dataset_name=dataset_name, out_dir=out_dir,
-               max_steps=max_steps, device=device)  # fmt: skip
-    fingerprint = run_fingerprint(t.resolved, [base_model_dir, train_path, refce_path, critic_path])
+    t = set_up(recipe, data, inputs, seed=seed, out_dir=out_dir, max_steps=max_steps, device=device)
+    fingerprint = run_fingerprint(
+        t.resolved, [inputs.base_model, inputs.train_data, inputs.refce, inputs.critic]
+    )
     start = resume(t.engine, t.ckpt_dir, fingerprint, t.rank, t.world, name=recipe.algorithm)
     target = TrackingTarget(
         mlflow=tracking.mlflow,
-        uri=tracking_uri or tracking.tracking_uri or tracking_lib.default_tracking_uri(out_dir),
-        experiment=tracking_lib.experiment_name(recipe.algorithm, dataset_name),
+        uri=tracking.tracking_uri or tracking_lib.default_tracking_uri(out_dir),
+        experiment=tracking_lib.experiment_name(recipe.algorithm, data.train_dataset),
         run_name=run_name or tracking_lib.run_name(recipe.algorithm, seed),
         tags=dict(tags),
     )
