@@ -207,21 +207,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     # --help and a dry run's plan do not need
     from wmtp.stages.train import TrainInputs, train, validate_setup
 
+    inputs = TrainInputs(plan.base_model, plan.train_data, plan.refce, plan.critic)
     validate_setup(
-        recipe=plan.recipe,
-        data=config.data,
-        max_steps=plan.max_steps,
-        base_model_dir=plan.base_model,
-        train_path=plan.train_data,
-        refce_path=plan.refce,
-        critic_path=plan.critic,
-        device_type=args.device or "cpu",
+        plan.recipe, config.data, inputs, max_steps=plan.max_steps, device_type=args.device or "cpu"
     )
     if args.dry_run:
         print("dry run: set-up is valid; nothing was trained")
         return 0
     model_dir = train(
-        inputs=TrainInputs(plan.base_model, plan.train_data, plan.refce, plan.critic),
+        inputs=inputs,
         out_dir=plan.out_dir,
         recipe=plan.recipe,
         data=config.data,

@@ -216,7 +216,7 @@ def test_schema_accepts_the_shipped_configs_and_rejects_unknown_keys():
 def test_shipped_recipes_pass_the_trainers_set_up_checks(path, tmp_path):
     """Beyond the schema: the DeepSpeed template exists and sets no stage, warmup fits, etc.
     (inputs are faked: only the recipe's own consistency is under test)."""
-    from wmtp.stages.train import validate_setup
+    from wmtp.stages.train import TrainInputs, validate_setup
 
     base, data = tmp_path / "base", tmp_path / "train.parquet"
     base.mkdir()
@@ -225,15 +225,9 @@ def test_shipped_recipes_pass_the_trainers_set_up_checks(path, tmp_path):
     config, recipes = load_config(path, base_dir=REPO)
     for recipe in recipes.values():
         validate_setup(
-            recipe=recipe,
-            data=config.data,
-            max_steps=recipe.train.max_steps,
-            base_model_dir=base,
-            train_path=data,
-            refce_path=data,
-            critic_path=data,
-            device_type="cpu",
-        )
+            recipe, config.data, TrainInputs(base, data, data, data),
+            max_steps=recipe.train.max_steps, device_type="cpu",
+        )  # fmt: skip
 
 
 # ---- one place per shared knob -------------------------------------------------------

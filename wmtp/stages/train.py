@@ -172,15 +172,7 @@ def deepspeed_config(settings: TrainSettings, *, bf16: bool, device_type: str) -
 
 
 def validate_setup(
-    *,
-    recipe: Recipe,
-    data: DataSettings,
-    max_steps: int | None,
-    base_model_dir: str | Path,
-    train_path: str | Path,
-    refce_path: str | Path | None,
-    critic_path: str | Path | None,
-    device_type: str,
+    recipe: Recipe, data: DataSettings, inputs: TrainInputs, *, max_steps: int | None, device_type: str
 ) -> None:
     """Every problem that would make the run fail (or silently mean something else),
     collected and raised at once as `ConfigError` before any model work. `max_steps`
@@ -188,6 +180,8 @@ def validate_setup(
     the examples are counted (still before any model work)."""
     settings, problems = recipe.train, []
     algorithm = recipe.algorithm
+    base_model_dir, train_path = inputs.base_model, inputs.train_data
+    refce_path, critic_path = inputs.refce, inputs.critic
     if not (Path(base_model_dir) / CONFIG_FILE).exists():
         problems.append(
             f"base model: {base_model_dir} has no {CONFIG_FILE} (not a wmtp model directory)"
@@ -226,16 +220,7 @@ def check_setup(
     """`validate_setup`, then the reference-CE table read through (a damaged table
     fails here, not after DeepSpeed has started); an input the method does not read
     is named in the log and ignored."""
-    validate_setup(
-        recipe=recipe,
-        data=data,
-        max_steps=max_steps,
-        base_model_dir=inputs.base_model,
-        train_path=inputs.train_data,
-        refce_path=inputs.refce,
-        critic_path=inputs.critic,
-        device_type=device_type,
-    )
+    validate_setup(recipe, data, inputs, max_steps=max_steps, device_type=device_type)
     algorithm = recipe.algorithm
     if registry.needs(algorithm, "refce"):
         require_table(inputs.refce)
