@@ -31,11 +31,12 @@ from wmtp.core.sample import (
 )
 
 PROMPTS = ["def add(a, b):\n", "class Model:\n    def forward(self, x", "import"]
-# prompts of many lengths, and stops that end completions at different steps: rows of
-# a batch finish apart, so finished rows are replaced by waiting ones mid-batch
+# prompts of many lengths (one of a single token), and stops that end completions at
+# different steps: rows of a batch finish apart, so finished rows are replaced by
+# waiting ones mid-batch
 MORE_PROMPTS = PROMPTS + [
     "x = 1\n", "def main():\n    for i in range(3):\n        print(", "while True:\n",
-    "return", "# a comment\nimport os\n\n\ndef path(name):\n    ",
+    "x", "# a comment\nimport os\n\n\ndef path(name):\n    ",
 ]  # fmt: skip
 STOPS = ("\n", ")")
 TEXT = "def f(x):\n    return x + 1\n\n" * 4 + "for i in range(10):\n    print(i)\n" * 4

@@ -142,12 +142,17 @@ def _pair_uniforms(pairs: list[_Pair], seed: int, steps: int, device) -> torch.T
     return torch.stack(rows).to(device)
 
 
-def _prefill(model: torch.nn.Module, ids: list[int]) -> tuple[torch.Tensor, object]:
-    """(next-token logits (V,), KV cache) of one prompt alone: no padding, so its
-    numbers do not depend on what else is decoded at the same time."""
+def _prefill(model: MTPModel, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The keys and values of `ids` (a prompt but its last token) alone, no padding
+    (so they do not depend on what else is decoded): (keys, values), (1, n_kv, L,
+    head_dim) each, of the trunk blocks and head 0, the blocks of
+    `_Decoder(model, draft=False)`; [] for no tokens."""
+    if not ids:
+        return []
     batch = torch.tensor([ids], device=_device(model))  # (1, L)
     cache = _new_cache(model)
-    return _logits(model, batch, torch.ones_like(batch), cache)[0, -1], cache
+    model.next_token_logits(batch, None, cache)
+    return [(layer.keys, layer.values) for layer in cache.layers[: model.config.n_trunk_layers + 1]]
 
 
 class _Scheduler:
@@ -158,18 +163,19 @@ class _Scheduler:
         self.waiting = deque(_Pair(i, j) for i in range(n_prompts) for j in range(n))
         self.unstarted = [n] * n_prompts  # samples of each prompt not yet taken
         self.unfinished = [n] * n_prompts
-        self.prefills: dict[int, tuple[torch.Tensor, object]] = {}
+        self.prefills: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.bar = _progress_bar(n_prompts, progress)
 
-    def take(self, count: int, model, encoded: list[list[int]]):
-        """Up to `count` waiting pairs (in prompt order) with their prompts' prefills,
-        each prompt prefilled once for all its samples."""
+    def take(self, count: int, model: MTPModel, encoded: list[list[int]]):
+        """Up to `count` waiting pairs (in prompt order) with their prompts' prefills
+        (`_prefill` of all but the last token), each prompt prefilled once for all its
+        samples."""
         taken = [self.waiting.popleft() for _ in range(min(count, len(self.waiting)))]
         prefills = []
         for pair in taken:
             i = pair.prompt
             if i not in self.prefills:
-                self.prefills[i] = _prefill(model, encoded[i])
+                self.prefills[i] = _prefill(model, encoded[i][:-1])
             prefills.append(self.prefills[i])
             self.unstarted[i] -= 1
             if not self.unstarted[i]:
@@ -180,12 +186,6 @@ class _Scheduler:
         self.unfinished[pair.prompt] -= 1
         if not self.unfinished[pair.prompt]:
             self.bar.update(1)
-
-
-def _mtp_cache_layers(model: MTPModel, cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(keys, values) (1, n_kv, L, head_dim) of the trunk blocks and head 0 in a
-    prompt's Hugging Face cache: the blocks of `_Decoder(model, draft=False)`."""
-    return [(layer.keys, layer.values) for layer in cache.layers[: model.config.n_trunk_layers + 1]]
 
 
 # Slots a row may leave unused before the slot batch is compacted: every forward's
@@ -215,28 +215,23 @@ def _generate_slots(
     uniforms = torch.zeros(size, max_new_tokens, device=device)
     step = torch.zeros(size, dtype=torch.long, device=device)  # each row's next uniform
 
-    def ended(pair: _Pair) -> bool:
-        return len(pair.tokens) >= max_new_tokens or finished(pair.tokens)
-
     while True:
         free = [r for r, pair in enumerate(rows) if pair is None]
-        if free and queue.waiting:
+        if free and queue.waiting:  # a prompt's last token is its row's first input
             taken, prefills = queue.take(len(free), model, encoded)
             free = free[: len(taken)]
-            for (_, cache), r in zip(prefills, free, strict=True):
-                decoder.insert(r, _mtp_cache_layers(model, cache))
+            start = 0
+            for end in range(1, len(taken) + 1):  # one insert per prompt
+                if end == len(taken) or taken[end].prompt != taken[start].prompt:
+                    decoder.insert(free[start:end], prefills[start])
+                    start = end
             index = torch.tensor(free, device=device)
+            token[index] = torch.tensor([encoded[p.prompt][-1] for p in taken], device=device)
             if rule.sampled:
                 uniforms[index] = _pair_uniforms(taken, seed, max_new_tokens, device)
-            step[index] = 1
-            first = rule.choose(torch.stack([logits for logits, _ in prefills]), uniforms[index, 0])
-            token[index] = first
-            for r, pair, t in zip(free, taken, first.tolist(), strict=True):
-                pair.tokens.append(t)
-                rows[r] = None if ended(pair) else pair
-                if rows[r] is None:
-                    queue.done(pair)
-            continue  # a pair may end at its first token: fill again
+            step[index] = 0
+            for r, pair in zip(free, taken, strict=True):
+                rows[r] = pair
         live = [r for r, pair in enumerate(rows) if pair is not None]
         if not live:
             return
@@ -245,7 +240,7 @@ def _generate_slots(
             index = torch.tensor(live, device=device)
             rows = [rows[r] for r in live]
             token, uniforms, step = token[index], uniforms[index], step[index]
-        longest = max(len(encoded[pair.prompt]) + len(pair.tokens) - 1 for pair in rows)
+        longest = max(len(encoded[pair.prompt]) + len(pair.tokens) - 1 for pair in rows)  # slots
         if decoder.pointer - longest > SLOTS_SLACK:  # attention reads every slot
             decoder._compact()
         logits = decoder.forward(token[:, None])[:, 0]  # (B, V)
@@ -255,7 +250,7 @@ def _generate_slots(
         for r, t in enumerate(token.tolist()):
             pair = rows[r]
             pair.tokens.append(t)
-            if ended(pair):
+            if len(pair.tokens) >= max_new_tokens or finished(pair.tokens):
                 rows[r] = None
                 queue.done(pair)
 
@@ -344,8 +339,12 @@ def generate(
     model.eval()
     ends = _end_ids(tokenizer, eos_token_ids)
     distinct = 1 if temperature == 0 else n
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise ValueError(f"prompts {empty} encode to no tokens: nothing to continue")
     pairs = _sample_tokens(
-        model, [tokenizer(p)["input_ids"] for p in prompts], n=distinct,
+        model, encoded, n=distinct,
         rule=_Rule(temperature, top_p), seed=seed, max_new_tokens=max_new_tokens,
         batch_size=batch_size, progress=progress,
         pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
@@ -576,21 +575,21 @@ class _Decoder:
         self.holes = any(len(p) != width for p in prompts)
         return ids
 
-    def insert(self, row: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Row `row` starts over from a prompt whose keys and values (after rotary,
+    def insert(self, rows: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Rows `rows` start over from one prompt whose keys and values (after rotary,
         as Hugging Face caches them; (1, n_kv, L, head_dim) each) are `layers`, one
-        pair per block (trunk, then the heads): they fill the L slots before the
-        pointer, which first moves up to L if it is lower (other rows get holes
-        there). Continuous batching: a finished row takes the next prompt."""
-        length = layers[0][0].shape[-2]
-        self.pointer = max(self.pointer, length)
-        first = self.pointer - length
-        self.valid[row] = False
-        self.valid[row, first : self.pointer] = True
-        self.n_valid[row] = length
-        for blocks, (keys, values) in zip(self._all_blocks(), layers, strict=True):
-            blocks.keys[:, row, :, first : self.pointer] = keys
-            blocks.values[:, row, :, first : self.pointer] = values
+        pair per block (trunk, then the heads; [] for L = 0): they fill the L slots
+        before the pointer, which first moves up to L if it is lower (other rows get
+        holes there). Continuous batching: a finished row takes the next prompt."""
+        length = layers[0][0].shape[-2] if layers else 0
+        self.pointer = max(self.pointer, length, 1)  # (a forward at slot 0 is a prompt's)
+        first, index = self.pointer - length, torch.tensor(rows, device=self.device)
+        self.valid[index] = False
+        self.valid[index, first : self.pointer] = True
+        self.n_valid[index] = length
+        for blocks, (keys, values) in zip(self._all_blocks(), layers, strict=False):
+            blocks.keys[:, index, :, first : self.pointer] = keys  # broadcast over rows
+            blocks.values[:, index, :, first : self.pointer] = values
         self.holes = True
 
     def advance(self) -> None:
