@@ -535,7 +535,11 @@ class _Decoder:
     every forward appends the same slots to all rows and a row's rejected drafts
     become holes (`valid` False) that its queries never see; positions count valid
     slots only, so a row decodes the same as alone. Left padding is the same kind of
-    hole. With no holes (one row, or rows in step) no mask is built at all."""
+    hole. With no holes (one row, or rows in step) no mask is built at all.
+
+    `generate` decodes plainly on it with continuous batching: `allocate` makes empty
+    rows, `insert` starts a row over on a prompt's prefilled keys and values (a
+    row's old slots become holes), `advance` keeps each forward's one slot."""
 
     def __init__(self, model: MTPModel, draft: bool) -> None:
         config = model.config
@@ -696,7 +700,9 @@ class _Decoder:
 
 
 def _nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """`_choose`'s sampling distribution, normalised, in token order: (..., V).
+    """The sampling distribution of `logits` (..., V) at `temperature` and `top_p`
+    (the nucleus: the smallest set of most likely tokens whose mass reaches top_p),
+    normalised, in token order: (..., V).
 
     Ranks each row's 16 most likely tokens first (`topk`: on a CPU a full sort of a
     few rows costs more than a decode step) and more, 4 times as many each round,
