@@ -3,7 +3,10 @@
 # automatically); the paper setting on a Slurm cluster with `snakemake --profile slurm all`.
 
 
-configfile: "config/config.yaml"
+from wmtp.config.paths import DEFAULT_CONFIG
+
+
+configfile: DEFAULT_CONFIG
 
 
 include: "rules/common.smk"

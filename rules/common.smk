@@ -100,27 +100,9 @@ def get_eval_inputs(wildcards):
 
 def get_report_inputs(wildcards):
     """All evaluations of the configured table and the training metrics of its trained
-    rows, in a fixed order."""
-    runs = [(a, s) for a in CONFIG.algorithms for s in CONFIG.seeds]
-    trained = [(a, s) for a in CONFIG.trained_algorithms for s in CONFIG.seeds]
-    return {
-        "evals": [
-            LAYOUT.eval_file(a, s, b, "json")
-            for a, s in runs
-            for b in CONFIG.benchmarks
-        ],
-        "samples": [
-            LAYOUT.eval_file(a, s, b, "jsonl")
-            for a, s in runs
-            for b in CONFIG.benchmarks
-        ],
-        "metrics": [LAYOUT.train_metrics(a, s) for a, s in trained],
-        "critics": (
-            [LAYOUT.critic_metrics(s) for s in CONFIG.seeds]
-            if CONFIG.critic_rows
-            else []
-        ),
-    }
+    rows, in a fixed order (Layout.report_inputs: the CLI's report reads the same
+    list)."""
+    return LAYOUT.report_inputs(CONFIG)
 
 
 def get_upload_inputs(wildcards):
@@ -128,6 +110,7 @@ def get_upload_inputs(wildcards):
     metrics and (with a critic row) the critics' metrics."""
     return {
         "report": LAYOUT.report(),
+        "table": LAYOUT.table_csv(),
         "figures": LAYOUT.figures(),
         **get_report_inputs(wildcards),
     }

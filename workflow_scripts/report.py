@@ -6,7 +6,8 @@ input:  evals   = every eval/{algo}/seed{s}/{benchmark}.json of the table,
         metrics = every train/{algo}/seed{s}/metrics.parquet,
         critics = every critic/seed{s}/metrics.json (when a row has a critic)
         (algorithm, seed and benchmark are read from each path)
-output: report  = results/{run}/report.md, figures = results/{run}/figures (directory)
+output: report  = results/{run}/report.md, table = results/{run}/table.csv,
+        figures = results/{run}/figures (directory)
 params: settings = {"report": ReportSettings, "config_hash": str} (a rerun trigger
         only: the full config is re-validated from snakemake.config here)
 """
@@ -30,4 +31,5 @@ build_report(
     figures_dir=sm.output.figures,
     git_commit=current_git_commit("."),
     critic_metrics=list(sm.input.get("critics", [])),
+    table_csv=sm.output.table,
 )

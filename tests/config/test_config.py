@@ -25,6 +25,7 @@ from wmtp.config.schema import (
     config_hash,
     load_config,
     load_recipe,
+    merge_config,
     schema_text,
 )
 
@@ -43,15 +44,7 @@ def error_of(data: dict) -> str:
     return str(info.value)
 
 
-def merged(base: dict, override: dict) -> dict:
-    """Snakemake's merge of `--configfile` over the Snakefile's `configfile:`."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = value
-    return out
+merged = merge_config  # Snakemake's merge of --configfile over the Snakefile's configfile:
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -28,6 +29,7 @@ from pydantic import (
 )
 
 from wmtp.config import registry
+from wmtp.config.paths import DEFAULT_CONFIG
 from wmtp.config.preflight import missing_paths
 
 # The names wmtp.config.registry knows: training methods (each has a recipe and a
@@ -690,6 +692,30 @@ def validate_section(model: type[BaseModel], data: Any, source: str) -> Any:
 def load_yaml(path: str | Path) -> Any:
     with open(path) as handle:
         return yaml.safe_load(handle)
+
+
+def merge_config(base: dict, override: dict) -> dict:
+    """`override` merged over `base` key by key, recursively into mappings (a new
+    dict): what Snakemake does with each `--configfile` over the Snakefile's
+    `configfile:`, so a command given the same files sees the same config."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config_files(paths: Sequence[str | Path], base: str | Path = DEFAULT_CONFIG) -> dict:
+    """`base` with each of `paths` merged over it in order, as `snakemake --configfile
+    A --configfile B` does; a missing file is named."""
+    data: dict = {}
+    for path in [base, *paths]:
+        if not Path(path).is_file():
+            raise ConfigError(f"{path}: config file not found")
+        data = merge_config(data, load_yaml(path) or {})
+    return data
 
 
 def resolve_recipe(
