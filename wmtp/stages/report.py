@@ -15,16 +15,15 @@ read from the path, so a file cannot be attributed to the wrong row):
   start) and weight statistics `weight_mean`, `weight_std`, `weight_min`,
   `weight_max`, `weight_frac_zero` (see `_COLUMNS` for the names accepted).
 
-Statistics: every table cell is computed from per-problem values. For each
-algorithm the per-problem value (pass@k by the unbiased estimator, or exact
-match) is first averaged over seeds, the benchmark score is the mean over
-problems, and its 95% interval comes from resampling problems with replacement.
-The same resamples (one seeded draw per benchmark) are used for every algorithm
-and seed, so the difference to the baseline row (`wmtp.config.registry.BASELINE`)
-is a paired bootstrap: the
-interval of mean(algo - baseline) over the same resampled problems. Problem-level
-resampling captures the benchmark's finite size, the dominant source of noise
-when comparing fine-tunings; seed variation enters through the seed average.
+Statistics: every table cell is computed from per-(seed, problem) values (pass@k by
+the unbiased estimator, or exact match): the score is their mean, and its 95%
+interval resamples seeds and problems together (`wmtp.stages.intervals`: the
+pigeonhole bootstrap), so it covers the variation between trainings as well as
+the benchmark's finite size. The same draws serve every row of a benchmark, so the
+difference to the baseline row (`wmtp.config.registry.BASELINE`) is paired over
+seeds (rows share data order and sampling seeds) and problems. Each seed's own
+difference is shown too. Outputs: report.md, table.csv (the table as data) and
+figures/.
 """
 
 from __future__ import annotations
