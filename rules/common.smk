@@ -8,7 +8,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 from wmtp.config import registry
-from wmtp.config.paths import REPORT_COPY, TEST_SPLIT, TRAIN_SPLIT, Layout
+from wmtp.config.paths import REPORT_COPY, TEST_SPLIT, TRAIN_SPLIT, VALIDATION_SPLIT, Layout
 from wmtp.config.schema import BENCHMARKS, ConfigError, config_hash, load_config
 
 min_version("9.0")
@@ -36,7 +36,7 @@ wildcard_constraints:
     seed=r"\d+",
     benchmark=_alternatives(BENCHMARKS),
     dataset=_alternatives(BENCHMARKS),
-    split=_alternatives((TRAIN_SPLIT, TEST_SPLIT)),
+    split=_alternatives((TRAIN_SPLIT, VALIDATION_SPLIT, TEST_SPLIT)),
     role="base|ref|reward",
 
 

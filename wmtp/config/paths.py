@@ -6,7 +6,7 @@ written once. Arguments may be values or Snakemake wildcards: `Layout("results/{
 .trained_model("{algo}", "{seed}")` is the train rule's output pattern.
 
     models/{role}                          download: base, ref, reward
-    data/{dataset}/{split}.parquet         download: train and test splits
+    data/{dataset}/{split}.parquet         download: train, validation and test splits
     refce/{dataset}.parquet                refce: per-token reference CE
     critic/seed{s}/values.parquet          critic: value table (+ metrics.json, value head)
     train/{algo}/seed{s}/model             train: fine-tuned model (+ metrics.parquet)
@@ -34,6 +34,7 @@ DEFAULT_CONFIG = "config/config.yaml"  # the Snakefile's configfile: the tiny de
 REPORT_COPY = f"{RESULTS}/report.md"  # the latest run's report, where users look first
 TRAIN_SPLIT = "train"
 TEST_SPLIT = "test"
+VALIDATION_SPLIT = "validation"  # for tuning: never the test split (MBPP's own name)
 CRITIC_TABLE = "values.parquet"
 CRITIC_METRICS = "metrics.json"
 CRITIC_HEAD = "value_head.safetensors"

@@ -126,6 +126,11 @@ class TinySettings(Strict):
     pretrain_lr: PositiveFloat = Field(3e-3, description="peak learning rate of pretraining")
     n_train_problems: PositiveInt = Field(400, description="problems in the tiny-mbpp train split")
     n_test_problems: PositiveInt = Field(100, description="problems in the tiny-mbpp test split")
+    n_validation_problems: PositiveInt = Field(
+        100,
+        description="problems in the tiny-mbpp validation split: new instances of the same families, "
+        "disjoint from train and test, on which any tuning is done",
+    )
     noise_comment_prob: Annotated[float, Field(ge=0, le=1)] = Field(
         0.5, description="chance that a training solution line carries a noisy comment (tokens of little value)"
     )

@@ -295,17 +295,13 @@ def _humaneval(split, stage, source, endpoint_url, **_) -> tuple[pd.DataFrame, d
 
 
 def _tiny_mbpp(split, stage, source, endpoint_url, tiny=None, seed=0, **_) -> tuple[pd.DataFrame, dict]:
-    if split not in ("train", "test"):
-        raise ValueError(f"tiny-mbpp has splits train/test, not {split!r}")
     if source:  # a copy made earlier (e.g. uploaded to S3), read like any other dataset
         files = _local_copy(source, split, stage, endpoint_url)
         return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True), {
             "repo": source, "files": [f.name for f in files]
         }
-    knobs = tiny_builders.tiny_knobs(tiny)
-    train, test = tiny_builders.make_tiny_mbpp(knobs["n_train_problems"], knobs["n_test_problems"], seed,
-                                 knobs["noise_comment_prob"])
-    return {"train": train, "test": test}[split], {
+    frame = tiny_builders.tiny_mbpp_split(split, tiny, seed)
+    return frame, {
         "repo": "wmtp.tiny.build", "seed": seed, "tiny": (tiny or TinySettings()).model_dump(mode="json")
     }
 
