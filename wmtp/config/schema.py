@@ -412,7 +412,7 @@ class Recipe(Strict):
     def _auto_strength_needs_a_critic(self) -> Recipe:
         """`auto` is the critic's held-out explained variance: undefined without one."""
         if self.weighting.strength == "auto" and not registry.method(self.algorithm).has_critic:
-            with_critic = [m.name for m in registry.METHODS.values() if m.has_critic]
+            with_critic = [m.name for m in registry.METHODS.values() if m.has_critic and not m.control]
             raise ValueError(
                 f"weighting.strength = 'auto': only {', '.join(with_critic)} has a confidence "
                 f"measure (its critic's explained variance); give {self.algorithm} a number in [0, 1]"
