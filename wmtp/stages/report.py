@@ -712,12 +712,7 @@ def build_report(
 
 def _controls(algorithms: list[str]) -> dict[str, str]:
     """control row -> the method whose weights it scrambles, for the rows present."""
-    out = {}
-    for algo in algorithms:
-        of = getattr(registry.method(algo), "control_of", None)  # TODO(merge): the registry's field
-        if of:
-            out[algo] = of
-    return out
+    return {a: registry.method(a).control_of for a in algorithms if registry.method(a).control_of}
 
 
 def _render(
