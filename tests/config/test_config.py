@@ -72,7 +72,7 @@ def test_the_tiny_default_is_the_documented_setting():
     assert sorted(a for a in config.algorithms if registry.method(a).control is None) == sorted(written)
     assert set(config.trained_algorithms) == set(config.algorithms) & set(TRAINED)
     assert config.models.base.source == config.models.ref.source == "tiny"
-    assert config.eval.ks["tiny-mbpp"] == [1, 10] and config.eval.n_samples == 10
+    assert config.eval.ks["tiny-mbpp"] == [1, 5] and config.eval.n_samples == 5
 
 
 @pytest.mark.parametrize("name", ["paper.yaml", "smol.yaml"])
@@ -121,7 +121,7 @@ def test_k_above_n_samples():
     data = tiny()
     data["eval"]["ks"] = {"tiny-mbpp": [1, 20]}
     message = error_of(data)
-    assert "eval.ks" in message and "20" in message and "n_samples (10)" in message
+    assert "eval.ks" in message and "20" in message and "n_samples (5)" in message
 
 
 def test_negative_learning_rate_in_a_recipe(tmp_path):

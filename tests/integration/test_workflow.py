@@ -191,14 +191,14 @@ def test_bad_config_stops_before_any_job_with_every_problem(workdir):
     configfile = write_config(
         workdir,
         "bad.yaml",
-        {"eval": {"n_samples": 5}, "algorithms": ["baseline-mtp", "rho2"], "temprature": 0.2},
+        {"eval": {"n_samples": 3}, "algorithms": ["baseline-mtp", "rho2"], "temprature": 0.2},
     )
     result = snakemake(workdir, "all", "-n", "--configfile", configfile)
     assert_stopped_before_any_job(
         result,
         [
             "eval.ks",
-            "n_samples (5)",
+            "n_samples (3)",
             'algorithms.1 = "rho2"',
             "rho1-weighted",
             "temprature = 0.2",
@@ -210,7 +210,7 @@ def test_bad_config_stops_before_any_job_with_every_problem(workdir):
 @pytest.mark.parametrize(
     "update, expected",
     [
-        ({"eval": {"n_samples": 5}}, ["eval.ks", "n_samples (5)"]),
+        ({"eval": {"n_samples": 3}}, ["eval.ks", "n_samples (3)"]),
         ({"algorithms": ["baseline-mtp", "rho2"]}, ['algorithms.1 = "rho2"', "rho1-weighted"]),
         ({"eval": {"temprature": 0.2}}, ["eval.temprature = 0.2", "unknown key", "temperature"]),
         (
