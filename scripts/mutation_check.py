@@ -48,17 +48,17 @@ FAULTS = (
         "trainer-baseline-weights",
         "the trainer hands every method the baseline's weights (rho1 and critic train as baseline-mtp)",
         "wmtp/stages/train.py",
-        "        weights = make_weights(\n            t.recipe, batch,",
-        "        weights = make_weights(\n"
-        '            t.recipe.model_copy(update={"algorithm": "baseline-mtp"}), batch,',
+        "    weights = make_weights(\n        t.recipe, batches,",
+        "    weights = make_weights(\n"
+        '        t.recipe.model_copy(update={"algorithm": "baseline-mtp"}), batches,',
         ("tests/stages/test_train.py::test_each_method_trains_with_its_formulas_weights",),
     ),
     Fault(
         "make-weights-rho1-as-baseline",
         "online rho1 builds the baseline's all-ones weights",
         "wmtp/stages/train.py",
-        "            algorithm, mask, settings, ce_base=ce_head0.float(), ce_ref=ce_ref\n",
-        '            "baseline-mtp", mask, settings\n',
+        "weigh([replace(parts[0], ce_base=ce_head0.float())])[0]]",
+        "weigh([replace(parts[0], ce_base=ce_head0.float())])[0] * 0 + parts[0].mask.float()]",
         ("tests/stages/test_train.py::test_make_weights_gives_the_formula",),
     ),
     Fault(
@@ -76,6 +76,30 @@ FAULTS = (
         '            "rho1_weighted",\n',
         '            "rho1_tokenskip",\n',
         ("tests/core/test_weights.py::test_algorithm_weights_use_each_setting",),
+    ),
+    Fault(
+        "step-weights-per-rank",
+        "each rank normalises its own sequences: weights depend on the GPU count",
+        "wmtp/core/step_weights.py",
+        "    everyone = _gather(local)\n",
+        "    everyone = [local]\n",
+        ("tests/core/test_step_weights.py::test_two_and_four_processes_give_the_same_weights_as_one",),
+    ),
+    Fault(
+        "step-weights-per-micro-batch",
+        "each accumulation micro-batch normalised alone: weights depend on how the step is split",
+        "wmtp/stages/train.py",
+        "    return weigh(parts)\n",
+        "    return [weigh([part])[0] for part in parts]\n",
+        ("tests/stages/test_train.py::test_accumulated_micro_batches_share_the_steps_weights",),
+    ),
+    Fault(
+        "shuffled-control-not-shuffled",
+        "a shuffled control trains with its method's weights in place (the control shows no gap)",
+        "wmtp/core/weights.py",
+        "            out[b][mask[b]] = row[order.to(row.device)]\n",
+        "            out[b][mask[b]] = row\n",
+        ("tests/core/test_weights.py",),
     ),
     Fault(
         "normalise-temperature-1.5x",

@@ -968,18 +968,20 @@ def test_accumulated_micro_batches_share_the_steps_weights(spied, setup, tmp_pat
     monkeypatch.setattr(wmtp.core.loss, "weighted_mtp_loss_details", spy)
     rec = recipe("rho1-weighted", max_steps=2, micro_batch_size=2, grad_accum_steps=2, checkpoint_every=2)
     run(setup, tmp_path / "accumulated", rec)
+    from wmtp.core.weights import algorithm_weights
+
+    def joined(pair: list[dict], key: str) -> torch.Tensor:  # the pair's rows, right-padded
+        length = max(call["used"].shape[1] for call in pair)
+        return torch.cat([F.pad(call[key], (0, length - call[key].shape[1])) for call in pair])
+
     calls = spy.calls
     assert len(calls) == 4  # 2 steps x 2 micro-batches
     for step in range(2):
         pair = calls[2 * step : 2 * step + 2]
-        length = max(call["used"].shape[1] for call in pair)
-        cat = lambda key: torch.cat([F.pad(c[key], (0, length - c[key].shape[1])) for c in pair])  # noqa: E731
-        mask = cat("loss_mask").bool()
-        ce_base, ce_ref = cat("ce_base"), cat("ce_ref")
-        from wmtp.core.weights import algorithm_weights
-
-        whole = algorithm_weights("rho1-weighted", mask, rec.weighting, ce_base=ce_base, ce_ref=ce_ref)
-        assert torch.allclose(cat("used"), whole, atol=1e-5), f"step {step + 1}"
+        mask = joined(pair, "loss_mask").bool()
+        whole = algorithm_weights("rho1-weighted", mask, rec.weighting,
+                                  ce_base=joined(pair, "ce_base"), ce_ref=joined(pair, "ce_ref"))  # fmt: skip
+        assert torch.allclose(joined(pair, "used"), whole, atol=1e-5), f"step {step + 1}"
         alone = pair[0]["expected"]  # the formula over the first micro-batch alone
         assert (alone - whole[:2, : alone.shape[1]])[pair[0]["loss_mask"].bool()].abs().max() > 1e-3
     one = spied("rho1-weighted")["calls"][0]["used"]  # 1 x 4, step 1: the same four sequences

@@ -187,7 +187,7 @@ class WeightingSettings(Strict):
         description="rho1-*: CE_base is the current model's head-0 CE (online, as in Rho-1) or the "
         "initial model's (frozen)",
     )
-    skip_ratio: Fraction = Field(0.3, description="rho1-tokenskip: share of valid tokens dropped per batch")
+    skip_ratio: Fraction = Field(0.3, description="rho1-tokenskip: share of valid tokens dropped per optimizer step")
 
 
 class TrainSettings(Strict):
