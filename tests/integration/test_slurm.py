@@ -39,6 +39,7 @@ import yaml
 
 from tests.integration.test_workflow import LAUNCHER_VARIABLES, REPO, copy_workflow, planned_jobs
 from tests.services import AWS_TEST_ENV, build_ci_inputs, moto_server, slurm_node
+from wmtp.config.paths import TABLE_CSV
 from wmtp.infra import storage
 
 BUCKET = "wmtp-ci"
@@ -264,9 +265,9 @@ def slurm_run(slurm, s3, bucket, local_run, tmp_path_factory):
 
 
 def expected_uploads(run_dir: Path) -> set[str]:
-    """What the upload rule must send: the report and figures, and every evaluation,
-    training-metrics and critic-metrics file of the run."""
-    files = {"report.md", "manifest.json"}
+    """What the upload rule must send: the report, its table and figures, and every
+    evaluation, training-metrics and critic-metrics file of the run."""
+    files = {"report.md", TABLE_CSV, "manifest.json"}
     files |= {p.relative_to(run_dir).as_posix() for p in (run_dir / "figures").iterdir()}
     files |= {p.relative_to(run_dir).as_posix() for p in (run_dir / "eval").rglob("*.json*")}
     files |= {p.relative_to(run_dir).as_posix() for p in (run_dir / "train").glob("*/seed*/metrics.parquet")}
