@@ -317,10 +317,13 @@ def test_every_row_of_the_study_is_in_its_mlflow_experiment(local_run):
     assert local_run["returncode"] == 0, local_run["output"][-4000:]
     run_dir = local_run["workdir"] / "results" / "ci"
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
-    assert [e.name for e in client.search_experiments()] == ["wmtp/ci"]
+    assert {e.name for e in client.search_experiments()} - {"Default"} == {"wmtp/ci"}  # sqlite's own
     runs = client.search_runs([client.get_experiment_by_name("wmtp/ci").experiment_id])
-    report_hash = re.search(r"config hash: `(\w+)`", (run_dir / "report.md").read_text()).group(1)
+    quoted = (run_dir / "report.md").read_text()
+    report_hash = re.search(r"config hash: `(\w+)`", quoted).group(1)
+    report_commit = re.search(r"git commit: `([\w-]+)`", quoted).group(1)
     assert {r.data.tags["config_hash"] for r in runs} == {report_hash}
+    assert {r.data.tags["git_commit"] for r in runs} == {report_commit}  # "unknown": a copy, not a checkout
     assert all(r.info.status == "FINISHED" and r.data.tags["run"] == "ci" for r in runs)
     by_kind = {kind: [r for r in runs if r.data.tags["kind"] == kind] for kind in ("training", "evaluation", "report")}
     assert sum(map(len, by_kind.values())) == len(runs) and len(by_kind["report"]) == 1
