@@ -51,6 +51,7 @@ from wmtp.config.schema import (
     PipelineConfig,
     Recipe,
     check_warmup,
+    config_hash,
     is_mtp_model_config,
     load_config,
     load_config_files,
@@ -224,8 +225,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         data=config.data,
         seed=plan.seed,
         tracking=config.tracking.model_copy(update={"tracking_uri": plan.tracking_uri}),
+        study=config.run,
         run_name=plan.run_name,
-        tags=plan.tags,
+        tags={**tracking.provenance_tags(config_hash(config, recipes)), **plan.tags},
         max_steps=plan.max_steps,
         device=args.device,
     )

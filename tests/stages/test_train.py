@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import REPO, tiny_config
 from safetensors.torch import load_file
 
@@ -310,18 +311,18 @@ def test_mlflow_run_has_params_metrics_and_resumes(setup, tmp_path):
 
     rec = recipe(max_steps=4, checkpoint_every=2, val_every=2)
     with pytest.raises(train_lib.TrainingInterrupted):
-        run(setup, tmp_path / "out", rec, mlflow=True, stop_after=3)
+        run(setup, tmp_path / "out", rec, mlflow=True, stop_after=3, study="s", tags={"config_hash": "h"})
     interrupted = MlflowClient(tracking.default_tracking_uri(tmp_path / "out")).search_runs(
         [
             MlflowClient(tracking.default_tracking_uri(tmp_path / "out"))
-            .get_experiment_by_name("mtp/baseline-mtp/tiny-mbpp")
+            .get_experiment_by_name("wmtp/s")
             .experiment_id
         ]
     )
     assert [r.info.status for r in interrupted] == ["FAILED"]
-    model_dir = run(setup, tmp_path / "out", rec, mlflow=True)
+    model_dir = run(setup, tmp_path / "out", rec, mlflow=True, study="s", tags={"config_hash": "h"})
     record = json.loads((model_dir / "tracking.json").read_text())
-    assert record["experiment"] == "mtp/baseline-mtp/tiny-mbpp"
+    assert record["experiment"] == "wmtp/s"
     assert record["tracking_uri"] == tracking.default_tracking_uri(tmp_path / "out")
     client = MlflowClient(record["tracking_uri"])
     runs = client.search_runs([client.get_experiment_by_name(record["experiment"]).experiment_id])
@@ -329,6 +330,8 @@ def test_mlflow_run_has_params_metrics_and_resumes(setup, tmp_path):
     data = runs[0].data
     assert runs[0].info.status == "FINISHED"
     assert data.params["recipe.train.lr"] == "0.003" and data.params["seed"] == "0"
+    tags = {"run": "s", "kind": "training", "algorithm": "baseline-mtp", "seed": "0", "config_hash": "h"}
+    assert {k: data.tags.get(k) for k in tags} == tags
     expected = {
         "train/loss",
         "train/head0_ce",
@@ -643,13 +646,25 @@ def test_workflow_script_runs_the_train_rule(setup, tmp_path, monkeypatch):
         wildcards=Namedlist(fromdict={"run": "t", "algo": "rho1-tokenskip", "seed": "0"}),
         resources=Namedlist(fromdict={"gpu": 0}),
         threads=1,
-        config={},
+        config=yaml.safe_load((REPO / "config" / "config.yaml").read_text()),  # for the config_hash tag
     )
     monkeypatch.setattr(sys, "stderr", sys.stderr)
+    monkeypatch.chdir(REPO)  # Snakemake runs scripts in the workflow directory
     runpy.run_path(str(REPO / "workflow_scripts" / "train.py"), init_globals={"snakemake": smk})
     assert list(pd.read_parquet(out / "metrics.parquet")["step"]) == [1, 2]
     record = json.loads((out / "model" / "tracking.json").read_text())
-    assert record["tracking_uri"] == uri and record["experiment"] == "mtp/rho1-tokenskip/tiny-mbpp"
+    assert record["tracking_uri"] == uri and record["experiment"] == "wmtp/t"
+    from mlflow import MlflowClient
+
+    from wmtp.config.schema import config_hash, load_config
+
+    tracked = MlflowClient(uri).get_run(record["run_id"])
+    expected_hash = config_hash(*load_config(smk.config, base_dir=REPO))
+    assert {k: tracked.data.tags[k] for k in ("run", "kind", "algorithm", "seed", "config_hash")} == {
+        "run": "t", "kind": "training", "algorithm": "rho1-tokenskip", "seed": "0", "config_hash": expected_hash,
+    }  # fmt: skip
+    assert tracked.data.tags["git_commit"] not in ("", "unknown")  # the test runs in a checkout
+    assert [a.path for a in MlflowClient(uri).list_artifacts(record["run_id"])] == ["metrics.parquet"]
     assert json.loads((out / "model" / "config.json").read_text())["algorithm"] == "rho1-tokenskip"
     assert (
         "train rho1-tokenskip" in (tmp_path / "train.log").read_text()

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -580,18 +579,6 @@ def probe_figure(
 
 
 # ---------------------------------------------------------------- report
-
-
-def current_git_commit(repo: str | Path = ".") -> str | None:
-    """HEAD of the repository at `repo` (with `-dirty` if it has local changes),
-    or None outside a git checkout."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def recipe_overrides(recipes: dict[str, Recipe], algorithms: list[str]) -> list[tuple[str, str, object]]:

@@ -744,6 +744,7 @@ def train(
     data: DataSettings,
     seed: int,
     tracking: TrackingSettings,
+    study: str = "default",
     run_name: str | None = None,
     tags: Sequence[tuple[str, str]] | dict = (),
     max_steps: int | None = None,
@@ -758,8 +759,11 @@ def train(
     examples (`wmtp.config.schema.optimizer_steps`); `max_steps` replaces that number
     (smoke tests, the CLI's `--max-steps`). With `tracking.tracking_uri` None the
     MLflow store is `sqlite:///<out_dir>/mlflow.db` (the workflow passes
-    `results/{run}/mlflow.db`). `stop_after=n` (tests) raises `TrainingInterrupted`
-    right after step n, as if the job had been killed there.
+    `results/{run}/mlflow.db`); the run is in the study's experiment `wmtp/{study}`
+    (`study`: the config's `run`), tagged with the study, algorithm and seed
+    (`tracking_lib.run_tags`) and `tags` (callers add `tracking_lib.provenance_tags`).
+    `stop_after=n` (tests) raises `TrainingInterrupted` right after step n, as if the
+    job had been killed there.
     """
     out_dir = Path(out_dir)
     t = set_up(recipe, data, inputs, seed=seed, out_dir=out_dir, max_steps=max_steps, device=device)
@@ -770,9 +774,9 @@ def train(
     target = TrackingTarget(
         mlflow=tracking.mlflow,
         uri=tracking.tracking_uri or tracking_lib.default_tracking_uri(out_dir),
-        experiment=tracking_lib.experiment_name(recipe.algorithm, data.train_dataset),
+        experiment=tracking_lib.experiment_name(study),
         run_name=run_name or tracking_lib.run_name(recipe.algorithm, seed),
-        tags=dict(tags),
+        tags={**tracking_lib.run_tags(study, "training", recipe.algorithm, seed), **dict(tags)},
     )
     metrics = open_metrics(t, start, target)
     try:  # an attempt that raised (or got Ctrl-C) shows as FAILED in MLflow until resumed
