@@ -365,7 +365,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     root = run_folder(Path(args.results), config.run)
     layout = Layout(root.as_posix())
     inputs = layout.report_inputs(config)
-    from wmtp.stages.report import build_report, current_git_commit
+    from wmtp.stages.report import build_report
 
     present = {kind: [p for p in paths if Path(p).is_file()] for kind, paths in inputs.items()}
     for kind in ("evals", "samples"):
@@ -380,7 +380,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         recipes=recipes,
         out_md=layout.report(),
         figures_dir=layout.figures(),
-        git_commit=current_git_commit("."),
+        git_commit=tracking.current_git_commit("."),
         critic_metrics=present["critics"],
         table_csv=layout.table_csv(),
         metrics_required=False,

@@ -42,5 +42,5 @@ log_study(
     recipes,
     tracking_uri=study_tracking_uri(config.tracking.tracking_uri, config.run),
     eval_jsons=list(sm.input.evals),
-    report_files=[sm.output.report, sm.output.figures],
+    report_files=[sm.output.report, sm.output.table, sm.output.figures],
 )
