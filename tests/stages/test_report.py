@@ -527,16 +527,17 @@ def test_table_csv_holds_the_tables_cells_as_fractions(rendered):
         100 * row[["delta", "delta_low", "delta_high"]], abs=0.051)
 
 
-def _write_effects(root: Path, effects_pp: dict[int, float], problems: int = 400) -> tuple[list, list]:
-    """Evaluation files of baseline-mtp and rho1-weighted over 3 seeds whose effect in
-    seed s is effects_pp[s] points of success probability (10 samples per problem)."""
+def _write_effects(root: Path, effects_pp: dict[str, dict[int, float]], problems: int = 400) -> tuple[list, list]:
+    """Evaluation files of baseline-mtp and the rows of `effects_pp` over 3 seeds:
+    row a's effect in seed s is effects_pp[a][s] points of success probability over
+    baseline-mtp (10 samples per problem)."""
     rng = np.random.default_rng(7)
     difficulty = rng.uniform(0.1, 0.7, size=problems)
     jsons, jsonls = [], []
-    for algo in ("baseline-mtp", "rho1-weighted"):
-        for seed, effect in effects_pp.items():
-            rate = np.clip(difficulty + (effect / 100 if algo == "rho1-weighted" else 0.0), 0, 1)
-            c = rng.binomial(10, rate)
+    seeds = next(iter(effects_pp.values())).keys()
+    for algo, effects in {"baseline-mtp": dict.fromkeys(seeds, 0.0), **effects_pp}.items():
+        for seed, effect in effects.items():
+            c = rng.binomial(10, np.clip(difficulty + effect / 100, 0, 1))
             run = root / "eval" / algo / f"seed{seed}"
             run.mkdir(parents=True)
             records = [{"task_id": f"t/{i:03d}", "n": 10, "c": int(x)} for i, x in enumerate(c)]
@@ -547,11 +548,12 @@ def _write_effects(root: Path, effects_pp: dict[int, float], problems: int = 400
     return jsons, jsonls
 
 
-def _effect_config():
+def _effect_config(rows: tuple[str, ...] = ("rho1-weighted",)):
+    algorithms = ["baseline-mtp", *rows]
     data = {
-        "run": "effects", "seeds": [0, 1, 2], "algorithms": ["baseline-mtp", "rho1-weighted"],
+        "run": "effects", "seeds": [0, 1, 2], "algorithms": algorithms,
         "benchmarks": ["tiny-mbpp"],
-        "recipes": {a: f"config/recipes/{a}.yaml" for a in ("baseline-mtp", "rho1-weighted")},
+        "recipes": {a: f"config/recipes/{a}.yaml" for a in algorithms},
         "models": {"base": {"source": "tiny", "id": "base"}, "ref": {"source": "tiny", "id": "ref"}},
         "data": {"train_dataset": "tiny-mbpp", "max_seq_len": 512},
         "train": {"epochs": 3, "micro_batch_size": 8, "grad_accum_steps": 1, "lr": 1e-4, "warmup_steps": 10},
@@ -569,7 +571,7 @@ def _effect_config():
 def test_intervals_cover_the_variation_between_seeds(tmp_path, effects, excludes):
     """A method whose effect changes sign with the seed is not called a sure effect;
     one a few points up in every seed is. Per-seed Δs are printed."""
-    jsons, jsonls = _write_effects(tmp_path, effects)
+    jsons, jsonls = _write_effects(tmp_path, {"rho1-weighted": effects})
     config, recipes = _effect_config()
     out = report.build_report(jsons, jsonls, [], config, recipes, tmp_path / "report.md", tmp_path / "f",
                               metrics_required=False)
@@ -582,6 +584,29 @@ def test_intervals_cover_the_variation_between_seeds(tmp_path, effects, excludes
     assert shown == pytest.approx(list(effects.values()), abs=3.0)
     assert f"({sum(x > 0 for x in shown)} of 3 > 0)" in per_seed
     assert "3 seeds" in text and "Left out" in text  # no training metrics given
+
+
+@pytest.mark.parametrize(
+    ("control_effect", "method_beats_control"),
+    [({0: 5, 1: 6, 2: 4}, False), ({0: 0, 1: 1, 2: -1}, True)],
+    ids=["reweighting-as-such", "which-tokens"],
+)
+def test_each_method_is_compared_with_its_controls(tmp_path, control_effect, method_beats_control):
+    """A method 5 points up in every seed: when its controls are as far up, the gain
+    is reweighting as such and method - control includes 0; when the controls sit at
+    the baseline, method - control excludes 0 (which tokens it weights matters)."""
+    effects = {"rho1-weighted": {0: 5, 1: 6, 2: 4}}
+    effects |= {f"rho1-weighted-{kind}": control_effect for kind in ("shuffled", "matched")}
+    jsons, jsonls = _write_effects(tmp_path, effects)
+    config, recipes = _effect_config(tuple(effects))
+    text = report.build_report(jsons, jsonls, [], config, recipes, tmp_path / "report.md", tmp_path / "f",
+                               metrics_required=False).read_text()
+    for kind in ("shuffled", "matched"):
+        cells = _row(text, "Each method against its controls", f"rho1-weighted-{kind}")
+        assert cells[0] == "rho1-weighted"
+        mean, low, high = _numbers(cells[1])
+        assert mean == pytest.approx(5 - np.mean(list(control_effect.values())), abs=2.0)
+        assert (low > 0) == method_beats_control and ("(excludes 0)" in cells[1]) == method_beats_control
 
 
 def test_report_command_renders_copied_back_results(tmp_path, monkeypatch, capsys):

@@ -200,6 +200,8 @@ class BenchmarkTable:
     metrics: list[str]
     cells: dict[str, dict[str, Cell | None]] = field(default_factory=dict)
     diffs: dict[str, dict[str, DiffCell | None]] = field(default_factory=dict)
+    # control row -> metric -> (its method - the control): the claim that *which* tokens matter
+    control_diffs: dict[str, dict[str, DiffCell | None]] = field(default_factory=dict)
     # oracle mode: the temperature each (algorithm, pass@k) cell was picked at
     temperatures: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -280,6 +282,11 @@ def benchmark_table(
                     metric: _diff_cell(estimates[algo][metric], estimates[BASELINE][metric])
                     for metric in metrics
                 }
+    for control, method in _controls(algorithms).items():
+        if method in algorithms:
+            table.control_diffs[control] = {
+                metric: _diff_cell(estimates[method][metric], estimates[control][metric]) for metric in metrics
+            }
     return table
 
 
