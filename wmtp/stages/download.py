@@ -35,7 +35,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -47,7 +46,7 @@ from wmtp.config.schema import ModelSource, TinySettings
 from wmtp.core import checkpoints
 from wmtp.data.prompts import set_prompt_format
 from wmtp.infra import storage
-from wmtp.infra.atomic import atomic_file, write_json_atomic
+from wmtp.infra.atomic import atomic_file, publish, write_json_atomic
 from wmtp.tiny import build as tiny_builders
 
 log = logging.getLogger(__name__)
@@ -214,7 +213,7 @@ def download_model(
         storage.write_manifest(built, info)
         if out_dir.exists():
             shutil.rmtree(out_dir)
-        os.replace(built, out_dir)
+        publish(built, out_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out_dir
