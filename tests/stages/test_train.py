@@ -251,13 +251,32 @@ def test_resume_after_interrupt_gives_identical_weights(setup, tmp_path):
     reference = pd.read_parquet(tmp_path / "straight" / "metrics.parquet")
     pd.testing.assert_series_equal(metrics["train_loss"], reference["train_loss"])
     assert list(metrics["tokens"]) == list(reference["tokens"])
-    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir() if p.is_dir()] == [
-        "step7"
-    ]
+    assert not (tmp_path / "resumed" / "checkpoints").exists()  # removed once the model is verified
+
+
+def test_checkpoints_are_removed_after_the_final_model_unless_kept(setup, tmp_path, monkeypatch):
+    """Default: the resumable state goes once the model reads back as saved; with
+    keep_checkpoints it stays; a model that fails its check keeps it (and raises)."""
+    kept = recipe(max_steps=3, checkpoint_every=2, keep_checkpoints=True)
+    run(setup, tmp_path / "kept", kept)
+    assert [p.name for p in (tmp_path / "kept" / "checkpoints").iterdir() if p.is_dir()] == ["step3"]
+    run(setup, tmp_path / "dropped", recipe(max_steps=3, checkpoint_every=2))
+    assert not (tmp_path / "dropped" / "checkpoints").exists()
+    assert (tmp_path / "dropped" / "model" / "model.safetensors").exists()
+
+    def corrupt(directory):
+        (Path(directory) / "model.safetensors").write_bytes(b"truncated")
+        return verify(directory)
+
+    verify = train_lib.verify_model_files
+    monkeypatch.setattr(train_lib, "verify_model_files", corrupt)
+    with pytest.raises(ValueError, match="model.safetensors"):
+        run(setup, tmp_path / "bad", recipe(max_steps=3, checkpoint_every=2))
+    assert (tmp_path / "bad" / "checkpoints" / "latest").exists()
 
 
 def test_finished_run_rerun_only_saves(setup, tmp_path):
-    rec = recipe(max_steps=3, warmup_steps=1)
+    rec = recipe(max_steps=3, warmup_steps=1, keep_checkpoints=True)
     first = final_params(run(setup, tmp_path / "out", rec))
     second = final_params(run(setup, tmp_path / "out", rec))
     assert all(torch.equal(first[k], second[k]) for k in first)

@@ -241,6 +241,10 @@ class TrainSettings(Strict):
         "decay and the stage (zero_stage; a template that sets one is refused)",
     )
     checkpoint_every: PositiveInt = Field(50, description="steps between resumable checkpoints")
+    keep_checkpoints: bool = Field(
+        False,
+        description="keep the resumable checkpoints (DeepSpeed model and optimizer state, about 100 GB per 7B training) after the final model is saved and verified; removed then by default",
+    )
     log_every: PositiveInt = Field(5, description="steps between metric rows in metrics.parquet (and MLflow)")
     val_every: PositiveInt = Field(
         50, description="steps between val/loss evaluations (unweighted, every head)"

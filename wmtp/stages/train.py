@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -76,6 +77,7 @@ from wmtp.core.checkpoints import (
     read_config,
     read_generation_config,
     save_model,
+    verify_model_files,
 )
 from wmtp.core.schedule import lr_schedule
 from wmtp.core.step_weights import MicroInputs, step_weights
@@ -728,9 +730,19 @@ def finish(t: Trainer, metrics: MetricLog, target: TrackingTarget) -> Path:
         )
         write_metrics_parquet(metrics.rows, t.out_dir / TRAIN_METRICS, t.columns, metadata=probe)
         run.finish()
+        if not t.recipe.train.keep_checkpoints:
+            drop_checkpoints(model_dir, t.ckpt_dir)
     if t.world > 1:
         dist.barrier()
     return model_dir
+
+
+def drop_checkpoints(model_dir: Path, ckpt_dir: Path) -> None:
+    """Remove the resumable state once the final model reads back as saved (its
+    checksums): at 7B it is some 100 GB per training, 1.5 TB for the paper table,
+    and nothing reads it after the model exists. A failed check raises and keeps it."""
+    verify_model_files(model_dir)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- train
