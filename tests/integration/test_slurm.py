@@ -344,7 +344,7 @@ def test_every_row_of_the_study_is_in_its_mlflow_experiment(local_run):
         if mlflow_run.data.tags["kind"] == "training":
             assert [a.path for a in client.list_artifacts(mlflow_run.info.run_id)] == ["metrics.parquet"]
     report = by_kind["report"][0].info.run_id
-    assert sorted(a.path for a in client.list_artifacts(report)) == ["figures", "report.md"]
+    assert sorted(a.path for a in client.list_artifacts(report)) == sorted(["figures", "report.md", TABLE_CSV])
 
 
 # ---- Slurm ---------------------------------------------------------------------------
