@@ -56,8 +56,10 @@ LONG_BASELINE = {"epochs": 100, "max_steps": 150, "checkpoint_every": 10, "val_e
 # first minute there at load 3.7 on 2 cores), checkpointed every few seconds, so that
 # a 1-minute time limit stops it early: long in steps, not slowed down.
 TIME_LIMITED = ("baseline-mtp", 0)
+# keep_checkpoints: the resumed attempt can finish (and would remove them) before the
+# poll below sees the first attempt's TIMEOUT and looks for what it left
 TIMED_BASELINE = {"epochs": 1000, "max_steps": 6000, "checkpoint_every": 100, "log_every": 100,
-                  "val_every": 2000}  # fmt: skip
+                  "val_every": 2000, "keep_checkpoints": True}  # fmt: skip
 FIRST_ATTEMPT_MINUTES = 1  # Slurm's smallest time limit
 TIMING_COLUMNS = ("wall time (s)", "tokens/s")  # of the report's training-cost table
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
