@@ -509,11 +509,12 @@ def time_limited_run(slurm, s3, bucket, tmp_path_factory):
     train_dir = (workdir / target).parent
     rule_log = workdir / f"logs/ci/train/{algo}/seed{seed}.log"
     log = workdir / "run.log"
+    earlier = set(slurm_jobs_of(algo, seed))  # other tests' jobs of that name on this Slurm
     began = time.monotonic()
     proc = start(workdir, ["--profile", str(profile), target], environment(), log)
     killed, jobs = None, {}
     while proc.poll() is None and time.monotonic() - began < 1800:
-        jobs |= slurm_jobs_of(algo, seed)  # their last states (finished ones leave squeue)
+        jobs |= {job: state for job, state in slurm_jobs_of(algo, seed).items() if job not in earlier}
         timed_out = [job for job, state in jobs.items() if state == "TIMEOUT"]
         if timed_out and killed is None:
             killed = {
@@ -524,7 +525,7 @@ def time_limited_run(slurm, s3, bucket, tmp_path_factory):
             }  # fmt: skip
         time.sleep(0.25)
     code, output = finish(proc, max(60, 1800 - (time.monotonic() - began)), log)
-    jobs |= slurm_jobs_of(algo, seed)
+    jobs |= {job: state for job, state in slurm_jobs_of(algo, seed).items() if job not in earlier}
     when = f"after {killed['after_s']:.0f} s" if killed else "never"
     print(f"\ntime-limited training: {time.monotonic() - began:.0f} s in all, first job killed "
           f"{when}; load {os.getloadavg()}")  # fmt: skip

@@ -720,8 +720,8 @@ from types import SimpleNamespace
 from snakemake.iocontainers import Namedlist
 spec = json.load(open(sys.argv[1]))
 snakemake = SimpleNamespace(
-    **{k: Namedlist(fromdict=v) for k, v in spec.items() if k not in ("log", "script")},
-    log=Namedlist(spec["log"]), threads=1, config={},
+    **{k: Namedlist(fromdict=v) for k, v in spec.items() if k not in ("log", "script", "config")},
+    log=Namedlist(spec["log"]), threads=1, config=spec["config"],
 )
 exec(compile(open(spec["script"]).read(), spec["script"], "exec"))
 """
@@ -746,7 +746,9 @@ def test_workflow_script_relaunches_itself_under_torchrun(setup, tmp_path):
         "log": [str(tmp_path / "train.log")],
         "wildcards": {"run": "t", "algo": "baseline-mtp", "seed": "0"},
         "resources": {"gpu": 2},
+        "config": yaml.safe_load((REPO / "config" / "config.yaml").read_text()),  # for the config_hash tag
     }
+    (tmp_path / "config").symlink_to(REPO / "config")  # the workflow root's config/, as in a job
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     (tmp_path / "job.py").write_text(STAND_IN)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
