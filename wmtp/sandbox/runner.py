@@ -63,6 +63,7 @@ your file permissions; without a cgroup, memory is capped per process
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import functools
@@ -96,14 +97,25 @@ FILE_SIZE_MB = 32  # RLIMIT_FSIZE: cap on every file the program writes (stdout 
 MAX_PROCESSES = 32  # processes + threads of one run (cgroup pids.max; RLIMIT_NPROC per uid)
 SANDBOX_MB = 32  # memory of the sandbox's own interpreter, on top of memory_mb
 TMP_MB = 64  # size of each private tmpfs: /tmp, /var/tmp, /dev/shm
-THREAD_STACK_MB = 256  # stack of the assert-mode test thread (deep recursion needs it)
 TAIL_CHARS = 2000  # how much stdout/stderr an Outcome keeps
 STARTUP_LIMIT = 60.0  # seconds a sandbox may take to start (a loaded machine is slow)
 FLOAT_TOLERANCE = 1e-5  # absolute, as code_contests' tester (ValuesMatch)
 UID_RANGE = (1_500_000, 2_500_000)  # random unprivileged uids, far above any real account
 STOP = (1 << 64) - 1  # stdio control message: no more cases
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/etc")
-INSIDE = (Path(__file__).with_name("inside.py")).read_text()
+SOURCES = {name: Path(__file__).with_name(f"{name}.py").read_text() for name in ("bridge", "inside")}
+# The sandbox's start-up code (`python -I -c BOOT fds...`): the job, the bridge's
+# and inside.py's code (compiled here once where the interpreters agree) come in
+# the marshal'd config; inside.main runs with the bridge as a module.
+BOOT = (
+    "import marshal, sys\n"
+    "with open(int(sys.argv[1]), 'rb') as handle:\n    config = marshal.load(handle)\n"
+    "bridge = type(sys)('wmtp_sandbox_bridge')\n"
+    "exec(config.pop('bridge'), vars(bridge))\n"
+    "inside = {'__name__': 'wmtp_sandbox_inside'}\n"
+    "exec(config.pop('inside'), inside)\n"
+    "inside['main'](config, bridge, *map(int, sys.argv[2:]))\n"
+)
 _NUMBER = re.compile(rb"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _INTEGER = re.compile(rb"[+-]?\d+")
 
@@ -142,6 +154,29 @@ class Job:
     cases: tuple[tuple[str, str], ...] = ()
     timeout: float = 3.0
     memory_mb: int = 1024
+    # names the problem itself defines (its prompt or reference solution, see
+    # `defined_names`): only these may stand, for the tests, for builtins of the same name
+    interface: tuple[str, ...] = ()
+
+
+@functools.lru_cache(maxsize=4096)  # one problem's source, once per evaluation
+def defined_names(source: str) -> tuple[str, ...]:
+    """Top-level names a piece of code defines (def, class, assignment, import),
+    () if it does not parse. A problem's interface: `Job.interface`."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return ()
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names.update((a.asname or a.name).partition(".")[0] for a in node.names)
+        elif isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+    return tuple(sorted(names))
 
 
 @dataclass(frozen=True)
@@ -223,6 +258,24 @@ def _readonly_paths(python: str) -> list[str]:
     prefix = str(Path(python).resolve().parents[1])
     inside = any(prefix == d or prefix.startswith(d + "/") for d in SYSTEM_DIRS)
     return [*SYSTEM_DIRS, *([] if inside else [prefix])]
+
+
+@functools.cache
+def _sandbox_code(python: str) -> dict:
+    """The bridge's and inside.py's code for the sandbox's `python`: compiled here
+    once where that interpreter reads our bytecode (same magic number), else the
+    source, compiled at each start."""
+    import importlib.util
+
+    probe = "import importlib.util as u, sys; sys.stdout.write(u.MAGIC_NUMBER.hex())"
+    try:
+        theirs = subprocess.run([python, "-I", "-S", "-c", probe], capture_output=True, text=True,
+                                timeout=STARTUP_LIMIT, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        theirs = ""
+    if theirs != importlib.util.MAGIC_NUMBER.hex():
+        return dict(SOURCES)
+    return {name: compile(source, f"{name}.py", "exec", dont_inherit=True) for name, source in SOURCES.items()}
 
 
 def _tiers() -> list[tuple[str, Isolation]]:
@@ -337,12 +390,12 @@ def _config(iso: Isolation, job: Job, mode: str, uid: int | None, group, cwd: st
     if group is None:
         limits["RLIMIT_AS"] = job.memory_mb << 20
     return {
+        **_sandbox_code(iso.python),
         "mode": mode,
         "program": job.program,
-        "tests": job.tests,
-        "nonce": secrets.token_hex(16),
         "limits": limits,
         "uid": uid,
+        "tests_uid": None if uid is None else uid + 1,
         "mount": iso.mount,
         "pid_namespace": bool(iso.launcher),
         "drop_capabilities": iso.drop_capabilities,
@@ -350,7 +403,6 @@ def _config(iso: Isolation, job: Job, mode: str, uid: int | None, group, cwd: st
         "tmp_mb": TMP_MB,
         "cwd": cwd,
         "cgroup_procs": group.procs_files if group else [],
-        "thread_stack_mb": THREAD_STACK_MB if group else min(THREAD_STACK_MB, job.memory_mb // 4),
         "python": iso.python,
         "env": _environment(cwd),
         "timeout": job.timeout,
@@ -370,7 +422,9 @@ class _Run:
 
     def __init__(self, iso: Isolation, job: Job, mode: str) -> None:
         self.iso, self.job = iso, job
-        self.uid = UID_RANGE[0] + secrets.randbelow(UID_RANGE[1] - UID_RANGE[0]) if iso.switch_uid else None
+        # the program's uid (even) and the tests' (the next one): neither can touch the other
+        span = (UID_RANGE[1] - UID_RANGE[0]) // 2
+        self.uid = UID_RANGE[0] + 2 * secrets.randbelow(span) if iso.switch_uid else None
         self.scratch, self.group, self.proc, self.files = None, None, None, []
         self.results = self.control = None
         try:
@@ -385,21 +439,24 @@ class _Run:
         if iso.cgroup is not None:
             self.group = cgroups.create(iso.cgroup, (job.memory_mb + SANDBOX_MB) << 20, MAX_PROCESSES)
         cwd = "/tmp" if iso.mount else str(self.scratch)
-        if self.scratch is not None and self.uid is not None:
-            os.chown(self.scratch, self.uid, self.uid)
+        if self.scratch is not None and self.uid is not None:  # the program's and the tests' cwd
+            os.chown(self.scratch, self.uid, self.uid + 1)
         if self.scratch is not None:
-            os.chmod(self.scratch, 0o700)
+            os.chmod(self.scratch, 0o770 if self.uid is not None else 0o700)
         self.config = _config(iso, job, mode, self.uid, self.group, cwd)
-        self.files = [tempfile.TemporaryFile() for _ in range(3)]  # config, stdout, stderr
+        self.files = [tempfile.TemporaryFile() for _ in range(4)]  # config, stdout, stderr, tests
         self.files[0].write(marshal.dumps(self.config, 4))  # read by the sandbox without imports
-        self.files[0].seek(0)
+        # the tests apart: the judge reads them after the program's process is forked
+        self.files[3].write(marshal.dumps({"tests": job.tests, "interface": list(job.interface)}, 4))
+        for handle in (self.files[0], self.files[3]):
+            handle.seek(0)
         result_r, result_w = os.pipe()
         control_r, control_w = os.pipe()
-        fds = (self.files[0].fileno(), result_w, control_r)
+        fds = (self.files[0].fileno(), result_w, control_r, self.files[3].fileno())
         # the stdio supervisor needs no site (each program gets its own `python -I`);
-        # the assert harness keeps it: the program runs in its interpreter
+        # assert mode keeps it: the program's process is forked from this interpreter
         flags = ["-I", "-S"] if mode == "stdio" else ["-I"]
-        command = [*iso.launcher, iso.python, *flags, "-c", INSIDE, *map(str, fds)]
+        command = [*iso.launcher, iso.python, *flags, "-c", BOOT, *map(str, fds)]
         self.started = time.monotonic()
         try:
             self.proc = subprocess.Popen(
@@ -423,7 +480,8 @@ class _Run:
         if self.group is not None:
             self.group.remove()
         elif self.uid is not None and not self.iso.launcher:
-            _kill_uid(self.uid, self.iso.python)
+            for uid in (self.uid, self.uid + 1):
+                _kill_uid(uid, self.iso.python)
         for fd in (self.results.fd if self.results else None, self.control):
             if fd is not None:
                 with contextlib.suppress(OSError):
@@ -442,7 +500,7 @@ class _Run:
             return None
         try:
             record = json.loads(line[:1 << 16])
-        except (ValueError, RecursionError):  # the assert-mode pipe is writable by the program
+        except (ValueError, RecursionError):
             return {}
         if isinstance(record, dict) and record.get("status") == "sandbox":
             raise SandboxError(f"sandbox set-up failed: {record.get('error')}; stderr: {self.tails()['stderr']}")
@@ -473,10 +531,10 @@ def _killed_by(returncode: int | None, *signals: int) -> bool:
 
 
 def _run_assert(iso: Isolation, job: Job) -> Outcome:
-    """Program + asserts in one interpreter; passed only with the run's token and
-    exit status 0."""
+    """Program in its process, tests in the judge's; passed only with the judge's
+    verdict "passed" (on a pipe the program never holds) and its exit status 0."""
     with _Run(iso, job, "assert") as run:
-        nonce, records, started = run.config["nonce"], [], None
+        records, started = [], None
         while started is None:
             record = run.record(run.results.line(run.started + STARTUP_LIMIT))
             if record is None:
@@ -484,14 +542,19 @@ def _run_assert(iso: Isolation, job: Job) -> Outcome:
             records.append(record)
             if record.get("event") == "start":
                 started = time.monotonic()
-        if started is None and not any(r.get("status") in ("failed", "error") for r in records):
+        if started is None:
             run.proc.wait()
             raise SandboxError(f"the sandbox ended before the program started: {run.tails()['stderr']}")
-        timed_out = False
-        try:
-            run.proc.wait(timeout=max(0.0, started + job.timeout - time.monotonic()) if started else 1.0)
-        except subprocess.TimeoutExpired:
-            timed_out = started is not None
+        deadline = started + job.timeout
+        line = run.results.line(deadline)  # the verdict, as soon as the judge writes it
+        timed_out = line is None and not run.results.eof
+        if line is not None:
+            records.append(run.record(line) or {})
+        if not timed_out:  # the judge exits right after its verdict (or has died)
+            try:
+                run.proc.wait(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+            except subprocess.TimeoutExpired:
+                timed_out = line is None
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(run.proc.pid, signal.SIGKILL)
         run.proc.wait()
@@ -499,20 +562,20 @@ def _run_assert(iso: Isolation, job: Job) -> Outcome:
             records.append(run.record(line) or {})
         fields = {**run.tails(), "duration": time.monotonic() - run.started,
                   "returncode": run.proc.returncode}
-        passed = any(r.get("nonce") == nonce and r.get("status") == "passed" for r in records)
+        verdicts = [r for r in records if r.get("status") in STATUSES]
         if timed_out:
             return Outcome(False, "timeout", f"wall-clock timeout ({job.timeout:g} s)", **fields)
         if run.memory_exceeded():
             return Outcome(False, "error", f"memory limit ({job.memory_mb} MB) exceeded", **fields)
-        if _killed_by(run.proc.returncode, signal.SIGXCPU) and not passed:
+        if _killed_by(run.proc.returncode, signal.SIGXCPU):
             return Outcome(False, "timeout", "CPU time limit", **fields)
-        if passed and run.proc.returncode == 0:
+        if not verdicts:
+            detail = f"the tests ended without a verdict (returncode {run.proc.returncode})"
+            return Outcome(False, "error", detail, **fields)
+        status, detail = verdicts[0]["status"], str(verdicts[0].get("error", ""))[:500]
+        if status == "passed" and run.proc.returncode == 0:
             return Outcome(True, "passed", "", **fields)
-        honest = [r for r in records if r.get("status") in ("failed", "error")]
-        if honest:
-            return Outcome(False, honest[0]["status"], str(honest[0].get("error", ""))[:500], **fields)
-        detail = f"exited (returncode {run.proc.returncode}) before the tests completed"
-        return Outcome(False, "error", detail, **fields)
+        return Outcome(False, "error" if status == "passed" else status, detail, **fields)
 
 
 def _case_outcome(record: dict, stdout: bytes, expected: str, job: Job, run: _Run) -> tuple[Status, str]:
