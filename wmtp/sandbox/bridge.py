@@ -375,6 +375,11 @@ class Peer:
         if _stdlib(kind, "fractions", "Fraction"):
             return '{"F":[%s,%s]}' % (self._encode(int(value.numerator), depth),
                                        self._encode(int(value.denominator), depth))
+        if kind.__module__ == "datetime" and kind.__qualname__ in ("date", "datetime", "time", "timedelta"):
+            if kind.__qualname__ == "timedelta":
+                return '{"W":["timedelta",%d,%d,%d]}' % (value.days, value.seconds, value.microseconds)
+            if kind.__qualname__ == "date" or value.tzinfo is None:
+                return '{"W":[%s,%s]}' % (json_string(kind.__qualname__), json_string(value.isoformat()))
         if kind is type(sys):
             return '{"m":[%s,%d]}' % (json_string(str(value.__name__)), self._lent(value))
         if kind.__module__ == "numpy":
@@ -427,7 +432,7 @@ class Peer:
         if tag == "s" or tag == "f":
             return rebuild_set(data[1], data[0], frozen=tag == "f")
         if tag == "g":
-            found = resolve(_pristine_module(data[0]), data[0], str(data[1]))
+            found = resolve(pristine_module(data[0]), data[0], str(data[1]))
             if found is None:
                 raise ValueError(f"bridge: {data[0]}.{data[1]} does not travel by name")
             return found
@@ -442,7 +447,7 @@ class Peer:
         if tag == "R":
             return range(int(data[0]), int(data[1]), int(data[2]))
         if tag == "m":
-            return _pristine_module(data[0]) or self._stub(data[1])
+            return pristine_module(data[0]) or self._stub(data[1])
         return _library(tag, data)
 
     def _stub(self, ref) -> Stub:
@@ -569,7 +574,7 @@ def _as_base(value, base: type):
     return base(base.__iter__(value))
 
 
-def _pristine_module(name):
+def pristine_module(name):
     """This side's own module `name` (a module the program imported, patched or
     faked is read here as the real one), or None where this side has none."""
     if type(name) is not str or not all(part.isidentifier() for part in name.split(".")):
@@ -606,6 +611,14 @@ def _library(tag: str, data):
         return collections.deque(data[0], data[1])
     if tag == "N":
         return _namedtuple(*data)
+    if tag == "W":
+        import datetime
+
+        if data[0] == "timedelta":
+            return datetime.timedelta(int(data[1]), int(data[2]), int(data[3]))
+        if data[0] not in ("date", "datetime", "time"):
+            raise ValueError("bridge: bad datetime")
+        return getattr(datetime, data[0]).fromisoformat(str(data[1]))
     if tag == "M":
         import decimal
 
@@ -615,9 +628,8 @@ def _library(tag: str, data):
 
         return fractions.Fraction(int(data[0]), int(data[1]))
     if tag in ("A", "G"):
-        try:
-            import numpy
-        except ImportError:
+        numpy = pristine_module("numpy")  # where numpy is installed; else the plain value
+        if numpy is None:
             return data[-1]
         dtype = numpy.dtype(str(data[0]))
         if tag == "G":

@@ -300,11 +300,12 @@ def tests_names(code) -> set[str]:
     return names
 
 
-def tests_namespace(peer, code, interface) -> dict:
+def tests_namespace(peer, bridge, code, interface) -> dict:
     """The tests' globals: the real builtins, and the program's objects that the
     tests name. A program global shadows a builtin only where the problem itself
-    defines that name (`interface`: its prompt or reference), and modules are
-    this process's own, never the program's (possibly patched or faked) ones."""
+    defines that name (`interface`: its prompt or reference); a module the tests
+    read from the program's globals (`math` of its `import math`) is this
+    process's own, whatever the program put under that name."""
     import builtins
 
     wanted = sorted(tests_names(code))
@@ -316,18 +317,21 @@ def tests_namespace(peer, code, interface) -> dict:
     for name, value in found.items():
         if type(name) is not str or name not in wanted or name.startswith("__"):
             continue
-        if name not in builtin_names or name in interface:
+        if name in sys.stdlib_module_names and name not in interface:
+            value = bridge.pristine_module(name)
+        if value is not None and (name not in builtin_names or name in interface):
             namespace[name] = value
     return namespace
 
 
-def program_end(pid: int) -> tuple[str, str]:
-    """Status and detail when the program's process left during the tests."""
+def program_end(pid: int, reason: str) -> tuple[str, str]:
+    """Status and detail when the bridge to the program's process broke: it left,
+    or it sent what the bridge refuses (`reason`)."""
     import signal
 
     status = wait_with_timeout(pid, 0.5)
     if status is None:
-        return "error", "the program closed its connection to the tests"
+        return "error", f"the program's process broke the bridge: {reason}"
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXCPU:
         return "timeout", "CPU time limit"
     if os.WIFSIGNALED(status):
@@ -353,16 +357,16 @@ def run_tests(bridge, peer, pid: int, job: dict) -> tuple[str, str]:
         if message[0] != "ready":
             return "error", "the program's process sent no result"
         stage = "tests"
-        exec(code, tests_namespace(peer, code, set(job["interface"])))
-    except bridge.BridgeBroken:
-        return program_end(pid)
+        exec(code, tests_namespace(peer, bridge, code, set(job["interface"])))
+    except bridge.BridgeBroken as broken:
+        return program_end(pid, bridge.describe(broken, bare=True))
     except AssertionError as exc:
         return "failed", describe(exc)
     except SystemExit as exc:
         return "error", f"exit({describe(exc.code, bare=True)}) during the {stage}"
     except BaseException as exc:
         return "error", describe(exc)
-    return program_end(pid) if peer.broken else ("passed", "")
+    return program_end(pid, "a test swallowed its failure") if peer.broken else ("passed", "")
 
 
 def judge(config: dict, bridge, result_fd: int, tests_fd: int, kernel: Kernel | None) -> None:

@@ -161,8 +161,10 @@ class Job:
 
 @functools.lru_cache(maxsize=4096)  # one problem's source, once per evaluation
 def defined_names(source: str) -> tuple[str, ...]:
-    """Top-level names a piece of code defines (def, class, assignment, import),
-    () if it does not parse. A problem's interface: `Job.interface`."""
+    """Top-level names a piece of code defines (def, class, assignment, `from ...
+    import`; not the module bindings of `import x`, the tests always get the
+    judge's own modules), () if it does not parse. A problem's interface:
+    `Job.interface`."""
     try:
         tree = ast.parse(source)
     except (SyntaxError, ValueError):
@@ -171,8 +173,8 @@ def defined_names(source: str) -> tuple[str, ...]:
     for node in tree.body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             names.add(node.name)
-        elif isinstance(node, ast.Import | ast.ImportFrom):
-            names.update((a.asname or a.name).partition(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.update(a.asname or a.name for a in node.names if a.name != "*")
         elif isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
