@@ -207,6 +207,13 @@ ATTACKS.update({
         "    except (OSError, ValueError, OverflowError):\n        continue\n"
         "assert not found, 'the tests were in the program process'\n"
     ),
+    "modules planted where the tests might import them": WRONG + (
+        "import os, tempfile\nfake = 'def randint(a, b):\\n    return 0\\nisclose = lambda *a, **k: True\\n'\n"
+        "for folder in {os.getcwd(), tempfile.gettempdir(), os.environ.get('HOME', '.')}:\n"
+        "    for name in ('random', 'math', 'json', 'sitecustomize', 'usercustomize'):\n        try:\n"
+        "            open(os.path.join(folder, name + '.py'), 'w').write(fake)\n        except OSError:\n"
+        "            pass\n"
+    ),
     "__eq__ always True": (
         "class Any:\n    def __eq__(self, other):\n        return True\n"
         "def add(a, b):\n    return Any()\n"

@@ -78,6 +78,20 @@ def test_the_program_reaches_neither_the_tests_nor_the_judge():
     assert statuses == {name: "passed" for name in names}
 
 
+def test_the_tests_import_only_from_read_only_paths():
+    """The judge's sys.path holds no directory the program can write (no cwd, no
+    /tmp): a planted random.py is not what `import random` in the tests finds."""
+    tests = TESTS + (
+        "import os, sys, random\nassert '' not in sys.path and os.getcwd() not in sys.path\n"
+        "assert not any(p.startswith(('/tmp', '/var/tmp', '/dev/shm')) for p in sys.path), sys.path\n"
+        "assert random.randint(5, 5) == 5\n"
+    )
+    problem = Problem(task_id="planted", prompt="", kind="assert", tests=tests)
+    planted = ATTACKS["modules planted where the tests might import them"].replace(WRONG, RIGHT)
+    record = evaluate_completions([problem], [[planted]], SETTINGS)[0]
+    assert record["statuses"] == ["passed"], record["details"]
+
+
 def _other_tiers() -> list[tuple[str, sandbox.Isolation]]:
     chosen = sandbox._isolation()
     return [(name, dataclasses.replace(tier, cgroup=chosen.cgroup))

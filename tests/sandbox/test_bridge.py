@@ -279,3 +279,24 @@ def test_numpy_values_arrive_as_numpy_where_numpy_is_installed(ends):
         got = ends.fetch(value)
         assert type(got) is type(value) and numpy.array_equal(got, value) and got.dtype == value.dtype
     assert ends.fetch(numpy.float64(0.1)) == 0.1 and ends.fetch(numpy.int64(3)) == 3
+
+
+def test_the_judge_acts_only_on_objects_it_lent():
+    """A request naming a pristine callable (operator.methodcaller) or a module
+    must not make the judge call anything: it could reach os.system that way."""
+    answers_read, answers_write = os.pipe()
+    judge = Peer(answers_read, answers_write, bridge.JUDGE_OPERATIONS, bridge.judge_may_export)
+    judge.encode(as_tests_define("lambda v: v"))  # lent: ref 1
+    try:
+        for request in ('["q","call",{"g":["operator","methodcaller"]},["system","id"],{"d":[]}]',
+                        '["q","call",{"g":["builtins","print"]},["x"],{"d":[]}]',
+                        '["q","getattr",{"m":["os",1]},"system"]', '["q","len",[1,2]]',
+                        '["q","getattr",{"k":1},"__globals__"]'):
+            judge.serve(judge.scan(request, 0)[0])
+            answer = judge.receive()  # the judge's own answer, read back from its pipe
+            assert answer[0] == "e" and ("did not lend" in answer[2] or "not lent" in answer[2]), answer
+        judge.serve(judge.scan('["q","call",{"k":1},[5],{"d":[]}]', 0)[0])
+        assert judge.receive()[:2] == ["a", 5]
+    finally:
+        os.close(answers_read)
+        os.close(answers_write)

@@ -66,6 +66,9 @@ NAMED_KINDS = frozenset({"builtin_function_or_method", "type", "function", "meth
                          "classmethod_descriptor", "wrapper_descriptor"})
 DESCRIPTORS = frozenset({"method_descriptor", "classmethod_descriptor", "wrapper_descriptor"})
 ITERATOR_MODULES = frozenset({"builtins", "itertools"})
+# Standard packages that do something when imported (run tests, open windows or a browser, print).
+ACTING_PACKAGES = frozenset({"antigravity", "this", "idlelib", "test", "turtledemo", "tkinter", "turtle",
+                             "ensurepip", "pip", "lib2to3", "pydoc_data", "venv"})
 CALLABLE_MODULES = frozenset({"functools", "operator"})  # partial, itemgetter, ... of the tests
 PLAIN = (str, int, float, bool, bytes, bytearray, list, tuple, dict, set, frozenset, complex)
 EMPTY_SET_SIZE = sys.getsizeof(set())
@@ -536,8 +539,8 @@ class Peer:
             if op in self.handlers:
                 result, changed = self.handlers[op](*args), []
             elif op in self.operations:
-                if op in ("getattr", "setattr") and self.may_export is not None and str(args[1]).startswith("_"):
-                    raise AttributeError(f"{args[1]} is not lent to the program")
+                if self.may_export is not None:
+                    self._check_guarded(op, args)
                 result = OPERATIONS[op](*args)
                 changed = _changed(args[1], args[2]) if op == "call" else []
             else:
@@ -551,6 +554,17 @@ class Peer:
         if self.flush is not None:
             self.flush()
         self.send(answer)
+
+    def _check_guarded(self, op: str, args: list) -> None:
+        """The judge acts only on objects it lent, and reads no private or dunder
+        attribute: a by-name function or a module in a request is data for the
+        tests' own code, never something the program can make the judge call."""
+        target = args[0] if args else None
+        ref = self.export_ids.get(id(target))
+        if ref is None or self.exports[ref] is not target:
+            raise TypeError(f"operation {op!r} on an object the tests did not lend")
+        if op in ("getattr", "setattr") and (len(args) < 2 or type(args[1]) is not str or args[1].startswith("_")):
+            raise AttributeError(f"{args[1:2]} is not lent to the program")
 
     def serve_forever(self) -> None:
         while True:
@@ -576,8 +590,14 @@ def _as_base(value, base: type):
 
 def pristine_module(name):
     """This side's own module `name` (a module the program imported, patched or
-    faked is read here as the real one), or None where this side has none."""
-    if type(name) is not str or not all(part.isidentifier() for part in name.split(".")):
+    faked is read here as the real one), or None where this side has none or
+    may not import it: no private part (`unittest.__main__` runs test discovery
+    on import) and none of the packages that act when imported."""
+    if type(name) is not str or not all(p.isidentifier() and not p.startswith("_") for p in name.split(".")):
+        return None
+    if name in sys.modules:
+        return sys.modules[name]
+    if name.partition(".")[0] in ACTING_PACKAGES:
         return None
     try:
         __import__(name)

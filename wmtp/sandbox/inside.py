@@ -1,24 +1,26 @@
 """The code that runs inside a sandbox started by `wmtp.sandbox.runner` (never imported by
-wmtp itself: the host sends this file's text as `python -I -c`).
+wmtp itself: the host sends it, with bridge.py, compiled or as source, in the job's
+marshal data, and `runner.BOOT` calls `main`).
 
 It runs under the sandbox's interpreter (often the system python3, not the
 project's), so it uses the standard library only. Its steps, in order:
 
-1. read the job (program, tests or stdin cases, limits) from an inherited fd;
+1. take the job (program, limits; stdin cases come later, the tests of assert
+   mode on their own fd);
 2. as root of its namespaces: join the run's cgroup, build a minimal root
    file system (read-only binds of /usr, /etc, ... ; fresh tmpfs /tmp, /var/tmp,
    /dev/shm; a new /proc) and pivot into it, so the program sees neither the
    project nor any other run's files;
-3. assert mode: become the unprivileged uid and run the program and its tests
-   in this interpreter (`harness`); stdio mode: stay the supervisor (PID 1) and
-   run `python -I program.py` once per case, each as the unprivileged uid with
-   a fresh /tmp (`supervise`).
+3. assert mode: fork the program's process (its own uid, a plain interpreter),
+   then read the tests, become the tests' uid and run them here against the
+   program's objects through the bridge (`judge`); stdio mode: stay the
+   supervisor (PID 1) and run `python -I program.py` once per case, each as the
+   unprivileged uid with a fresh /tmp (`supervise`).
 
-Results go to the host over a pipe: JSON lines, and for stdio each case's stdout
-bytes after its line. Why the assert harness looks the way it does is in the
-docstring of `harness`. Start-up time is paid once per program (per case the
-program's own interpreter start dominates), so this module imports nothing
-heavy: the host sends the job as `marshal` data and JSON is written by hand.
+Results go to the host over a pipe only this process holds: JSON lines, and for
+stdio each case's stdout bytes after its line. Start-up time is paid once per
+program (per case the program's own interpreter start dominates), so this
+module imports nothing heavy and JSON is written by hand.
 """
 
 from __future__ import annotations

