@@ -95,6 +95,12 @@ def test_plain_values_arrive_with_their_type_and_value(ends, direction):
     assert ends.fetch(collections.defaultdict(list))["new"] == []
 
 
+def test_dict_views_compare_as_in_plain_python(ends):
+    table = {"a": 1, "b": 2}
+    assert ends.fetch(table.keys()) == {"a", "b"} and list(ends.fetch(table.keys())) == ["a", "b"]
+    assert ends.fetch(table.items()) == {("a", 1), ("b", 2)}
+
+
 def test_namedtuples_keep_their_fields(ends):
     got = ends.fetch(Point(1, 2))
     assert got == (1, 2) and got.x == 1 and got.y == 2 and type(got).__name__ == "Point"

@@ -72,6 +72,7 @@ ACTING_PACKAGES = frozenset({"antigravity", "this", "idlelib", "test", "turtlede
 CALLABLE_MODULES = frozenset({"functools", "operator"})  # partial, itemgetter, ... of the tests
 PLAIN = (str, int, float, bool, bytes, bytearray, list, tuple, dict, set, frozenset, complex)
 EMPTY_SET_SIZE = sys.getsizeof(set())
+DICT_KEYS, DICT_ITEMS = type({}.keys()), type({}.items())
 COMPARISONS = {
     "eq": lambda a, b: a == b, "ne": lambda a, b: a != b, "lt": lambda a, b: a < b,
     "le": lambda a, b: a <= b, "gt": lambda a, b: a > b, "ge": lambda a, b: a >= b,
@@ -342,6 +343,9 @@ class Peer:
             return '{"j":[%s,%s]}' % (_float_text(value.real), _float_text(value.imag))
         if kind is range:
             return '{"R":[%d,%d,%d]}' % (value.start, value.stop, value.step)
+        if kind is DICT_KEYS or kind is DICT_ITEMS:  # they compare equal to sets
+            items = ",".join([self._encode(v, depth) for v in value])
+            return '{"%s":[%s]}' % ("K" if kind is DICT_KEYS else "I", items)
         tagged = self._library_value(value, kind, depth)
         return tagged if tagged is not None else self._lend(value)
 
@@ -449,6 +453,10 @@ class Peer:
             return complex(float(data[0]), float(data[1]))
         if tag == "R":
             return range(int(data[0]), int(data[1]), int(data[2]))
+        if tag == "K":
+            return dict.fromkeys(data).keys()
+        if tag == "I":
+            return dict(data).items()
         if tag == "m":
             return pristine_module(data[0]) or self._stub(data[1])
         return _library(tag, data)

@@ -131,16 +131,18 @@ UID_RANGE = (1_500_000, 2_500_000)  # random unprivileged uids, far above any re
 STOP = (1 << 64) - 1  # stdio control message: no more cases
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/etc")
 SOURCES = {name: Path(__file__).with_name(f"{name}.py").read_text() for name in ("bridge", "inside")}
-# The sandbox's start-up code (`python -I -c BOOT fds...`): the job, the bridge's
-# and inside.py's code (compiled here once where the interpreters agree) come in
-# the marshal'd config; inside.main runs with the bridge as a module.
+# The sandbox's start-up code (`python -I -c BOOT fds...`): its first fd holds two
+# marshal'd objects, the bridge's and inside.py's code (compiled here once where the
+# interpreters agree, `_sandbox_code`) and the job's config; inside.main runs with
+# the bridge as a module.
 BOOT = (
     "import marshal, sys\n"
-    "with open(int(sys.argv[1]), 'rb') as handle:\n    config = marshal.load(handle)\n"
+    "with open(int(sys.argv[1]), 'rb') as handle:\n"
+    "    code, config = marshal.load(handle), marshal.load(handle)\n"
     "bridge = type(sys)('wmtp_sandbox_bridge')\n"
-    "exec(config.pop('bridge'), vars(bridge))\n"
+    "exec(code['bridge'], vars(bridge))\n"
     "inside = {'__name__': 'wmtp_sandbox_inside'}\n"
-    "exec(config.pop('inside'), inside)\n"
+    "exec(code['inside'], inside)\n"
     "inside['main'](config, bridge, *map(int, sys.argv[2:]))\n"
 )
 _NUMBER = re.compile(rb"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -290,9 +292,9 @@ def _readonly_paths(python: str) -> list[str]:
 
 
 @functools.cache
-def _sandbox_code(python: str) -> dict:
-    """The bridge's and inside.py's code for the sandbox's `python`: compiled here
-    once where that interpreter reads our bytecode (same magic number), else the
+def _sandbox_code(python: str) -> bytes:
+    """The bridge's and inside.py's code for the sandbox's `python`, marshal'd: compiled
+    here once where that interpreter reads our bytecode (same magic number), else the
     source, compiled at each start."""
     import importlib.util
 
@@ -303,8 +305,9 @@ def _sandbox_code(python: str) -> dict:
     except (OSError, subprocess.SubprocessError):
         theirs = ""
     if theirs != importlib.util.MAGIC_NUMBER.hex():
-        return dict(SOURCES)
-    return {name: compile(source, f"{name}.py", "exec", dont_inherit=True) for name, source in SOURCES.items()}
+        return marshal.dumps(SOURCES, 4)
+    code = {name: compile(source, f"{name}.py", "exec", dont_inherit=True) for name, source in SOURCES.items()}
+    return marshal.dumps(code, 4)
 
 
 def _tiers() -> list[tuple[str, Isolation]]:
@@ -419,7 +422,6 @@ def _config(iso: Isolation, job: Job, mode: str, uid: int | None, group, cwd: st
     if group is None:
         limits["RLIMIT_AS"] = job.memory_mb << 20
     return {
-        **_sandbox_code(iso.python),
         "mode": mode,
         "program": job.program,
         "limits": limits,
@@ -474,7 +476,8 @@ class _Run:
             os.chmod(self.scratch, 0o770 if self.uid is not None else 0o700)
         self.config = _config(iso, job, mode, self.uid, self.group, cwd)
         self.files = [tempfile.TemporaryFile() for _ in range(4)]  # config, stdout, stderr, tests
-        self.files[0].write(marshal.dumps(self.config, 4))  # read by the sandbox without imports
+        self.files[0].write(_sandbox_code(iso.python))  # read by the sandbox without imports
+        self.files[0].write(marshal.dumps(self.config, 4))
         # the tests apart: the judge reads them after the program's process is forked
         self.files[3].write(marshal.dumps({"tests": job.tests, "interface": list(job.interface)}, 4))
         for handle in (self.files[0], self.files[3]):
