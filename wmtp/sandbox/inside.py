@@ -253,8 +253,10 @@ def program_process(config: dict, bridge, read_fd: int, write_fd: int, kernel: K
     module.__file__ = program_file(config, program)
     sys.modules[PROGRAM_MODULE] = sys.modules["__main__"] = module
     del config
+    code = None
     try:
-        exec(compile(program, module.__file__, "exec"), module.__dict__)
+        code = compile(program, module.__file__, "exec")
+        exec(code, module.__dict__)
     except AssertionError as exc:
         fault = ["failed", bridge.describe(exc)]
     except SystemExit as exc:
@@ -270,11 +272,22 @@ def program_process(config: dict, bridge, read_fd: int, write_fd: int, kernel: K
             os._exit(1)
         namespace = module.__dict__
         peer.handlers["names"] = lambda names: {n: namespace[n] for n in names if n in namespace}
-        peer.send('["ready"]')
+        # globals the tests define and the program reads (MBPP's setup code): the judge sends them
+        peer.handlers["define"] = lambda values: namespace.update((k, v) for k, v in values.items() if type(k) is str)
+        peer.send(peer.encode(["ready", sorted(free_names(code, namespace))]))
         peer.serve_forever()
     except bridge.BridgeBroken:
         pass
     os._exit(0)
+
+
+def free_names(code, namespace: dict) -> set[str]:
+    """Names the program's code reads that it does not define (nor are builtins):
+    in a shared namespace the tests' globals would supply them."""
+    import builtins
+
+    return {n for n in code_names(code) if n not in namespace and not hasattr(builtins, n)
+            and not n.startswith("__")}
 
 
 def start_program(config: dict, bridge, kernel: Kernel | None) -> tuple[int, int, int]:
@@ -295,8 +308,9 @@ def start_program(config: dict, bridge, kernel: Kernel | None) -> tuple[int, int
     return pid, to_judge, from_judge
 
 
-def tests_names(code) -> set[str]:
-    """Every name the tests' code (nested functions included) may read as a global."""
+def code_names(code) -> set[str]:
+    """Every name a code object (nested functions included) may read as a global
+    (attribute names too: a superset)."""
     names, stack = set(), [code]
     while stack:
         code = stack.pop()
@@ -313,7 +327,7 @@ def tests_namespace(peer, bridge, code, interface) -> dict:
     process's own, whatever the program put under that name."""
     import builtins
 
-    wanted = sorted(tests_names(code))
+    wanted = sorted(code_names(code))
     found = peer.request("names", wanted)
     namespace = {"__name__": TESTS_MODULE, "__builtins__": builtins}
     if type(found) is not dict:
@@ -327,6 +341,29 @@ def tests_namespace(peer, bridge, code, interface) -> dict:
         if value is not None and (name not in builtin_names or name in interface):
             namespace[name] = value
     return namespace
+
+
+def shared_globals(peer, namespace: dict, free: list):
+    """Before each request to the program: send it the tests' globals it reads
+    but does not define (new or rebound ones; containers each time, they may
+    have changed), as a shared namespace would give them. Values that cannot
+    cross (a module it lacks, an object the tests may not lend) stay here."""
+    free = [n for n in free if type(n) is str]
+    sent: dict = {}
+
+    def send() -> None:
+        changed = {n: namespace[n] for n in free if n in namespace
+                   and (sent.get(n, send) is not namespace[n] or type(namespace[n]) in (list, dict, set))}
+        for name, value in list(changed.items()):
+            try:
+                peer.encode(value)
+            except (TypeError, ValueError):
+                del changed[name]
+        if changed:
+            sent.update(changed)
+            peer.request("define", changed)
+
+    return send if free else None
 
 
 def program_end(pid: int, reason: str) -> tuple[str, str]:
@@ -359,10 +396,12 @@ def run_tests(bridge, peer, pid: int, job: dict) -> tuple[str, str]:
             message = peer.receive()
         if message[0] == "fault" and len(message) == 3:
             return ("failed" if message[1] == "failed" else "error"), describe(message[2], bare=True)
-        if message[0] != "ready":
+        if message[0] != "ready" or len(message) != 2 or type(message[1]) is not list:
             return "error", "the program's process sent no result"
         stage = "tests"
-        exec(code, tests_namespace(peer, bridge, code, set(job["interface"])))
+        namespace = tests_namespace(peer, bridge, code, set(job["interface"]))
+        peer.before_request = shared_globals(peer, namespace, message[1])
+        exec(code, namespace)
     except bridge.BridgeBroken as broken:
         return program_end(pid, bridge.describe(broken, bare=True))
     except AssertionError as exc:
