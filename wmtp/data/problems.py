@@ -25,7 +25,7 @@ from wmtp.data.prompts import (
     mbpp_message,
     mbpp_prompt,
 )
-from wmtp.sandbox.runner import Job
+from wmtp.sandbox.runner import Job, defined_names
 
 # A stdin/stdout program legitimately ends with a top-level `print(` or a
 # `if __name__ ==` block, so CodeContests stops only at a closing docstring or a
@@ -77,7 +77,10 @@ class Problem:
         return self.prefix + completion
 
     def job(self, completion: str, timeout: float = 3.0, memory_mb: int = 1024) -> Job:
-        return Job(self.program(completion), self.tests, self.cases, timeout, memory_mb)
+        """The sandbox job; its interface (names the tests may take from the program
+        even where they are builtins) is what the prompt and the reference define."""
+        interface = defined_names(self.prefix + self.reference) if self.kind == "assert" else ()
+        return Job(self.program(completion), self.tests, self.cases, timeout, memory_mb, interface)
 
 
 def _read_table(path: str | Path, columns: tuple[str, ...], benchmark: str) -> pd.DataFrame:

