@@ -3,7 +3,10 @@
 # automatically); the paper setting on a Slurm cluster with `snakemake --profile slurm all`.
 
 
-configfile: "config/config.yaml"
+from wmtp.config.paths import DEFAULT_CONFIG
+
+
+configfile: DEFAULT_CONFIG
 
 
 include: "rules/common.smk"
@@ -16,8 +19,13 @@ include: "rules/report.smk"
 include: "rules/upload.smk"
 
 
+# Rules run by Snakemake itself, on the submit host, under any executor: the downloads
+# (a cluster's compute nodes often have no internet, nor the user's Hugging Face token),
+# the report copy and the upload (network, credentials).
 localrules:
     all,
+    download_model,
+    download_data,
     publish_report,
     upload_results,
 

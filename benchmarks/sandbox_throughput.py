@@ -58,7 +58,7 @@ def tiny_mbpp_workload(n_problems: int, n_samples: int, seed: int = 0):
     """The tiny-mbpp test split with fixed model-like completions."""
     from wmtp.tiny.build import make_tiny_mbpp
 
-    _, test = make_tiny_mbpp(400, n_problems, seed, 0.5)
+    test = make_tiny_mbpp(400, n_problems, seed, 0.5)["test"]
     path = f"/tmp/wmtp-sandbox-throughput-{os.getpid()}.parquet"
     test.to_parquet(path)
     problems = load_mbpp(path)

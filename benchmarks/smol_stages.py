@@ -77,7 +77,7 @@ def main() -> None:
     ref = timed("download ref", results, download_model, ModelSource(source="local", id=str(args.hf_dir)),
                 args.out / "models" / "ref")  # fmt: skip
 
-    rows, _ = make_tiny_mbpp(MBPP_TRAIN_ROWS, 1, seed=0, noise_comment_prob=0.5)
+    rows = make_tiny_mbpp(MBPP_TRAIN_ROWS, 1, seed=0, noise_comment_prob=0.5)["train"]
     sample = args.out / "train_sample.parquet"
     rows.head(args.refce_rows).to_parquet(sample)
     timed("refce sample", results, refce_stage, ref, base, sample, args.out / "refce.parquet", config.data)

@@ -71,7 +71,8 @@ def stdlib_files(max_bytes: int) -> list[str]:
 def documents(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """(training documents, held-out prompts). Test problems are drawn before and
     excluded from the training problems (`make_tiny_mbpp`)."""
-    train, test = make_tiny_mbpp(args.train_problems, args.prompts, args.seed, 0.0)
+    splits = make_tiny_mbpp(args.train_problems, args.prompts, args.seed, 0.0)
+    train, test = splits["train"], splits["test"]
     solved = [
         mbpp_prompt(row.text, row.test_list[0]) + mbpp_solution(row.code)
         for row in train.itertuples()

@@ -7,6 +7,9 @@ schedule `wmtp.core.schedule` with the config's `train:` settings as baseline-mt
 gets them; one process, no DeepSpeed), then samples n completions per test problem
 (temperature 0.8, top-p 0.95) from the base, the fine-tuned model and optionally
 the reference, and prints pass@1 / pass@10 and the wall time of every part.
+Problems come from the validation split unless `--split test` is given: tuning
+(training length, lr) is done on validation, never on the test split the table
+reports (docs/tiny.md says which figures came from which split).
 
     python benchmarks/tiny_quality.py --out /tmp/tinyq [--steps 300] [--set dim=96 ...]
 
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from wmtp.config.paths import TEST_SPLIT, VALIDATION_SPLIT
 from wmtp.config.registry import BASELINE
 from wmtp.config.schema import EvalSettings, Recipe, TrainSettings, load_config, optimizer_steps
 from wmtp.core.checkpoints import load_model
@@ -135,13 +139,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="fine-tuning steps (default: the config's epochs)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: the config's)")
     parser.add_argument("--batch-size", type=int, help="batch size (default: the config's micro batch)")
-    parser.add_argument("--n", type=int, default=10, help="samples per test problem")
+    parser.add_argument("--n", type=int, default=10, help="samples per problem")
+    parser.add_argument(
+        "--split", choices=(VALIDATION_SPLIT, TEST_SPLIT), default=VALIDATION_SPLIT,
+        help="problems to evaluate on (tune on validation; test only to quote a final figure)",
+    )  # fmt: skip
+    parser.add_argument("--skip-base-eval", action="store_true", help="do not evaluate the base model")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--reuse", action="store_true", help="reuse models already in --out")
     parser.add_argument("--eval-ref", action="store_true", help="also evaluate the reference model")
     parser.add_argument("--skip-ref", action="store_true", help="do not build the reference model")
     parser.add_argument(
-        "--max-problems", type=int, default=None, help="evaluate the first N test problems"
+        "--max-problems", type=int, default=None, help="evaluate the first N problems of --split"
     )
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=JSON", help="tiny settings overrides"
@@ -171,12 +180,12 @@ def main() -> None:
     model = load_model(args.out / "base")
 
     def judge(name: str, judged_model) -> None:
-        """Evaluate on the test split; result and wall time go under `name`."""
+        """Evaluate on `--split`; result and wall time go under `name`."""
         start = time.time()
         results[name] = evaluate(
             judged_model,
             tokenizer,
-            args.out / "data" / "test.parquet",
+            args.out / "data" / f"{args.split}.parquet",
             n=args.n,
             seed=args.seed,
             max_new_tokens=args.max_new_tokens,
@@ -184,7 +193,9 @@ def main() -> None:
         )
         times[f"eval_{name}"] = time.time() - start
 
-    judge("base", model)
+    results["split"] = args.split
+    if not args.skip_base_eval:
+        judge("base", model)
     if args.eval_ref:
         judge("ref", AutoModelForCausalLM.from_pretrained(args.out / "ref").eval())
     torch.manual_seed(args.seed)

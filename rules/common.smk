@@ -8,7 +8,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 from wmtp.config import registry
-from wmtp.config.paths import REPORT_COPY, TEST_SPLIT, TRAIN_SPLIT, Layout
+from wmtp.config.paths import REPORT_COPY, TEST_SPLIT, TRAIN_SPLIT, VALIDATION_SPLIT, Layout
 from wmtp.config.schema import BENCHMARKS, ConfigError, config_hash, load_config
 
 min_version("9.0")
@@ -36,7 +36,7 @@ wildcard_constraints:
     seed=r"\d+",
     benchmark=_alternatives(BENCHMARKS),
     dataset=_alternatives(BENCHMARKS),
-    split=_alternatives((TRAIN_SPLIT, TEST_SPLIT)),
+    split=_alternatives((TRAIN_SPLIT, VALIDATION_SPLIT, TEST_SPLIT)),
     role="base|ref|reward",
 
 
@@ -100,27 +100,9 @@ def get_eval_inputs(wildcards):
 
 def get_report_inputs(wildcards):
     """All evaluations of the configured table and the training metrics of its trained
-    rows, in a fixed order."""
-    runs = [(a, s) for a in CONFIG.algorithms for s in CONFIG.seeds]
-    trained = [(a, s) for a in CONFIG.trained_algorithms for s in CONFIG.seeds]
-    return {
-        "evals": [
-            LAYOUT.eval_file(a, s, b, "json")
-            for a, s in runs
-            for b in CONFIG.benchmarks
-        ],
-        "samples": [
-            LAYOUT.eval_file(a, s, b, "jsonl")
-            for a, s in runs
-            for b in CONFIG.benchmarks
-        ],
-        "metrics": [LAYOUT.train_metrics(a, s) for a, s in trained],
-        "critics": (
-            [LAYOUT.critic_metrics(s) for s in CONFIG.seeds]
-            if CONFIG.critic_rows
-            else []
-        ),
-    }
+    rows, in a fixed order (Layout.report_inputs: the CLI's report reads the same
+    list)."""
+    return LAYOUT.report_inputs(CONFIG)
 
 
 def get_upload_inputs(wildcards):
@@ -128,6 +110,7 @@ def get_upload_inputs(wildcards):
     metrics and (with a critic row) the critics' metrics."""
     return {
         "report": LAYOUT.report(),
+        "table": LAYOUT.table_csv(),
         "figures": LAYOUT.figures(),
         **get_report_inputs(wildcards),
     }

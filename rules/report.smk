@@ -6,6 +6,7 @@ rule report:
         unpack(get_report_inputs),
     output:
         report=report(PATTERN.report(), category="Report"),
+        table=report(PATTERN.table_csv(), category="Report"),
         figures=report(
             directory(PATTERN.figures()),
             patterns=["{name}.png"],

@@ -218,6 +218,7 @@ FUNCTION_LEVEL_ALLOWED: dict[tuple[str, str], str] = {
     ("wmtp.cli", "wmtp.stages.train"): _STAGE_ON_DEMAND,
     ("wmtp.cli", "wmtp.stages.evaluate"): _STAGE_ON_DEMAND,
     ("wmtp.cli", "wmtp.stages.export"): _STAGE_ON_DEMAND,
+    ("wmtp.cli", "wmtp.stages.report"): _STAGE_ON_DEMAND,
 }
 
 

@@ -195,9 +195,9 @@ def test_eval_checks_its_inputs_before_loading_anything(capsys, tmp_path):
         "--benchmarks",
         "tiny-mbpp",
         "--n-samples",
-        "5",
+        "3",
     )
-    assert code == 2 and "n_samples (5)" in err and "--ks" in err
+    assert code == 2 and "n_samples (3)" in err and "--ks" in err
 
 
 def test_schema_command_writes_the_checked_in_schema(capsys, tmp_path):

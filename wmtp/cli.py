@@ -7,6 +7,7 @@
         --benchmarks tiny-mbpp [--out DIR] [--n-samples 20 --temperature 0.2 ...]
     python -m wmtp eval --checkpoint DIR --n-samples 1 --temperature 0   # HumanEval (packaged)
     python -m wmtp export --checkpoint DIR --out HF_DIR     # a LlamaForCausalLM of head 0
+    python -m wmtp report --configfile config/paper.yaml --results results   # table from copied-back files
     python -m wmtp validate --config config/paper.yaml      # check a config, print it resolved
     python -m wmtp schema                                   # regenerate the JSON schema
 
@@ -33,6 +34,7 @@ import yaml
 
 from wmtp.config import registry
 from wmtp.config.paths import (
+    DEFAULT_CONFIG,
     TEST_SPLIT,
     TRAIN_CHECKPOINTS,
     TRAIN_METRICS,
@@ -49,8 +51,10 @@ from wmtp.config.schema import (
     PipelineConfig,
     Recipe,
     check_warmup,
+    config_hash,
     is_mtp_model_config,
     load_config,
+    load_config_files,
     load_recipe,
     schema_text,
     validate_section,
@@ -221,8 +225,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         data=config.data,
         seed=plan.seed,
         tracking=config.tracking.model_copy(update={"tracking_uri": plan.tracking_uri}),
+        study=config.run,
         run_name=plan.run_name,
-        tags=plan.tags,
+        tags={**tracking.provenance_tags(config_hash(config, recipes)), **plan.tags},
         max_steps=plan.max_steps,
         device=args.device,
     )
@@ -341,6 +346,51 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- report --------------------------------------------------------------------------
+
+
+def run_folder(results: Path, run: str) -> Path:
+    """The folder holding a run's `eval/`: `results/{run}` (the workflow's layout), or
+    `results` itself when it is that folder already (a run's files copied back)."""
+    layered = Path(Layout.of_run(run, results).root)
+    if (layered / "eval").is_dir() or not (results / "eval").is_dir():
+        return layered
+    return results
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The report rule's table, table.csv and figures from a results folder; training
+    and critic metrics are read where present."""
+    config, recipes = load_config(load_config_files(args.configfile), base_dir=args.base_dir)
+    root = run_folder(Path(args.results), config.run)
+    layout = Layout(root.as_posix())
+    inputs = layout.report_inputs(config)
+    from wmtp.stages.report import build_report
+
+    present = {kind: [p for p in paths if Path(p).is_file()] for kind, paths in inputs.items()}
+    for kind in ("evals", "samples"):
+        missing = sorted(set(inputs[kind]) - set(present[kind]))
+        if missing:
+            raise FileNotFoundError(f"{root}: {len(missing)} evaluation files missing, e.g. {missing[0]}")
+    out = build_report(
+        eval_jsons=present["evals"],
+        eval_jsonls=present["samples"],
+        metrics_parquets=present["metrics"],
+        config=config,
+        recipes=recipes,
+        out_md=layout.report(),
+        figures_dir=layout.figures(),
+        git_commit=tracking.current_git_commit("."),
+        critic_metrics=present["critics"],
+        table_csv=layout.table_csv(),
+        metrics_required=False,
+    )
+    left_out = len(inputs["metrics"]) - len(present["metrics"])
+    note = f"; {left_out} training metrics files absent: their sections left out" if left_out else ""
+    print(f"wrote {out} and {layout.table_csv()}{note}")
+    return 0
+
+
 # ---- validate / schema ---------------------------------------------------------------
 
 
@@ -397,7 +447,7 @@ def relaunch_distributed(n_procs: int) -> None:
 
 
 def _with_config(sub: argparse.ArgumentParser) -> None:
-    sub.add_argument("--config", default="config/config.yaml", help="pipeline config YAML")
+    sub.add_argument("--config", default=DEFAULT_CONFIG, help="pipeline config YAML")
     sub.add_argument("--base-dir", default=".", help="recipe paths are relative to this")
     sub.add_argument("--results", default="results", help="results root of the workflow")
 
@@ -479,6 +529,21 @@ def _add_small_commands(commands) -> None:
     export.add_argument("--checkpoint", required=True, help="model directory (our format)")
     export.add_argument("--out", required=True, help="the Hugging Face directory to write")
     export.set_defaults(func=cmd_export)
+
+    report = commands.add_parser(
+        "report", help="render report.md, table.csv and figures from a results folder"
+    )
+    report.add_argument(
+        "--configfile", action="append", default=[], metavar="FILE",
+        help=f"merged over {DEFAULT_CONFIG} in order, as snakemake --configfile (repeatable)",
+    )  # fmt: skip
+    report.add_argument("--base-dir", default=".", help="recipe paths are relative to this")
+    report.add_argument(
+        "--results", required=True,
+        help="the results root holding {run}/eval/... (or the run's folder itself); "
+        "report.md, table.csv and figures/ are written there",
+    )  # fmt: skip
+    report.set_defaults(func=cmd_report)
 
     validate = commands.add_parser("validate", help="validate a config, print it resolved")
     _with_config(validate)

@@ -5,6 +5,8 @@ input:  base (base model dir), data (MBPP-format train parquet), refce (ref-CE
 output: model (model dir), metrics (metrics.parquet; same directory as model)
 params: algorithm, recipe (Recipe as a dict), settings = {"data": DataSettings,
         "tracking": TrackingSettings} as dicts
+config: the study's config, for the run's `config_hash` tag only (not a param: a
+        change elsewhere in the config must not rerun the training)
 resources: gpu (> 1: the script re-executes itself under torchrun, one process
         per GPU, via wmtp.cli.relaunch_distributed)
 The DeepSpeed checkpoints in `<output dir>/checkpoints/` are not outputs: a rerun
@@ -35,9 +37,19 @@ import logging  # noqa: E402
 
 import torch  # noqa: E402
 
-from wmtp.config.paths import Layout, mlflow_uri  # noqa: E402
-from wmtp.config.schema import DataSettings, Recipe, TrackingSettings  # noqa: E402
-from wmtp.infra.tracking import run_name  # noqa: E402
+from wmtp.config.schema import (  # noqa: E402
+    DataSettings,
+    Recipe,
+    TrackingSettings,
+    config_hash,
+    load_config,
+)
+from wmtp.infra.tracking import (  # noqa: E402
+    log_model_artifacts,
+    provenance_tags,
+    run_name,
+    study_tracking_uri,
+)
 from wmtp.stages.train import TrainInputs, train  # noqa: E402
 
 logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -52,14 +64,18 @@ data = DataSettings(**params["settings"]["data"])
 out_dir = Path(snakemake.output.model).parent  # noqa: F821
 if Path(snakemake.output.metrics).parent != out_dir:  # noqa: F821
     raise ValueError("the train rule must write model/ and metrics.parquet into the same directory")
-default_store = mlflow_uri(Layout.of_run(wildcards.run).mlflow_db())
-train(
+store = study_tracking_uri(tracking.tracking_uri, wildcards.run)
+study_config, recipes = load_config(dict(snakemake.config), base_dir=".")  # noqa: F821
+model_dir = train(
     inputs=TrainInputs(inputs.base, inputs.data, inputs.get("refce"), inputs.get("critic")),
     out_dir=out_dir,
     recipe=recipe,
     data=data,
     seed=int(wildcards.seed),
-    tracking=tracking.model_copy(update={"tracking_uri": tracking.tracking_uri or default_store}),
+    tracking=tracking.model_copy(update={"tracking_uri": store}),
+    study=wildcards.run,
     run_name=run_name(params["algorithm"], wildcards.seed),
-    tags={"run": wildcards.run},
+    tags=provenance_tags(config_hash(study_config, recipes)),
 )
+if os.environ.get("RANK", "0") == "0":  # one process attaches the metric rows to the run
+    log_model_artifacts(model_dir, [snakemake.output.metrics])  # noqa: F821

@@ -11,7 +11,9 @@ from wmtp.config import registry
 from wmtp.config.schema import WeightingSettings
 from wmtp.core import weights as weights_module
 from wmtp.core.weights import (
+    Draw,
     algorithm_weights,
+    control_weights,
     critic_deltas,
     exp_weights,
     normalize,
@@ -253,6 +255,9 @@ def test_weights_carry_no_gradient():
         assert not weights.requires_grad
 
 
+DRAW = Draw(seed=0, step=1, sample_ids=["a", "b", "c"])  # a control's permutation, for inputs()
+
+
 def inputs(seed: int):
     scores, mask = random_batch(seed, shape=(3, 30))
     ce_base = scores.abs() + 1.0
@@ -265,9 +270,10 @@ def inputs(seed: int):
 def test_algorithm_weights_invariants(algorithm, lam):
     mask, extra = inputs(8)
     settings = WeightingSettings(strength=lam)
-    weights = algorithm_weights(algorithm, mask, settings, **extra)
-    w_max = 1 / (1 - settings.skip_ratio) if algorithm == "rho1-tokenskip" else settings.w_max
-    eps = 1 - lam if algorithm == "rho1-tokenskip" else settings.eps
+    weights = algorithm_weights(algorithm, mask, settings, **extra, draw=DRAW)
+    skip = registry.method(algorithm).weight_function == "rho1_tokenskip"
+    w_max = 1 / (1 - settings.skip_ratio) if skip else settings.w_max
+    eps = 1 - lam if skip else settings.eps
     assert_weight_invariants(weights, mask, eps=min(eps, settings.eps), w_max=w_max)
 
 
@@ -364,3 +370,115 @@ def test_every_trained_method_names_a_weight_function_here():
         assert weights_module.weight_function(name) is getattr(weights_module, method.weight_function)
         assert set(method.knobs) <= knobs, name
     assert weights_module.weight_function("ntp") is weights_module.uniform
+
+
+# ---- controls: the method's own weights, permuted -------------------------------------
+
+WEIGHTED = [name for name in registry.TRAINED if registry.method(name).weighted]
+BASE_METHODS = [name for name in WEIGHTED if registry.method(name).control is None]
+
+
+def test_every_weighted_method_has_a_shuffled_and_a_matched_control():
+    """Derived from the method's entry: same weight function, inputs, knobs, heads."""
+    assert BASE_METHODS == ["critic-wmtp", "rho1-weighted", "rho1-tokenskip"]
+    for name in BASE_METHODS:
+        method = registry.method(name)
+        for kind in registry.CONTROLS:
+            control = registry.method(f"{name}-{kind}")
+            assert (control.control, control.control_of) == (kind, name)
+            for field in ("weight_function", "heads", "inputs", "knobs", "has_critic", "trained"):
+                assert getattr(control, field) == getattr(method, field), (control.name, field)
+    for name in ("baseline-mtp", "ntp", "base"):  # uniform or untrained: nothing to permute
+        assert not any(row.startswith(f"{name}-") for row in registry.ROWS)
+    assert len(registry.TRAINED) == 2 + 3 * len(BASE_METHODS)
+
+
+def step_inputs(seed: int, rows: int = 6, seq: int = 50):
+    """A step's worth of inputs: `rows` sequences with 20..seq valid tokens after a prompt."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(rows, seq, dtype=torch.bool)
+    for b in range(rows):
+        start = int(torch.randint(1, 10, (1,), generator=generator))
+        mask[b, start : start + int(torch.randint(20, seq - 10, (1,), generator=generator))] = True
+    scores = torch.randn(rows, seq, generator=generator)
+    extra = dict(ce_base=scores.abs() + 1.0, ce_ref=torch.rand(rows, seq, generator=generator) * 2,
+                 deltas=critic_deltas(scores.cumsum(-1), mask))  # fmt: skip
+    return mask, extra, [f"task-{seed}-{b}" for b in range(rows)]
+
+
+def sorted_valid(weights, mask) -> torch.Tensor:
+    return weights[mask].sort().values
+
+
+@pytest.mark.parametrize("method", BASE_METHODS)
+def test_shuffled_keeps_each_sequences_weights_and_moves_them(method):
+    mask, extra, ids = step_inputs(1)
+    settings = WeightingSettings(strength=1.0)
+    draw = Draw(seed=3, step=7, sample_ids=ids)
+    own = algorithm_weights(method, mask, settings, **extra)
+    shuffled = algorithm_weights(f"{method}-shuffled", mask, settings, **extra, draw=draw)
+    assert_weight_invariants(shuffled, mask, eps=0.0, w_max=1 / (1 - settings.skip_ratio) + 3)
+    for b in range(mask.shape[0]):  # the same multiset, sequence by sequence
+        assert torch.equal(sorted_valid(shuffled[b], mask[b]), sorted_valid(own[b], mask[b])), b
+        assert not torch.equal(shuffled[b], own[b]), f"row {b} not permuted"
+    moved = (shuffled != own)[mask].float().mean()  # tokenskip's two values: ~2 * 0.3 * 0.7
+    assert moved > (0.3 if method == "rho1-tokenskip" else 0.8), "too few tokens got another weight"
+    assert torch.all(shuffled[~mask] == 0)
+    assert shuffled[mask].mean().item() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("method", BASE_METHODS)
+def test_matched_keeps_the_steps_weights_and_moves_them_across_sequences(method):
+    mask, extra, ids = step_inputs(2)
+    settings = WeightingSettings(strength=1.0)
+    draw = Draw(seed=3, step=7, sample_ids=ids)
+    own = algorithm_weights(method, mask, settings, **extra)
+    matched = algorithm_weights(f"{method}-matched", mask, settings, **extra, draw=draw)
+    assert torch.equal(sorted_valid(matched, mask), sorted_valid(own, mask))  # the step's multiset
+    assert torch.all(matched[~mask] == 0)
+    assert matched[mask].mean().item() == pytest.approx(1.0, abs=1e-5)
+    assert matched[mask].std().item() == pytest.approx(own[mask].std().item(), rel=1e-6)
+    moved = (matched != own)[mask].float().mean()
+    assert moved > (0.3 if method == "rho1-tokenskip" else 0.8), "too few tokens got another weight"
+    per_row = [torch.equal(sorted_valid(matched[b], mask[b]), sorted_valid(own[b], mask[b]))
+               for b in range(mask.shape[0])]  # fmt: skip
+    # weights move between sequences, not only within them (tokenskip's two values can
+    # leave a sequence as many zeros as it had by chance)
+    assert not (all if method == "rho1-tokenskip" else any)(per_row), per_row
+    if method == "rho1-tokenskip":  # exactly as many tokens dropped as the method drops
+        assert int((matched[mask] == 0).sum()) == int((own[mask] == 0).sum()) > 0
+
+
+@pytest.mark.parametrize("kind", registry.CONTROLS)
+def test_controls_are_a_function_of_seed_step_and_sample_id_only(kind):
+    """The same draw gives the same weights (resume, rerun); another step or seed
+    another permutation. A shuffled sequence's permutation follows its sample id,
+    not its row, so reordering the rows reorders the weights with them."""
+    mask, extra, ids = step_inputs(3)
+    own = algorithm_weights("rho1-weighted", mask, WeightingSettings(), **extra)
+
+    def control(seed=3, step=7, rows=None, sample_ids=ids):
+        rows = list(range(mask.shape[0])) if rows is None else rows
+        draw = Draw(seed, step, [sample_ids[r] for r in rows])
+        return control_weights(own[rows], mask[rows], kind, draw)
+
+    first = control()
+    assert torch.equal(first, control())
+    assert not torch.equal(first, control(step=8))
+    assert not torch.equal(first, control(seed=4))
+    if kind == "shuffled":
+        reversed_rows = list(reversed(range(mask.shape[0])))
+        assert torch.equal(control(rows=reversed_rows), first[reversed_rows])
+        renamed = [f"{i}x" for i in ids]
+        assert not torch.equal(control(sample_ids=renamed), first)
+
+
+def test_control_errors():
+    mask, extra, ids = step_inputs(4)
+    with pytest.raises(ValueError, match="'rho1-weighted-matched' is a control: it needs the draw"):
+        algorithm_weights("rho1-weighted-matched", mask, WeightingSettings(), **extra)
+    own = algorithm_weights("rho1-weighted", mask, WeightingSettings(), **extra)
+    with pytest.raises(ValueError, match="unknown control 'sorted'; allowed: shuffled, matched"):
+        control_weights(own, mask, "sorted", Draw(0, 1, ids))
+    with pytest.raises(ValueError, match="5 sample ids for a batch of 6 rows"):
+        control_weights(own, mask, "shuffled", Draw(0, 1, ids[:5]))

@@ -4,6 +4,9 @@ write leaves neither the target nor a temp file/dir behind."""
 from __future__ import annotations
 
 import json
+import os
+import stat
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +117,55 @@ def test_write_json_atomic_format_and_storage_reexport(tmp_path):
     assert kept.read_text() == '{\n  "b": 1,\n  "a": 2\n}\n'
     assert write_json_atomic(tmp_path / "c.json", {"a": 1}, indent=None).read_text() == '{"a": 1}\n'
     assert storage.write_json_atomic is write_json_atomic
+
+
+@pytest.fixture(params=[0o022, 0o077], ids=["umask022", "umask077"])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_outputs_get_the_users_umask(tmp_path, umask):
+    """Not mkstemp's 0600 / mkdtemp's 0700: what open() and mkdir() would give."""
+    with atomic_file(tmp_path / "a.txt") as tmp:
+        tmp.write_text("x")
+    with atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "inner").mkdir()
+        (tmp / "inner" / "f.bin").write_bytes(b"y")
+    assert _mode(tmp_path / "a.txt") == 0o666 & ~umask
+    assert _mode(tmp_path / "d") == 0o777 & ~umask
+    assert _mode(tmp_path / "d" / "inner") == 0o777 & ~umask
+    assert _mode(tmp_path / "d" / "inner" / "f.bin") == 0o666 & ~umask
+
+
+def test_a_stage_output_is_group_readable_under_umask_022(tmp_path, umask):
+    """A real stage's parquet and manifest (the download of tiny-mbpp)."""
+    from wmtp.config.schema import TinySettings
+    from wmtp.stages import download
+
+    out = download.download_dataset("tiny-mbpp", "test", tmp_path / "data" / "test.parquet",
+                                    tiny=TinySettings(n_train_problems=4, n_test_problems=2, n_validation_problems=2))
+    for path in (out, download.manifest_path(out)):
+        assert _mode(path) == 0o666 & ~umask, path
+    assert bool(_mode(out) & stat.S_IRGRP) == (umask == 0o022)
+
+
+def test_data_is_fsynced_before_the_rename_and_the_directory_after(tmp_path, monkeypatch):
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a))), real_replace(a, b))[1])
+    with atomic_file(tmp_path / "out.txt") as tmp:
+        tmp.write_text("data")
+    assert events == [("fsync", str(tmp)), ("replace", str(tmp)), ("fsync", str(tmp_path))]
+    events.clear()
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "w.bin").write_bytes(b"w")
+    assert events == [("fsync", str(tmp / "w.bin")), ("fsync", str(tmp)), ("replace", str(tmp)),
+                      ("fsync", str(tmp_path))]

@@ -90,8 +90,8 @@ def test_the_copy_imports_its_own_wmtp(workdir):
     assert Path(result.stdout.strip()).is_relative_to(workdir)
 
 
-def test_the_new_method_is_planned_with_the_inputs_its_entry_names(plan):
-    seeds = 2
+def test_the_new_method_is_planned_with_the_inputs_its_entry_names(plan, workdir):
+    seeds = len(yaml.safe_load((workdir / "config" / "config.yaml").read_text())["seeds"])
     jobs = planned_jobs(plan)
     assert jobs["train"] == 2 * seeds and jobs["eval"] == len(ROWS) * seeds, plan[-3000:]
     assert jobs["refce"] == 1 and "critic" not in jobs  # half-mtp reads refce, nobody a critic

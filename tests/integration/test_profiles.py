@@ -21,6 +21,12 @@ WORKFLOW_PROFILE = yaml.safe_load((REPO / "profiles" / "default" / "config.yaml"
 CLUSTER_PROFILE = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
 
 
+def local_rules() -> set[str]:
+    """The rules the Snakefile's `localrules:` runs on the submit host."""
+    listed = re.search(r"^localrules:\n((?:    \w+,\n)+)", (REPO / "Snakefile").read_text(), re.M)
+    return set(listed.group(1).replace(",", " ").split())
+
+
 @pytest.fixture
 def resolve(monkeypatch):
     """The effective arguments of a `snakemake ...` command run from the repository root."""
@@ -43,6 +49,9 @@ def test_profile_slurm_resolves_to_the_cluster_profile(resolve):
     threads = {rule: resource.value for rule, resource in args.set_threads.items()}
     assert threads == CLUSTER_PROFILE["set-threads"]
     assert [str(path) for path in args.configfile] == CLUSTER_PROFILE["configfile"]
+    # trainings, and only they, are resubmitted after a time-limit kill (they resume)
+    assert args.preemptible_rules == {"train"} and args.preemptible_retries >= 1
+    assert args.retries == 0
     # and the workflow profile's own keys still apply
     assert args.rerun_incomplete is True and args.printshellcmds is True
 
@@ -70,9 +79,9 @@ def test_cluster_dry_run_asks_slurm_for_the_profiles_resources():
     assert result.returncode == 0, result.stderr[-3000:]
     blocks = job_blocks(result.stdout)
     assert len(blocks) == sum(planned_jobs(result.stdout).values())
-    local = set(re.search(r"^localrules:\n((?:    \w+,\n)+)", (REPO / "Snakefile").read_text(), re.M)
-                .group(1).replace(",", " ").split())
-    assert {"all", "publish_report", "upload_results"} <= local
+    local = local_rules()
+    # the network's rules run on the submit host: compute nodes often have no internet
+    assert {"all", "download_model", "download_data", "publish_report", "upload_results"} <= local
     cap = CLUSTER_PROFILE["cores"]
     for head, fields in blocks:
         rule = head.split()[1]
@@ -89,3 +98,5 @@ def test_cluster_dry_run_asks_slurm_for_the_profiles_resources():
             assert resources[key] == str(value), (rule, key, resources[key], value)
     trainings = [fields for head, fields in blocks if head == "rule train"]
     assert trainings and all("gpu=4" in f["resources"] and "gpu_model=a100" in f["resources"] for f in trainings)
+    # all of a training's GPUs on one node: torchrun --standalone does not leave it
+    assert all(", nodes=1," in f"{f['resources']}," for f in trainings)

@@ -62,7 +62,7 @@ def test_a_real_model_through_every_stage(smollm2_dir, tmp_path):
     assert torch.equal(ours, hf_logits)
 
     # ---- reference CE and a few steps of rho1-weighted training on MBPP-format rows
-    train_rows, _ = make_tiny_mbpp(8, 1, seed=0, noise_comment_prob=0.0)
+    train_rows = make_tiny_mbpp(8, 1, seed=0, noise_comment_prob=0.0)["train"]
     train_path = tmp_path / "train.parquet"
     train_rows.to_parquet(train_path)
     data = DataSettings(max_seq_len=384, val_fraction=0.25)

@@ -1,6 +1,7 @@
 """Trainings logging to a real MLflow tracking server (`mlflow server` on loopback,
 sqlite backend), as the trainings of a cluster run do: several at once, every
-metric row of every training must arrive, none twice."""
+metric row of every training must arrive, none twice, all in the study's one
+experiment; and the report job's evaluation and report runs with their artifacts."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -17,6 +19,7 @@ import yaml
 
 from tests.integration.test_workflow import LAUNCHER_VARIABLES
 from tests.services import REPO, build_ci_inputs, ci_config, mlflow_server
+from wmtp.config.schema import config_hash, load_config
 
 SEEDS = (0, 1, 2, 3)
 ENV = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES} | {"OMP_NUM_THREADS": "1"}
@@ -33,7 +36,7 @@ pathlib.Path(sys.argv[3]).touch()
 while not go.exists():
     pass
 for i in range({ROUNDS}):
-    print(tracking.start_run(uri, f"mtp/race{{i}}/tiny-mbpp").run_id)
+    print(tracking.start_run(uri, f"wmtp/race{{i}}").run_id)
 """
 
 
@@ -45,7 +48,7 @@ def server(tmp_path_factory):
 
 @pytest.mark.slow
 def test_trainings_starting_at_once_share_one_new_experiment(server, tmp_path):
-    """The seeds of one algorithm start together on a cluster: all but one lose the
+    """The trainings of a study start together on a cluster: all but one lose the
     race to create their experiment, and must use it rather than fail."""
     from mlflow import MlflowClient
 
@@ -64,7 +67,7 @@ def test_trainings_starting_at_once_share_one_new_experiment(server, tmp_path):
     assert all(proc.returncode == 0 for proc in procs), [err[-2000:] for _, err in results]
     client = MlflowClient(server)
     for i in range(ROUNDS):
-        experiment = client.get_experiment_by_name(f"mtp/race{i}/tiny-mbpp")
+        experiment = client.get_experiment_by_name(f"wmtp/race{i}")
         runs = client.search_runs([experiment.experiment_id])
         assert sorted(r.info.run_id for r in runs) == sorted(out.split()[i] for out, _ in results)
 
@@ -120,3 +123,46 @@ def test_four_trainings_at_once_log_every_metric_once(server, tmp_path):
         assert {(k, s): pytest.approx(v) for k, s, v in logged} == expected
     # the four ran at the same time: each started before any finished
     assert max(r.info.start_time for r in runs) < min(r.info.end_time for r in runs)
+    # in the study's one experiment, each tagged with its row and what made it
+    study, recipes = load_config(yaml.safe_load(config.read_text()), base_dir=REPO)
+    (experiment,) = {r.info.experiment_id for r in runs}
+    assert client.get_experiment(experiment).name == f"wmtp/{study.run}"
+    for seed, run in zip(SEEDS, runs, strict=True):
+        tags = run.data.tags
+        assert (tags["run"], tags["kind"], tags["algorithm"], tags["seed"]) == (
+            study.run, "training", "baseline-mtp", str(seed),
+        )  # fmt: skip
+        assert tags["config_hash"] == config_hash(study, recipes) and tags["git_commit"] != "unknown"
+
+
+@pytest.mark.slow
+def test_report_runs_and_their_artifacts_reach_the_server(server, tmp_path):
+    """The report job's entries (wmtp.stages.study_tracking) through the server: the
+    base row's evaluation run with its pass@k, the report run with its files."""
+    from mlflow import MlflowClient
+
+    from wmtp.stages.study_tracking import log_study
+
+    config, recipes = load_config(ci_config(), base_dir=REPO)
+    config = config.model_copy(update={"run": "server-study"})
+    summary = tmp_path / "results/eval/base/seed0/tiny-mbpp.json"
+    summary.parent.mkdir(parents=True)
+    summary.write_text(json.dumps({"pass@1": 0.125, "pass@2": 0.25, "exact_match": 0.0}))
+    (tmp_path / "report.md").write_text("| the table |")
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "loss_curves.png").write_bytes(b"png")
+    files = [tmp_path / "report.md", tmp_path / "figures"]
+    evaluation, report = log_study(
+        config, recipes, tracking_uri=server, eval_jsons=[summary], report_files=files
+    )
+    client = MlflowClient(server)
+    stored = client.get_run(evaluation.run_id)
+    assert stored.data.metrics == {
+        "tiny_mbpp_pass_at_1": 0.125, "tiny_mbpp_pass_at_2": 0.25, "tiny_mbpp_exact_match": 0.0,
+    }  # fmt: skip
+    assert (stored.data.tags["algorithm"], stored.data.tags["kind"]) == ("base", "evaluation")
+    back = Path(client.download_artifacts(report.run_id, "report.md", str(tmp_path / "back")))
+    assert back.read_text() == "| the table |"
+    assert [a.path for a in client.list_artifacts(report.run_id, "figures")] == ["figures/loss_curves.png"]
+    experiment = client.get_experiment_by_name("wmtp/server-study").experiment_id
+    assert {r.info.run_id for r in client.search_runs([experiment])} == {evaluation.run_id, report.run_id}

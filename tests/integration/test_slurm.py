@@ -12,8 +12,12 @@ One set of runs serves every test of this module (module-scoped fixtures):
 2. `local_run`: the DAG through the CI profile with the local executor: the
    uninterrupted reference, and the local half of the wall-time comparison.
 3. `slurm_run`: the same DAG through the Slurm executor. Once the baseline
-   training has written its first checkpoint its Slurm job is `scancel`-ed; that
-   run ends failed (`keep-going` finishes the rest) and a rerun resumes it.
+   training has written its first checkpoint its Slurm job is `scancel`-ed (as a
+   lost node or a preemption would end it); the profile's retries submit it again in
+   the same run, which resumes it, and a second run has nothing left to do.
+4. `time_limited_run`: one long training whose first Slurm job gets a 1-minute
+   time limit: Slurm kills it (TIMEOUT), the profile's retries submit it again, and
+   the second attempt resumes from the last checkpoint, in the same Snakemake run.
 
 Every Snakemake call has a time limit; past it the run is killed and the Slurm
 node's `stop` cancels whatever is left.
@@ -37,8 +41,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests.integration.test_profiles import local_rules
 from tests.integration.test_workflow import LAUNCHER_VARIABLES, REPO, copy_workflow, planned_jobs
 from tests.services import AWS_TEST_ENV, build_ci_inputs, moto_server, slurm_node
+from wmtp.config.paths import TABLE_CSV
 from wmtp.infra import storage
 
 BUCKET = "wmtp-ci"
@@ -46,6 +52,15 @@ UPLOAD_PREFIX = f"s3://{BUCKET}/results/ci"
 CANCELLED = ("baseline-mtp", 0)  # the training whose Slurm job is cancelled mid-way
 # time to cancel it: enough epochs that max_steps decides the length
 LONG_BASELINE = {"epochs": 100, "max_steps": 150, "checkpoint_every": 10, "val_every": 50}
+# A training of minutes as one process on the CI node (it ran 2100 steps in the
+# first minute there at load 3.7 on 2 cores), checkpointed every few seconds, so that
+# a 1-minute time limit stops it early: long in steps, not slowed down.
+TIME_LIMITED = ("baseline-mtp", 0)
+# keep_checkpoints: the resumed attempt can finish (and would remove them) before the
+# poll below sees the first attempt's TIMEOUT and looks for what it left
+TIMED_BASELINE = {"epochs": 1000, "max_steps": 6000, "checkpoint_every": 100, "log_every": 100,
+                  "val_every": 2000, "keep_checkpoints": True}  # fmt: skip
+FIRST_ATTEMPT_MINUTES = 1  # Slurm's smallest time limit
 TIMING_COLUMNS = ("wall time (s)", "tokens/s")  # of the report's training-cost table
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -234,7 +249,8 @@ def slurm_job_of(algo: str, seed: int) -> str | None:
 @pytest.fixture(scope="module")
 def slurm_run(slurm, s3, bucket, local_run, tmp_path_factory):
     """The DAG through Slurm; the baseline training is cancelled after its first
-    checkpoint, then a rerun of `snakemake --profile ci all` resumes it."""
+    checkpoint; the run resubmits and resumes it, and a second `snakemake --profile
+    ci all` (the recovery a user would try) finds nothing to do."""
     workdir = tmp_path_factory.mktemp("slurm-run")
     profile = prepare(workdir, s3, slurm)
     env = environment()
@@ -264,9 +280,9 @@ def slurm_run(slurm, s3, bucket, local_run, tmp_path_factory):
 
 
 def expected_uploads(run_dir: Path) -> set[str]:
-    """What the upload rule must send: the report and figures, and every evaluation,
-    training-metrics and critic-metrics file of the run."""
-    files = {"report.md", "manifest.json"}
+    """What the upload rule must send: the report, its table and figures, and every
+    evaluation, training-metrics and critic-metrics file of the run."""
+    files = {"report.md", TABLE_CSV, "manifest.json"}
     files |= {p.relative_to(run_dir).as_posix() for p in (run_dir / "figures").iterdir()}
     files |= {p.relative_to(run_dir).as_posix() for p in (run_dir / "eval").rglob("*.json*")}
     files |= {p.relative_to(run_dir).as_posix() for p in (run_dir / "train").glob("*/seed*/metrics.parquet")}
@@ -295,6 +311,44 @@ def test_local_run_reads_models_and_data_from_s3_and_uploads_results(local_run):
     check_upload(run_dir, local_run["uploaded"])
 
 
+@pytest.mark.slow
+def test_every_row_of_the_study_is_in_its_mlflow_experiment(local_run):
+    """After `snakemake all`: one experiment for the study holding a training run per
+    trained (row, seed) with its metrics.parquet and pass@k, an evaluation run per
+    seed of `base`, and a report run with the report; every run tagged with its row
+    and the config hash the report quotes."""
+    from mlflow import MlflowClient
+
+    assert local_run["returncode"] == 0, local_run["output"][-4000:]
+    run_dir = local_run["workdir"] / "results" / "ci"
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    assert {e.name for e in client.search_experiments()} - {"Default"} == {"wmtp/ci"}  # sqlite's own
+    runs = client.search_runs([client.get_experiment_by_name("wmtp/ci").experiment_id])
+    quoted = (run_dir / "report.md").read_text()
+    report_hash = re.search(r"config hash: `(\w+)`", quoted).group(1)
+    report_commit = re.search(r"git commit: `([\w-]+)`", quoted).group(1)
+    assert {r.data.tags["config_hash"] for r in runs} == {report_hash}
+    assert {r.data.tags["git_commit"] for r in runs} == {report_commit}  # "unknown": a copy, not a checkout
+    assert all(r.info.status == "FINISHED" and r.data.tags["run"] == "ci" for r in runs)
+    by_kind = {kind: [r for r in runs if r.data.tags["kind"] == kind] for kind in ("training", "evaluation", "report")}
+    assert sum(map(len, by_kind.values())) == len(runs) and len(by_kind["report"]) == 1
+    rows = {(r.data.tags["algorithm"], int(r.data.tags["seed"])): r for r in by_kind["training"] + by_kind["evaluation"]}
+    assert len(rows) == len(by_kind["training"]) + len(by_kind["evaluation"])
+    evaluated = {(p.parent.parent.name, int(p.parent.name.removeprefix("seed"))): p
+                 for p in run_dir.glob("eval/*/seed*/tiny-mbpp.json")}  # fmt: skip
+    assert set(rows) == set(evaluated)  # every evaluated row and seed, each in one run
+    assert {key for key, r in rows.items() if r.data.tags["kind"] == "evaluation"} == {("base", 0)}
+    for key, mlflow_run in rows.items():
+        summary = json.loads(evaluated[key].read_text())
+        metrics = mlflow_run.data.metrics
+        assert metrics["tiny_mbpp_pass_at_1"] == pytest.approx(summary["pass@1"]), key
+        assert metrics["tiny_mbpp_pass_at_2"] == pytest.approx(summary["pass@2"]), key
+        if mlflow_run.data.tags["kind"] == "training":
+            assert [a.path for a in client.list_artifacts(mlflow_run.info.run_id)] == ["metrics.parquet"]
+    report = by_kind["report"][0].info.run_id
+    assert sorted(a.path for a in client.list_artifacts(report)) == sorted(["figures", "report.md", TABLE_CSV])
+
+
 # ---- Slurm ---------------------------------------------------------------------------
 
 
@@ -308,11 +362,12 @@ def test_every_non_local_job_goes_through_sbatch(slurm_run, local_run):
     first, recovery = slurm_run["first"], slurm_run["recovery"]
     assert recovery["returncode"] == 0, recovery["output"][-4000:]
     submitted = submissions(first["output"]) + submissions(recovery["output"])
-    local_rules = {"all", "publish_report", "upload_results"}
-    expected = Counter({r: n for r, n in local_run["planned"].items() if r not in local_rules})
-    expected["train"] += 1  # the cancelled training, submitted again by the rerun
+    local = local_rules()
+    expected = Counter({r: n for r, n in local_run["planned"].items() if r not in local})
+    expected["train"] += 1  # the cancelled training, submitted again (the profile's retries)
     assert submitted == expected
-    for rule in local_rules & set(local_run["planned"]):
+    assert {"download_model", "download_data"} <= local & set(local_run["planned"])
+    for rule in local & set(local_run["planned"]):
         assert re.search(rf"^localrule {rule}:", first["output"] + recovery["output"], re.M)
 
 
@@ -328,11 +383,12 @@ def test_a_two_gpu_training_runs_two_ranks_in_one_job(slurm_run):
 def test_scancelled_training_resumes_from_its_checkpoint(slurm_run):
     first, recovery = slurm_run["first"], slurm_run["recovery"]
     assert first["cancelled"], "the baseline training finished before it could be cancelled"
-    assert first["returncode"] != 0 and "CANCELLED" in first["output"]
+    job = first["cancelled"]["job"]
+    assert f"SLURM-job '{job}' failed, SLURM status is: 'CANCELLED'" in first["output"]
+    assert re.search(r"^Trying to restart job \d+\.$", first["output"], re.M)
+    assert first["returncode"] == 0, first["output"][-4000:]  # resubmitted, so the run succeeded
+    assert "Nothing to be done" in recovery["output"] and not planned_jobs(recovery["output"])
     algo, seed = CANCELLED
-    assert planned_jobs(recovery["output"]) == Counter(
-        train=1, eval=1, report=1, publish_report=1, upload_results=1, all=1
-    )
     log = (slurm_run["workdir"] / f"logs/ci/train/{algo}/seed{seed}.log").read_text()
     resumed = re.search(rf"resuming {algo} from step (\d+)", log)
     assert resumed and int(resumed.group(1)) >= LONG_BASELINE["checkpoint_every"], log[-3000:]
@@ -407,3 +463,128 @@ def test_preflight_names_the_jobs_slurm_can_never_start(slurm, tmp_path):
     assert too_big.returncode == 1, too_big.stdout + too_big.stderr
     impossible = re.findall(r"^CANNOT START\s+([\w, ]+): ", too_big.stdout, re.M)
     assert sorted(impossible) == ["eval", "train"], too_big.stdout
+
+
+# ---- a training killed at its time limit, resubmitted and resumed ---------------------
+
+
+def slurm_jobs_of(algo: str, seed: int) -> dict[str, str]:
+    """{Slurm job id: state} of every training job of (algo, seed) Slurm still
+    lists, finished ones included (squeue keeps them for MinJobAge, 300 s)."""
+    lines = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i %k %T"], capture_output=True,
+                           text=True).stdout  # fmt: skip
+    return {
+        job: state
+        for job, comment, state in (line.split() for line in lines.splitlines())
+        if comment == f"rule_train_wildcards_ci_{algo}_{seed}"
+    }
+
+
+def time_limited_profile(workdir: Path, endpoint: str, node: dict) -> Path:
+    """The CI profile running one long training (TIMED_BASELINE) as one process, whose
+    first attempt may run FIRST_ATTEMPT_MINUTES and every later one 30 minutes
+    (`attempt` is Snakemake's count of a job's tries, starting at 1)."""
+    profile = prepare(workdir, endpoint, node)
+    recipe = {"algorithm": "baseline-mtp", "train": TIMED_BASELINE}
+    (workdir / "config" / "recipes" / "baseline-mtp-long.yaml").write_text(yaml.safe_dump(recipe))
+    settings = yaml.safe_load((profile / "config.yaml").read_text())
+    settings["set-threads"]["train"] = 1
+    settings["set-resources"]["train"] |= {
+        "gpu": 1, "runtime": f"{FIRST_ATTEMPT_MINUTES} if attempt == 1 else 30",
+    }  # fmt: skip
+    (profile / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    return profile
+
+
+@pytest.fixture(scope="module")
+def time_limited_run(slurm, s3, bucket, tmp_path_factory):
+    """`snakemake --profile ci <the training's metrics>` with the first attempt's
+    time limit at 1 minute. While it runs, the state of the training's files is
+    recorded when Slurm reports the first job TIMEOUT (the log of that attempt,
+    which the next one starts afresh, is kept)."""
+    workdir = tmp_path_factory.mktemp("time-limited")
+    profile = time_limited_profile(workdir, s3, slurm)
+    algo, seed = TIME_LIMITED
+    target = f"results/ci/train/{algo}/seed{seed}/metrics.parquet"
+    train_dir = (workdir / target).parent
+    rule_log = workdir / f"logs/ci/train/{algo}/seed{seed}.log"
+    log = workdir / "run.log"
+    earlier = set(slurm_jobs_of(algo, seed))  # other tests' jobs of that name on this Slurm
+    began = time.monotonic()
+    proc = start(workdir, ["--profile", str(profile), target], environment(), log)
+    killed, jobs = None, {}
+    while proc.poll() is None and time.monotonic() - began < 1800:
+        jobs |= {job: state for job, state in slurm_jobs_of(algo, seed).items() if job not in earlier}
+        timed_out = [job for job, state in jobs.items() if state == "TIMEOUT"]
+        if timed_out and killed is None:
+            killed = {
+                "job": timed_out[0], "after_s": time.monotonic() - began,
+                "model": (train_dir / "model").exists(), "metrics": (train_dir / "metrics.parquet").exists(),
+                "checkpoint": (train_dir / "checkpoints" / "latest").exists(),
+                "log": rule_log.read_text() if rule_log.exists() else "",
+            }  # fmt: skip
+        time.sleep(0.25)
+    code, output = finish(proc, max(60, 1800 - (time.monotonic() - began)), log)
+    jobs |= {job: state for job, state in slurm_jobs_of(algo, seed).items() if job not in earlier}
+    when = f"after {killed['after_s']:.0f} s" if killed else "never"
+    print(f"\ntime-limited training: {time.monotonic() - began:.0f} s in all, first job killed "
+          f"{when}; load {os.getloadavg()}")  # fmt: skip
+    return {"workdir": workdir, "returncode": code, "output": output, "killed": killed,
+            "jobs": jobs, "log": rule_log.read_text(), "train_dir": train_dir}
+
+
+@pytest.mark.slow
+def test_a_training_killed_at_its_time_limit_is_resubmitted_and_resumed(time_limited_run):
+    timed, (algo, _) = time_limited_run, TIME_LIMITED
+    assert timed["returncode"] == 0, timed["output"][-4000:]
+    killed = timed["killed"]
+    assert killed, f"no attempt reached its time limit: make TIMED_BASELINE longer\n{timed['output'][-3000:]}"
+    # Slurm killed the first attempt at its time limit, Snakemake submitted it again
+    assert f"SLURM-job '{killed['job']}' failed, SLURM status is: 'TIMEOUT'" in timed["output"]
+    assert re.search(r"^Trying to restart job \d+\.$", timed["output"], re.M)
+    assert submissions(timed["output"])["train"] == 2
+    assert sorted(timed["jobs"].values()) == ["COMPLETED", "TIMEOUT"]
+    # the downloads ran on the submit host, only the training went through sbatch
+    assert set(submissions(timed["output"])) == {"train"}
+    for rule in ("download_model", "download_data"):
+        assert re.search(rf"^localrule {rule}:", timed["output"], re.M)
+    # the killed attempt left checkpoints but nothing that looks like a finished training
+    assert killed["checkpoint"] and not killed["model"] and not killed["metrics"]
+    # the first attempt started at step 0, the second at the first one's last checkpoint
+    steps = TIMED_BASELINE["max_steps"]
+    assert re.search(rf"train {algo}: +0%.*\| 0/{steps} ", killed["log"]), killed["log"][-2000:]
+    assert "resuming" not in killed["log"]
+    resumed = re.search(rf"resuming {algo} from step (\d+)", timed["log"])
+    assert resumed, timed["log"][-3000:]
+    step, every = int(resumed.group(1)), TIMED_BASELINE["checkpoint_every"]
+    assert every <= step < steps and step % every == 0
+    assert re.search(rf"train {algo}: +\d+%.*\| {step}/{steps} ", timed["log"])  # the bar starts there
+    # every metric row once, the killed attempt's and the resumed one's
+    metrics = pd.read_parquet(timed["train_dir"] / "metrics.parquet")
+    every_row = TIMED_BASELINE["log_every"]
+    assert list(metrics["step"]) == list(range(every_row, steps + 1, every_row))
+    # one MLflow run for both attempts, its rows logged once each
+    from mlflow import MlflowClient
+
+    record = json.loads((timed["train_dir"] / "model" / "tracking.json").read_text())
+    client = MlflowClient(record["tracking_uri"])
+    experiment = client.get_experiment_by_name("wmtp/ci").experiment_id
+    assert [r.info.run_id for r in client.search_runs([experiment])] == [record["run_id"]]
+    history = client.get_metric_history(record["run_id"], "train/loss")
+    assert sorted(m.step for m in history) == list(metrics["step"])
+    print(f"\nresubmission evidence: {killed['job']} TIMEOUT after {killed['after_s']:.0f} s; "
+          f"{resumed.group(0)}; jobs {timed['jobs']}")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_downloads_are_submitted_when_grouped(slurm, s3, bucket, tmp_path):
+    """The documented override for sites whose submit host cannot run the downloads:
+    `--groups download_data=download` makes the local rule a Slurm job again."""
+    profile = prepare(tmp_path, s3, slurm)
+    target = "results/ci/data/tiny-mbpp/test.parquet"
+    args = ["--profile", str(profile), target, "--groups", "download_data=download"]
+    result = run(tmp_path, args, environment(), "grouped", 600)
+    assert result["returncode"] == 0, result["output"][-4000:]
+    assert len(re.findall(r"submitted with SLURM jobid \d+", result["output"])) == 1
+    assert not re.search(r"^localrule download_data:", result["output"], re.M)
+    assert pd.read_parquet(tmp_path / target).shape[0] > 0

@@ -19,9 +19,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wmtp.config.registry import ROWS, TRAINED  # rows of the table; the trained ones
+from wmtp.config import registry
+from wmtp.config.paths import DEFAULT_CONFIG
+from wmtp.config.schema import PipelineConfig, load_config, load_config_files
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def setting(*configfiles: str) -> PipelineConfig:
+    """The config Snakemake sees with these `--configfile`s: its rows, trained rows
+    and seeds are what the plan must hold."""
+    data = load_config_files([REPO / f for f in configfiles], base=REPO / DEFAULT_CONFIG)
+    return load_config(data, REPO)[0]
 WORKFLOW = ("Snakefile", "rules", "config", "profiles", "envs", "workflow_scripts")
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -100,19 +109,20 @@ def planned_inputs(output: str, rule: str) -> dict[str, str]:
 
 
 def test_dry_run_plans_the_whole_table(tiny_plan):
-    seeds = 2
+    tiny = setting()
+    rows, trained, seeds = tiny.algorithms, tiny.trained_algorithms, len(tiny.seeds)
     assert planned_jobs(tiny_plan) == Counter(
         download_model=2,  # base and ref; no reward model in the tiny default
         download_data=2,  # tiny-mbpp train and test
         refce=1,  # shared by both rho1 algorithms
         critic=seeds,  # one critic per seed: its randomness is inside the interval
-        train=len(TRAINED) * seeds,  # every row but base
-        eval=len(ROWS) * seeds,  # every row, one benchmark
+        train=len(trained) * seeds,  # every row but base
+        eval=len(rows) * seeds,  # every row, one benchmark
         report=1,
         publish_report=1,
         all=1,
     )
-    for algo in ROWS:
+    for algo in rows:
         for seed in range(seeds):
             assert f"results/tiny/eval/{algo}/seed{seed}/tiny-mbpp.json" in tiny_plan
 
@@ -121,23 +131,24 @@ def test_each_algorithm_reads_only_what_it_needs(tiny_plan):
     """baseline-mtp trains without refce and critic; rho1-* need refce, critic-wmtp the
     value table of its own seed's critic; so a change upstream of one method reruns
     only that method."""
+    tiny = setting()
     trainings = planned_inputs(tiny_plan, "train")
-    assert len(trainings) == 2 * len(TRAINED)
+    assert len(trainings) == len(tiny.seeds) * len(tiny.trained_algorithms)
     for output, inputs in trainings.items():
         algo = re.search(r"train/([\w-]+)/seed", output).group(1)
         assert "results/tiny/models/base" in inputs
         assert "results/tiny/data/tiny-mbpp/train.parquet" in inputs
-        assert ("refce/tiny-mbpp.parquet" in inputs) == algo.startswith("rho1-")
+        assert ("refce/tiny-mbpp.parquet" in inputs) == registry.needs(algo, "refce")
         seed = re.search(r"/seed(\d+)/", output).group(1)
-        assert ("critic/" in inputs) == (algo == "critic-wmtp")
-        if algo == "critic-wmtp":
+        assert ("critic/" in inputs) == registry.needs(algo, "values")
+        if registry.needs(algo, "values"):
             assert f"results/tiny/critic/seed{seed}/values.parquet" in inputs
     critics = planned_inputs(tiny_plan, "critic")
     assert sorted(o.split(",")[0] for o in critics) == [
-        f"results/tiny/critic/seed{s}/values.parquet" for s in range(2)
+        f"results/tiny/critic/seed{s}/values.parquet" for s in tiny.seeds
     ]
     evals = planned_inputs(tiny_plan, "eval")
-    assert len(evals) == 2 * len(ROWS)
+    assert len(evals) == len(tiny.seeds) * len(tiny.algorithms)
     for output, inputs in evals.items():
         model = output.split(",")[0].replace("/eval/", "/train/").rsplit("/", 1)[0] + "/model"
         if "/eval/base/" in output:  # the base row: the downloaded model, never trained
@@ -150,8 +161,8 @@ def test_each_algorithm_reads_only_what_it_needs(tiny_plan):
 def test_paper_dry_run_plans_three_benchmarks(workdir):
     result = snakemake(workdir, "all", "-n", "--configfile", "config/paper.yaml")
     assert result.returncode == 0, result.stderr
-    jobs = planned_jobs(result.stdout)
-    assert jobs["train"] == len(TRAINED) * 3 and jobs["eval"] == len(ROWS) * 3 * 3
+    jobs, paper = planned_jobs(result.stdout), setting("config/paper.yaml")
+    assert jobs["train"] == len(paper.trained_algorithms) * 3 and jobs["eval"] == len(paper.algorithms) * 3 * 3
     assert jobs["critic"] == 3  # one per seed
     assert jobs["download_data"] == 1 + 3  # mbpp train + the three test splits
     assert "results/paper/eval/critic-wmtp/seed2/codecontests.json" in result.stdout
@@ -180,14 +191,14 @@ def test_bad_config_stops_before_any_job_with_every_problem(workdir):
     configfile = write_config(
         workdir,
         "bad.yaml",
-        {"eval": {"n_samples": 5}, "algorithms": ["baseline-mtp", "rho2"], "temprature": 0.2},
+        {"eval": {"n_samples": 3}, "algorithms": ["baseline-mtp", "rho2"], "temprature": 0.2},
     )
     result = snakemake(workdir, "all", "-n", "--configfile", configfile)
     assert_stopped_before_any_job(
         result,
         [
             "eval.ks",
-            "n_samples (5)",
+            "n_samples (3)",
             'algorithms.1 = "rho2"',
             "rho1-weighted",
             "temprature = 0.2",
@@ -199,7 +210,7 @@ def test_bad_config_stops_before_any_job_with_every_problem(workdir):
 @pytest.mark.parametrize(
     "update, expected",
     [
-        ({"eval": {"n_samples": 5}}, ["eval.ks", "n_samples (5)"]),
+        ({"eval": {"n_samples": 3}}, ["eval.ks", "n_samples (3)"]),
         ({"algorithms": ["baseline-mtp", "rho2"]}, ['algorithms.1 = "rho2"', "rho1-weighted"]),
         ({"eval": {"temprature": 0.2}}, ["eval.temprature = 0.2", "unknown key", "temperature"]),
         (
@@ -265,7 +276,7 @@ def test_end_to_end_rerun_regenerate_and_recipe_change(workdir):
     shared = ci_config.read_text()
     ci_config.write_text(re.sub(r"(?m)^  lr: 1.0e-3", "  lr: 2.0e-3", shared, count=1))
     plan = snakemake(workdir, "all", "-n", *CI)
-    assert planned_jobs(plan.stdout)["train"] == len(TRAINED), plan.stdout[-3000:]
+    assert planned_jobs(plan.stdout)["train"] == len(setting("config/ci.yaml").trained_algorithms), plan.stdout[-3000:]
     ci_config.write_text(shared)
 
     # one method's own setting changed: only that algorithm's trainings and evaluations,
@@ -288,6 +299,6 @@ def test_slurm_profile_puts_gpu_rules_on_a100s(workdir):
     )
     assert result.returncode == 0, result.stderr
     trainings = re.findall(r"^rule train:\n(?:    .*\n)*?    resources: (.*)$", result.stdout, re.M)
-    assert len(trainings) == len(TRAINED) * 3
+    assert len(trainings) == len(setting("config/paper.yaml").trained_algorithms) * 3
     assert all("gpu=4" in line and "gpu_model=a100" in line for line in trainings)
     assert "slurm_partition=<gpu-partition>" in trainings[0]

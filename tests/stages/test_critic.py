@@ -434,7 +434,7 @@ def test_mutants_change_one_code_token_and_fail():
     def tokens(code):
         return [(t.type, t.string) for t in tokenize.generate_tokens(io.StringIO(code).readline)]
 
-    rows, _ = make_tiny_mbpp(12, 2, seed=0, noise_comment_prob=0.5)
+    rows = make_tiny_mbpp(12, 2, seed=0, noise_comment_prob=0.5)["train"]
     programs, tests = [], []
     for code, asserts in zip(rows["code"], rows["test_list"], strict=True):
         reference = mbpp_solution(code)

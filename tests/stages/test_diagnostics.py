@@ -52,9 +52,9 @@ def classify(tokenizer, code: str) -> tuple[list[str], np.ndarray]:
 def test_tiny_mbpp_comments_are_exactly_the_noise(tiny_default_tokenizer):
     """The generated reference code has no comment, so in a noisy training solution
     every comment is noise, and the comment class holds exactly its words."""
-    clean, _ = make_tiny_mbpp(60, 5, seed=0, noise_comment_prob=0.0)
+    clean = make_tiny_mbpp(60, 5, seed=0, noise_comment_prob=0.0)["train"]
     assert not any(comment_chars(mbpp_solution(code)).any() for code in clean["code"])
-    noisy, _ = make_tiny_mbpp(60, 5, seed=0, noise_comment_prob=0.5)
+    noisy = make_tiny_mbpp(60, 5, seed=0, noise_comment_prob=0.5)["train"]
     noise = re.compile(r"# (?:\w+ ){1,3}\w+")
     n_comment_tokens = 0
     for code in noisy["code"]:
@@ -91,7 +91,7 @@ def test_classes_on_real_code_with_a_real_tokenizer(tiny_tokenizer):
 
 
 def mbpp_frame(n: int = 6, seed: int = 0) -> pd.DataFrame:
-    frame, _ = make_tiny_mbpp(n, 2, seed=seed, noise_comment_prob=0.6)
+    frame = make_tiny_mbpp(n, 2, seed=seed, noise_comment_prob=0.6)["train"]
     return frame
 
 

@@ -307,12 +307,11 @@ def test_humaneval_from_package(tmp_path):
 def test_tiny_mbpp_split_matches_generator(tmp_path):
     from wmtp.tiny.build import write_tiny_mbpp
 
-    settings = TinySettings(n_train_problems=12, n_test_problems=6)
-    train = download.download_dataset("tiny-mbpp", "train", tmp_path / "train.parquet", tiny=settings)
-    test = download.download_dataset("tiny-mbpp", "test", tmp_path / "test.parquet", tiny=settings)
-    ref_train, ref_test = write_tiny_mbpp(tmp_path / "ref", settings, 0)
-    pd.testing.assert_frame_equal(pd.read_parquet(train), pd.read_parquet(ref_train))
-    pd.testing.assert_frame_equal(pd.read_parquet(test), pd.read_parquet(ref_test))
+    settings = TinySettings(n_train_problems=12, n_test_problems=6, n_validation_problems=5)
+    reference = write_tiny_mbpp(tmp_path / "ref", settings, 0)
+    for split in ("train", "validation", "test"):
+        got = download.download_dataset("tiny-mbpp", split, tmp_path / f"{split}.parquet", tiny=settings)
+        pd.testing.assert_frame_equal(pd.read_parquet(got), pd.read_parquet(reference[split]))
 
 
 def test_unknown_dataset(tmp_path):

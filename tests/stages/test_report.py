@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from yaml import safe_dump as yaml_dump
 
 from wmtp.config.schema import load_config
 from wmtp.stages import report
@@ -43,38 +44,6 @@ def test_pass_at_k_matches_binomial_formula():
 def test_pass_at_k_rejects_too_few_samples():
     with pytest.raises(ValueError, match="undefined"):
         report.pass_at_k(np.array([3]), np.array([1]), 5)
-
-
-def test_bootstrap_ci_hand_case():
-    values = np.array([0.0, 1.0])
-    # resamples: {0,0} -> 0, {1,1} -> 1, {0,1} -> 0.5, {1,0} -> 0.5
-    indices = np.array([[0, 0], [1, 1], [0, 1], [1, 0]])
-    mean, low, high = report.bootstrap_ci(values, indices, level=0.5)
-    assert mean == 0.5
-    assert np.quantile([0, 1, 0.5, 0.5], 0.25) == low and np.quantile([0, 1, 0.5, 0.5], 0.75) == high
-
-
-def test_bootstrap_ci_constant_values_have_zero_width():
-    indices = report.bootstrap_indices(5, 200, seed=3)
-    assert report.bootstrap_ci(np.full(5, 0.3), indices) == pytest.approx((0.3, 0.3, 0.3))
-
-
-def test_bootstrap_indices_seeded_and_shaped():
-    a, b = report.bootstrap_indices(7, 50, seed=1), report.bootstrap_indices(7, 50, seed=1)
-    assert a.shape == (50, 7) and (a == b).all() and a.min() >= 0 and a.max() < 7
-    assert not (a == report.bootstrap_indices(7, 50, seed=2)).all()
-
-
-def test_paired_difference_is_paired():
-    # Baseline varies wildly across problems, but the algorithm is always exactly
-    # 0.1 better: an unpaired interval would be wide, the paired one is a point.
-    base = np.array([0.0, 1.0, 0.2, 0.9, 0.5, 0.1])
-    indices = report.bootstrap_indices(len(base), 500, seed=0)
-    diff, low, high, excl = report.paired_difference(base + 0.1, base, indices)
-    assert (diff, low, high) == pytest.approx((0.1, 0.1, 0.1))
-    assert excl
-    diff, low, high, excl = report.paired_difference(base[::-1], base, indices)
-    assert low < 0 < high and not excl
 
 
 # ---------------------------------------------------------------- fixtures
@@ -127,8 +96,8 @@ def _write_results(root: Path) -> dict[str, list[Path]]:
     return files
 
 
-def _config(bootstrap: int = 300, recipes: dict | None = None):
-    data = {
+def _config_data(bootstrap: int = 300) -> dict:
+    return {
         "run": "fixture",
         "seeds": SEEDS,
         "algorithms": ALGOS,
@@ -140,6 +109,10 @@ def _config(bootstrap: int = 300, recipes: dict | None = None):
         "eval": {"n_samples": N, "ks": KS},
         "report": {"bootstrap_samples": bootstrap},
     }
+
+
+def _config(bootstrap: int = 300, recipes: dict | None = None):
+    data = _config_data(bootstrap)
     data["recipes"].update(recipes or {})
     return load_config(data, REPO)
 
@@ -210,36 +183,43 @@ def _per_problem_values(records: list[dict], metric: str) -> np.ndarray | None:
     return np.array([1 - comb(r["n"] - r["c"], k) / comb(r["n"], k) for r in records])
 
 
-def _interval(values: np.ndarray, indices: np.ndarray) -> tuple[float, float, float]:
-    means = values[indices].mean(axis=1)
-    return float(values.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+def _interval(grid: np.ndarray, seed_idx: np.ndarray, problem_idx: np.ndarray) -> tuple[float, float, float]:
+    """Mean of a (S, P) grid and the 95% percentile interval of its means over the
+    resampled (seeds, problems) sub-grids, by plain indexing."""
+    means = [grid[s_idx][:, p_idx].mean() for s_idx, p_idx in zip(seed_idx, problem_idx, strict=True)]
+    return float(grid.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
 def expected_table(eval_root: Path, algorithms, seeds, bench: str, ks, n_resamples: int) -> dict:
     """{"cells": {algo: {metric: (mean, low, high) | None}}, "diffs": {algo: {metric:
-    (diff, low, high, excludes_zero) | None}}} in fractions, from the eval files."""
+    (diff, low, high, excludes_zero) | None}}} in fractions, from the eval files:
+    seeds and problems resampled with replacement (seeds first, from the benchmark's
+    crc32-seeded generator), the same draws for every row."""
     runs = _load_runs(eval_root, algorithms, seeds, bench)
     metrics = [f"pass@{k}" for k in ks] + ["exact_match"]
     n_problems = len(runs[(algorithms[0], seeds[0])])
-    indices = np.random.default_rng(zlib.crc32(bench.encode())).integers(0, n_problems, (n_resamples, n_problems))
-    averaged = {}
+    rng = np.random.default_rng(zlib.crc32(bench.encode()))
+    seed_idx = rng.integers(0, len(seeds), (n_resamples, len(seeds)))
+    problem_idx = rng.integers(0, n_problems, (n_resamples, n_problems))
+    grids = {}
     for algo in algorithms:
         for metric in metrics:
             per_seed = [_per_problem_values(runs[(algo, seed)], metric) for seed in seeds]
-            averaged[(algo, metric)] = None if per_seed[0] is None else np.mean(per_seed, axis=0)
+            grids[(algo, metric)] = None if per_seed[0] is None else np.array(per_seed)
     out = {"cells": {}, "diffs": {}}
     for algo in algorithms:
         out["cells"][algo] = {
-            m: None if averaged[(algo, m)] is None else _interval(averaged[(algo, m)], indices) for m in metrics
+            m: None if grids[(algo, m)] is None else _interval(grids[(algo, m)], seed_idx, problem_idx)
+            for m in metrics
         }
         if algo == "baseline-mtp":
             continue
         out["diffs"][algo] = {}
         for m in metrics:
-            if averaged[(algo, m)] is None:
+            if grids[(algo, m)] is None:
                 out["diffs"][algo][m] = None
                 continue
-            diff, low, high = _interval(averaged[(algo, m)] - averaged[("baseline-mtp", m)], indices)
+            diff, low, high = _interval(grids[(algo, m)] - grids[("baseline-mtp", m)], seed_idx, problem_idx)
             out["diffs"][algo][m] = (diff, low, high, low > 0 or high < 0)
     return out
 
@@ -478,7 +458,8 @@ def test_report_workflow_script(tmp_path, monkeypatch):
         "report.py", monkeypatch,
         input={"evals": [str(p) for p in files["jsons"]], "samples": [str(p) for p in files["jsonls"]],
                "metrics": [str(p) for p in files["parquets"]]},
-        output={"report": str(tmp_path / "report.md"), "figures": str(tmp_path / "figures")},
+        output={"report": str(tmp_path / "report.md"), "table": str(tmp_path / "table.csv"),
+                "figures": str(tmp_path / "figures")},
         params={"settings": {"report": config.report.model_dump(mode="json"),
                              "config_hash": report.config_hash(config, recipes)}},
         log=[str(tmp_path / "report.log")],
@@ -525,3 +506,133 @@ def test_oracle_temperature_picks_the_best_per_row_and_k_and_is_marked(tmp_path)
 def test_without_oracle_no_cell_is_marked(rendered):
     _, text, _, _ = rendered
     assert "(oracle T =" not in text and "for every k" in text
+
+
+# ---------------------------------------------------------------- table.csv, seeds, the report command
+
+
+def test_table_csv_holds_the_tables_cells_as_fractions(rendered):
+    root, text, _, _ = rendered
+    table = pd.read_csv(root / "table.csv")
+    assert list(table.columns) == list(report.TABLE_COLUMNS)
+    assert set(table["algorithm"]) == set(ALGOS) and set(table["benchmark"]) == set(BENCHES)
+    assert table[["value", "low", "high"]].stack().between(0, 1).all()
+    baseline = table[table["algorithm"] == "baseline-mtp"]
+    assert baseline[["delta", "delta_low", "delta_high"]].isna().all().all()
+    row = table[(table["benchmark"] == "humaneval") & (table["algorithm"] == "rho1-weighted")].iloc[0]
+    assert row["metric"] == "pass@1"
+    cells, diffs = _report_rows(text, "humaneval")
+    assert _numbers(cells["rho1-weighted"][0]) == pytest.approx(100 * row[["value", "low", "high"]], abs=0.051)
+    assert _numbers(diffs["rho1-weighted"][0]) == pytest.approx(
+        100 * row[["delta", "delta_low", "delta_high"]], abs=0.051)
+
+
+def _write_effects(root: Path, effects_pp: dict[str, dict[int, float]], problems: int = 400) -> tuple[list, list]:
+    """Evaluation files of baseline-mtp and the rows of `effects_pp` over 3 seeds:
+    row a's effect in seed s is effects_pp[a][s] points of success probability over
+    baseline-mtp (10 samples per problem)."""
+    rng = np.random.default_rng(7)
+    difficulty = rng.uniform(0.1, 0.7, size=problems)
+    jsons, jsonls = [], []
+    seeds = next(iter(effects_pp.values())).keys()
+    for algo, effects in {"baseline-mtp": dict.fromkeys(seeds, 0.0), **effects_pp}.items():
+        for seed, effect in effects.items():
+            c = rng.binomial(10, np.clip(difficulty + effect / 100, 0, 1))
+            run = root / "eval" / algo / f"seed{seed}"
+            run.mkdir(parents=True)
+            records = [{"task_id": f"t/{i:03d}", "n": 10, "c": int(x)} for i, x in enumerate(c)]
+            (run / "tiny-mbpp.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            (run / "tiny-mbpp.json").write_text(json.dumps({"pass@1": float(np.mean(c / 10))}))
+            jsons.append(run / "tiny-mbpp.json")
+            jsonls.append(run / "tiny-mbpp.jsonl")
+    return jsons, jsonls
+
+
+def _effect_config(rows: tuple[str, ...] = ("rho1-weighted",)):
+    algorithms = ["baseline-mtp", *rows]
+    data = {
+        "run": "effects", "seeds": [0, 1, 2], "algorithms": algorithms,
+        "benchmarks": ["tiny-mbpp"],
+        "recipes": {a: f"config/recipes/{a}.yaml" for a in algorithms},
+        "models": {"base": {"source": "tiny", "id": "base"}, "ref": {"source": "tiny", "id": "ref"}},
+        "data": {"train_dataset": "tiny-mbpp", "max_seq_len": 512},
+        "train": {"epochs": 3, "micro_batch_size": 8, "grad_accum_steps": 1, "lr": 1e-4, "warmup_steps": 10},
+        "eval": {"n_samples": 10, "ks": {"tiny-mbpp": [1]}},
+        "report": {"bootstrap_samples": 1000},
+    }
+    return load_config(data, REPO)
+
+
+@pytest.mark.parametrize(
+    ("effects", "excludes"),
+    [({0: 10, 1: -8, 2: 7}, False), ({0: -6, 1: 9, 2: -4}, False), ({0: 4, 1: 3, 2: 5}, True)],
+    ids=["flips-with-seed", "flips-other-way", "consistent"],
+)
+def test_intervals_cover_the_variation_between_seeds(tmp_path, effects, excludes):
+    """A method whose effect changes sign with the seed is not called a sure effect;
+    one a few points up in every seed is. Per-seed Δs are printed."""
+    jsons, jsonls = _write_effects(tmp_path, {"rho1-weighted": effects})
+    config, recipes = _effect_config()
+    out = report.build_report(jsons, jsonls, [], config, recipes, tmp_path / "report.md", tmp_path / "f",
+                              metrics_required=False)
+    text = out.read_text()
+    row = pd.read_csv(tmp_path / "table.csv").set_index("algorithm").loc["rho1-weighted"]
+    assert (row["delta_low"] > 0 or row["delta_high"] < 0) == excludes
+    assert ("(excludes 0)" in _row(text, "Difference to", "rho1-weighted")[0]) == excludes
+    per_seed = _row(text, "Δ of each seed", "rho1-weighted")[0]
+    shown = [float(x) for x in re.findall(r"[-+]\d+\.\d", per_seed)]
+    assert shown == pytest.approx(list(effects.values()), abs=3.0)
+    assert f"({sum(x > 0 for x in shown)} of 3 > 0)" in per_seed
+    assert "3 seeds" in text and "Left out" in text  # no training metrics given
+
+
+@pytest.mark.parametrize(
+    ("control_effect", "method_beats_control"),
+    [({0: 5, 1: 6, 2: 4}, False), ({0: 0, 1: 1, 2: -1}, True)],
+    ids=["reweighting-as-such", "which-tokens"],
+)
+def test_each_method_is_compared_with_its_controls(tmp_path, control_effect, method_beats_control):
+    """A method 5 points up in every seed: when its controls are as far up, the gain
+    is reweighting as such and method - control includes 0; when the controls sit at
+    the baseline, method - control excludes 0 (which tokens it weights matters)."""
+    effects = {"rho1-weighted": {0: 5, 1: 6, 2: 4}}
+    effects |= {f"rho1-weighted-{kind}": control_effect for kind in ("shuffled", "matched")}
+    jsons, jsonls = _write_effects(tmp_path, effects)
+    config, recipes = _effect_config(tuple(effects))
+    text = report.build_report(jsons, jsonls, [], config, recipes, tmp_path / "report.md", tmp_path / "f",
+                               metrics_required=False).read_text()
+    for kind in ("shuffled", "matched"):
+        cells = _row(text, "Each method against its controls", f"rho1-weighted-{kind}")
+        assert cells[0] == "rho1-weighted"
+        mean, low, high = _numbers(cells[1])
+        assert mean == pytest.approx(5 - np.mean(list(control_effect.values())), abs=2.0)
+        assert (low > 0) == method_beats_control and ("(excludes 0)" in cells[1]) == method_beats_control
+
+
+def test_report_command_renders_copied_back_results(tmp_path, monkeypatch, capsys):
+    """`python -m wmtp report` on a results folder: evaluations only (training metrics
+    left out, and said), then with the metrics copied beside them."""
+    from wmtp import cli
+
+    run = tmp_path / "results" / "fixture"
+    files = _write_results(run)
+    config_file = tmp_path / "fixture.yaml"
+    config_file.write_text(yaml_dump(_config_data()))
+    for parquet in files["parquets"]:
+        parquet.rename(parquet.with_suffix(".away"))
+    monkeypatch.chdir(REPO)
+    argv = ["report", "--configfile", str(config_file), "--results", str(tmp_path / "results")]
+    assert cli.main(argv) == 0
+    assert "training metrics files absent" in capsys.readouterr().out
+    text = (run / "report.md").read_text()
+    assert "Left out" in text and "## Token weights" not in text
+    assert sorted(p.name for p in (run / "figures").iterdir()) == ["pass_at_k.png"]
+    assert len(pd.read_csv(run / "table.csv")) > 0
+    for parquet in files["parquets"]:
+        parquet.with_suffix(".away").rename(parquet)
+    assert cli.main(argv[:-1] + [str(run)]) == 0  # the run's folder itself
+    text = (run / "report.md").read_text()
+    assert "## Token weights" in text and "Left out" not in text
+    (run / "eval" / "ntp" / "seed1" / "humaneval.jsonl").unlink()
+    assert cli.main(argv) == 2
+    assert "evaluation files missing" in capsys.readouterr().err

@@ -21,9 +21,11 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import REPO, tiny_config
 from safetensors.torch import load_file
 
+from wmtp.config import registry
 from wmtp.config.schema import ConfigError, DataSettings, Recipe, TrackingSettings
 from wmtp.core.checkpoints import load_model, save_model
 from wmtp.core.model import MTPModel
@@ -93,7 +95,7 @@ def recipe(algorithm: str = "baseline-mtp", *, weighting: dict | None = None, **
     )
     settings.update(train)
     payload = {"algorithm": algorithm, "train": settings, "weighting": weighting or {}}
-    if algorithm == "critic-wmtp":
+    if registry.method(algorithm).has_critic:
         payload["critic"] = {}
     return Recipe.model_validate(payload)
 
@@ -101,7 +103,7 @@ def recipe(algorithm: str = "baseline-mtp", *, weighting: dict | None = None, **
 def inputs_of(setup, rec: Recipe, **paths) -> TrainInputs:
     """The fixture's files for `rec`'s method: the reference-CE table for rho1-*
     unless `refce_path` says otherwise, the value table given as `critic_path`."""
-    refce = paths.get("refce_path", setup["refce"] if rec.algorithm.startswith("rho1") else None)
+    refce = paths.get("refce_path", setup["refce"] if registry.needs(rec.algorithm, "refce") else None)
     return TrainInputs(setup["base"], setup["train"], refce, paths.get("critic_path"))
 
 
@@ -249,13 +251,32 @@ def test_resume_after_interrupt_gives_identical_weights(setup, tmp_path):
     reference = pd.read_parquet(tmp_path / "straight" / "metrics.parquet")
     pd.testing.assert_series_equal(metrics["train_loss"], reference["train_loss"])
     assert list(metrics["tokens"]) == list(reference["tokens"])
-    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir() if p.is_dir()] == [
-        "step7"
-    ]
+    assert not (tmp_path / "resumed" / "checkpoints").exists()  # removed once the model is verified
+
+
+def test_checkpoints_are_removed_after_the_final_model_unless_kept(setup, tmp_path, monkeypatch):
+    """Default: the resumable state goes once the model reads back as saved; with
+    keep_checkpoints it stays; a model that fails its check keeps it (and raises)."""
+    kept = recipe(max_steps=3, checkpoint_every=2, keep_checkpoints=True)
+    run(setup, tmp_path / "kept", kept)
+    assert [p.name for p in (tmp_path / "kept" / "checkpoints").iterdir() if p.is_dir()] == ["step3"]
+    run(setup, tmp_path / "dropped", recipe(max_steps=3, checkpoint_every=2))
+    assert not (tmp_path / "dropped" / "checkpoints").exists()
+    assert (tmp_path / "dropped" / "model" / "model.safetensors").exists()
+
+    def corrupt(directory):
+        (Path(directory) / "model.safetensors").write_bytes(b"truncated")
+        return verify(directory)
+
+    verify = train_lib.verify_model_files
+    monkeypatch.setattr(train_lib, "verify_model_files", corrupt)
+    with pytest.raises(ValueError, match="model.safetensors"):
+        run(setup, tmp_path / "bad", recipe(max_steps=3, checkpoint_every=2))
+    assert (tmp_path / "bad" / "checkpoints" / "latest").exists()
 
 
 def test_finished_run_rerun_only_saves(setup, tmp_path):
-    rec = recipe(max_steps=3, warmup_steps=1)
+    rec = recipe(max_steps=3, warmup_steps=1, keep_checkpoints=True)
     first = final_params(run(setup, tmp_path / "out", rec))
     second = final_params(run(setup, tmp_path / "out", rec))
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -309,18 +330,18 @@ def test_mlflow_run_has_params_metrics_and_resumes(setup, tmp_path):
 
     rec = recipe(max_steps=4, checkpoint_every=2, val_every=2)
     with pytest.raises(train_lib.TrainingInterrupted):
-        run(setup, tmp_path / "out", rec, mlflow=True, stop_after=3)
+        run(setup, tmp_path / "out", rec, mlflow=True, stop_after=3, study="s", tags={"config_hash": "h"})
     interrupted = MlflowClient(tracking.default_tracking_uri(tmp_path / "out")).search_runs(
         [
             MlflowClient(tracking.default_tracking_uri(tmp_path / "out"))
-            .get_experiment_by_name("mtp/baseline-mtp/tiny-mbpp")
+            .get_experiment_by_name("wmtp/s")
             .experiment_id
         ]
     )
     assert [r.info.status for r in interrupted] == ["FAILED"]
-    model_dir = run(setup, tmp_path / "out", rec, mlflow=True)
+    model_dir = run(setup, tmp_path / "out", rec, mlflow=True, study="s", tags={"config_hash": "h"})
     record = json.loads((model_dir / "tracking.json").read_text())
-    assert record["experiment"] == "mtp/baseline-mtp/tiny-mbpp"
+    assert record["experiment"] == "wmtp/s"
     assert record["tracking_uri"] == tracking.default_tracking_uri(tmp_path / "out")
     client = MlflowClient(record["tracking_uri"])
     runs = client.search_runs([client.get_experiment_by_name(record["experiment"]).experiment_id])
@@ -328,6 +349,8 @@ def test_mlflow_run_has_params_metrics_and_resumes(setup, tmp_path):
     data = runs[0].data
     assert runs[0].info.status == "FINISHED"
     assert data.params["recipe.train.lr"] == "0.003" and data.params["seed"] == "0"
+    tags = {"run": "s", "kind": "training", "algorithm": "baseline-mtp", "seed": "0", "config_hash": "h"}
+    assert {k: data.tags.get(k) for k in tags} == tags
     expected = {
         "train/loss",
         "train/head0_ce",
@@ -642,13 +665,25 @@ def test_workflow_script_runs_the_train_rule(setup, tmp_path, monkeypatch):
         wildcards=Namedlist(fromdict={"run": "t", "algo": "rho1-tokenskip", "seed": "0"}),
         resources=Namedlist(fromdict={"gpu": 0}),
         threads=1,
-        config={},
+        config=yaml.safe_load((REPO / "config" / "config.yaml").read_text()),  # for the config_hash tag
     )
     monkeypatch.setattr(sys, "stderr", sys.stderr)
+    monkeypatch.chdir(REPO)  # Snakemake runs scripts in the workflow directory
     runpy.run_path(str(REPO / "workflow_scripts" / "train.py"), init_globals={"snakemake": smk})
     assert list(pd.read_parquet(out / "metrics.parquet")["step"]) == [1, 2]
     record = json.loads((out / "model" / "tracking.json").read_text())
-    assert record["tracking_uri"] == uri and record["experiment"] == "mtp/rho1-tokenskip/tiny-mbpp"
+    assert record["tracking_uri"] == uri and record["experiment"] == "wmtp/t"
+    from mlflow import MlflowClient
+
+    from wmtp.config.schema import config_hash, load_config
+
+    tracked = MlflowClient(uri).get_run(record["run_id"])
+    expected_hash = config_hash(*load_config(smk.config, base_dir=REPO))
+    assert {k: tracked.data.tags[k] for k in ("run", "kind", "algorithm", "seed", "config_hash")} == {
+        "run": "t", "kind": "training", "algorithm": "rho1-tokenskip", "seed": "0", "config_hash": expected_hash,
+    }  # fmt: skip
+    assert tracked.data.tags["git_commit"] not in ("", "unknown")  # the test runs in a checkout
+    assert [a.path for a in MlflowClient(uri).list_artifacts(record["run_id"])] == ["metrics.parquet"]
     assert json.loads((out / "model" / "config.json").read_text())["algorithm"] == "rho1-tokenskip"
     assert (
         "train rho1-tokenskip" in (tmp_path / "train.log").read_text()
@@ -685,8 +720,8 @@ from types import SimpleNamespace
 from snakemake.iocontainers import Namedlist
 spec = json.load(open(sys.argv[1]))
 snakemake = SimpleNamespace(
-    **{k: Namedlist(fromdict=v) for k, v in spec.items() if k not in ("log", "script")},
-    log=Namedlist(spec["log"]), threads=1, config={},
+    **{k: Namedlist(fromdict=v) for k, v in spec.items() if k not in ("log", "script", "config")},
+    log=Namedlist(spec["log"]), threads=1, config=spec["config"],
 )
 exec(compile(open(spec["script"]).read(), spec["script"], "exec"))
 """
@@ -711,7 +746,9 @@ def test_workflow_script_relaunches_itself_under_torchrun(setup, tmp_path):
         "log": [str(tmp_path / "train.log")],
         "wildcards": {"run": "t", "algo": "baseline-mtp", "seed": "0"},
         "resources": {"gpu": 2},
+        "config": yaml.safe_load((REPO / "config" / "config.yaml").read_text()),  # for the config_hash tag
     }
+    (tmp_path / "config").symlink_to(REPO / "config")  # the workflow root's config/, as in a job
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     (tmp_path / "job.py").write_text(STAND_IN)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -747,6 +784,11 @@ METHODS = {  # id -> (algorithm, weighting)
     "rho1-tokenskip": ("rho1-tokenskip", {}),
     "rho1-frozen": ("rho1-weighted", {"rho1_base": "frozen"}),
     "critic-wmtp": ("critic-wmtp", {"strength": "auto"}),
+    # controls: the method's weights permuted (each kind, and one of each other method)
+    "rho1-weighted-shuffled": ("rho1-weighted-shuffled", {}),
+    "rho1-weighted-matched": ("rho1-weighted-matched", {}),
+    "rho1-tokenskip-shuffled": ("rho1-tokenskip-shuffled", {}),
+    "critic-wmtp-matched": ("critic-wmtp-matched", {"strength": "auto"}),
 }
 SPY_EV = 0.6  # the spied critic's held-out explained variance: strength auto = 0.6
 
@@ -804,27 +846,46 @@ def critic_deltas_of(batch_ids, attention_mask, loss_mask, table: dict) -> torch
 
 
 def expected_weights(algorithm, weighting, model, inputs: dict) -> torch.Tensor:
-    """The formula's weights `(B, S)` for one training micro-batch, from raw inputs."""
+    """The formula's weights `(B, S)` for one optimizer step's sequences, from raw
+    inputs; for a control row, those of the method it permutes."""
     from wmtp.core.weights import algorithm_weights
 
     ids, mask, attn = inputs["input_ids"], inputs["loss_mask"], inputs["attention_mask"]
     extra = {}
-    if algorithm.startswith("rho1"):
+    if registry.needs(algorithm, "refce"):
         base = inputs["frozen"] if weighting.get("rho1_base") == "frozen" else model
         extra = {"ce_base": full_forward_head0_ce(base, ids, attn), "ce_ref": ce_ref_of(ids, attn, inputs["refce"])}
-    if algorithm == "critic-wmtp":
+    if registry.needs(algorithm, "values"):
         extra = {"deltas": critic_deltas_of(ids, attn, mask, inputs["values"]),
                  "auto_strength": min(max(SPY_EV, 0.0), 1.0)}  # fmt: skip
+    method = registry.method(algorithm).control_of or algorithm
     settings = recipe(algorithm, weighting=weighting).weighting
-    weights = algorithm_weights(algorithm, mask, settings, **extra)
+    weights = algorithm_weights(method, mask, settings, **extra)
     return torch.where(mask.bool() & attn.bool(), weights, torch.zeros_like(weights))
+
+
+def assert_the_formulas(algorithm: str, used: torch.Tensor, expected: torch.Tensor, mask, what: str) -> None:
+    """`used` is the formula's `expected` (a method), or a permutation of it: the same
+    values per sequence (shuffled) or per step (matched), not at the same tokens."""
+    valid = mask.bool()
+    assert torch.all(used[~valid] == 0), what
+    control = registry.method(algorithm).control
+    if control is None:
+        assert torch.allclose(used, expected, atol=1e-5), what
+        return
+    rows = range(used.shape[0]) if control == "shuffled" else [slice(None)]
+    for row in rows:
+        got, want = used[row][valid[row]].sort().values, expected[row][valid[row]].sort().values
+        assert torch.allclose(got, want, atol=1e-5), f"{what}: not the method's values ({control}, row {row})"
+    assert (used - expected)[valid].abs().max() > 1e-3, f"{what}: {control} left the weights in place"
 
 
 class LossSpy:
     """Stands in for `wmtp.core.loss.weighted_mtp_loss_details` during a training: records,
     for every training micro-batch (grad enabled; validation runs under no_grad), the
     weights the loss really used, the heads it trained and the formula's weights for
-    the model as it was at that moment."""
+    the model as it was at that moment (of this micro-batch alone; for rho1 also the
+    CE inputs they were computed from)."""
 
     def __init__(self, real, algorithm: str, weighting: dict, sources: dict) -> None:
         self.real, self.algorithm, self.weighting, self.sources = real, algorithm, weighting, sources
@@ -838,8 +899,12 @@ class LossSpy:
             expected = expected_weights(self.algorithm, self.weighting, model, inputs)
         out = self.real(model, input_ids, loss_mask, weights, attention_mask, n_heads)
         if training:
-            self.calls.append({"used": out.weights.detach().clone(), "expected": expected,
-                               "n_heads": n_heads, "loss_mask": loss_mask.clone()})  # fmt: skip
+            call = {"used": out.weights.detach().clone(), "expected": expected,
+                    "n_heads": n_heads, "loss_mask": loss_mask.clone()}  # fmt: skip
+            if registry.needs(self.algorithm, "refce"):  # the online rho1 inputs, as of now
+                call["ce_base"] = full_forward_head0_ce(model, input_ids, attention_mask)
+                call["ce_ref"] = ce_ref_of(input_ids, attention_mask, self.sources["refce"])
+            self.calls.append(call)
         return out
 
 
@@ -859,7 +924,7 @@ def method_recipe(method: str) -> Recipe:
 
 
 def method_kwargs(method: str, value_table_path: Path) -> dict:
-    return {"critic_path": value_table_path} if METHODS[method][0] == "critic-wmtp" else {}
+    return {"critic_path": value_table_path} if registry.needs(METHODS[method][0], "values") else {}
 
 
 @pytest.fixture(scope="module")
@@ -897,11 +962,11 @@ def test_each_method_trains_with_its_formulas_weights(spied, setup, method):
     assert len(calls) == SPIED_STEPS  # one micro-batch per step
     for step, call in enumerate(calls, start=1):
         valid = call["loss_mask"].bool()
-        assert torch.allclose(call["used"], call["expected"], atol=1e-5), f"{method} step {step}"
+        assert_the_formulas(algorithm, call["used"], call["expected"], valid, f"{method} step {step}")
         assert call["used"][valid].mean().item() == pytest.approx(1.0, abs=1e-4)
         assert call["n_heads"] == (1 if algorithm == "ntp" else setup["config"].n_future_tokens)
         spread = call["expected"][valid].std().item()
-        if algorithm in ("baseline-mtp", "ntp"):
+        if not registry.method(algorithm).weighted:
             assert spread < 1e-6
         else:  # the formula really differs from the baseline's all-ones on these batches
             assert spread > 0.05, f"{method} step {step}: weights too flat to tell methods apart"
@@ -915,6 +980,51 @@ def test_online_and_frozen_rho1_bases_give_different_weights(spied):
     assert torch.allclose(online[0], frozen[0], atol=1e-5)
     for step in range(1, SPIED_STEPS):
         assert (online[step] - frozen[step]).abs().max() > 1e-3, f"step {step + 1}"
+
+
+@pytest.mark.parametrize("control", [m for m in METHODS if registry.method(METHODS[m][0]).control])
+def test_a_control_trains_with_its_methods_weights_permuted(spied, control):
+    """At step 1 the model is the base in both trainings: the control's weights are
+    exactly its method's, moved (each checked against the formula above as well)."""
+    algorithm = METHODS[control][0]
+    method = next(m for m, (a, w) in METHODS.items() if a == registry.method(algorithm).control_of)
+    used, own = spied(control)["calls"][0], spied(method)["calls"][0]
+    assert_the_formulas(algorithm, used["used"], own["used"], used["loss_mask"], control)
+
+
+def test_accumulated_micro_batches_share_the_steps_weights(spied, setup, tmp_path, monkeypatch):
+    """Online rho1, 2 micro-batches of 2 per step (a scoring forward gives each its
+    CE before the first backward): the weights of a step's two micro-batches are
+    the formula over its four sequences, and at step 1 (the same model, the same
+    four sequences) those of 1 micro-batch of 4."""
+    import wmtp.core.loss
+
+    sources = {"refce": table_ce_ref(setup["refce"])}
+    spy = LossSpy(wmtp.core.loss.weighted_mtp_loss_details, "rho1-weighted", {}, sources)
+    monkeypatch.setattr(wmtp.core.loss, "weighted_mtp_loss_details", spy)
+    rec = recipe("rho1-weighted", max_steps=2, micro_batch_size=2, grad_accum_steps=2, checkpoint_every=2)
+    run(setup, tmp_path / "accumulated", rec)
+    from wmtp.core.weights import algorithm_weights
+
+    def joined(pair: list[dict], key: str) -> torch.Tensor:  # the pair's rows, right-padded
+        length = max(call["used"].shape[1] for call in pair)
+        return torch.cat([F.pad(call[key], (0, length - call[key].shape[1])) for call in pair])
+
+    calls = spy.calls
+    assert len(calls) == 4  # 2 steps x 2 micro-batches
+    for step in range(2):
+        pair = calls[2 * step : 2 * step + 2]
+        mask = joined(pair, "loss_mask").bool()
+        whole = algorithm_weights("rho1-weighted", mask, rec.weighting,
+                                  ce_base=joined(pair, "ce_base"), ce_ref=joined(pair, "ce_ref"))  # fmt: skip
+        assert torch.allclose(joined(pair, "used"), whole, atol=1e-5), f"step {step + 1}"
+        alone = pair[0]["expected"]  # the formula over the first micro-batch alone
+        assert (alone - whole[:2, : alone.shape[1]])[pair[0]["loss_mask"].bool()].abs().max() > 1e-3
+    one = spied("rho1-weighted")["calls"][0]["used"]  # 1 x 4, step 1: the same four sequences
+    for b in range(4):
+        mine = calls[b // 2]["used"][b % 2]
+        n = min(len(mine), one.shape[1])
+        assert torch.allclose(mine[:n], one[b, :n], atol=1e-5) and not mine[n:].any() and not one[b, n:].any()
 
 
 def tear_last_line(path: Path) -> None:
@@ -980,13 +1090,32 @@ def test_head0_ce_is_head_0_of_the_full_forward(setup, one_batch):
     assert got[one_batch.loss_mask].min() > 0 and (got[:, 0] == 0).all()
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_make_weights_gives_the_formula(setup, one_batch, value_table_path, method):
-    """The callable the trainer builds, fed what the loss feeds it (head 0's CE and the
-    trunk output of the model being trained), returns the formula's weights."""
+def weight_sources(setup, value_table_path, algorithm: str, weighting: dict) -> train_lib.WeightSources:
+    """What the trainer loads for this recipe, no more."""
     from wmtp.stages.refce import RefCETable
     from wmtp.stages.value_table import ValueTable
 
+    return train_lib.WeightSources(
+        refce=RefCETable.from_parquet(setup["refce"]) if registry.needs(algorithm, "refce") else None,
+        frozen=load_model(setup["base"]).eval() if weighting.get("rho1_base") == "frozen" else None,
+        value_table=ValueTable.from_parquet(value_table_path) if registry.needs(algorithm, "values") else None,
+    )  # fmt: skip
+
+
+def rows_of(batch, rows: slice):
+    from wmtp.data.training import Batch
+
+    return Batch(batch.input_ids[rows], batch.loss_mask[rows], batch.attention_mask[rows],
+                 batch.sample_ids[rows])  # fmt: skip
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_make_weights_gives_the_formula(setup, one_batch, value_table_path, method, accumulation):
+    """What the trainer hands the loss for a step of the four sequences, in one
+    micro-batch or two, is the formula over all four. In one micro-batch, online
+    rho1 gets a callable that the loss feeds head 0's CE and the trunk output of
+    the model being trained; in two, a scoring forward of that model gives its CE."""
     algorithm, weighting = METHODS[method]
     model = load_model(setup["base"])
     with torch.no_grad():  # a model that has moved away from the frozen base
@@ -994,18 +1123,31 @@ def test_make_weights_gives_the_formula(setup, one_batch, value_table_path, meth
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     sources = {"refce": table_ce_ref(setup["refce"]), "frozen": load_model(setup["base"]).eval(),
                "values": table_values(value_table_path)}  # fmt: skip
-    weights = train_lib.make_weights(  # given what the trainer loads for this recipe, no more
-        recipe(algorithm, weighting=weighting), one_batch,
-        refce=RefCETable.from_parquet(setup["refce"]) if algorithm.startswith("rho1") else None,
-        frozen=sources["frozen"] if weighting.get("rho1_base") == "frozen" else None,
-        value_table=ValueTable.from_parquet(value_table_path) if algorithm == "critic-wmtp" else None,
+    size = one_batch.input_ids.shape[0] // accumulation
+    batches = [rows_of(one_batch, slice(i, i + size)) for i in range(0, len(one_batch.sample_ids), size)]
+    weights = train_lib.make_weights(
+        recipe(algorithm, weighting=weighting), batches,
+        weight_sources(setup, value_table_path, algorithm, weighting), model=model, seed=0, step=1,
     )  # fmt: skip
+    assert len(weights) == accumulation
+    online = registry.needs(algorithm, "refce") and weighting.get("rho1_base") != "frozen"
+    assert [callable(w) for w in weights] == [online and accumulation == 1] * accumulation
+    got = []
+    for batch, w in zip(batches, weights, strict=True):
+        if callable(w):
+            ids, attn = batch.input_ids, batch.attention_mask
+            with torch.no_grad():
+                hidden, _ = model.trunk(ids, attn)
+            w = w(full_forward_head0_ce(model, ids, attn) * batch.loss_mask, hidden)
+        got.append(w)
     ids, attn = one_batch.input_ids, one_batch.attention_mask
-    with torch.no_grad():
-        hidden, _ = model.trunk(ids, attn)
-    got = weights(full_forward_head0_ce(model, ids, attn) * one_batch.loss_mask, hidden)
     inputs = {**sources, "input_ids": ids, "loss_mask": one_batch.loss_mask, "attention_mask": attn}
-    assert torch.allclose(got, expected_weights(algorithm, weighting, model, inputs), atol=1e-5)
+    expected = expected_weights(algorithm, weighting, model, inputs)
+    assert_the_formulas(algorithm, torch.cat(got), expected, one_batch.loss_mask, method)
+    if accumulation == 2 and registry.method(algorithm).weighted:  # not the formula per micro-batch
+        first = {**inputs, **{k: v[:size] for k, v in inputs.items() if isinstance(v, torch.Tensor)}}
+        alone = expected_weights(algorithm, weighting, model, first)
+        assert (alone - expected[:size])[one_batch.loss_mask[:size]].abs().max() > 1e-3
 
 
 def test_warmup_beyond_the_steps_the_epochs_give_is_refused(setup, tmp_path):
@@ -1024,13 +1166,16 @@ def test_make_weights_refuses_a_frozen_model_the_recipe_does_not_ask_for(setup, 
     happens to pass a frozen model."""
     from wmtp.stages.refce import RefCETable
 
-    batch = one_batch
+    batches = [one_batch]
     refce = RefCETable.from_parquet(setup["refce"])
     frozen = load_model(setup["base"])
     online = recipe("rho1-weighted", weighting={"rho1_base": "online"})
+    given = train_lib.WeightSources(refce=refce, frozen=frozen)
     with pytest.raises(ValueError, match="rho1_base is 'online' but a frozen base model was given"):
-        train_lib.make_weights(online, batch, refce=refce, frozen=frozen)
+        train_lib.make_weights(online, batches, given, model=frozen, seed=0, step=1)
     wants_frozen = recipe("rho1-weighted", weighting={"rho1_base": "frozen"})
     with pytest.raises(ValueError, match="'frozen' but a frozen base model was not given"):
-        train_lib.make_weights(wants_frozen, batch, refce=refce)
+        train_lib.make_weights(
+            wants_frozen, batches, train_lib.WeightSources(refce=refce), model=frozen, seed=0, step=1
+        )
 

@@ -58,21 +58,28 @@ def shape(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def splits():
-    return make_tiny_mbpp(n_train=90, n_test=40, seed=3, noise_comment_prob=0.5)
+    """(train, test) of a small tiny-mbpp."""
+    made = make_tiny_mbpp(n_train=90, n_test=40, seed=3, noise_comment_prob=0.5, n_validation=30)
+    return made["train"], made["test"]
+
+
+@pytest.fixture(scope="module")
+def all_splits():
+    return make_tiny_mbpp(n_train=90, n_test=40, seed=3, noise_comment_prob=0.5, n_validation=30)
 
 
 def test_generator_is_deterministic_and_seeded(splits):
-    again = make_tiny_mbpp(n_train=90, n_test=40, seed=3, noise_comment_prob=0.5)
-    other = make_tiny_mbpp(n_train=90, n_test=40, seed=4, noise_comment_prob=0.5)
-    assert splits[0].equals(again[0]) and splits[1].equals(again[1])
-    assert not splits[1].equals(other[1])
+    again = make_tiny_mbpp(n_train=90, n_test=40, seed=3, noise_comment_prob=0.5, n_validation=30)
+    other = make_tiny_mbpp(n_train=90, n_test=40, seed=4, noise_comment_prob=0.5, n_validation=30)
+    assert splits[0].equals(again["train"]) and splits[1].equals(again["test"])
+    assert not splits[1].equals(other["test"])
 
 
 def test_deterministic_across_hash_seeds():
     script = (
         "import json; from wmtp.tiny.data import make_tiny_mbpp; "
-        "tr, te = make_tiny_mbpp(30, 10, 1, 0.5); "
-        "print(json.dumps([tr.code.tolist(), te.code.tolist(), te.text.tolist()]))"
+        "s = make_tiny_mbpp(30, 10, 1, 0.5); "
+        "print(json.dumps([s[k].code.tolist() + s[k].text.tolist() for k in sorted(s)]))"
     )
     outputs = {
         subprocess.run(
@@ -156,7 +163,7 @@ def test_noise_only_in_train_and_scaled_by_probability(splits):
     noisy_lines = sum(code.count("#") for code in train.code)
     clean_lines = sum(strip_comments(code).count("\n") for code in train.code)
     assert 0.3 < noisy_lines / clean_lines < 0.7  # probability 0.5 per line
-    clean_train, _ = make_tiny_mbpp(n_train=90, n_test=40, seed=3, noise_comment_prob=0.0)
+    clean_train = make_tiny_mbpp(n_train=90, n_test=40, seed=3, noise_comment_prob=0.0, n_validation=30)["train"]
     assert not any("#" in code for code in clean_train.code)
     assert [strip_comments(c) for c in train.code] == clean_train.code.tolist()
 
@@ -171,30 +178,47 @@ def test_bad_arguments_raise():
 
 
 def test_write_tiny_mbpp_round_trips(tmp_path):
-    train_path, test_path = write_tiny_mbpp(
-        tmp_path, seed=2, n_train_problems=20, n_test_problems=8
+    paths = write_tiny_mbpp(
+        tmp_path, seed=2, n_train_problems=20, n_test_problems=8, n_validation_problems=6
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.parquet", "train.parquet"]
-    train, test = make_tiny_mbpp(20, 8, 2, tiny_knobs()["noise_comment_prob"])
-    for path, frame in ((train_path, train), (test_path, test)):
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.parquet", "train.parquet", "validation.parquet"]
+    made = make_tiny_mbpp(20, 8, 2, tiny_knobs()["noise_comment_prob"], 6)
+    assert sorted(paths) == sorted(made)
+    for split, frame in made.items():
+        path = paths[split]
         back = read_split(path)
         assert back.code.tolist() == frame.code.tolist()
         assert [list(t) for t in back.test_list] == frame.test_list.tolist()
 
 
 def test_write_one_split_matches_both(tmp_path):
-    write_tiny_mbpp(tmp_path / "both", seed=1, n_train_problems=12, n_test_problems=5)
-    for split in ("train", "test"):
+    write_tiny_mbpp(tmp_path / "both", seed=1, n_train_problems=12, n_test_problems=5, n_validation_problems=4)
+    for split in ("train", "validation", "test"):
         path = write_tiny_mbpp_split(
             tmp_path / "one" / f"{split}.parquet",
             split,
             seed=1,
             n_train_problems=12,
             n_test_problems=5,
+            n_validation_problems=4,
         )
         assert read_split(path).equals(read_split(tmp_path / "both" / f"{split}.parquet"))
     with pytest.raises(ValueError, match="splits"):
-        write_tiny_mbpp_split(tmp_path / "x.parquet", "validation")
+        write_tiny_mbpp_split(tmp_path / "x.parquet", "prompt")
+
+
+def test_validation_split_is_new_instances_disjoint_from_train_and_test(all_splits):
+    """The split tuning uses: the train families, clean like test, no (text, code) and
+    no task id shared with train or test; and adding it changes neither of them."""
+    train, validation, test = all_splits["train"], all_splits["validation"], all_splits["test"]
+    assert len(validation) == 30 and not any("#" in code for code in validation.code)
+    assert {shape(t) for t in validation.text} <= {shape(t) for t in train.text}
+    validation_keys = {(r.text, r.code) for r in validation.itertuples()}
+    assert not validation_keys & {(r.text, strip_comments(r.code)) for r in train.itertuples()}
+    assert not validation_keys & {(r.text, r.code) for r in test.itertuples()}
+    assert not set(validation.task_id) & (set(train.task_id) | set(test.task_id))
+    bigger = make_tiny_mbpp(n_train=90, n_test=40, seed=3, noise_comment_prob=0.5, n_validation=60)
+    assert bigger["train"].equals(train) and bigger["test"].equals(test)
 
 
 def test_tokenizer_round_trips_and_has_pad_eos():

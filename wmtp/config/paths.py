@@ -6,12 +6,12 @@ written once. Arguments may be values or Snakemake wildcards: `Layout("results/{
 .trained_model("{algo}", "{seed}")` is the train rule's output pattern.
 
     models/{role}                          download: base, ref, reward
-    data/{dataset}/{split}.parquet         download: train and test splits
+    data/{dataset}/{split}.parquet         download: train, validation and test splits
     refce/{dataset}.parquet                refce: per-token reference CE
     critic/seed{s}/values.parquet          critic: value table (+ metrics.json, value head)
     train/{algo}/seed{s}/model             train: fine-tuned model (+ metrics.parquet)
     eval/{algo}/seed{s}/{benchmark}.json   eval: pass@k summary (+ .jsonl of samples)
-    report.md, figures/                    report
+    report.md, table.csv, figures/         report (table.csv: the table as data)
     upload.json                            upload: the manifest sent last
     mlflow.db                              tracking (default sqlite store)
     cli/{name}/                            `python -m wmtp train` by hand
@@ -24,15 +24,22 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only for the hint: this module stays standard library only
+    from wmtp.config.schema import PipelineConfig
 
 RESULTS = "results"
+DEFAULT_CONFIG = "config/config.yaml"  # the Snakefile's configfile: the tiny default
 REPORT_COPY = f"{RESULTS}/report.md"  # the latest run's report, where users look first
 TRAIN_SPLIT = "train"
 TEST_SPLIT = "test"
+VALIDATION_SPLIT = "validation"  # for tuning: never the test split (MBPP's own name)
 CRITIC_TABLE = "values.parquet"
 CRITIC_METRICS = "metrics.json"
 CRITIC_HEAD = "value_head.safetensors"
 TRAIN_METRICS = "metrics.parquet"
+TABLE_CSV = "table.csv"  # the report's table as data, beside report.md
 TRAINED_MODEL = "model"  # the train stage's model directory, beside TRAIN_METRICS
 TRAIN_CHECKPOINTS = "checkpoints"  # the train stage's resumable state, beside TRAIN_METRICS
 
@@ -88,11 +95,26 @@ class Layout:
     def report(self) -> str:
         return f"{self.root}/report.md"
 
+    def table_csv(self) -> str:
+        return f"{self.root}/{TABLE_CSV}"
+
     def figures(self) -> str:
         return f"{self.root}/figures"
 
     def upload_manifest(self) -> str:
         return f"{self.root}/upload.json"
+
+    def report_inputs(self, config: PipelineConfig) -> dict[str, list[str]]:
+        """Every file the report of `config` reads, by kind, in a fixed order: the
+        report rule declares these as its inputs, and `python -m wmtp report` looks
+        for them in a results folder."""
+        runs = [(a, s) for a in config.algorithms for s in config.seeds]
+        return {
+            "evals": [self.eval_file(a, s, b, "json") for a, s in runs for b in config.benchmarks],
+            "samples": [self.eval_file(a, s, b, "jsonl") for a, s in runs for b in config.benchmarks],
+            "metrics": [self.train_metrics(a, s) for a in config.trained_algorithms for s in config.seeds],
+            "critics": [self.critic_metrics(s) for s in config.seeds] if config.critic_rows else [],
+        }
 
     def mlflow_db(self) -> str:
         return f"{self.root}/mlflow.db"

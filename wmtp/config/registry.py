@@ -8,18 +8,30 @@ the command line, the trainer and the report all read it, so adding a method is
 one entry here, one weight function and one recipe (README: "Add a weighting
 method").
 
+Every weighted method (one whose weight function is not `uniform`) also has two
+control rows, derived here from its entry so nothing is kept in sync by hand:
+`<method>-shuffled` (its own weights permuted among the valid tokens of each
+sequence) and `<method>-matched` (its own weights permuted across all valid tokens
+of the optimizer step). They read the same inputs and knobs and train the same
+heads; the permutation is `wmtp.core.weights.control_weights`. A control keeps the
+method's mean and spread and removes which token gets which weight, so a method
+that beats its controls owes that to the choice of tokens, not to reweighting as such.
+
 Standard library only: the config and the Snakefile import it without torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 # Stage outputs a training may read besides the base model and the training split:
 # the reference model's per-token CE table (refce stage) and the critic's value
 # table of its seed (critic stage).
 StageInput = Literal["refce", "values"]
+# The controls of a weighted method (wmtp.core.weights.control_weights).
+Control = Literal["shuffled", "matched"]
+CONTROLS: tuple[Control, ...] = ("shuffled", "matched")
 
 
 @dataclass(frozen=True)
@@ -31,10 +43,18 @@ class Method:
     heads: int | None = None  # heads trained, counted from head 0; None: all of the model's
     inputs: tuple[StageInput, ...] = ()
     knobs: tuple[str, ...] = ()  # the weighting knobs it reads
+    control: Control | None = None  # a control row: `control_of`'s weights, permuted
+    control_of: str | None = None  # the method whose weights a control row permutes
 
     @property
     def trained(self) -> bool:
         return self.weight_function is not None
+
+    @property
+    def weighted(self) -> bool:
+        """Trained with weights that differ from token to token: the methods that
+        have control rows (and whose weights are statistics of the optimizer step)."""
+        return self.trained and self.weight_function != "uniform"
 
     @property
     def has_critic(self) -> bool:
@@ -46,7 +66,8 @@ class Method:
 _NORMALISE = ("temperature", "eps", "w_max", "strength")
 _RHO1 = ("rho1_mode", "rho1_base")
 
-METHODS: dict[str, Method] = {
+# The methods as written; METHODS adds each weighted one's control rows after it.
+_WRITTEN: dict[str, Method] = {
     method.name: method
     for method in (
         Method("base"),  # not trained: the downloaded base model, evaluated as it is
@@ -71,6 +92,23 @@ METHODS: dict[str, Method] = {
         ),
         Method("ntp", "uniform", heads=1),  # next-token fine-tuning: head 0 alone
     )
+}
+
+
+def controls(method: Method) -> tuple[Method, ...]:
+    """The control rows of a weighted method: its entry with the control kind set
+    (none for an untrained or uniform one)."""
+    if not method.weighted or method.control is not None:
+        return ()
+    return tuple(
+        replace(method, name=f"{method.name}-{kind}", control=kind, control_of=method.name)
+        for kind in CONTROLS
+    )
+
+
+# Each method followed by its controls (the order of the rows everywhere).
+METHODS: dict[str, Method] = {
+    row.name: row for method in _WRITTEN.values() for row in (method, *controls(method))
 }
 
 BASE_ROW = "base"  # the untrained row

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -28,6 +29,7 @@ from pydantic import (
 )
 
 from wmtp.config import registry
+from wmtp.config.paths import DEFAULT_CONFIG
 from wmtp.config.preflight import missing_paths
 
 # The names wmtp.config.registry knows: training methods (each has a recipe and a
@@ -124,6 +126,11 @@ class TinySettings(Strict):
     pretrain_lr: PositiveFloat = Field(3e-3, description="peak learning rate of pretraining")
     n_train_problems: PositiveInt = Field(400, description="problems in the tiny-mbpp train split")
     n_test_problems: PositiveInt = Field(100, description="problems in the tiny-mbpp test split")
+    n_validation_problems: PositiveInt = Field(
+        100,
+        description="problems in the tiny-mbpp validation split: new instances of the same families, "
+        "disjoint from train and test, on which any tuning is done",
+    )
     noise_comment_prob: Annotated[float, Field(ge=0, le=1)] = Field(
         0.5, description="chance that a training solution line carries a noisy comment (tokens of little value)"
     )
@@ -181,7 +188,7 @@ class WeightingSettings(Strict):
         description="rho1-*: CE_base is the current model's head-0 CE (online, as in Rho-1) or the "
         "initial model's (frozen)",
     )
-    skip_ratio: Fraction = Field(0.3, description="rho1-tokenskip: share of valid tokens dropped per batch")
+    skip_ratio: Fraction = Field(0.3, description="rho1-tokenskip: share of valid tokens dropped per optimizer step")
 
 
 class TrainSettings(Strict):
@@ -235,6 +242,10 @@ class TrainSettings(Strict):
         "decay and the stage (zero_stage; a template that sets one is refused)",
     )
     checkpoint_every: PositiveInt = Field(50, description="steps between resumable checkpoints")
+    keep_checkpoints: bool = Field(
+        False,
+        description="keep the resumable checkpoints (DeepSpeed model and optimizer state, about 100 GB per 7B training) after the final model is saved and verified; removed then by default",
+    )
     log_every: PositiveInt = Field(5, description="steps between metric rows in metrics.parquet (and MLflow)")
     val_every: PositiveInt = Field(
         50, description="steps between val/loss evaluations (unweighted, every head)"
@@ -411,7 +422,7 @@ class Recipe(Strict):
     def _auto_strength_needs_a_critic(self) -> Recipe:
         """`auto` is the critic's gate statistic: undefined without one."""
         if self.weighting.strength == "auto" and not registry.method(self.algorithm).has_critic:
-            with_critic = [m.name for m in registry.METHODS.values() if m.has_critic]
+            with_critic = [m.name for m in registry.METHODS.values() if m.has_critic and not m.control]
             raise ValueError(
                 f"weighting.strength = 'auto': only {', '.join(with_critic)} has a confidence "
                 f"measure (its critic's gate statistic); give {self.algorithm} a number in [0, 1]"
@@ -696,6 +707,30 @@ def validate_section(model: type[BaseModel], data: Any, source: str) -> Any:
 def load_yaml(path: str | Path) -> Any:
     with open(path) as handle:
         return yaml.safe_load(handle)
+
+
+def merge_config(base: dict, override: dict) -> dict:
+    """`override` merged over `base` key by key, recursively into mappings (a new
+    dict): what Snakemake does with each `--configfile` over the Snakefile's
+    `configfile:`, so a command given the same files sees the same config."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config_files(paths: Sequence[str | Path], base: str | Path = DEFAULT_CONFIG) -> dict:
+    """`base` with each of `paths` merged over it in order, as `snakemake --configfile
+    A --configfile B` does; a missing file is named."""
+    data: dict = {}
+    for path in [base, *paths]:
+        if not Path(path).is_file():
+            raise ConfigError(f"{path}: config file not found")
+        data = merge_config(data, load_yaml(path) or {})
+    return data
 
 
 def resolve_recipe(

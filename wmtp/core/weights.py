@@ -8,19 +8,27 @@ counted in any statistic (mean, z-score, skip threshold).
 Weights have mean 1 over the valid tokens of the batch, so a weighted loss stays
 on the scale of plain cross-entropy, and they never carry gradient: every
 function runs under `torch.no_grad()` on detached inputs and returns float32.
+The trainer calls them once per optimizer step on the whole step (every rank,
+every accumulation micro-batch, in a canonical order: `wmtp.core.step_weights`),
+so "the batch" here is the optimizer step and a token's weight does not depend on
+how the step is split.
 
 A method's entry in `wmtp.config.registry` names its weight function here (a
 module-level function `fn(mask, settings, *, ce_base, ce_ref, deltas)`), so
 adding a method adds a function, not a branch; `algorithm_weights` looks it up
-and adds the recipe's weight strength on top. Strength `auto` (a method with a
-critic) is resolved by the caller from the critic's held-out explained variance
-(wmtp.stages.value_table.auto_strength) and passed in as a number.
+and adds the recipe's weight strength on top, and for a control row
+(`<method>-shuffled`, `<method>-matched`) permutes the result (`control_weights`).
+Strength `auto` (a method with a critic) is resolved by the caller from the
+critic's held-out explained variance (wmtp.stages.value_table.auto_strength) and
+passed in as a number.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -249,6 +257,66 @@ def weight_function(algorithm: str) -> Callable[..., torch.Tensor]:
     return function
 
 
+@dataclass(frozen=True)
+class Draw:
+    """What a control row's permutation is a function of: the training seed, the
+    optimizer step (1-based) and the sample id of each row of the `(B, S)` batch.
+    Nothing else (not the rank, the micro-batch or the process count), so a resumed
+    or rerun training draws the same permutation and a control is split-invariant
+    like its method."""
+
+    seed: int
+    step: int
+    sample_ids: Sequence[str]
+
+
+def _generator(*key: object) -> torch.Generator:
+    """A CPU generator seeded by a hash of `key` (not Python's `hash`, which changes
+    from process to process)."""
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+@torch.no_grad()
+def control_weights(weights: torch.Tensor, mask: torch.Tensor, kind: str, draw: Draw) -> torch.Tensor:
+    """A method's `(B, S)` weights with the information of which token gets which
+    weight removed, its values kept exactly.
+
+    `shuffled`: each sequence's valid weights permuted among its own valid tokens
+    (a permutation seeded by (seed, step, sample id)): every sequence keeps its own
+    multiset of weights, hence its total weight, so what is tested is which token
+    within the sequence is chosen.
+
+    `matched`: all valid weights of the batch (the whole optimizer step, rows in
+    the canonical order of `wmtp.core.step_weights`) permuted across all its valid
+    tokens (seeded by (seed, step)). Weights "drawn at random from the step's own
+    weight values", by a permutation rather than independent draws: the step's
+    multiset of weights, so its mean (1), its spread, its clipped share and (for
+    tokenskip) the exact number of dropped tokens, stay the method's, where draws
+    with replacement would move each by chance. Unlike `shuffled`, weight also
+    moves between sequences.
+
+    Either way the mean over valid tokens stays 1 and the weights stay 0 off the mask.
+    """
+    mask = _check(weights, mask, name="weights")
+    if len(draw.sample_ids) != mask.shape[0]:
+        raise ValueError(f"{len(draw.sample_ids)} sample ids for a batch of {mask.shape[0]} rows")
+    w = weights.detach().to(WEIGHT_DTYPE)
+    out = torch.zeros_like(w)
+    if kind == "shuffled":
+        for b, sample_id in enumerate(draw.sample_ids):
+            row = w[b][mask[b]]  # (n_b,)
+            order = torch.randperm(row.numel(), generator=_generator(draw.seed, draw.step, sample_id))
+            out[b][mask[b]] = row[order.to(row.device)]
+        return out
+    if kind == "matched":
+        values = w[mask]  # (n,) row-major: the canonical order of the rows
+        order = torch.randperm(values.numel(), generator=_generator(draw.seed, draw.step))
+        out[mask] = values[order.to(values.device)]
+        return out
+    raise ValueError(f"unknown control {kind!r}; allowed: {', '.join(registry.CONTROLS)}")
+
+
 @torch.no_grad()
 def algorithm_weights(
     algorithm: str,
@@ -259,6 +327,7 @@ def algorithm_weights(
     ce_ref: torch.Tensor | None = None,
     deltas: torch.Tensor | None = None,
     auto_strength: float | None = None,
+    draw: Draw | None = None,
 ) -> torch.Tensor:
     """The `(B, S)` weights of `algorithm`, with `settings.strength` applied.
 
@@ -266,8 +335,13 @@ def algorithm_weights(
     target token, detached) and `ce_ref`; one reading a value table needs the
     critic's `deltas` per target token; a uniform one needs none. `auto_strength` is
     the number that `settings.strength == "auto"` stands for (required then,
-    ignored otherwise)."""
+    ignored otherwise). A control row needs the `draw` its permutation is seeded by
+    (ignored for any other row) and gets its method's weights, permuted
+    (`control_weights`)."""
     function = weight_function(algorithm)
+    control = registry.method(algorithm).control
+    if control is not None and draw is None:
+        raise ValueError(f"algorithm {algorithm!r} is a control: it needs the draw (seed, step, sample ids)")
     lam = settings.strength
     if lam == "auto":
         if auto_strength is None:
@@ -277,4 +351,5 @@ def algorithm_weights(
         weights = function(mask, settings, ce_base=ce_base, ce_ref=ce_ref, deltas=deltas)
     except MissingInput as missing:
         raise ValueError(f"algorithm {algorithm!r} needs {missing.name}") from None
-    return strength(weights, mask, lam)
+    weights = strength(weights, mask, lam)
+    return weights if control is None else control_weights(weights, mask, control, draw)

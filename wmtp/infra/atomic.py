@@ -6,6 +6,13 @@ directory that looks finished, because Snakemake (and the stages reading each
 other's outputs) judge completeness by existence. The temp sits in the target's
 own directory so the final rename stays on one filesystem and is atomic; on any
 exception it is removed and the exception propagates.
+
+Two more things a shared cluster needs. Permissions: `mkstemp`/`mkdtemp` create
+0600/0700, which would keep group members (and an MLflow or web server reading
+the results) out whatever the user's umask says; outputs get the modes a plain
+`open`/`mkdir` would give (0666 / 0777 less the umask). Durability: the data is
+fsync'd before the rename and the directory after it, so a node that crashes
+right after a job "finished" cannot leave a complete-looking empty file.
 """
 
 from __future__ import annotations
@@ -17,6 +24,43 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: set and restore at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then every directory, deepest first."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            if not os.path.islink(os.path.join(dirpath, name)):
+                _fsync(Path(dirpath, name))
+        _fsync(Path(dirpath))
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Make a finished temp file or directory durable, give it the umask's modes,
+    and rename it onto `path` (which, for a directory, must not exist)."""
+    mask = current_umask()
+    os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~mask)
+    if tmp.is_dir():
+        _fsync_tree(tmp)
+    else:
+        _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
 
 
 @contextmanager
@@ -32,7 +76,7 @@ def atomic_file(path: str | Path, suffix: str = "") -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -50,7 +94,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         yield tmp
         if path.exists():
             shutil.rmtree(path)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -35,7 +35,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -47,7 +46,7 @@ from wmtp.config.schema import ModelSource, TinySettings
 from wmtp.core import checkpoints
 from wmtp.data.prompts import set_prompt_format
 from wmtp.infra import storage
-from wmtp.infra.atomic import atomic_file, write_json_atomic
+from wmtp.infra.atomic import atomic_file, publish, write_json_atomic
 from wmtp.tiny import build as tiny_builders
 
 log = logging.getLogger(__name__)
@@ -214,7 +213,7 @@ def download_model(
         storage.write_manifest(built, info)
         if out_dir.exists():
             shutil.rmtree(out_dir)
-        os.replace(built, out_dir)
+        publish(built, out_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return out_dir
@@ -295,17 +294,13 @@ def _humaneval(split, stage, source, endpoint_url, **_) -> tuple[pd.DataFrame, d
 
 
 def _tiny_mbpp(split, stage, source, endpoint_url, tiny=None, seed=0, **_) -> tuple[pd.DataFrame, dict]:
-    if split not in ("train", "test"):
-        raise ValueError(f"tiny-mbpp has splits train/test, not {split!r}")
     if source:  # a copy made earlier (e.g. uploaded to S3), read like any other dataset
         files = _local_copy(source, split, stage, endpoint_url)
         return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True), {
             "repo": source, "files": [f.name for f in files]
         }
-    knobs = tiny_builders.tiny_knobs(tiny)
-    train, test = tiny_builders.make_tiny_mbpp(knobs["n_train_problems"], knobs["n_test_problems"], seed,
-                                 knobs["noise_comment_prob"])
-    return {"train": train, "test": test}[split], {
+    frame = tiny_builders.tiny_mbpp_split(split, tiny, seed)
+    return frame, {
         "repo": "wmtp.tiny.build", "seed": seed, "tiny": (tiny or TinySettings()).model_dump(mode="json")
     }
 

@@ -309,9 +309,15 @@ def evaluate_model(
     }
     write_text_atomic(out_jsonl, "".join(json.dumps(r) + "\n" for r in records))
     write_json_atomic(out_json, summary, sort_keys=False)
+    log_to_model_run(model_dir, summary_metrics(benchmark, summary, ks))
+    return summary
+
+
+def summary_metrics(benchmark: str, summary: dict, ks: list[int]) -> dict[str, float]:
+    """The MLflow metrics of one evaluation summary: pass@k per k and exact match,
+    named with the benchmark's `METRIC_PREFIX` (`mbpp_pass@1`, ...)."""
     prefix = METRIC_PREFIX.get(benchmark, benchmark.replace("-", "_"))
     metrics = {f"{prefix}_pass@{k}": summary[f"pass@{k}"] for k in ks}
     if "exact_match" in summary:
         metrics[f"{prefix}_exact_match"] = summary["exact_match"]
-    log_to_model_run(model_dir, metrics)
-    return summary
+    return metrics

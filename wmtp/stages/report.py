@@ -15,23 +15,21 @@ read from the path, so a file cannot be attributed to the wrong row):
   start) and weight statistics `weight_mean`, `weight_std`, `weight_min`,
   `weight_max`, `weight_frac_zero` (see `_COLUMNS` for the names accepted).
 
-Statistics: every table cell is computed from per-problem values. For each
-algorithm the per-problem value (pass@k by the unbiased estimator, or exact
-match) is first averaged over seeds, the benchmark score is the mean over
-problems, and its 95% interval comes from resampling problems with replacement.
-The same resamples (one seeded draw per benchmark) are used for every algorithm
-and seed, so the difference to the baseline row (`wmtp.config.registry.BASELINE`)
-is a paired bootstrap: the
-interval of mean(algo - baseline) over the same resampled problems. Problem-level
-resampling captures the benchmark's finite size, the dominant source of noise
-when comparing fine-tunings; seed variation enters through the seed average.
+Statistics: every table cell is computed from per-(seed, problem) values (pass@k by
+the unbiased estimator, or exact match): the score is their mean, and its 95%
+interval resamples seeds and problems together (`wmtp.stages.intervals`: the
+pigeonhole bootstrap), so it covers the variation between trainings as well as
+the benchmark's finite size. The same draws serve every row of a benchmark, so the
+difference to the baseline row (`wmtp.config.registry.BASELINE`) is paired over
+seeds (rows share data order and sampling seeds) and problems. Each seed's own
+difference is shown too. Outputs: report.md, table.csv (the table as data) and
+figures/.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -42,11 +40,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from wmtp.config.paths import parse_row_file
+from wmtp.config import registry
+from wmtp.config.paths import TABLE_CSV, parse_row_file
 from wmtp.config.registry import BASE_ROW, BASELINE
 from wmtp.config.schema import PipelineConfig, Recipe, config_hash
 from wmtp.infra.atomic import atomic_file, write_text_atomic
-from wmtp.stages import diagnostics, evaluate
+from wmtp.stages import diagnostics, evaluate, intervals
 
 # metrics.parquet: our name -> accepted column names, first present wins.
 _COLUMNS = {
@@ -94,33 +93,6 @@ def pass_at_k(n: np.ndarray, c: np.ndarray, k: int) -> np.ndarray:
     """Per-problem unbiased pass@k (`wmtp.stages.evaluate.pass_at_k`, Chen et al. 2021)
     over arrays of sample counts `n` and pass counts `c`."""
     return np.array([evaluate.pass_at_k(int(ni), int(ci), k) for ni, ci in zip(n, c, strict=True)])
-
-
-def bootstrap_indices(n_problems: int, n_resamples: int, seed: int) -> np.ndarray:
-    """(n_resamples, n_problems) problem indices drawn with replacement; one draw
-    is shared by every algorithm and seed so that comparisons are paired."""
-    if n_problems < 1:
-        raise ValueError("bootstrap needs at least one problem")
-    return np.random.default_rng(seed).integers(0, n_problems, size=(n_resamples, n_problems))
-
-
-def bootstrap_ci(values: np.ndarray, indices: np.ndarray, level: float = 0.95) -> tuple[float, float, float]:
-    """(mean, low, high): the mean of per-problem `values` (P,) and the percentile
-    interval of the means over the resamples `indices` (B, P)."""
-    values = np.asarray(values, dtype=np.float64)
-    means = values[indices].mean(axis=1)  # (B,)
-    alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(means, [alpha, 1.0 - alpha])
-    return float(values.mean()), float(low), float(high)
-
-
-def paired_difference(
-    values: np.ndarray, baseline: np.ndarray, indices: np.ndarray, level: float = 0.95
-) -> tuple[float, float, float, bool]:
-    """(diff, low, high, excludes_zero) for mean(values - baseline) over problems,
-    with the interval from the same problem resamples for both (paired)."""
-    diff, low, high = bootstrap_ci(np.asarray(values) - np.asarray(baseline), indices, level)
-    return diff, low, high, bool(low > 0 or high < 0)
 
 
 # ---------------------------------------------------------------- reading results
@@ -215,6 +187,7 @@ class Cell:
 @dataclass
 class DiffCell(Cell):
     excludes_zero: bool = False
+    per_seed: tuple[float, ...] = ()  # each seed's difference, mean over problems
 
 
 @dataclass
@@ -223,9 +196,12 @@ class BenchmarkTable:
 
     benchmark: str
     n_problems: int
+    n_seeds: int
     metrics: list[str]
     cells: dict[str, dict[str, Cell | None]] = field(default_factory=dict)
     diffs: dict[str, dict[str, DiffCell | None]] = field(default_factory=dict)
+    # control row -> metric -> (its method - the control): the claim that *which* tokens matter
+    control_diffs: dict[str, dict[str, DiffCell | None]] = field(default_factory=dict)
     # oracle mode: the temperature each (algorithm, pass@k) cell was picked at
     temperatures: dict[str, dict[str, float]] = field(default_factory=dict)
 
@@ -246,23 +222,16 @@ def _per_problem(frame: pd.DataFrame, metric: str, temperature: float | None = N
     return pass_at_k(np.array([c["n"] for c in counts]), np.array([c["c"] for c in counts]), k)
 
 
-def _seed_average(
+def value_grid(
     problems: dict[tuple[str, int], pd.DataFrame], algo: str, seeds: list[int], metric: str,
-    temperature: float | None = None,
+    temperatures: list[float | None],
 ) -> np.ndarray | None:  # fmt: skip
-    per_seed = [_per_problem(problems[(algo, s)], metric, temperature) for s in seeds]
-    return None if any(v is None for v in per_seed) else np.mean(np.stack(per_seed), axis=0)  # (P,)
-
-
-def oracle_choice(
-    problems: dict[tuple[str, int], pd.DataFrame], algo: str, seeds: list[int], metric: str,
-    temperatures: list[float],
-) -> tuple[float, np.ndarray]:  # fmt: skip
-    """The paper's protocol: the temperature whose benchmark score (mean over problems
-    of the seed-averaged pass@k) is highest, and its per-problem values. Chosen on the
-    test scores themselves, so it flatters every row alike; ties go to the first."""
-    scored = [(t, _seed_average(problems, algo, seeds, metric, t)) for t in temperatures]
-    return max(scored, key=lambda item: float(item[1].mean()))
+    """(T, S, P) per-problem values of `algo` for each candidate temperature and seed,
+    or None when the metric does not apply (exact match off MBPP formats)."""
+    grid = [[_per_problem(problems[(algo, s)], metric, t) for s in seeds] for t in temperatures]
+    if any(v is None for row in grid for v in row):
+        return None
+    return np.array(grid, dtype=np.float64)
 
 
 def benchmark_table(
@@ -275,12 +244,13 @@ def benchmark_table(
     seed: int,
     oracle_temperatures: list[float] | None = None,
 ) -> BenchmarkTable:
-    """Seed-averaged per-problem values -> bootstrap cells and paired differences.
+    """Per-(seed, problem) values -> cells and paired differences whose intervals
+    resample seeds and problems (`wmtp.stages.intervals`).
 
     `problems[(algo, seed)]` is that run's per-problem frame; every run must cover
     the same task ids (otherwise the comparison would not be like with like). With
-    `oracle_temperatures`, each pass@k cell is taken at its row's best temperature
-    (`oracle_choice`)."""
+    `oracle_temperatures`, each pass@k cell is taken at its row's best temperature,
+    chosen again inside every resample."""
     reference = problems[(algorithms[0], seeds[0])]["task_id"].tolist()
     for key, frame in problems.items():
         if frame["task_id"].tolist() != reference:
@@ -289,34 +259,72 @@ def benchmark_table(
                 f"{algorithms[0]} seed {seeds[0]} ({len(frame)} vs {len(reference)} problems)"
             )
     metrics = [f"pass@{k}" for k in ks] + ["exact_match"]
-    indices = bootstrap_indices(len(reference), n_resamples, seed)
-    table = BenchmarkTable(benchmark, len(reference), metrics)
-    averaged: dict[str, dict[str, np.ndarray | None]] = {}
+    resamples = intervals.Resamples.draw(len(seeds), len(reference), n_resamples, seed)
+    table = BenchmarkTable(benchmark, len(reference), len(seeds), metrics)
+    estimates: dict[str, dict[str, intervals.Estimate | None]] = {}
     for algo in algorithms:
-        averaged[algo] = {}
+        estimates[algo] = {}
         for metric in metrics:
-            if oracle_temperatures and metric != "exact_match":
-                chosen, values = oracle_choice(problems, algo, seeds, metric, oracle_temperatures)
-                table.temperatures.setdefault(algo, {})[metric] = chosen
-                averaged[algo][metric] = values
-            else:
-                averaged[algo][metric] = _seed_average(problems, algo, seeds, metric)
+            candidates = oracle_temperatures if oracle_temperatures and metric != "exact_match" else [None]
+            grid = value_grid(problems, algo, seeds, metric, candidates)
+            found = None if grid is None else intervals.estimate(grid, resamples)
+            estimates[algo][metric] = found
+            if found is not None and candidates != [None]:
+                table.temperatures.setdefault(algo, {})[metric] = candidates[found.choice]
         table.cells[algo] = {
-            metric: None if values is None else Cell(*bootstrap_ci(values, indices))
-            for metric, values in averaged[algo].items()
+            metric: None if found is None else Cell(found.value, *found.interval())
+            for metric, found in estimates[algo].items()
         }
     if BASELINE in algorithms:
         for algo in algorithms:
-            if algo == BASELINE:
-                continue
-            table.diffs[algo] = {}
-            for metric in metrics:
-                values, base = averaged[algo][metric], averaged[BASELINE][metric]
-                table.diffs[algo][metric] = (
-                    None if values is None or base is None
-                    else DiffCell(*paired_difference(values, base, indices))
-                )
+            if algo != BASELINE:
+                table.diffs[algo] = {
+                    metric: _diff_cell(estimates[algo][metric], estimates[BASELINE][metric])
+                    for metric in metrics
+                }
+    for control, method in _controls(algorithms).items():
+        if method in algorithms:
+            table.control_diffs[control] = {
+                metric: _diff_cell(estimates[method][metric], estimates[control][metric]) for metric in metrics
+            }
     return table
+
+
+def _diff_cell(row: intervals.Estimate | None, baseline: intervals.Estimate | None) -> DiffCell | None:
+    if row is None or baseline is None:
+        return None
+    found = intervals.difference(row, baseline)
+    return DiffCell(found.value, found.low, found.high, found.excludes_zero, found.per_seed)
+
+
+TABLE_COLUMNS = ("benchmark", "algorithm", "metric", "value", "low", "high", "delta", "delta_low", "delta_high")
+
+
+def table_rows(tables: list[BenchmarkTable], algorithms: list[str]) -> list[dict]:
+    """The table as data: one row per (benchmark, algorithm, metric), fractions in
+    [0, 1]; the delta columns are None for the baseline (and where no baseline is)."""
+    rows = []
+    for t in tables:
+        for algo in algorithms:
+            for metric in t.metrics:
+                cell = t.cells[algo][metric]
+                if cell is None:
+                    continue
+                diff = t.diffs.get(algo, {}).get(metric)
+                rows.append(dict(zip(TABLE_COLUMNS, (
+                    t.benchmark, algo, metric, cell.mean, cell.low, cell.high,
+                    *((diff.mean, diff.low, diff.high) if diff is not None else (None, None, None)),
+                ), strict=True)))  # fmt: skip
+    return rows
+
+
+def write_table_csv(tables: list[BenchmarkTable], algorithms: list[str], path: str | Path) -> Path:
+    """`table.csv` beside the report (atomically): what a reader loads instead of
+    parsing markdown."""
+    frame = pd.DataFrame(table_rows(tables, algorithms), columns=list(TABLE_COLUMNS))
+    with atomic_file(path, suffix=".csv") as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6f")
+    return Path(path)
 
 
 # ---------------------------------------------------------------- training summaries
@@ -379,17 +387,24 @@ def make_figures(
     algorithms: list[str],
     figures_dir: Path,
 ) -> dict[str, Path]:
-    """loss_curves.png, weights.png and pass_at_k.png in `figures_dir`."""
+    """pass_at_k.png and, when training metrics are given, loss_curves.png and
+    weights.png in `figures_dir`."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     figures_dir.mkdir(parents=True, exist_ok=True)
-    out = {}
+    out = {"pass_at_k": _plot_pass_at_k(tables, algorithms, figures_dir / "pass_at_k.png")}
+    if metrics:
+        out["loss_curves"] = figures_dir / "loss_curves.png"
+        _plot_loss_curves(metrics, algorithms, out["loss_curves"])
+        out["weights"] = _plot_weights(metrics, algorithms, figures_dir / "weights.png")
+    return out
 
-    out["loss_curves"] = figures_dir / "loss_curves.png"
-    _plot_loss_curves(metrics, algorithms, out["loss_curves"])
+
+def _plot_weights(metrics: dict[tuple[str, int], pd.DataFrame], algorithms: list[str], path: Path) -> Path:
+    """Weight range per method, and their spread and zero share over training."""
+    import matplotlib.pyplot as plt
 
     trained = [a for a in algorithms if any(key[0] == a for key in metrics)]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -413,9 +428,14 @@ def make_figures(
     for ax in axes[1:]:
         ax.legend(fontsize="small")
     fig.tight_layout()
-    out["weights"] = figures_dir / "weights.png"
-    _save_png(fig, out["weights"])
+    _save_png(fig, path)
     plt.close(fig)
+    return path
+
+
+def _plot_pass_at_k(tables: list[BenchmarkTable], algorithms: list[str], path: Path) -> Path:
+    """Bars per (benchmark, k) and row, with the intervals of the table."""
+    import matplotlib.pyplot as plt
 
     columns = [(t.benchmark, m) for t in tables for m in t.metrics if m != "exact_match"]
     fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(columns)), 4))
@@ -425,16 +445,17 @@ def make_figures(
     for i, algo in enumerate(algorithms):
         cells = [by_bench[b].cells[algo][m] for b, m in columns]
         means = np.array([100 * c.mean for c in cells])
-        errors = np.array([[100 * (c.mean - c.low) for c in cells], [100 * (c.high - c.mean) for c in cells]])
+        # an oracle cell's resampled maxima can sit above its point estimate: no negative bar
+        errors = np.array([[100 * max(0.0, c.mean - c.low) for c in cells],
+                           [100 * max(0.0, c.high - c.mean) for c in cells]])  # fmt: skip
         ax.bar(x + (i - (len(algorithms) - 1) / 2) * width, means, width, yerr=errors, capsize=3, label=algo)
     ax.set_xticks(x, [f"{b}\n{m}" for b, m in columns])
-    ax.set(ylabel="% (mean over seeds, 95% bootstrap CI)", title="pass@k per algorithm")
+    ax.set(ylabel="% (95% interval over seeds and problems)", title="pass@k per algorithm")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    out["pass_at_k"] = figures_dir / "pass_at_k.png"
-    _save_png(fig, out["pass_at_k"])
+    _save_png(fig, path)
     plt.close(fig)
-    return out
+    return path
 
 
 def _plot_loss_curves(
@@ -567,18 +588,6 @@ def probe_figure(
 # ---------------------------------------------------------------- report
 
 
-def current_git_commit(repo: str | Path = ".") -> str | None:
-    """HEAD of the repository at `repo` (with `-dirty` if it has local changes),
-    or None outside a git checkout."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
 def recipe_overrides(recipes: dict[str, Recipe], algorithms: list[str]) -> list[tuple[str, str, object]]:
     """(algorithm, 'section.key', value) for every key a recipe sets of the shared
     `train:`/`weighting:` sections: the places where methods are not compared on
@@ -609,6 +618,47 @@ def _require(index: dict, keys: list[tuple[str, int, str]], kind: str) -> None:
         raise ValueError(f"missing {kind} results for: {shown}")
 
 
+def read_tables(
+    config: PipelineConfig, eval_jsons: list[str | Path], eval_jsonls: list[str | Path]
+) -> tuple[list[BenchmarkTable], dict[tuple[str, int, str], dict[str, float]]]:
+    """One `BenchmarkTable` per benchmark, and each evaluation's own summary numbers
+    (checked against its per-problem records)."""
+    algorithms, seeds, benchmarks = list(config.algorithms), list(config.seeds), list(config.benchmarks)
+    summaries, problems_files = _index(eval_jsons, "eval json"), _index(eval_jsonls, "eval jsonl")
+    wanted = [(a, s, b) for a in algorithms for s in seeds for b in benchmarks]
+    _require(problems_files, wanted, "per-problem eval (.jsonl)")
+    _require(summaries, wanted, "eval summary (.json)")
+    tables = []
+    for benchmark in benchmarks:
+        problems = {(a, s): read_problems(problems_files[(a, s, benchmark)]) for a in algorithms for s in seeds}
+        ks = config.eval.ks.get(benchmark, [1])
+        tables.append(benchmark_table(
+            benchmark, problems, algorithms, seeds, ks, config.report.bootstrap_samples,
+            seed=zlib.crc32(benchmark.encode()),
+            oracle_temperatures=config.eval.temperatures if config.eval.oracle_temperatures else None,
+        ))  # fmt: skip
+        for (a, s), frame in problems.items():  # after the problem-set check: the clearer error first
+            check_summary(summaries[(a, s, benchmark)], problems_files[(a, s, benchmark)], frame)
+    return tables, {key: read_summary(summaries[key]) for key in wanted}
+
+
+def read_training(
+    config: PipelineConfig, metrics_parquets: list[str | Path], *, required: bool
+) -> tuple[dict[tuple[str, int], pd.DataFrame], dict[tuple[str, int], Path]]:
+    """Every trained run's metrics and file. `required`: a missing run is an error
+    (the workflow always has them); otherwise an incomplete set gives none at all,
+    since a figure averaged over some of the seeds would mislead."""
+    files = {(a, s): p for (a, s, _), p in _index(metrics_parquets, "metrics").items()}
+    wanted = [(a, s) for a in config.trained_algorithms for s in config.seeds]
+    if any(key not in files for key in wanted):
+        if required:
+            _require({(a, s, "metrics"): p for (a, s), p in files.items()},
+                     [(a, s, "metrics") for a, s in wanted], "training metrics")  # fmt: skip
+        return {}, {}
+    files = {key: files[key] for key in wanted}
+    return {key: read_metrics(path) for key, path in files.items()}, files
+
+
 def build_report(
     eval_jsons: list[str | Path],
     eval_jsonls: list[str | Path],
@@ -619,72 +669,90 @@ def build_report(
     figures_dir: str | Path,
     git_commit: str | None = None,
     critic_metrics: list[str | Path] = (),
+    *,
+    table_csv: str | Path | None = None,
+    metrics_required: bool = True,
 ) -> Path:
-    """Render `out_md` (the paper table and everything around it) and the figures.
+    """Render `out_md` (the paper table and everything around it), `table_csv`
+    (default: `table.csv` beside it) and the figures.
 
     Raises `ValueError` naming every (algorithm, seed, benchmark) whose files are
-    missing, so a partial run never yields a table that silently drops a row."""
-    algorithms, seeds, benchmarks = list(config.algorithms), list(config.seeds), list(config.benchmarks)
-    trained = config.trained_algorithms
+    missing, so a partial run never yields a table that silently drops a row.
+    Training metrics may be left out with `metrics_required=False` (results copied
+    back without them): the sections that need them then say so."""
+    algorithms, trained = list(config.algorithms), config.trained_algorithms
     out_md, figures_dir = Path(out_md), Path(figures_dir)
-    summaries, problems_files = _index(eval_jsons, "eval json"), _index(eval_jsonls, "eval jsonl")
-    metric_files = {(a, s): p for (a, s, _), p in _index(metrics_parquets, "metrics").items()}
-    wanted = [(a, s, b) for a in algorithms for s in seeds for b in benchmarks]
-    _require(problems_files, wanted, "per-problem eval (.jsonl)")
-    _require(summaries, wanted, "eval summary (.json)")
-    _require({(a, s, "metrics"): p for (a, s), p in metric_files.items()},
-             [(a, s, "metrics") for a in trained for s in seeds], "training metrics")
-
-    tables = []
-    for benchmark in benchmarks:
-        problems = {(a, s): read_problems(problems_files[(a, s, benchmark)]) for a in algorithms for s in seeds}
-        ks = config.eval.ks.get(benchmark, [1])
-        tables.append(benchmark_table(
-            benchmark, problems, algorithms, seeds, ks, config.report.bootstrap_samples,
-            seed=zlib.crc32(benchmark.encode()),
-            oracle_temperatures=config.eval.temperatures if config.eval.oracle_temperatures else None,
-        ))
-        for (a, s), frame in problems.items():  # after the problem-set check: the clearer error first
-            check_summary(summaries[(a, s, benchmark)], problems_files[(a, s, benchmark)], frame)
-    metrics = {(a, s): read_metrics(metric_files[(a, s)]) for a in trained for s in seeds}
+    tables, per_seed = read_tables(config, eval_jsons, eval_jsonls)
+    write_table_csv(tables, algorithms, table_csv or out_md.with_name(TABLE_CSV))
+    metrics, metric_files = read_training(config, metrics_parquets, required=metrics_required)
     figures = make_figures(tables, metrics, algorithms, figures_dir)
-    probe = probe_figure(metric_files, trained, seeds[0], figures_dir / "weight_probe.png")
+    probe = probe_figure(metric_files, trained, config.seeds[0], figures_dir / "weight_probe.png")
     if probe is not None:
         figures["weight_probe"] = probe
-    per_seed = {
-        (a, s, b): read_summary(summaries[(a, s, b)]) for a in algorithms for s in seeds for b in benchmarks
-    }
+    text = _render(
+        config,
+        recipes,
+        tables=tables,
+        per_seed=per_seed,
+        metrics=metrics,
+        critics=critic_summaries(list(critic_metrics)),
+        figures={name: os.path.relpath(path, out_md.parent) for name, path in figures.items()},
+        git_commit=git_commit,
+    )
+    write_text_atomic(out_md, text)
+    print(f"report written to {out_md}", file=sys.stderr)
+    return out_md
 
+
+def _controls(algorithms: list[str]) -> dict[str, str]:
+    """control row -> the method whose weights it scrambles, for the rows present."""
+    return {a: registry.method(a).control_of for a in algorithms if registry.method(a).control_of}
+
+
+def _render(
+    config: PipelineConfig,
+    recipes: dict[str, Recipe],
+    *,
+    tables: list[BenchmarkTable],
+    per_seed: dict,
+    metrics: dict[tuple[str, int], pd.DataFrame],
+    critics: list[dict],
+    figures: dict[str, str],
+    git_commit: str | None,
+) -> str:
+    """report.md's text from the template."""
+    trained = config.trained_algorithms
     env = Environment(loader=PackageLoader("wmtp.stages", "templates"), undefined=StrictUndefined,
-                      keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+                      keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)  # fmt: skip
     env.filters["pct"] = lambda v: "n/a" if v is None else f"{100 * v:.1f}"
     env.filters["num"] = lambda v, fmt=",.0f": "n/a" if v is None else format(v, fmt)
-    text = env.get_template("report.md.j2").render(
+    env.filters["pp"] = lambda v: "n/a" if v is None else f"{100 * v:+.1f}"
+    return env.get_template("report.md.j2").render(
         run=config.run,
-        algorithms=algorithms,
-        seeds=seeds,
-        benchmarks=benchmarks,
+        algorithms=list(config.algorithms),
+        seeds=list(config.seeds),
+        benchmarks=list(config.benchmarks),
         baseline=BASELINE,
         base_row=BASE_ROW,
+        controls=_controls(config.algorithms),
         tables=tables,
         trained=trained,
+        has_metrics=bool(metrics),
         cost=training_cost(metrics, trained),
         weights=weight_stats(metrics, trained),
         class_weights=class_weights(metrics, trained),
         token_classes=diagnostics.CLASSES,
-        critics=critic_summaries(list(critic_metrics)),
+        critics=critics,
         per_seed=per_seed,
         eval_settings=config.eval,
         n_resamples=config.report.bootstrap_samples,
+        miniature=config.models.base.source == "tiny",
         recipes={a: recipes[a] for a in trained if a in recipes},
         shared_train=config.train,
         shared_weighting=config.weighting,
         overrides=recipe_overrides(recipes, trained),
         config_hash=config_hash(config, recipes),
         git_commit=git_commit or "unknown",
-        figures={name: os.path.relpath(path, out_md.parent) for name, path in figures.items()},
+        figures=figures,
         published=PUBLISHED,
     )
-    write_text_atomic(out_md, text)
-    print(f"report written to {out_md}", file=sys.stderr)
-    return out_md

@@ -6,15 +6,20 @@ need, build the DeepSpeed engine), then resume (`wmtp.stages.train_state`), the
 loop (`run_loop`, one `optimizer_step` per step, a metric row every `log_every`
 steps, a checkpoint every `checkpoint_every`), and `finish` (model +
 `metrics.parquet`). The method only decides which inputs
-`wmtp.core.weights.algorithm_weights` gets for a batch (`make_weights`; what each
-method reads is its row of `wmtp.config.registry`):
+`wmtp.core.weights.algorithm_weights` gets for an optimizer step (`make_weights`;
+the weights are statistics of the whole step, every rank and micro-batch:
+`wmtp.core.step_weights`; what each method reads is its row of
+`wmtp.config.registry`):
 
     baseline-mtp, ntp  nothing (w = 1)
     rho1-weighted      ce_ref from the reference-CE table, ce_base = head-0 CE of the
-    rho1-tokenskip     current model (online, given by the loss) or of a frozen copy
-                       of the initial model (weighting.rho1_base = "frozen")
+    rho1-tokenskip     current model (online: given by the loss, or with gradient
+                       accumulation a scoring forward) or of a frozen copy of the
+                       initial model (weighting.rho1_base = "frozen")
     critic-wmtp        deltas V_j - V_{j-1} from the critic stage's value table (computed
                        once on the frozen base; no value head runs here)
+    <method>-shuffled  the method's inputs and weights, permuted per sequence or
+    <method>-matched   across the step (wmtp.core.weights.control_weights)
 
 DeepSpeed config: the JSON template `TrainSettings.deepspeed_config` supplies the
 ZeRO bucket knobs and AdamW's betas/eps; the trainer fills in what the recipe owns
@@ -38,9 +43,11 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +55,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
@@ -71,9 +77,10 @@ from wmtp.core.checkpoints import (
     read_config,
     read_generation_config,
     save_model,
+    verify_model_files,
 )
 from wmtp.core.schedule import lr_schedule
-from wmtp.core.weights import algorithm_weights
+from wmtp.core.step_weights import MicroInputs, step_weights
 from wmtp.data.training import (
     Batch,
     Example,
@@ -498,55 +505,75 @@ def resolved_settings(
     }
 
 
-# ------------------------------------------------------------------ weights per batch
+# ------------------------------------------------------------------ weights per step
 
 
 @torch.no_grad()
 def head0_ce(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """Per-target-token head-0 CE `(B, S)` of `model` (0 at position 0 and off the
-    loss mask): the frozen-base CE_base of rho1."""
-    logits = model.next_token_logits(batch.input_ids, batch.attention_mask).float()  # (B, S, V)
-    ce = F.cross_entropy(
-        logits[:, :-1].transpose(1, 2), batch.input_ids[:, 1:], reduction="none"
-    )  # (B, S-1)
-    out = torch.zeros(batch.input_ids.shape, dtype=torch.float32, device=ce.device)  # (B, S)
-    out[:, 1:] = ce * batch.loss_mask[:, 1:]
-    return out
+    loss mask), computed as the training loss computes it (the trunk, head 0 and
+    the unembedding in chunks of valid rows: no full logits): the frozen-base
+    CE_base of rho1, and the online one's scoring forward."""
+    return loss_lib.weighted_mtp_loss_details(
+        model, batch.input_ids, batch.loss_mask, batch.loss_mask.float(),
+        attention_mask=batch.attention_mask, n_heads=1,
+    ).ce_head0  # fmt: skip
 
 
 def make_weights(
     recipe: Recipe,
-    batch: Batch,
+    batches: Sequence[Batch],
+    sources: WeightSources,
     *,
-    refce: RefCETable | None = None,
-    frozen: torch.nn.Module | None = None,
-    value_table: ValueTable | None = None,
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The `weights(ce_head0, trunk_hidden)` callable the loss calls for this batch:
-    the method's weight function (wmtp.core.weights) given the inputs its registry
-    row names."""
-    algorithm, settings, mask = recipe.algorithm, recipe.weighting, batch.loss_mask
+    model: torch.nn.Module | None,
+    seed: int,
+    step: int,
+) -> list[torch.Tensor | loss_lib.WeightFn]:
+    """The loss's `weights` for each micro-batch of optimizer step `step`: the
+    method's weights (wmtp.core.weights) over the whole step, every rank's
+    micro-batches together (wmtp.core.step_weights), from the inputs its registry
+    row names. A collective for a weighted method: every rank calls it at each step.
+
+    rho1's CE_base is head 0's CE of the model being trained, `model` (online, the
+    default) or of the frozen initial model (`sources.frozen`). Online with one
+    micro-batch per step, the training forward's own CE is used: the returned
+    callable gets it from the loss, at no extra cost. Online with several (the
+    paper setting accumulates 2), the first micro-batch's weights need every
+    micro-batch's CE before its backward, so each micro-batch first gets a
+    no-grad scoring forward (`head0_ce`: the trunk and head 0). That adds about a
+    fifth to the step's compute on the tiny model (0.21 of a training micro-step,
+    measured on a CPU) and, estimated, a third on the paper's 7B (a forward of 29
+    of its 32 blocks against a forward and backward of all 32). The model does not
+    change within a step, so both give the same CE up to float rounding."""
+    algorithm, settings = recipe.algorithm, recipe.weighting
+    given: dict[str, list[torch.Tensor]] = {}  # MicroInputs field -> one (B, S) per micro-batch
+    auto_strength = None
+    if registry.needs(algorithm, "values"):
+        given["deltas"] = _looked_up(sources.value_table, batches)
+        auto_strength = sources.value_table.strength
     if registry.needs(algorithm, "refce"):
+        frozen = sources.frozen
         if (frozen is not None) != (settings.rho1_base == "frozen"):  # the recipe decides
             raise ValueError(
                 f"weighting.rho1_base is {settings.rho1_base!r} but a frozen base model was "
                 f"{'given' if frozen is not None else 'not given'}"
             )
-        ce_ref = refce.lookup(batch.sample_ids, batch.input_ids, mask).to(mask.device)  # (B, S)
-        if frozen is not None:
-            ce_base = head0_ce(frozen, batch)  # (B, S)
-            return lambda ce_head0, trunk_hidden: algorithm_weights(
-                algorithm, mask, settings, ce_base=ce_base, ce_ref=ce_ref
-            )
-        return lambda ce_head0, trunk_hidden: algorithm_weights(
-            algorithm, mask, settings, ce_base=ce_head0.float(), ce_ref=ce_ref
-        )
-    if registry.needs(algorithm, "values"):
-        deltas = value_table.lookup(batch.sample_ids, batch.input_ids, mask).to(mask.device)  # (B, S)
-        return lambda ce_head0, trunk_hidden: algorithm_weights(
-            algorithm, mask, settings, deltas=deltas, auto_strength=value_table.strength
-        )
-    return lambda ce_head0, trunk_hidden: algorithm_weights(algorithm, mask, settings)
+        given["ce_ref"] = _looked_up(sources.refce, batches)
+        if frozen is not None or len(batches) > 1:
+            given["ce_base"] = [head0_ce(frozen if frozen is not None else model, b) for b in batches]
+    parts = [
+        MicroInputs(b.sample_ids, b.loss_mask, **{name: values[i] for name, values in given.items()})
+        for i, b in enumerate(batches)
+    ]
+    weigh = partial(step_weights, algorithm, settings, seed=seed, step=step, auto_strength=auto_strength)
+    if registry.needs(algorithm, "refce") and "ce_base" not in given:  # online, one micro-batch
+        return [lambda ce_head0, trunk_hidden: weigh([replace(parts[0], ce_base=ce_head0.float())])[0]]
+    return weigh(parts)
+
+
+def _looked_up(table: RefCETable | ValueTable, batches: Sequence[Batch]) -> list[torch.Tensor]:
+    """A stage table's `(B, S)` values for each micro-batch, on its device."""
+    return [table.lookup(b.sample_ids, b.input_ids, b.loss_mask).to(b.loss_mask.device) for b in batches]
 
 
 def check_finite_loss(
@@ -591,23 +618,25 @@ def open_metrics(t: Trainer, start: ResumePoint, target: TrackingTarget) -> Metr
 
 
 def optimizer_step(t: Trainer, stream: Iterator[tuple[int, Batch]], step: int, window: Window) -> int:
-    """One optimizer step: `grad_accum_steps` micro-batches forward and backward (the
-    engine steps the optimizer and the lr at the last). Returns the tokens seen."""
-    settings, tokens = t.recipe.train, 0
-    for micro in range(settings.grad_accum_steps):
-        micro_step, batch = next(stream)
-        tokens += global_tokens(t.data.train, settings.micro_batch_size * t.world, t.seed, micro_step)
-        batch = batch.to(t.device)
-        weights = make_weights(
-            t.recipe, batch, refce=t.sources.refce, frozen=t.sources.frozen,
-            value_table=t.sources.value_table,
-        )  # fmt: skip
+    """One optimizer step: its `grad_accum_steps` micro-batches drawn, their weights
+    computed over the whole step (`make_weights`), then each one forward and
+    backward (the engine steps the optimizer and the lr at the last). Returns the
+    tokens seen."""
+    settings = t.recipe.train
+    drawn = [next(stream) for _ in range(settings.grad_accum_steps)]
+    per_micro_step = settings.micro_batch_size * t.world
+    tokens = sum(global_tokens(t.data.train, per_micro_step, t.seed, micro_step) for micro_step, _ in drawn)
+    batches = [batch.to(t.device) for _, batch in drawn]
+    weights = make_weights(
+        t.recipe, batches, t.sources, model=t.engine.module, seed=t.seed, step=step
+    )  # fmt: skip
+    for micro, (batch, micro_weights) in enumerate(zip(batches, weights, strict=True)):
         # looked up at call time: a test spies on the loss by replacing it in wmtp.core.loss
         out = loss_lib.weighted_mtp_loss_details(
             t.engine.module,
             batch.input_ids,
             batch.loss_mask,
-            weights,
+            micro_weights,
             attention_mask=batch.attention_mask,
             n_heads=t.n_trained,
         )
@@ -701,9 +730,19 @@ def finish(t: Trainer, metrics: MetricLog, target: TrackingTarget) -> Path:
         )
         write_metrics_parquet(metrics.rows, t.out_dir / TRAIN_METRICS, t.columns, metadata=probe)
         run.finish()
+        if not t.recipe.train.keep_checkpoints:
+            drop_checkpoints(model_dir, t.ckpt_dir)
     if t.world > 1:
         dist.barrier()
     return model_dir
+
+
+def drop_checkpoints(model_dir: Path, ckpt_dir: Path) -> None:
+    """Remove the resumable state once the final model reads back as saved (its
+    checksums): at 7B it is some 100 GB per training, 1.5 TB for the paper table,
+    and nothing reads it after the model exists. A failed check raises and keeps it."""
+    verify_model_files(model_dir)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- train
@@ -717,6 +756,7 @@ def train(
     data: DataSettings,
     seed: int,
     tracking: TrackingSettings,
+    study: str = "default",
     run_name: str | None = None,
     tags: Sequence[tuple[str, str]] | dict = (),
     max_steps: int | None = None,
@@ -731,8 +771,11 @@ def train(
     examples (`wmtp.config.schema.optimizer_steps`); `max_steps` replaces that number
     (smoke tests, the CLI's `--max-steps`). With `tracking.tracking_uri` None the
     MLflow store is `sqlite:///<out_dir>/mlflow.db` (the workflow passes
-    `results/{run}/mlflow.db`). `stop_after=n` (tests) raises `TrainingInterrupted`
-    right after step n, as if the job had been killed there.
+    `results/{run}/mlflow.db`); the run is in the study's experiment `wmtp/{study}`
+    (`study`: the config's `run`), tagged with the study, algorithm and seed
+    (`tracking_lib.run_tags`) and `tags` (callers add `tracking_lib.provenance_tags`).
+    `stop_after=n` (tests) raises `TrainingInterrupted` right after step n, as if the
+    job had been killed there.
     """
     out_dir = Path(out_dir)
     t = set_up(recipe, data, inputs, seed=seed, out_dir=out_dir, max_steps=max_steps, device=device)
@@ -743,9 +786,9 @@ def train(
     target = TrackingTarget(
         mlflow=tracking.mlflow,
         uri=tracking.tracking_uri or tracking_lib.default_tracking_uri(out_dir),
-        experiment=tracking_lib.experiment_name(recipe.algorithm, data.train_dataset),
+        experiment=tracking_lib.experiment_name(study),
         run_name=run_name or tracking_lib.run_name(recipe.algorithm, seed),
-        tags=dict(tags),
+        tags={**tracking_lib.run_tags(study, "training", recipe.algorithm, seed), **dict(tags)},
     )
     metrics = open_metrics(t, start, target)
     try:  # an attempt that raised (or got Ctrl-C) shows as FAILED in MLflow until resumed

@@ -446,23 +446,38 @@ def _rows(
     return pd.DataFrame(rows, columns=list(MBPP_COLUMNS))
 
 
+SPLIT_IDS = {"test": 1, "validation": 50001, "train": 100001}  # first task id of each split
+
+
 def make_tiny_mbpp(
-    n_train: int, n_test: int, seed: int, noise_comment_prob: float
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The train and test splits (MBPP columns). Test problems are drawn first, so
-    the test split of a seed stays the same whatever `n_train` is; train problems
-    exclude every test (text, code). Test task ids start at 1, train ids at 100001."""
+    n_train: int, n_test: int, seed: int, noise_comment_prob: float, n_validation: int = 100
+) -> dict[str, pd.DataFrame]:
+    """The train, validation and test splits (MBPP columns, MBPP's split names).
+
+    Problems are drawn test first, then train, then validation, each split excluding
+    every (text, code) drawn before: the test split of a seed stays the same whatever
+    the other sizes are, the train split whatever `n_validation` is, and validation
+    holds new instances of the same families, for tuning off the test split. Only
+    train solutions carry noise comments. Task ids start at `SPLIT_IDS`."""
     if not 0 <= noise_comment_prob <= 1:
         raise ValueError(f"noise_comment_prob must be in [0, 1], got {noise_comment_prob}")
-    if n_train < 1 or n_test < 1:
+    if min(n_train, n_test, n_validation) < 1:
         raise ValueError(
-            f"need at least one problem per split, got n_train={n_train}, n_test={n_test}"
+            "need at least one problem per split, got "
+            f"n_train={n_train}, n_test={n_test}, n_validation={n_validation}"
         )
+    if n_test >= SPLIT_IDS["validation"] - SPLIT_IDS["test"] or n_validation >= SPLIT_IDS["train"] - SPLIT_IDS["validation"]:
+        raise ValueError("tiny-mbpp splits of 50000 problems or more would share task ids")
     seen: set[tuple[str, str]] = set()
     test = sample_problems(n_test, random.Random(f"tiny-mbpp-test-{seed}"), seen)
     train = sample_problems(n_train, random.Random(f"tiny-mbpp-train-{seed}"), seen)
+    validation = sample_problems(n_validation, random.Random(f"tiny-mbpp-validation-{seed}"), seen)
     noise_rng = random.Random(f"tiny-mbpp-noise-{seed}")
-    return _rows(train, 100001, noise_rng, noise_comment_prob), _rows(test, 1, None, 0.0)
+    return {
+        "train": _rows(train, SPLIT_IDS["train"], noise_rng, noise_comment_prob),
+        "validation": _rows(validation, SPLIT_IDS["validation"], None, 0.0),
+        "test": _rows(test, SPLIT_IDS["test"], None, 0.0),
+    }
 
 
 def write_parquet(frame: pd.DataFrame, path: str | Path) -> Path:
@@ -474,13 +489,12 @@ def write_parquet(frame: pd.DataFrame, path: str | Path) -> Path:
 
 
 def write_splits(
-    out_dir: str | Path, n_train: int, n_test: int, seed: int, noise_comment_prob: float
-) -> tuple[Path, Path]:
-    """Write `train.parquet` and `test.parquet` (atomically) into `out_dir`."""
-    train, test = make_tiny_mbpp(n_train, n_test, seed, noise_comment_prob)
-    return write_parquet(train, Path(out_dir) / "train.parquet"), write_parquet(
-        test, Path(out_dir) / "test.parquet"
-    )
+    out_dir: str | Path, n_train: int, n_test: int, seed: int, noise_comment_prob: float,
+    n_validation: int = 100,
+) -> dict[str, Path]:  # fmt: skip
+    """Write `{split}.parquet` for every split (atomically) into `out_dir`."""
+    splits = make_tiny_mbpp(n_train, n_test, seed, noise_comment_prob, n_validation)
+    return {name: write_parquet(frame, Path(out_dir) / f"{name}.parquet") for name, frame in splits.items()}
 
 
 def corpus_documents(n: int, seed: int, statement_prob: float = 0.7) -> list[str]:
