@@ -294,7 +294,8 @@ def optimizer_steps(
 class CriticSettings(Strict):
     """Stage 1 of critic-wmtp: Monte-Carlo values of the training solutions' line
     boundaries on the frozen base model, and the gate that checks the deltas
-    (docs/design.md). One critic serves every training seed."""
+    (docs/design.md). One critic per training seed, which seeds its sampling and its
+    choice of problems (so the critic's noise is inside the seeds' interval)."""
 
     reward: Literal["execution", "reward_model"] = Field(
         "execution",
@@ -323,20 +324,25 @@ class CriticSettings(Strict):
         "of the others gets delta 0",
     )
     batch_size: PositiveInt = Field(16, description="sequences per sampling batch")
-    seed: Annotated[int, Field(ge=0)] = Field(
-        0,
-        description="the critic's sampling and problem-choice seed; the frozen base and the gold "
-        "solutions do not depend on the training seed, so one critic serves every seed",
-    )
     gate_problems: PositiveInt = Field(
         40,
-        description="problems of the table whose per-line deltas the gate checks against a fresh "
-        "Monte-Carlo estimate (other samples), a seeded choice; strength: auto comes from it",
+        description="training-split problems (never validation or test) of the table whose per-line "
+        "deltas the gate checks against a fresh Monte-Carlo estimate (other samples, another seed), a "
+        "seeded choice among the valued ones, never fitted by the value head; strength: auto comes from it",
     )
     gate_rollouts: PositiveInt = Field(8, description="continuations per line boundary of the gate's fresh estimate")
     gate_resamples: PositiveInt = Field(
         1000, description="bootstrap resamples of the gate problems for the interval of the gate statistic"
     )
+    value_head: bool = Field(
+        False,
+        description="fit a value head (frozen trunk state at a line boundary -> its Monte-Carlo value) "
+        "on the valued problems and let it value the problems beyond max_problems; off = those "
+        "get delta 0 (baseline weights)",
+    )
+    head_hidden_dim: PositiveInt = Field(256, description="value-head MLP width")
+    head_lr: PositiveFloat = Field(1e-3, description="value-head learning rate (AdamW, full batch)")
+    head_epochs: PositiveInt = Field(200, description="value-head full-batch steps")
 
 
 def _overrides_of(section: type[BaseModel]) -> type[BaseModel]:

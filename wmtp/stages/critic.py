@@ -20,10 +20,10 @@ solutions, so that is where the values are needed, and a pass rate of the base's
 own continuations is an estimate of the value with no model in between (the
 earlier value head, fitted on the base's rollouts and read on gold solutions,
 was judged by the explained variance of returns, which problem difficulty alone
-can earn). Every seed of critic-wmtp reads the same table: the base is frozen and
-the solutions fixed, so only the critic's own sampling seed (`critic.seed`)
-could differ; one table costs a third of three, and the gate measures how much
-its sampling noise matters.
+can earn). Each training seed has its own critic (the seed fixes its sampling and
+its choice of problems), so the critic's sampling noise is inside the seeds'
+interval, as it was for the value-head critic; the gate measures how much of it
+the weights carry.
 
 Why a line's delta goes to every token of the line: the line is the unit that
 was valued (VinePPO gives each token of a step the step's advantage), and
@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 TABLE_FILE = "values.parquet"
-FRESH_SEED_OFFSET = 1  # the gate's fresh estimate samples with critic.seed + this
+FRESH_SEED_OFFSET = 1  # the gate's fresh estimate samples with the seed + this
 
 
 class ValueHead(nn.Module):
@@ -86,10 +86,10 @@ class CriticOutputs:
     table: Path
 
 
-def choose_problems(n: int, settings: CriticSettings) -> tuple[list[int], list[int]]:
+def choose_problems(n: int, settings: CriticSettings, seed: int) -> tuple[list[int], list[int]]:
     """(valued, gate): the seeded `max_problems` of n examples valued by Monte Carlo
     (all when None) and the `gate_problems` of those the gate re-estimates."""
-    order = np.random.default_rng([settings.seed, 0]).permutation(n)
+    order = np.random.default_rng([seed, 0]).permutation(n)
     valued = order if settings.max_problems is None else order[: settings.max_problems]
     gate = valued[: min(settings.gate_problems, len(valued))]
     return sorted(int(i) for i in valued), sorted(int(i) for i in gate)
@@ -186,11 +186,11 @@ def boundary_states(model, solutions: Sequence[Solution], pad_id: int, batch_siz
 
 
 def fit_boundary_head(
-    states: Sequence[torch.Tensor], values: Sequence[np.ndarray], settings: CriticSettings
+    states: Sequence[torch.Tensor], values: Sequence[np.ndarray], settings: CriticSettings, seed: int
 ) -> tuple[ValueHead, list[float]]:
     """A value head fitted (MSE, full batch, seeded) to the Monte-Carlo values of the
     boundaries whose frozen-trunk states are `states`; returns it and its loss per epoch."""
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(seed)
     x = torch.cat(list(states))  # (N, D)
     y = torch.from_numpy(np.concatenate(values)).float()  # (N,)
     head = ValueHead(x.shape[-1], settings.head_hidden_dim)
@@ -228,11 +228,12 @@ def _value_stats(solutions: Sequence[Solution], values: Sequence[np.ndarray]) ->
 def gate(
     table_deltas: Sequence[np.ndarray], fresh: Estimate, head_deltas: Sequence[np.ndarray] | None,
     settings: CriticSettings,
+    seed: int,
 ) -> tuple[dict, dict | None, float]:
     """The gate record of the table's Monte-Carlo deltas, that of the head's deltas
     (None without a head) and lambda: the smaller of their auto_strength, since the
     one lambda scales the weights from both sources."""
-    kwargs = {"n_resamples": settings.gate_resamples, "seed": settings.seed}
+    kwargs = {"n_resamples": settings.gate_resamples, "seed": seed}
     fresh_deltas = fresh.line_deltas()
     mc = gate_statistic(list(table_deltas), fresh_deltas, **kwargs)
     lam = auto_strength(mc["value"], mc["interval"])
@@ -247,6 +248,7 @@ def train_critic(
     base_model_dir: str | Path,
     train_path: str | Path,
     settings: CriticSettings,
+    seed: int,
     out_dir: str | Path,
     device: str | torch.device = "cpu",
     *,
@@ -273,7 +275,7 @@ def train_critic(
     solutions = [
         critic_mc.solution_lines(tokenizer, e, rows[e.sample_id], settings.max_lines) for e in examples
     ]
-    valued, gated = choose_problems(len(solutions), settings)
+    valued, gated = choose_problems(len(solutions), settings, seed)
     model = load_model(base_model_dir, device=device).eval().requires_grad_(False)
     judge = (
         reward_model_judge(reward_model_dir, device)
@@ -283,7 +285,7 @@ def train_critic(
     timer = Timer()
     estimate = monte_carlo(
         model, tokenizer, [solutions[i] for i in valued], settings,
-        rollouts=settings.rollouts, seed=settings.seed, judge=judge, timer=timer,
+        rollouts=settings.rollouts, seed=seed, judge=judge, timer=timer,
     )  # fmt: skip
     values = dict(zip(valued, estimate.values, strict=True))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -291,25 +293,25 @@ def train_critic(
     head_part, head_gate_deltas = {}, None
     if rest and settings.value_head:
         head_part, head_gate_deltas = _head_predictions(
-            model, solutions, values, rest, gated, settings, pad_id, device
+            model, solutions, values, rest, gated, settings, seed, pad_id, device
         )
     fresh = monte_carlo(
         model, tokenizer, [solutions[i] for i in gated], settings, rollouts=settings.gate_rollouts,
-        seed=settings.seed + FRESH_SEED_OFFSET, judge=judge, timer=Timer(),
+        seed=seed + FRESH_SEED_OFFSET, judge=judge, timer=Timer(),
     )  # fmt: skip
     gate_mc, gate_head, lam = gate(
-        [np.diff(values[i]) for i in gated], fresh, head_gate_deltas, settings
+        [np.diff(values[i]) for i in gated], fresh, head_gate_deltas, settings, seed
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     token_value, token_delta = _table_columns(solutions, {**values, **head_part.get("values", {})})
     meta = table_metadata(
-        base_model_dir, tokenizer, len(examples), settings.seed, gate_mc["value"],
+        base_model_dir, tokenizer, len(examples), seed, gate_mc["value"],
         gate={"monte_carlo": gate_mc, "head": gate_head}, strength=lam,
     )  # fmt: skip
     table_path = write_value_table(examples, token_value, out_dir / TABLE_FILE, meta, deltas=token_delta)
     metrics = {
-        "seed": settings.seed,
+        "seed": seed,
         "settings": settings.model_dump(mode="json"),
         "gate": gate_mc,
         "gate_head": gate_head,
@@ -336,14 +338,14 @@ def train_critic(
     return CriticOutputs(metrics_path, table_path)
 
 
-def _head_predictions(model, solutions, values, rest, gated, settings, pad_id, device):
+def _head_predictions(model, solutions, values, rest, gated, settings, seed, pad_id, device):
     """Fit a value head on the valued problems but the gate's, predict the
     boundaries of the `rest` and of the gate problems (for the gate)."""
     fit = [i for i in values if i not in set(gated)]
     if not fit:
         raise ValueError("critic.value_head: no valued problem is left to fit it on (all are gate problems)")
     states = boundary_states(model, solutions, pad_id, settings.batch_size, device)
-    head, losses = fit_boundary_head([states[i] for i in fit], [values[i] for i in fit], settings)
+    head, losses = fit_boundary_head([states[i] for i in fit], [values[i] for i in fit], settings, seed)
     predicted = dict(zip(rest, head_values(head, [states[i] for i in rest]), strict=True))
     gate_deltas = [np.diff(v) for v in head_values(head, [states[i] for i in gated])]
     stats = {"n_fitted": len(fit), "loss_first": losses[0], "loss_last": losses[-1]}

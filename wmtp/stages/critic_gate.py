@@ -5,16 +5,24 @@ softmax: what reaches the loss is which lines the deltas rank above which. So
 the gate compares rankings. On the gate problems the critic's per-line deltas
 (the ones the value table holds) are set against a second Monte-Carlo estimate
 of the same advantages made from other samples (another sampling seed), and the
-statistic is Spearman's rank correlation over every (problem, line) pair.
+statistic is Spearman's rank correlation over every (problem, line) pair, each
+side centred on its problem's mean delta first.
+
+Why centred: a problem's deltas sum to (gold reward - V(s0)), so the lines of a
+problem the base cannot start get large deltas in any estimate. Pooled raw, a
+critic that knows only which problems are hard (the same delta on every line of
+a problem) would earn a high rho without ranking a single line, the flaw of the
+explained variance of returns. Centred, that critic has nothing left to rank
+(all zeros, no rho), and what is compared is which lines of a problem matter
+more than its others. Problems with one line have nothing to rank and are left
+out (`n_problems` counts the rest).
 
 Why this statistic, and why it can stand for lambda (`strength: auto`):
 - Two independent noisy estimates of the same advantages correlate less than
   either does with the truth (the fresh estimate's own noise attenuates the
   correlation), so rho is a conservative measure of how well the table's ranking
   matches the base model's true per-line advantages; a constant or random
-  critic gets rho ~ 0 whatever the problems' difficulty, which the explained
-  variance of returns did not (a critic that only knows which problems are
-  easy explained variance without ranking a single line).
+  critic gets rho ~ 0 whatever the problems' difficulty.
 - lambda = clip(rho, 0, 1) when the bootstrap interval of rho (problems
   resampled with replacement, the unit that was sampled) lies above 0, else 0:
   weights move away from 1 only as far as the deltas are shown to rank lines
@@ -32,7 +40,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-STATISTIC = "spearman"
+STATISTIC = "spearman_within_problem"
 CONFIDENCE = 0.95
 
 
@@ -60,17 +68,26 @@ def top_line_agreement(predicted: Sequence[np.ndarray], fresh: Sequence[np.ndarr
     return (hits / n if n else None), n
 
 
+def centred(deltas: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Each problem's line deltas minus their mean (module docstring: why)."""
+    return [np.asarray(d, dtype=float) - np.mean(d) for d in deltas]
+
+
 def gate_statistic(
     predicted: Sequence[np.ndarray], fresh: Sequence[np.ndarray], *, n_resamples: int, seed: int
 ) -> dict:
     """Spearman's rho between the critic's per-line deltas and fresh ones (one array
-    per gate problem, the same lines on both sides), with a percentile bootstrap
-    interval over problems, and the top-line agreement. JSON-ready."""
+    per gate problem, the same lines on both sides), each centred on its problem's
+    mean, with a percentile bootstrap interval over problems, and the top-line
+    agreement. JSON-ready."""
     if len(predicted) != len(fresh):
         raise ValueError(f"{len(predicted)} predicted vs {len(fresh)} fresh gate problems")
     for i, (p, f) in enumerate(zip(predicted, fresh, strict=True)):
         if len(p) != len(f):
             raise ValueError(f"gate problem {i}: {len(p)} predicted vs {len(f)} fresh line deltas")
+    agreement, n_top = top_line_agreement(predicted, fresh)
+    ranked = [i for i, p in enumerate(predicted) if len(p) > 1]
+    predicted, fresh = centred([predicted[i] for i in ranked]), centred([fresh[i] for i in ranked])
     pooled_p = np.concatenate(predicted) if predicted else np.array([])
     pooled_f = np.concatenate(fresh) if fresh else np.array([])
     rho = spearman(pooled_p, pooled_f)
@@ -88,7 +105,6 @@ def gate_statistic(
         if np.isfinite(draws).any():
             tail = 100 * (1 - CONFIDENCE) / 2
             interval = [float(v) for v in np.nanpercentile(draws, [tail, 100 - tail])]
-    agreement, n_top = top_line_agreement(predicted, fresh)
     return {
         "statistic": STATISTIC,
         "value": rho,
