@@ -42,6 +42,7 @@ import pandas as pd
 
 STATISTIC = "spearman_within_problem"
 CONFIDENCE = 0.95
+TIE_TOLERANCE = 1e-9  # deltas are rewards' differences, in [-1, 1]
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
@@ -69,8 +70,14 @@ def top_line_agreement(predicted: Sequence[np.ndarray], fresh: Sequence[np.ndarr
 
 
 def centred(deltas: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Each problem's line deltas minus their mean (module docstring: why)."""
-    return [np.asarray(d, dtype=float) - np.mean(d) for d in deltas]
+    """Each problem's line deltas minus their mean (module docstring: why). Rounding
+    residue (|x| < TIE_TOLERANCE: equal deltas whose mean is not exact in floating
+    point) is set to 0, so equal deltas stay tied instead of being ranked by noise."""
+    out = []
+    for d in deltas:
+        c = np.asarray(d, dtype=float) - np.mean(d)
+        out.append(np.where(np.abs(c) < TIE_TOLERANCE, 0.0, c))
+    return out
 
 
 def gate_statistic(
