@@ -225,6 +225,15 @@ def auto_strength(statistic: float | None, interval: Sequence[float] | None = No
     return float(np.clip(statistic, 0.0, 1.0))
 
 
+def read_gate(path: str | Path) -> tuple[dict, float]:
+    """(gate record, lambda of `strength: auto`) from a value table's metadata alone,
+    without reading its rows (the report's critic rows)."""
+    raw = pq.read_schema(path).metadata or {}
+    if raw.get(META_FORMAT) != FORMAT.encode():
+        raise ValueError(f"{path}: not a value table written by wmtp.stages.value_table")
+    return json.loads(raw[META_GATE]), float(json.loads(raw[META_STRENGTH]))
+
+
 class ValueTable:
     """In-memory value table for the trainer: `lookup` gives a batch's deltas."""
 
