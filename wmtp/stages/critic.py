@@ -282,7 +282,7 @@ def train_critic(
         if settings.reward == "reward_model"
         else critic_mc.execution_judge(timeout=timeout, memory_mb=memory_mb, workers=workers)
     )
-    timer = Timer()
+    timer, gate_timer = Timer(), Timer()
     estimate = monte_carlo(
         model, tokenizer, [solutions[i] for i in valued], settings,
         rollouts=settings.rollouts, seed=seed, judge=judge, timer=timer,
@@ -297,7 +297,7 @@ def train_critic(
         )
     fresh = monte_carlo(
         model, tokenizer, [solutions[i] for i in gated], settings, rollouts=settings.gate_rollouts,
-        seed=seed + FRESH_SEED_OFFSET, judge=judge, timer=Timer(),
+        seed=seed + FRESH_SEED_OFFSET, judge=judge, timer=gate_timer,
     )  # fmt: skip
     gate_mc, gate_head, lam = gate(
         [np.diff(values[i]) for i in gated], fresh, head_gate_deltas, settings, seed
@@ -322,12 +322,14 @@ def train_critic(
         "n_zero": len(rest) - len(head_part.get("values", {})),
         "n_prompts": estimate.n_prompts,
         "n_continuations": estimate.n_continuations,
+        "n_gate_continuations": fresh.n_continuations,
         "n_prefix_mismatch": estimate.n_prefix_mismatch,
         "values": _value_stats([solutions[i] for i in valued], estimate.values),
         "gate_fresh_values": _value_stats([solutions[i] for i in gated], fresh.values),
         "head": head_part.get("stats"),
         "seconds": {
             **{k: round(v, 2) for k, v in timer.seconds.items()},
+            **{f"gate_{k}": round(v, 2) for k, v in gate_timer.seconds.items()},
             "total": round(time.perf_counter() - started, 2),
         },
         "value_table": table_summary(train_rows, tokenizer, examples, token_value, token_delta),
