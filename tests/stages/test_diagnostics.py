@@ -198,7 +198,7 @@ def test_report_shows_the_critic_and_what_each_method_weights(tmp_path):
     import pyarrow.parquet as pq
 
     from tests.stages.test_report import SEEDS, _config, _write_results
-    from wmtp.stages import value_table as vt
+    from wmtp.stages import value_table_meta as vt
 
     files = _write_results(tmp_path)
     critics = []

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from wmtp.core.sample import generate
 from wmtp.data.prompts import MBPP_STOP, chat_completion, generation_stops, prompt_format, training_pair
 from wmtp.data.training import Example
 from wmtp.sandbox.runner import Job, run_many
@@ -170,8 +171,6 @@ def sample_continuations(
 ) -> list[list[str]]:
     """`rollouts` continuations of each prompt from the frozen base (wmtp.core.sample.generate,
     head 0, stopped where evaluation of this prompt format stops)."""
-    from wmtp.core.sample import generate
-
     return generate(
         model,
         tokenizer,

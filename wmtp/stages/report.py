@@ -41,11 +41,12 @@ import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from wmtp.config import registry
-from wmtp.config.paths import TABLE_CSV, parse_row_file
+from wmtp.config.paths import CRITIC_TABLE, TABLE_CSV, parse_row_file
 from wmtp.config.registry import BASE_ROW, BASELINE
 from wmtp.config.schema import PipelineConfig, Recipe, config_hash
 from wmtp.infra.atomic import atomic_file, write_text_atomic
 from wmtp.stages import diagnostics, evaluate, intervals
+from wmtp.stages.value_table_meta import read_gate
 
 # metrics.parquet: our name -> accepted column names, first present wins.
 _COLUMNS = {
@@ -521,9 +522,6 @@ def critic_summaries(paths: list[str | Path]) -> list[dict]:
     beside metrics.json; results copied without the table fall back to the copy of
     the same record the stage wrote into metrics.json), and what its deltas do per
     token class."""
-    from wmtp.config.paths import CRITIC_TABLE
-    from wmtp.stages.value_table import read_gate
-
     rows = []
     for path in paths:
         payload = json.loads(Path(path).read_text())

@@ -43,6 +43,18 @@ from wmtp.core.weights import critic_deltas
 from wmtp.data.training import PACK_SEPARATOR, Example, collate, tokenizer_hash
 from wmtp.infra.atomic import atomic_file
 from wmtp.stages.refce import align_to_batch, read_per_token
+from wmtp.stages.value_table_meta import (
+    FORMAT,
+    META_BASE,
+    META_BASE_FINGERPRINT,
+    META_FORMAT,
+    META_GATE,
+    META_SAMPLES,
+    META_SEED,
+    META_STRENGTH,
+    META_TOKENIZER,
+    read_gate,
+)
 
 SCHEMA = pa.schema(
     [
@@ -53,15 +65,6 @@ SCHEMA = pa.schema(
         ("delta", pa.float32()),
     ]
 )
-META_FORMAT = b"wmtp.format"
-FORMAT = "wmtp-value-table"
-META_BASE = b"wmtp.base_model"
-META_BASE_FINGERPRINT = b"wmtp.base_model_fingerprint"
-META_TOKENIZER = b"wmtp.tokenizer_hash"
-META_SAMPLES = b"wmtp.n_samples"
-META_SEED = b"wmtp.critic_seed"
-META_GATE = b"wmtp.critic_gate"
-META_STRENGTH = b"wmtp.auto_strength"
 
 
 def base_model_fingerprint(model_dir: str | Path) -> str:
@@ -223,15 +226,6 @@ def auto_strength(statistic: float | None, interval: Sequence[float] | None = No
     if interval is not None and not interval[0] > 0:
         return 0.0
     return float(np.clip(statistic, 0.0, 1.0))
-
-
-def read_gate(path: str | Path) -> tuple[dict, float]:
-    """(gate record, lambda of `strength: auto`) from a value table's metadata alone,
-    without reading its rows (the report's critic rows)."""
-    raw = pq.read_schema(path).metadata or {}
-    if raw.get(META_FORMAT) != FORMAT.encode():
-        raise ValueError(f"{path}: not a value table written by wmtp.stages.value_table")
-    return json.loads(raw[META_GATE]), float(json.loads(raw[META_STRENGTH]))
 
 
 class ValueTable:
