@@ -74,3 +74,22 @@ def test_a_reversed_critic_gets_lambda_zero_and_one_line_problems_are_left_out()
     with pytest.raises(ValueError, match="gate problem 0: 2 predicted vs 3"):
         gate_statistic([np.zeros(2)], [np.zeros(3)], n_resamples=10, seed=0)
     assert auto_strength(0.5, [-0.1, 0.9]) == 0.0 and auto_strength(1.3, [0.2, 1.0]) == 1.0
+
+
+def test_the_stage_gives_lambda_zero_without_an_interval():
+    """One gate problem has a rho (its lines ranked) but no interval over problems:
+    the stage's lambda is 0, not rho."""
+    from wmtp.config.schema import CriticSettings
+    from wmtp.stages.critic import gate
+    from wmtp.stages.critic_mc import Estimate
+
+    truth = np.array([0.0, 0.6, 0.4])
+    fresh = Estimate([np.array([0.0, 0.0, 0.6, 1.0])], 3, 12, 0)
+    settings = CriticSettings(gate_resamples=20)
+    record, head, lam = gate([truth], fresh, None, settings, 0)
+    assert record["value"] == pytest.approx(1.0) and record["interval"] is None and head is None
+    assert lam == 0.0
+    truths, fresh_deltas = true_advantages()
+    fresh = Estimate([np.concatenate([[0.0], np.cumsum(f)]) for f in fresh_deltas], 0, 0, 0)
+    record, head, lam = gate(truths, fresh, [np.zeros_like(t) for t in truths], settings, 0)
+    assert lam == 0.0 < record["value"] and head["value"] is None  # the smaller of the two gates'

@@ -236,12 +236,21 @@ def gate(
     kwargs = {"n_resamples": settings.gate_resamples, "seed": seed}
     fresh_deltas = fresh.line_deltas()
     mc = gate_statistic(list(table_deltas), fresh_deltas, **kwargs)
-    lam = auto_strength(mc["value"], mc["interval"])
+    lam = gate_strength(mc)
     head = None
     if head_deltas is not None:
         head = gate_statistic(list(head_deltas), fresh_deltas, **kwargs)
-        lam = min(lam, auto_strength(head["value"], head["interval"]))
+        lam = min(lam, gate_strength(head))
     return mc, head, lam
+
+
+def gate_strength(record: dict) -> float:
+    """lambda of one gate record: auto_strength of rho and its interval; 0 without an
+    interval (fewer than two gate problems with lines to rank): a rho nothing can
+    tell from noise moves no weight."""
+    if record["interval"] is None:
+        return 0.0
+    return auto_strength(record["value"], record["interval"])
 
 
 def train_critic(
