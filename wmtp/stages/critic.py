@@ -6,12 +6,13 @@
          per boundary from the frozen base, executed in the sandbox; a boundary's
          value is their pass rate, a line's delta the value after it minus the
          value before it (VinePPO; Math-Shepherd)
-      -> the other problems, if any: a value head fitted to those values (frozen
-         trunk state at each boundary -> value) predicts their boundaries' values
+      -> the other problems, if any: with `value_head`, a head fitted to those
+         values (frozen trunk state at each boundary -> value) predicts their
+         boundaries' values; without, their tokens get delta 0
       -> the value table (wmtp.stages.value_table): every token of a line gets
          that line's delta
       -> the gate (wmtp.stages.critic_gate): on `gate_problems` of the valued
-         problems, Spearman's rho of the table's per-line deltas against a fresh
+         problems (the training split's: never validation or test), Spearman's rho of the table's per-line deltas against a fresh
          Monte-Carlo estimate from other samples (and, with a head, of the head's
          deltas, the gate problems never being fitted) -> lambda of `strength: auto`
 
