@@ -1,5 +1,6 @@
-"""Sampling: determinism, batch-size independence, padding, stops, HF models; and
-decoding with the MTP heads: speculative greedy decoding equal to greedy decoding
+"""Sampling: determinism whatever the batch size and scheduling, greedy output equal
+to the sampler before continuous batching (`reference_sampler.py`), padding,
+stops, HF models; and decoding with the MTP heads: speculative greedy decoding equal to greedy decoding
 token for token, speculative sampling distributed as plain sampling (chi-square
 tests that also catch broken acceptance rules), and the batched KV bookkeeping."""
 
@@ -10,9 +11,11 @@ import functools
 import pytest
 import torch
 from conftest import tiny_config
+from reference_sampler import old_generate
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from wmtp.core import sample
+from wmtp.core.checkpoints import mtp_from_hf_llama
 from wmtp.core.loss import weighted_mtp_loss
 from wmtp.core.model import MTPModel
 from wmtp.core.sample import (
@@ -20,13 +23,22 @@ from wmtp.core.sample import (
     _decode_batch,
     _Decoder,
     _draw,
-    _generate_batch,
+    _Rule,
     _sample_seed,
+    _sample_tokens,
     generate,
     speculative_generate,
 )
 
 PROMPTS = ["def add(a, b):\n", "class Model:\n    def forward(self, x", "import"]
+# prompts of many lengths (one of a single token), and stops that end completions at
+# different steps: rows of a batch finish apart, so finished rows are replaced by
+# waiting ones mid-batch
+MORE_PROMPTS = PROMPTS + [
+    "x = 1\n", "def main():\n    for i in range(3):\n        print(", "while True:\n",
+    "x", "# a comment\nimport os\n\n\ndef path(name):\n    ",
+]  # fmt: skip
+STOPS = ("\n", ")")
 TEXT = "def f(x):\n    return x + 1\n\n" * 4 + "for i in range(10):\n    print(i)\n" * 4
 
 
@@ -35,6 +47,16 @@ def model(tiny_tokenizer) -> MTPModel:
     model = MTPModel(tiny_config(vocab_size=len(tiny_tokenizer), n_future_tokens=3, n_layers=5))
     model.init_weights(seed=0)
     return model
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tiny_tokenizer) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +89,75 @@ def test_same_seed_same_samples_whatever_the_batch_size(speculative, trained, ti
     first = sample_(batch_size=4)
     assert len(first) == len(PROMPTS) and all(len(s) == 2 for s in first)
     assert sample_(batch_size=4) == first
-    assert sample_(batch_size=1) == first
-    assert sample_(batch_size=6) == first
+    for batch_size in (1, 3, 6, 16):
+        assert sample_(batch_size=batch_size) == first
     assert sample_(batch_size=4, seed=4) != first
+
+
+class _CountCompactions:
+    def __init__(self, monkeypatch) -> None:
+        self.count, compact = 0, _Decoder._compact
+
+        def counted(decoder) -> None:
+            self.count += 1
+            compact(decoder)
+
+        monkeypatch.setattr(_Decoder, "_compact", counted)
+
+
+@pytest.mark.parametrize("kind", ["mtp", "hf"])
+@pytest.mark.parametrize("slack", [0, 1000])
+def test_samples_do_not_depend_on_scheduling(kind, slack, trained, hf_llama, tiny_tokenizer,
+                                             monkeypatch):  # fmt: skip
+    """A (prompt, sample) pair's completion is the same whatever the batch size, however
+    many samples are drawn per prompt (so how a prompt's samples fall into batches and
+    which rows they replace), whenever the rows are compacted, for our model
+    (continuous batching) and a Hugging Face one (chunks)."""
+    monkeypatch.setattr(sample, "SLOTS_SLACK", slack)
+    compactions = _CountCompactions(monkeypatch)
+    model = trained if kind == "mtp" else hf_llama
+    settings = dict(temperature=1.0, top_p=0.9, max_new_tokens=16, seed=3, stop=STOPS,
+                    with_decoded_tokens=True)  # fmt: skip
+    first, decoded = generate(model, tiny_tokenizer, MORE_PROMPTS, n=4, batch_size=16, **settings)
+    assert len({d for row in decoded for d in row}) > 3, "rows should end at different steps"
+    for batch_size in (1, 3):
+        assert generate(model, tiny_tokenizer, MORE_PROMPTS, n=4, batch_size=batch_size,
+                        **settings) == (first, decoded)  # fmt: skip
+    fewer = generate(model, tiny_tokenizer, MORE_PROMPTS, n=3, batch_size=5, **settings)
+    assert fewer == ([row[:3] for row in first], [row[:3] for row in decoded])
+    assert any(len(set(row)) > 1 for row in first), "samples should differ"
+    if kind == "mtp":
+        assert (compactions.count > 0) == (slack == 0)
+
+
+@pytest.mark.parametrize("kind", ["random", "trained", "hf"])
+@pytest.mark.parametrize("slack", [0, None])
+def test_greedy_equals_the_old_sampler(kind, slack, request, hf_llama, tiny_tokenizer,
+                                       monkeypatch):  # fmt: skip
+    """Greedy completions and their decoded lengths are the old sampler's
+    (`reference_sampler.py`: static batches, HF layers), at every batch size."""
+    if slack is not None:
+        monkeypatch.setattr(sample, "SLOTS_SLACK", slack)
+    model = {"random": "model", "trained": "trained", "hf": "hf_llama"}[kind]
+    model = request.getfixturevalue(model)
+    settings = dict(n=2, temperature=0.0, top_p=1.0, max_new_tokens=24, seed=0, stop=STOPS,
+                    with_decoded_tokens=True)  # fmt: skip
+    expected = old_generate(model, tiny_tokenizer, MORE_PROMPTS, batch_size=16, **settings)
+    assert len({d for row in expected[1] for d in row}) > 1, "rows should end at different steps"
+    for batch_size in (1, 3, 16):
+        got = generate(model, tiny_tokenizer, MORE_PROMPTS, batch_size=batch_size, **settings)
+        assert got == expected
+
+
+def test_both_decoding_paths_sample_alike(hf_llama, tiny_tokenizer):
+    """The same weights as a Hugging Face Llama (decoded in chunks) and as our model
+    (continuous batching on `_Decoder`) give the same samples: the same logits,
+    the same uniforms per (prompt, sample), the same rule."""
+    ours = mtp_from_hf_llama(hf_llama, n_future_tokens=1)
+    settings = dict(n=3, temperature=1.0, top_p=0.9, max_new_tokens=16, seed=5, stop=STOPS,
+                    batch_size=4, with_decoded_tokens=True)  # fmt: skip
+    theirs = generate(hf_llama, tiny_tokenizer, MORE_PROMPTS, **settings)
+    assert generate(ours, tiny_tokenizer, MORE_PROMPTS, **settings) == theirs
 
 
 def test_greedy_samples_agree_and_padding_does_not_matter(model, tiny_tokenizer):
@@ -100,13 +188,8 @@ def test_completions_are_cut_at_stop_sequences(speculative, trained, tiny_tokeni
     )
 
 
-def test_hf_causal_lm_generates_with_left_padding(tiny_tokenizer):
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(config)
+def test_hf_causal_lm_generates_with_left_padding(hf_llama, tiny_tokenizer):
+    hf = hf_llama
     batched = generate(hf, tiny_tokenizer, PROMPTS, n=1, temperature=0.0, top_p=1.0,
                        max_new_tokens=10, seed=0, stop=())  # fmt: skip
     alone = [
@@ -336,10 +419,10 @@ def _sampled(model, prompt: list[int], draft: bool) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def plain_samples(trained, tiny_tokenizer, exact) -> list[list[int]]:
     """DRAWS continuations from `generate`'s sampler (the evaluation's reference)."""
-    generators = [torch.Generator().manual_seed(_sample_seed(5, 0, j)) for j in range(DRAWS)]
-    return _generate_batch(trained, tiny_tokenizer, [exact[0]] * DRAWS, generators,
-                           temperature=TEMPERATURE, top_p=TOP_P, max_new_tokens=LENGTH,
-                           stop=())  # fmt: skip
+    pairs = _sample_tokens(trained, [exact[0]], n=DRAWS, rule=_Rule(TEMPERATURE, TOP_P), pad=0,
+                           seed=5, max_new_tokens=LENGTH, batch_size=64,
+                           finished=lambda tokens: False)  # fmt: skip
+    return [pair.tokens for pair in pairs]
 
 
 def test_speculative_sampling_is_plain_sampling(trained, exact, plain_samples):

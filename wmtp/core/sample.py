@@ -3,18 +3,25 @@ MTP heads drafting (`speculative_generate`: self-speculative greedy decoding and
 lossless speculative sampling, batched; see docs/decoding.md).
 
 `generate` works for our `MTPModel` (head 0 is the next-token model) and for any
-Hugging Face causal LM. Prompts are left-padded so every row's next token sits at
-the last column; positions skip the padding, so a prompt decodes the same alone
-or in a batch. Every (prompt, sample) pair draws from its own `torch.Generator`
-seeded from (seed, prompt index, sample index): the same seed gives the same
-completions whatever the batch size (up to floating-point differences between
-batch shapes, which can flip a near-tie).
+Hugging Face causal LM. Each prompt is prefilled once, alone, and its KV cache
+copied to its samples. An `MTPModel` then decodes with continuous batching: a
+fixed set of cache rows, a finished row taking the next waiting (prompt, sample)
+at once (`_generate_slots`, on `_Decoder`'s machinery); other models decode a
+chunk of pairs at a time, finished rows leaving the cache (`_generate_chunks`).
+Positions count a row's own tokens only (padding and holes skipped), so a
+prompt decodes the same alone or in a batch. Tokens are chosen on the model's
+device by inverting the nucleus distribution at uniforms that every (prompt,
+sample) pair draws from its own `torch.Generator`, seeded from (seed, prompt
+index, sample index): the same seed gives the same completions whatever the
+batch size or the order pairs are scheduled in (up to floating-point
+differences between batch shapes, which can flip a near-tie).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -74,22 +81,6 @@ def _sorted_nucleus(
     return sorted_probs.masked_fill(outside, 0.0), order
 
 
-def _choose(
-    logits: torch.Tensor, temperature: float, top_p: float, generators: list[torch.Generator]
-) -> torch.Tensor:
-    """Next token per row from `logits` (B, V): argmax when temperature == 0, else
-    nucleus sampling, each row with its own generator."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    sorted_probs, order = _sorted_nucleus(logits, temperature, top_p)  # (B, V) each
-    picks = [
-        torch.multinomial(row.cpu(), 1, generator=gen)
-        for row, gen in zip(sorted_probs, generators, strict=True)
-    ]
-    picked = torch.cat(picks).to(logits.device)  # (B,) index into the sorted order
-    return order.gather(-1, picked.unsqueeze(-1)).squeeze(-1)
-
-
 def _end_ids(tokenizer, eos_token_ids: Collection[int] | None) -> frozenset[int]:
     """The ids that end a completion: `eos_token_ids`, else the tokenizer's EOS."""
     if eos_token_ids is not None:
@@ -129,40 +120,185 @@ def _stopped(
     return any(s in text for s in stop)
 
 
-@torch.inference_mode()
-def _generate_batch(
-    model,
-    tokenizer,
-    prompt_ids: list[list[int]],
-    generators,
-    *,
-    temperature,
-    top_p,
-    max_new_tokens,
-    stop,
-    eos_token_ids: Collection[int] | None = None,
-) -> list[list[int]]:
-    device = _device(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    width = max(len(p) for p in prompt_ids)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids], device=device)  # (B, L)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids], device=device)
+@dataclass
+class _Pair:
+    """One (prompt, sample) pair of `generate` and the tokens decoded for it."""
+
+    prompt: int
+    sample: int
+    tokens: list[int] = field(default_factory=list)
+
+
+def _pair_uniforms(pairs: list[_Pair], seed: int, steps: int, device) -> torch.Tensor:
+    """(len(pairs), steps) uniforms: row p from the generator of its (prompt, sample)
+    (seeded by `_sample_seed`), one per decoding step; drawn once when a pair starts,
+    so its draws depend on nothing else being decoded."""
+    rows = [
+        torch.rand(
+            steps, generator=torch.Generator().manual_seed(_sample_seed(seed, p.prompt, p.sample))
+        )
+        for p in pairs
+    ]
+    return torch.stack(rows).to(device)
+
+
+def _prefill(model: MTPModel, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The keys and values of `ids` (a prompt but its last token) alone, no padding
+    (so they do not depend on what else is decoded): (keys, values), (1, n_kv, L,
+    head_dim) each, of the trunk blocks and head 0, the blocks of
+    `_Decoder(model, draft=False)`; [] for no tokens."""
+    if not ids:
+        return []
+    batch = torch.tensor([ids], device=_device(model))  # (1, L)
     cache = _new_cache(model)
-    generated: list[list[int]] = [[] for _ in prompt_ids]
-    done = [False] * len(prompt_ids)
-    step_ids = ids
-    for _ in range(max_new_tokens):
-        logits = _logits(model, step_ids, mask, cache)[:, -1]  # (B, V)
-        tokens = _choose(logits, temperature, top_p, generators).tolist()
-        for row, token in enumerate(tokens):
-            if not done[row]:
-                generated[row].append(token)
-                done[row] = _stopped(tokenizer, generated[row], stop, eos_token_ids=eos_token_ids)
-        if all(done):
-            break
-        step_ids = torch.tensor(tokens, device=device).unsqueeze(-1)  # (B, 1)
-        mask = torch.cat([mask, torch.ones_like(step_ids)], dim=-1)  # (B, past + 1)
-    return generated
+    model.next_token_logits(batch, None, cache)
+    return [(layer.keys, layer.values) for layer in cache.layers[: model.config.n_trunk_layers + 1]]
+
+
+class _Scheduler:
+    """Which (prompt, sample) pairs wait, which prompts' prefills are kept for their
+    waiting samples, and when a prompt's last sample is done (the progress bar)."""
+
+    def __init__(self, n_prompts: int, n: int, progress: bool) -> None:
+        self.waiting = deque(_Pair(i, j) for i in range(n_prompts) for j in range(n))
+        self.unstarted = [n] * n_prompts  # samples of each prompt not yet taken
+        self.unfinished = [n] * n_prompts
+        self.prefills: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.bar = _progress_bar(n_prompts, progress)
+
+    def take(self, count: int, model: MTPModel, encoded: list[list[int]]):
+        """Up to `count` waiting pairs (in prompt order) with their prompts' prefills
+        (`_prefill` of all but the last token), each prompt prefilled once for all its
+        samples."""
+        taken = [self.waiting.popleft() for _ in range(min(count, len(self.waiting)))]
+        prefills = []
+        for pair in taken:
+            i = pair.prompt
+            if i not in self.prefills:
+                self.prefills[i] = _prefill(model, encoded[i][:-1])
+            prefills.append(self.prefills[i])
+            self.unstarted[i] -= 1
+            if not self.unstarted[i]:
+                del self.prefills[i]
+        return taken, prefills
+
+    def done(self, pair: _Pair) -> None:
+        self.unfinished[pair.prompt] -= 1
+        if not self.unfinished[pair.prompt]:
+            self.bar.update(1)
+
+
+# Slots a row may leave unused before the slot batch is compacted: every forward's
+# attention reads all slots up to the pointer, a compaction moves all of them.
+SLOTS_SLACK = 32
+
+
+@torch.inference_mode()
+def _generate_slots(
+    model: MTPModel, encoded: list[list[int]], queue: _Scheduler, rule: _Rule, *, seed: int,
+    max_new_tokens: int, batch_size: int, finished,
+) -> None:  # fmt: skip
+    """Decode every pair of `queue` on `_Decoder`'s machinery with continuous batching:
+    `batch_size` cache rows, a row whose pair ends (`finished(tokens)` or
+    `max_new_tokens`) takes the next waiting pair at once, its prompt's keys and
+    values copied from the prefill (`_Decoder.insert`). Rows leave once nothing
+    waits. Tokens are chosen on the model's device, a pair's step t from its t-th
+    uniform; only the chosen tokens come to the host."""
+    decoder, device = _Decoder(model, draft=False), _device(model)
+    width = max(len(p) for p in encoded)
+    # a row holds at most width + max_new_tokens - 1 slots, and compaction keeps the
+    # pointer within SLOTS_SLACK + 1 of the longest row
+    decoder.allocate(min(batch_size, len(queue.waiting)), width + max_new_tokens + SLOTS_SLACK)
+    size = decoder.valid.shape[0]
+    rows: list[_Pair | None] = [None] * size
+    token = torch.zeros(size, dtype=torch.long, device=device)  # each row's next input
+    uniforms = torch.zeros(size, max_new_tokens, device=device)
+    step = torch.zeros(size, dtype=torch.long, device=device)  # each row's next uniform
+
+    while True:
+        free = [r for r, pair in enumerate(rows) if pair is None]
+        if free and queue.waiting:  # a prompt's last token is its row's first input
+            taken, prefills = queue.take(len(free), model, encoded)
+            free = free[: len(taken)]
+            start = 0
+            for end in range(1, len(taken) + 1):  # one insert per prompt
+                if end == len(taken) or taken[end].prompt != taken[start].prompt:
+                    decoder.insert(free[start:end], prefills[start])
+                    start = end
+            index = torch.tensor(free, device=device)
+            token[index] = torch.tensor([encoded[p.prompt][-1] for p in taken], device=device)
+            if rule.sampled:
+                uniforms[index] = _pair_uniforms(taken, seed, max_new_tokens, device)
+            step[index] = 0
+            for r, pair in zip(free, taken, strict=True):
+                rows[r] = pair
+        live = [r for r, pair in enumerate(rows) if pair is not None]
+        if not live:
+            return
+        if len(live) < len(rows):  # nothing waits: finished rows leave the batch
+            decoder.select(live)
+            index = torch.tensor(live, device=device)
+            rows = [rows[r] for r in live]
+            token, uniforms, step = token[index], uniforms[index], step[index]
+        longest = max(len(encoded[pair.prompt]) + len(pair.tokens) - 1 for pair in rows)  # slots
+        if decoder.pointer - longest > SLOTS_SLACK:  # attention reads every slot
+            decoder._compact()
+        logits = decoder.forward(token[:, None])[:, 0]  # (B, V)
+        decoder.advance()
+        token = rule.choose(logits, uniforms.gather(1, step[:, None])[:, 0])
+        step += 1
+        for r, t in enumerate(token.tolist()):
+            pair = rows[r]
+            pair.tokens.append(t)
+            if len(pair.tokens) >= max_new_tokens or finished(pair.tokens):
+                rows[r] = None
+                queue.done(pair)
+
+
+@torch.inference_mode()
+def _generate_chunks(
+    model, encoded: list[list[int]], queue: _Scheduler, rule: _Rule, *, seed: int,
+    max_new_tokens: int, batch_size: int, finished, pad: int,
+) -> None:  # fmt: skip
+    """Decode every pair of `queue` with any Hugging Face causal LM, `batch_size`
+    pairs at a time: the chunk's prompts prefilled once each (left-padded together),
+    their caches repeated for their samples, finished rows dropped from the cache."""
+    device = _device(model)
+    while queue.waiting:
+        chunk = [queue.waiting.popleft() for _ in range(min(batch_size, len(queue.waiting)))]
+        prompts = sorted({pair.prompt for pair in chunk})
+        width = max(len(encoded[i]) for i in prompts)
+        ids = torch.tensor(
+            [[pad] * (width - len(encoded[i])) + encoded[i] for i in prompts], device=device
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in prompts],
+            device=device,
+        )
+        cache = _new_cache(model)
+        logits = _logits(model, ids, mask, cache)[:, -1]  # (P, V)
+        index = torch.tensor([prompts.index(pair.prompt) for pair in chunk], device=device)
+        cache.batch_select_indices(index)
+        mask, logits = mask[index], logits[index]
+        uniforms = _pair_uniforms(chunk, seed, max_new_tokens, device) if rule.sampled else None
+        for step in range(max_new_tokens):
+            token = rule.choose(logits, None if uniforms is None else uniforms[:, step])
+            live = []
+            for r, (pair, t) in enumerate(zip(chunk, token.tolist(), strict=True)):
+                pair.tokens.append(t)
+                if len(pair.tokens) < max_new_tokens and not finished(pair.tokens):
+                    live.append(r)
+                else:
+                    queue.done(pair)
+            if not live:
+                break
+            if len(live) < len(chunk):
+                keep = torch.tensor(live, device=device)
+                cache.batch_select_indices(keep)
+                chunk, mask, token = [chunk[r] for r in live], mask[keep], token[keep]
+                uniforms = None if uniforms is None else uniforms[keep]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)  # (B, past + 1)
+            logits = _logits(model, token[:, None], mask, cache)[:, -1]
 
 
 def generate(
@@ -183,7 +319,12 @@ def generate(
 ) -> list[list[str]] | tuple[list[list[str]], list[list[int]]]:
     """`n` completions per prompt (a list per prompt), cut at the first end id and
     at the first stop sequence. Greedy when `temperature == 0` (then the n
-    completions agree).
+    completions agree: one is decoded and repeated).
+
+    An `MTPModel` decodes on `_Decoder`'s machinery with continuous batching
+    (`_generate_slots`), any other causal LM chunk by chunk (`_generate_chunks`);
+    either way each prompt is prefilled once for all its samples and tokens are
+    chosen on the model's device. `batch_size`: rows decoded at once.
 
     `eos_token_ids`: every id that ends a completion (chat models have several, e.g.
     end of turn and end of text); default the tokenizer's EOS. With
@@ -196,31 +337,43 @@ def generate(
             f"max_new_tokens={max_new_tokens}, batch_size={batch_size}"
         )
     model.eval()
+    ends = _end_ids(tokenizer, eos_token_ids)
+    distinct = 1 if temperature == 0 else n
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    work = [(i, j) for i in range(len(prompts)) for j in range(n)]
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise ValueError(f"prompts {empty} encode to no tokens: nothing to continue")
+    pairs = _sample_tokens(
+        model, encoded, n=distinct,
+        rule=_Rule(temperature, top_p), seed=seed, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, progress=progress,
+        pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        finished=lambda tokens: _stopped(tokenizer, tokens, stop, eos_token_ids=ends),
+    )  # fmt: skip
     results: list[list[str]] = [[""] * n for _ in prompts]
     decoded: list[list[int]] = [[0] * n for _ in prompts]
-    bar = _progress_bar(len(prompts), progress)
-    for start in range(0, len(work), batch_size):
-        chunk = work[start : start + batch_size]
-        generators = [torch.Generator().manual_seed(_sample_seed(seed, i, j)) for i, j in chunk]
-        tokens = _generate_batch(
-            model,
-            tokenizer,
-            [encoded[i] for i, _ in chunk],
-            generators,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            stop=stop,
-            eos_token_ids=eos_token_ids,
-        )
-        for (i, j), row in zip(chunk, tokens, strict=True):
-            results[i][j] = _finish(tokenizer, row, stop, eos_token_ids)
-            decoded[i][j] = len(row)
-        bar.update(sum(j == n - 1 for _, j in chunk))  # prompts whose last sample is done
-    bar.close()
+    for pair in pairs:
+        for j in range(pair.sample, n, distinct):  # greedy: every sample is sample 0
+            results[pair.prompt][j] = _finish(tokenizer, pair.tokens, stop, ends)
+            decoded[pair.prompt][j] = len(pair.tokens)
     return (results, decoded) if with_decoded_tokens else results
+
+
+def _sample_tokens(
+    model: torch.nn.Module, encoded: list[list[int]], *, n: int, rule: _Rule, pad: int,
+    progress: bool = False, **settings,
+) -> list[_Pair]:  # fmt: skip
+    """`generate`'s tokens: n (prompt, sample) pairs per prompt of `encoded` (token
+    ids), in prompt order, each with the tokens decoded for it. `settings`: seed,
+    max_new_tokens, batch_size and `finished(tokens)`, whether a completion ends."""
+    queue = _Scheduler(len(encoded), n, progress)
+    pairs = list(queue.waiting)
+    if pairs and isinstance(model, MTPModel):
+        _generate_slots(model, encoded, queue, rule, **settings)
+    elif pairs:
+        _generate_chunks(model, encoded, queue, rule, pad=pad, **settings)
+    queue.bar.close()
+    return pairs
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -288,9 +441,11 @@ class _Blocks:
         self.keys = self.values = torch.empty(0)
 
     def allocate(self, batch: int, capacity: int) -> None:
+        """Zeroed caches: a slot never written is masked, but masking cannot undo a
+        NaN that uninitialised memory may hold (NaN * 0 and NaN - inf are NaN)."""
         shape = (self.k, batch, self.n_kv, capacity, self.head_dim)
-        self.keys = torch.empty(shape, dtype=self.w_in.dtype, device=self.w_in.device)
-        self.values = torch.empty_like(self.keys)
+        self.keys = torch.zeros(shape, dtype=self.w_in.dtype, device=self.w_in.device)
+        self.values = torch.zeros_like(self.keys)
 
     def _project(self, x: torch.Tensor, weight, part: slice) -> tuple[torch.Tensor, ...]:
         """(K, N, in) -> one (K, N, out) per projection in `weight` (fused ones are of
@@ -380,7 +535,11 @@ class _Decoder:
     every forward appends the same slots to all rows and a row's rejected drafts
     become holes (`valid` False) that its queries never see; positions count valid
     slots only, so a row decodes the same as alone. Left padding is the same kind of
-    hole. With no holes (one row, or rows in step) no mask is built at all."""
+    hole. With no holes (one row, or rows in step) no mask is built at all.
+
+    `generate` decodes plainly on it with continuous batching: `allocate` makes empty
+    rows, `insert` starts a row over on a prompt's prefilled keys and values (a
+    row's old slots become holes), `advance` keeps each forward's one slot."""
 
     def __init__(self, model: MTPModel, draft: bool) -> None:
         config = model.config
@@ -395,23 +554,53 @@ class _Decoder:
     def _all_blocks(self) -> list[_Blocks]:
         return [*self.trunk, self.heads]
 
+    def allocate(self, batch: int, capacity: int) -> None:
+        """Empty caches of `batch` rows and `capacity` slots (every slot invalid), and
+        the rotary tables of positions 0..capacity-1."""
+        device = self.device
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.n_valid = torch.zeros(batch, dtype=torch.long, device=device)  # (B,)
+        self.pointer, self.capacity, self.compactions, self.holes = 0, capacity, 0, False
+        positions = torch.arange(capacity, device=device).unsqueeze(0)
+        cos, sin = self.model.rotary_emb(self.unembedding, positions)  # (1, capacity, hd)
+        self.cos, self.sin = cos[0], sin[0]
+        for blocks in self._all_blocks():
+            blocks.allocate(batch, capacity)
+
     def start(self, prompts: list[list[int]], capacity: int, pad: int) -> torch.Tensor:
         """Allocate the caches of a batch of (left-padded) prompts; returns the ids
         (B, width)."""
         width, device = max(len(p) for p in prompts), self.device
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        self.valid = torch.zeros(len(prompts), capacity, dtype=torch.bool, device=device)
+        self.allocate(len(prompts), capacity)
         for row, prompt in enumerate(prompts):
             self.valid[row, width - len(prompt) : width] = True
         self.n_valid = torch.tensor([len(p) for p in prompts], device=device)  # (B,)
-        self.pointer, self.capacity, self.compactions = 0, capacity, 0
         self.holes = any(len(p) != width for p in prompts)
-        positions = torch.arange(capacity, device=device).unsqueeze(0)
-        cos, sin = self.model.rotary_emb(self.unembedding, positions)  # (1, capacity, hd)
-        self.cos, self.sin = cos[0], sin[0]
-        for blocks in self._all_blocks():
-            blocks.allocate(len(prompts), capacity)
         return ids
+
+    def insert(self, rows: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Rows `rows` start over from one prompt whose keys and values (after rotary,
+        as Hugging Face caches them; (1, n_kv, L, head_dim) each) are `layers`, one
+        pair per block (trunk, then the heads; [] for L = 0): they fill the L slots
+        before the pointer, which first moves up to L if it is lower (other rows get
+        holes there). Continuous batching: a finished row takes the next prompt."""
+        length = layers[0][0].shape[-2] if layers else 0
+        self.pointer = max(self.pointer, length, 1)  # (a forward at slot 0 is a prompt's)
+        first, index = self.pointer - length, torch.tensor(rows, device=self.device)
+        self.valid[index] = False
+        self.valid[index, first : self.pointer] = True
+        self.n_valid[index] = length
+        for blocks, (keys, values) in zip(self._all_blocks(), layers, strict=False):
+            blocks.keys[:, index, :, first : self.pointer] = keys  # broadcast over rows
+            blocks.values[:, index, :, first : self.pointer] = values
+        self.holes = True
+
+    def advance(self) -> None:
+        """Every row keeps the one slot the last forward fed (plain decoding; cheaper
+        than `commit`)."""
+        self.n_valid += 1
+        self.pointer += 1
 
     def _mask(self, start: int, seq: int, last: torch.Tensor | None = None):
         """(mask, causal) for `seq` queries at slots start..start+seq-1, or for one query
@@ -511,7 +700,9 @@ class _Decoder:
 
 
 def _nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """`_choose`'s sampling distribution, normalised, in token order: (..., V).
+    """The sampling distribution of `logits` (..., V) at `temperature` and `top_p`
+    (the nucleus: the smallest set of most likely tokens whose mass reaches top_p),
+    normalised, in token order: (..., V).
 
     Ranks each row's 16 most likely tokens first (`topk`: on a CPU a full sort of a
     few rows costs more than a decode step) and more, 4 times as many each round,
