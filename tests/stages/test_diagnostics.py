@@ -251,5 +251,10 @@ def test_report_shows_the_critic_and_what_each_method_weights(tmp_path):
     note = next(line for line in text.splitlines() if line.startswith("`critic-wmtp` weights by"))
     assert f"seed {SEEDS[0]} λ 0.420 (gate ρ 0.420 [0.200, 0.600], n = 120 lines of 30 problems)" in note
     assert text.index(note) < text.index("## The table") + 2000 < text.index("## Critic")
+    old = tmp_path / "old" / "metrics.json"  # the value-head critic's, without a table
+    old.parent.mkdir()
+    old.write_text(json.dumps({"seed": 0, "explained_variance": 0.1, "auto_strength": 0.1}))
+    with pytest.raises(ValueError, match="metrics without a gate and no value table"):
+        report.critic_summaries([old])
     weights_section = text[text.index("## What each method weights") : text.index("## Critic")]
     assert "| baseline-mtp | n/a → n/a | n/a → n/a | n/a → n/a | n/a → n/a |" in weights_section

@@ -529,8 +529,13 @@ def critic_summaries(paths: list[str | Path]) -> list[dict]:
         if table_path.is_file():
             record, strength = read_gate(table_path)
             gate, source = record["monte_carlo"], "value table"
-        else:
+        elif "gate" in payload:
             gate, strength, source = payload["gate"], payload["auto_strength"], "metrics.json"
+        else:
+            raise ValueError(
+                f"{path}: a critic's metrics without a gate and no value table beside them "
+                "(written by the value-head critic before issue 19?): rerun the critic stage"
+            )
         values = payload.get("values", {})
         rows.append(
             {
