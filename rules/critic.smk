@@ -1,7 +1,8 @@
 # Stage 1 of the methods with a critic (critic-wmtp), one critic per seed (its
-# rollouts, hold-out, selection and value head are seeded by it): a value head fitted
-# on the frozen base model's rollouts, its held-out explained variance, and the value
-# table training reads.
+# sampling and choice of problems are seeded by it): Monte-Carlo values of the
+# training solutions' line boundaries on the frozen base model (K continuations
+# each, executed in the sandbox), the gate that checks the table's per-line
+# deltas against a fresh estimate, and the value table training reads.
 
 
 rule critic:
@@ -9,7 +10,6 @@ rule critic:
         unpack(get_critic_inputs),
     output:
         table=PATTERN.critic_table("{seed}"),
-        head=PATTERN.critic_head("{seed}"),
         metrics=PATTERN.critic_metrics("{seed}"),
     log:
         "logs/{run}/critic/seed{seed}.log",

@@ -3,8 +3,8 @@
 
 input:  base (base model dir, with tokenizer), data (MBPP-format train parquet),
         reward (reward model dir; only when critic.reward = reward_model)
-output: table (.../critic/seed{s}/values.parquet), head (.../value_head.safetensors),
-        metrics (.../metrics.json); all in the same directory
+output: table (.../critic/seed{s}/values.parquet), metrics (.../metrics.json),
+        in the same directory
 params: settings = {"critic": CriticSettings, "data": DataSettings, "sandbox":
         {timeout, memory_mb, workers} of the eval section}; the seed is the {seed}
         wildcard
@@ -19,11 +19,11 @@ sys.stderr = open(smk.log[0], "w", buffering=1)
 import torch  # noqa: E402
 
 from wmtp.config.schema import CriticSettings, DataSettings  # noqa: E402
-from wmtp.stages.critic import HEAD_FILE, METRICS_FILE, TABLE_FILE, train_critic  # noqa: E402
+from wmtp.stages.critic import METRICS_FILE, TABLE_FILE, train_critic  # noqa: E402
 
 torch.set_num_threads(smk.threads)
 out_dir = Path(smk.output.table).parent
-expected = {"table": TABLE_FILE, "head": HEAD_FILE, "metrics": METRICS_FILE}
+expected = {"table": TABLE_FILE, "metrics": METRICS_FILE}
 for key, name in expected.items():
     if Path(smk.output[key]) != out_dir / name:
         raise ValueError(f"critic output {key} must be {out_dir / name}, got {smk.output[key]}")

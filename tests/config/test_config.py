@@ -349,7 +349,7 @@ def test_each_section_names_the_bad_key_and_what_is_allowed(keys, value, expecte
 
 def test_a_critic_section_in_a_recipe_without_a_critic(tmp_path):
     path = tmp_path / "rho1-weighted.yaml"
-    path.write_text("algorithm: rho1-weighted\ncritic: {gamma: 0.9}\n")
+    path.write_text("algorithm: rho1-weighted\ncritic: {rollouts: 2}\n")
     message = error_of({**tiny(), "recipes": {**tiny()["recipes"], "rho1-weighted": str(path)}})
     assert str(path) in message and "critic: section given for rho1-weighted, which has no critic" in message
 
@@ -420,7 +420,7 @@ def test_rows_with_a_critic_must_agree_on_its_section():
     recipes = {
         "a": SimpleNamespace(critic=CriticSettings()),
         "b": SimpleNamespace(critic=CriticSettings()),
-        "c": SimpleNamespace(critic=CriticSettings(gamma=0.5)),
+        "c": SimpleNamespace(critic=CriticSettings(rollouts=2)),
     }
     assert _shared_critic_problems(SimpleNamespace(critic_rows=["a", "b"]), recipes) == []
     problems = _shared_critic_problems(SimpleNamespace(critic_rows=["a", "b", "c"]), recipes)

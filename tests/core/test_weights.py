@@ -312,28 +312,31 @@ def test_algorithm_weights_errors():
         algorithm_weights("critic-wmtp", mask, WeightingSettings(strength="auto"), **extra)
 
 
-@pytest.mark.parametrize("explained_variance", [-0.7, 0.0, 0.35, 1.0, 1.4, None])
-def test_auto_strength_scales_critic_weights_by_explained_variance(explained_variance):
-    """strength: auto = clip(EV, 0, 1): a critic that explains nothing (EV <= 0, or
-    not measurable) gives exactly the baseline's weights, a perfect one (EV >= 1)
-    its full weights, and one in between the convex mix."""
+@pytest.mark.parametrize("rho", [-0.7, 0.0, 0.35, 1.0, 1.4, None])
+def test_auto_strength_scales_critic_weights_by_the_gate_statistic(rho):
+    """strength: auto = clip(rho, 0, 1), rho the critic's gate statistic: a critic whose
+    deltas rank lines no better than chance (rho <= 0, or not measurable) gives exactly
+    the baseline's weights, a perfect one (rho >= 1) its full weights, one in between
+    the convex mix."""
     from wmtp.stages.value_table import auto_strength
 
     mask, extra = inputs(11)
-    lam = auto_strength(explained_variance)
+    lam = auto_strength(rho)
     auto = algorithm_weights(
         "critic-wmtp", mask, WeightingSettings(strength="auto"), **extra, auto_strength=lam
     )
     full = algorithm_weights("critic-wmtp", mask, WeightingSettings(strength=1.0), **extra)
     assert full[mask].std() > 0.3  # the full weights are far from flat
-    if explained_variance is None or explained_variance <= 0:
+    if rho is None or rho <= 0:
         assert lam == 0.0 and torch.equal(auto, mask.float())
-    elif explained_variance >= 1:
+    elif rho >= 1:
         assert lam == 1.0 and torch.equal(auto, full)
     else:
-        assert lam == explained_variance
-        assert close(auto[mask], 1 + explained_variance * (full[mask] - 1))
+        assert lam == rho
+        assert close(auto[mask], 1 + rho * (full[mask] - 1))
     assert_weight_invariants(auto, mask)
+    # an interval that reaches 0 gives 0 whatever rho: not told apart from noise
+    assert auto_strength(rho, [0.0, 0.9]) == 0.0
 
 
 def test_exp_weights_keep_the_scale_of_the_scores():

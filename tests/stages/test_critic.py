@@ -1,5 +1,6 @@
-"""Critic stage 1: GAE targets, value-head training (V(s0) included), hold-out and
-explained variance, rollout selection, rewards, the value table, end to end."""
+"""Critic stage 1: Monte-Carlo values of gold-solution line boundaries (the sandbox
+judges every continuation for real), the value table they give, the value head
+on boundary states, and the stage end to end (also through its Snakemake adapter)."""
 
 from __future__ import annotations
 
@@ -14,284 +15,210 @@ from conftest import REPO, tiny_config
 import wmtp.stages.critic as critic
 from tests.stages.test_refce import run_workflow_script
 from wmtp.config.schema import ConfigError, CriticSettings, DataSettings, load_recipe
-from wmtp.core.checkpoints import load_model, save_model
+from wmtp.core.checkpoints import save_model
 from wmtp.core.model import MTPModel
-from wmtp.core.weights import critic_deltas
-from wmtp.data.training import build_examples, collate, read_split
-from wmtp.stages.critic import (
-    Rollout,
-    ValueHead,
-    execution_rewards,
-    explained_variance,
-    fit_value_head,
-    gae_returns,
-    load_value_head,
-    rollout_hidden,
-    save_value_head,
-    select_rollouts,
-    split_problems,
-    train_critic,
-)
+from wmtp.data.prompts import training_pair
+from wmtp.data.training import build_examples, collate
+from wmtp.stages import critic_mc
+from wmtp.stages.critic import choose_problems, train_critic
 from wmtp.stages.value_table import ValueTable
 
-
-def test_gae_matches_hand_computation():
-    # One episode on positions 1..3 (mask), terminal reward 1 at position 3.
-    rewards = torch.tensor([[0.0, 0.0, 0.0, 1.0, 0.0]])
-    values = torch.tensor([[9.0, 0.2, 0.5, 0.7, 9.0]])
-    mask = torch.tensor([[False, True, True, True, False]])
-    got = gae_returns(rewards, values, mask, gamma=0.9, lam=0.8)
-    # t=3: delta = 1 - 0.7 = 0.3;            A = 0.3;                return 1.0
-    # t=2: delta = 0.9*0.7 - 0.5 = 0.13;     A = 0.13 + 0.72*0.3;    return A + 0.5
-    # t=1: delta = 0.9*0.5 - 0.2 = 0.25;     A = 0.25 + 0.72*A_2;    return A + 0.2
-    a2 = 0.13 + 0.72 * 0.3
-    a1 = 0.25 + 0.72 * a2
-    expected = torch.tensor([[0.0, a1 + 0.2, a2 + 0.5, 1.0, 0.0]])
-    torch.testing.assert_close(got, expected)
+# One line decides: the stand-in base writes every line of the gold solution but
+# this one, which it gets wrong (y * 3), unless the line is already in its prompt.
+DECISIVE, WRONG = "    z = y * 2\n", "    z = y * 3\n"
+GOLD = "def f(x):\n    y = x + 1\n" + DECISIVE + "    return z\n"
+GOLD_TESTS = ["assert f(1) == 4", "assert f(3) == 8"]
 
 
-def test_gae_with_gamma_lam_one_returns_the_reward_and_rows_are_independent():
-    values = torch.randn(3, 6)
-    mask = torch.tensor(
-        [[1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]], dtype=torch.bool
-    )
-    rewards = torch.zeros(3, 6)
-    rewards[0, 2], rewards[1, 5], rewards[2, 5] = 0.5, 1.0, 0.0
-    got = gae_returns(rewards, values, mask, gamma=1.0, lam=1.0)
-    expected = torch.where(
-        mask, torch.tensor([[0.5], [1.0], [0.0]]).expand(3, 6), torch.zeros(3, 6)
-    )
-    torch.testing.assert_close(got, expected)
-    # lam = 0: one-step TD targets r_t + gamma V_{t+1}
-    td = gae_returns(rewards, values, mask, gamma=0.5, lam=0.0)
-    torch.testing.assert_close(td[0, :2], 0.5 * values[0, 1:3])
-    assert td[0, 2] == pytest.approx(0.5)
-
-
-def toy_problem(n: int = 64, dim: int = 16, seed: int = 0):
-    """Reward = 1 when feature 0 of the hidden states is positive, else 0."""
-    g = torch.Generator().manual_seed(seed)
-    hiddens, rewards = [], []
-    for i in range(n):
-        h = torch.randn(int(torch.randint(3, 12, (1,), generator=g)), dim, generator=g)
-        sign = 1.0 if i % 2 else -1.0
-        h[:, 0] = sign * (1.0 + h[:, 0].abs())
-        hiddens.append(h)
-        rewards.append(1.0 if sign > 0 else 0.0)
-    return hiddens, rewards
-
-
-def test_value_head_learns_toy_reward_deterministically():
-    hiddens, rewards = toy_problem()
-    settings = CriticSettings(hidden_dim=32, lr=3e-3, epochs=15, batch_size=8, lam=1.0)
-    head, curve = fit_value_head(hiddens, rewards, settings, seed=0)
-    losses = curve["loss_per_epoch"]
-    assert len(losses) == 15 and len(curve["loss_per_step"]) == 15 * 8
-    assert losses[-1] < 0.3 * losses[0]
-    with torch.no_grad():
-        final = [float(head(h.unsqueeze(0))[0, -1]) for h in hiddens]
-    assert np.corrcoef(final, rewards)[0, 1] > 0.9
-    again, _ = fit_value_head(hiddens, rewards, settings, seed=0)
-    for a, b in zip(head.state_dict().values(), again.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
-
-
-def test_value_head_save_load_roundtrip(tmp_path):
-    head = ValueHead(8, 16)
-    path = save_value_head(head, tmp_path / "v" / "value_head.safetensors")
-    loaded = load_value_head(path)
-    x = torch.randn(2, 5, 8)
-    assert loaded(x).shape == (2, 5)
-    torch.testing.assert_close(loaded(x), head.eval()(x))
-    from safetensors.torch import save_file
-
-    save_file({"w": torch.zeros(1)}, str(tmp_path / "junk.safetensors"))
-    with pytest.raises(ValueError, match="not a value head"):
-        load_value_head(tmp_path / "junk.safetensors")
-
-
-def biased_rollouts(seed: int = 0) -> list[Rollout]:
-    """Correct rollouts tend to be short, wrong ones long (with overlap)."""
-    rng = np.random.default_rng(seed)
-    rollouts = []
-    for problem in range(40):
-        for _ in range(6):
-            good = rng.random() < 0.5
-            length = int(rng.integers(5, 40) if good else rng.integers(20, 60))
-            rollouts.append(Rollout(str(problem), [1, 2], [3] * length, 1.0 if good else 0.0))
-    return rollouts
-
-
-def test_length_balancing_matches_lengths_and_caps_problems():
-    rollouts = biased_rollouts()
-    kept, stats = select_rollouts(rollouts, max_per_problem=4, length_balance=True, seed=0)
-    per_problem = pd.Series([r.sample_id for r in kept]).value_counts()
-    assert per_problem.max() <= 4
-    assert stats["length_balance_applied"] and stats["n_kept"] == len(kept) > 20
-    edges = np.array(stats["length_bucket_edges"])
-    lengths = np.array([len(r.completion_ids) for r in kept])
-    high = np.array([r.reward >= 0.5 for r in kept])
-    buckets = np.searchsorted(edges, lengths, side="right")
-    for b in np.unique(buckets):
-        assert (high & (buckets == b)).sum() == (~high & (buckets == b)).sum()
-    assert stats["length_reward_corr_before"] < -0.5
-    assert abs(stats["length_reward_corr_after"]) < 0.5 * abs(stats["length_reward_corr_before"])
-    unbalanced, plain = select_rollouts(rollouts, max_per_problem=4, length_balance=False, seed=0)
-    assert not plain["length_balance_applied"] and len(unbalanced) == plain["n_after_cap"] == 160
-    # the cap keeps both classes when a problem has both
-    mixed = [Rollout("p", [1], [3] * n, r) for n, r in [(5, 1.0), (6, 1.0), (7, 1.0), (8, 0.0)]]
-    kept_mixed, _ = select_rollouts(mixed, max_per_problem=2, length_balance=False, seed=0)
-    assert sorted(r.reward for r in kept_mixed) == [0.0, 1.0]
-
-
-def test_length_balancing_skipped_when_one_class():
-    rollouts = [Rollout(str(i), [1], [3] * (i + 1), 0.0) for i in range(10)]
-    kept, stats = select_rollouts(rollouts, max_per_problem=4, length_balance=True, seed=0)
-    assert len(kept) == 10 and not stats["length_balance_applied"]
-
-
-ADD_TESTS = ["assert add(1, 2) == 3", "assert add(5, 5) == 10"]
-
-
-def test_execution_reward_is_fraction_of_tests_passed():
-    programs = [
-        "def add(a, b):\n    return a + b\n",
-        "def add(a, b):\n    return a + b if a < 5 else 0\n",
-        "def add(a, b):\n    return a - b\n",
-        "def add(a, b)\n    return a + b\n",
-        "def add(a, b):\n    while True:\n        pass\n",
-    ]
-    rewards = execution_rewards(programs, [ADD_TESTS] * len(programs), timeout=1.0, workers=2)
-    assert rewards == [1.0, 0.5, 0.0, 0.0, 0.0]
-    assert execution_rewards(["x = 1\n"], [["assert y == 2"]], ["y = 2"], workers=1) == [1.0]
-
-
-def test_train_critic_end_to_end(tiny_tokenizer, tmp_path, monkeypatch):
-    """Rollouts stubbed (no sampling), rewards executed for real."""
-    model = MTPModel(tiny_config(vocab_size=len(tiny_tokenizer)))
-    model.init_weights(seed=0)
-    base = save_model(model, tmp_path / "base", tokenizer=tiny_tokenizer)
-    rows = pd.DataFrame(
+def synthetic_rows() -> pd.DataFrame:
+    """The decisive-line problem and two more whose stand-in continuations are right
+    from any prefix (their advantage is all in s0: V = 1 everywhere)."""
+    return pd.DataFrame(
         {
-            "task_id": [11, 12, 13],
-            "text": ["Add two numbers.", "Multiply two numbers.", "Subtract."],
-            "code": [
-                "def add(a, b):\n    return a + b\n",
-                "def mul(a, b):\n    return a * b\n",
-                "def sub(a, b):\n    return a - b\n",
-            ],
-            "test_list": [
-                ADD_TESTS,
-                ["assert mul(2, 3) == 6", "assert mul(0, 3) == 0"],
-                ["assert sub(3, 1) == 2", "assert sub(1, 1) == 0"],
-            ],
+            "task_id": [1, 2, 3],
+            "text": ["Double x plus one.", "Add two numbers.", "Negate."],
+            "code": [GOLD, "def add(a, b):\n    c = a + b\n    return c\n", "def neg(a):\n    return -a\n"],
+            "test_list": [GOLD_TESTS, ["assert add(1, 2) == 3"], ["assert neg(1) == -1"]],
         }
     )
+
+
+def stand_in_base(tokenizer, rows: pd.DataFrame):
+    """A deterministic continuation function in place of sampling from the base: the
+    rest of the gold text after the prompt, with the decisive line written wrong
+    whenever the prompt does not already hold it (up to its decisive character)."""
+    full = [
+        "".join(training_pair(tokenizer, r.text, r.test_list[0], r.code))
+        for r in rows.itertuples(index=False)
+    ]
+
+    def continuations(prompts: list[str], rollouts: int = 3) -> list[list[str]]:
+        out = []
+        for prompt in prompts:
+            text = next(t for t in full if t.startswith(prompt))
+            wrong = text.replace(DECISIVE, WRONG)  # what it writes unless the prompt holds the line
+            rest = (wrong if wrong.startswith(prompt) else text)[len(prompt) :]
+            out.append([rest] * rollouts)
+        return out
+
+    return continuations
+
+
+def synthetic_solutions(tokenizer, rows: pd.DataFrame, max_lines=None):
+    examples = build_examples(rows, tokenizer, 256)
+    by_id = {str(r.task_id): r for r in rows.itertuples(index=False)}
+    return [critic_mc.solution_lines(tokenizer, e, by_id[e.sample_id], max_lines) for e in examples]
+
+
+def line_texts(tokenizer, solution) -> list[str]:
+    """The text of each segment of a solution, from its tokens."""
+    ids = solution.example.input_ids[solution.start :]
+    b = solution.boundaries
+    return [tokenizer.decode(ids[b[i] : b[i + 1]]) for i in range(solution.n_segments)]
+
+
+def test_solutions_are_cut_after_each_newline_token(tiny_tokenizer):
+    rows = synthetic_rows()
+    (solution, *_) = synthetic_solutions(tiny_tokenizer, rows)
+    prompt, target = training_pair(tiny_tokenizer, rows.text[0], GOLD_TESTS[0], GOLD)
+    assert solution.prompt_text == prompt and solution.boundaries[0] == 0
+    assert solution.boundaries[-1] == len(solution.example.input_ids) - solution.start
+    # every sampled prefix is the solution text up to (and with) a newline token
+    for prefix in solution.prefixes[1:]:
+        assert target.startswith(prefix) and "\n" in prefix
+    assert "".join(line_texts(tiny_tokenizer, solution)).startswith(GOLD.rstrip("\n"))
+    prompts, mismatched = critic_mc.prefix_prompts(tiny_tokenizer, [solution])
+    assert len(prompts) == solution.n_segments and mismatched == 0
+    # max_lines keeps that many line ends, the last one always
+    (short, *_) = synthetic_solutions(tiny_tokenizer, rows, max_lines=2)
+    assert short.n_segments == 3 and short.boundaries[-2] == solution.boundaries[-2]
+
+
+def test_monte_carlo_advantage_lands_on_the_decisive_line(tiny_tokenizer):
+    """The stand-in base fails from every prefix without the decisive line and passes
+    from every prefix with it; the real sandbox judges. The whole advantage of the
+    problem (gold reward 1 - V(s0) 0) falls on that line's tokens."""
+    rows = synthetic_rows()
+    solutions = synthetic_solutions(tiny_tokenizer, rows)
+    judge = critic_mc.execution_judge(timeout=3.0, memory_mb=512, workers=2)
+    estimate = critic_mc.estimate_values(solutions, stand_in_base(tiny_tokenizer, rows), judge, tiny_tokenizer)
+    decisive, easy, _ = estimate.line_deltas()
+    texts = line_texts(tiny_tokenizer, solutions[0])
+    line = int(np.argmax(decisive))
+    assert "z = y * 2" in texts[line] and "y = x + 1" not in texts[line] and "return" not in texts[line]
+    assert decisive[line] == 1.0 and np.count_nonzero(decisive) == 1
+    assert estimate.values[0][0] == 0.0 and estimate.values[0][-1] == 1.0
+    assert estimate.values[1][0] == 1.0 and not np.any(easy)  # solved from s0: no line matters
+    # in the table every token of the line gets the line's advantage, the rest 0
+    deltas = critic_mc.token_deltas(solutions[0], decisive)
+    example = solutions[0].example
+    solved = [j for j in range(solutions[0].start, len(example.input_ids)) if deltas[j] == 1.0]
+    assert "z = y * 2" in tiny_tokenizer.decode([example.input_ids[j] for j in solved])
+    assert np.isnan(deltas[: solutions[0].start]).all()
+    assert set(np.unique(deltas[solutions[0].start :])) == {0.0, 1.0}
+
+
+def test_execution_judge_runs_tests_together_and_skips_what_does_not_compile(tiny_tokenizer):
+    (solution, *_) = synthetic_solutions(tiny_tokenizer, synthetic_rows())
+    judge = critic_mc.execution_judge(timeout=1.0, memory_mb=512, workers=2)
+    programs = [
+        GOLD,
+        GOLD.replace("y * 2", "y * 2 if x < 3 else 0"),  # passes one test of two: a fail
+        GOLD.replace("def f(x):", "def f(x)"),  # does not compile
+        "def f(x):\n    while True:\n        pass\n",  # times out
+        GOLD,  # judged once with the first
+    ]
+    assert judge(programs, [solution] * len(programs)) == [1.0, 0.0, 0.0, 0.0, 1.0]
+
+
+def tiny_base(tokenizer, tmp_path):
+    model = MTPModel(tiny_config(vocab_size=len(tokenizer)))
+    model.init_weights(seed=0)
+    return save_model(model, tmp_path / "base", tokenizer=tokenizer)
+
+
+def test_train_critic_puts_the_decisive_lines_advantage_in_the_table(tiny_tokenizer, tmp_path, monkeypatch):
+    """The stage end to end with the stand-in base in place of sampling: the value
+    table gives the decisive line's tokens the largest delta; the gate compares the
+    same lines of a second estimate; the adapter writes the same files."""
+    rows = synthetic_rows()
     rows.to_parquet(tmp_path / "train.parquet")
-    answers = {
-        "add": ["def add(a, b):\n    return a + b", "def add(a, b):\n    return 0"],
-        "mul": ["def mul(a, b):\n    return a * b", "def mul(a, b):\n    return a * b if a else 1"],
-        "sub": ["def sub(a, b):\n    return a - b", "def sub(a, b):\n    return b"],
-    }
+    base = tiny_base(tiny_tokenizer, tmp_path)
+    base_says = stand_in_base(tiny_tokenizer, rows)
     calls = []
 
-    def fake_sample(model_, tokenizer_, prompts, settings_, seed_):
-        calls.append((len(prompts), settings_.samples_per_problem, seed_))
-        return [answers[next(k for k in answers if f"{k}(" in p)] for p in prompts]
+    def sample(model, tokenizer, prompts, *, rollouts, seed, **_):
+        calls.append((len(prompts), rollouts, seed))
+        return base_says(prompts, rollouts)
 
-    monkeypatch.setattr(critic, "sample_completions", fake_sample)
-    settings = CriticSettings(
-        samples_per_problem=2,
-        max_samples_per_problem=2,
-        hidden_dim=16,
-        epochs=3,
-        batch_size=2,
-        max_new_tokens=16,
-        include_references=False,
-        mutants_per_problem=0,
-    )
-    outputs = train_critic(
-        base,
-        tmp_path / "train.parquet",
-        settings,
-        seed=5,
-        out_dir=tmp_path / "critic",
-        max_seq_len=256,
-        timeout=2.0,
-    )
-    assert calls == [(3, 2, 5)]
+    monkeypatch.setattr(critic_mc, "sample_continuations", sample)
+    settings = CriticSettings(rollouts=3, gate_problems=2, gate_rollouts=2, gate_resamples=50)
+    outputs = train_critic(base, tmp_path / "train.parquet", settings, 5, tmp_path / "critic", timeout=3.0)
+    valued, gated = choose_problems(3, settings, 5)
+    assert valued == [0, 1, 2] and len(gated) == 2
+    n_boundaries = sum(s.n_segments for s in synthetic_solutions(tiny_tokenizer, rows))
+    assert calls[0] == (n_boundaries, 3, 5) and calls[1][1:] == (2, 5 + critic.FRESH_SEED_OFFSET)
     metrics = json.loads(outputs.metrics.read_text())
-    assert metrics["n_rollouts"] == 6
-    assert metrics["reward_all"]["mean"] == pytest.approx((1 + 0 + 1 + 0.5 + 1 + 0) / 6)
-    assert len(metrics["loss_per_epoch"]) == 3 and all(np.isfinite(metrics["loss_per_step"]))
-    assert metrics["n_rollouts_kept"] == metrics["selection"]["n_kept"] > 0
-    # one of the three problems is held out: never fitted, only measured
-    assert metrics["n_problems_held_out"] == 1 and metrics["held_out"]["n_rollouts"] == 2
-    assert metrics["n_rollouts_kept"] + metrics["held_out"]["n_rollouts"] <= 6
-    assert metrics["explained_variance"] == metrics["held_out"]["explained_variance"]
-    assert metrics["auto_strength"] == ValueTable.from_parquet(outputs.table).strength
-    assert set(metrics["value_table"]["mean_delta_by_class"]) == {"comment", "code", "first", "eos"}
-    assert_table_is_head_on_frozen_base(outputs, base, tmp_path / "train.parquet", tiny_tokenizer)
+    assert metrics["n_continuations"] == 3 * n_boundaries and metrics["n_prefix_mismatch"] == 0
+    assert metrics["values"]["gold_pass_rate"] == 1.0 and metrics["n_zero"] == 0
+    table = ValueTable.from_parquet(outputs.table, tokenizer=tiny_tokenizer, base_model_dir=base)
+    assert table.gate == {"monte_carlo": metrics["gate"], "head": None}
+    assert table.strength == metrics["auto_strength"]
+    examples = build_examples(rows, tiny_tokenizer, 256)
+    batch = collate(examples, tiny_tokenizer.pad_token_id)
+    deltas = table.lookup(batch.sample_ids, batch.input_ids, batch.loss_mask)  # (B, S) by target
+    first = batch.sample_ids.index("1")
+    top = (deltas[first] == deltas.max()).nonzero().flatten()
+    assert "z = y * 2" in tiny_tokenizer.decode(batch.input_ids[first, top].tolist())
+    assert (deltas[~batch.loss_mask] == 0).all()
 
-    # The Snakemake adapter gives the same files for the same settings and seed.
     smk = tmp_path / "smk" / "seed5"
     run_workflow_script(
         "critic.py",
         monkeypatch,
         input={"base": str(base), "data": str(tmp_path / "train.parquet")},
-        output={
-            "table": str(smk / "values.parquet"),
-            "head": str(smk / "value_head.safetensors"),
-            "metrics": str(smk / "metrics.json"),
-        },
+        output={"table": str(smk / "values.parquet"), "metrics": str(smk / "metrics.json")},
         params={
             "settings": {
                 "critic": settings.model_dump(mode="json"),
                 "data": DataSettings(max_seq_len=256).model_dump(mode="json"),
-                "sandbox": {"timeout": 2.0, "memory_mb": 1024, "workers": None},
+                "sandbox": {"timeout": 3.0, "memory_mb": 1024, "workers": None},
             }
         },
         log=[str(tmp_path / "critic.log")],
         wildcards={"seed": "5"},
     )
-    assert calls[-1] == (3, 2, 5)
-    head = load_value_head(outputs.head)
-    from_script = load_value_head(smk / "value_head.safetensors")
-    for a, b in zip(head.state_dict().values(), from_script.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
+    assert calls[-2:] == calls[:2]
     assert pd.read_parquet(smk / "values.parquet").equals(pd.read_parquet(outputs.table))
 
 
-def assert_table_is_head_on_frozen_base(outputs, base, train_path, tokenizer) -> None:
-    """Every value in the table is the saved value head applied to the frozen base
-    trunk over the training example, as the trainer builds it; deltas follow
-    wmtp.core.weights.critic_deltas, the first solution token's against V(s0)."""
-    head, model = load_value_head(outputs.head), load_model(base).eval()
+def test_train_critic_with_real_sampling_and_a_value_head(tiny_tokenizer, tmp_path):
+    """Continuations from wmtp.core.sample.generate on a random tiny model: garbage
+    code, so V = 0 before the end and the gold's own reward 1 after it. With
+    max_problems below the data, the value head values the rest (its gate problems
+    never fitted) and lambda is the smaller of the two gates'."""
+    base = tiny_base(tiny_tokenizer, tmp_path)
+    rows = synthetic_rows()
+    extra = rows.assign(task_id=rows.task_id + 10)
+    pd.concat([rows, extra]).to_parquet(tmp_path / "train.parquet")
+    settings = CriticSettings(
+        rollouts=2, max_new_tokens=8, batch_size=8, max_problems=4, gate_problems=2, gate_rollouts=1,
+        gate_resamples=50, value_head=True, head_hidden_dim=8, head_epochs=5,
+    )  # fmt: skip
+    outputs = train_critic(base, tmp_path / "train.parquet", settings, 0, tmp_path / "c", timeout=2.0)
+    metrics = json.loads(outputs.metrics.read_text())
+    assert metrics["n_valued"] == 4 and metrics["n_head"] == 2 and metrics["n_zero"] == 0
+    assert metrics["head"]["n_fitted"] == 2
+    assert metrics["values"]["v_s0_mean"] == 0.0 and metrics["values"]["gold_pass_rate"] == 1.0
+    assert metrics["gate_head"] is not None
+    assert metrics["auto_strength"] <= min(1.0, max(0.0, metrics["gate"]["value"] or 0.0))
     table = pd.read_parquet(outputs.table)
-    examples = build_examples(read_split(train_path), tokenizer, 256)
-    assert set(table["sample_id"]) == {e.sample_id for e in examples}
-    for example in examples:
-        with torch.no_grad():
-            values = head(model.trunk(torch.tensor([example.input_ids]))[0])[0]  # (L,)
-        rows = table[table["sample_id"] == example.sample_id]
-        assert rows["position"].tolist() == list(range(1, len(example.input_ids)))
-        assert rows["token_id"].tolist() == example.input_ids[1:]
-        s0 = example.loss_mask.index(1) - 1
-        stored = torch.tensor(rows["value"].to_numpy())  # positions 1..L-1
-        torch.testing.assert_close(stored[s0 - 1 :], values[s0:], atol=1e-5, rtol=1e-5)
-        assert stored[: s0 - 1].isnan().all()  # the critic never learned earlier prompt states
-        mask = torch.tensor([example.loss_mask], dtype=torch.bool)
-        expected = critic_deltas(values[None], mask)[0]  # (L,)
-        deltas = torch.tensor(rows["delta"].to_numpy())
-        torch.testing.assert_close(deltas[s0:], expected[s0 + 1 :], atol=1e-5, rtol=1e-5)
-        assert float(expected[s0 + 1]) == pytest.approx(
-            float(values[s0 + 1] - values[s0]), abs=1e-6
-        )
-        assert deltas[:s0].isnan().all()
-    lookup = ValueTable.from_parquet(outputs.table, tokenizer=tokenizer, base_model_dir=base)
-    batch = collate(examples, tokenizer.pad_token_id)
-    deltas = lookup.lookup(batch.sample_ids, batch.input_ids, batch.loss_mask)
-    assert (deltas[~batch.loss_mask] == 0).all() and deltas[batch.loss_mask].abs().sum() > 0
+    on_solution = table["delta"].notna()
+    assert np.isfinite(table.loc[on_solution, "delta"]).all() and on_solution.sum() > 0
+    # without the head the problems beyond max_problems get delta 0
+    plain = settings.model_copy(update={"value_head": False})
+    outputs = train_critic(base, tmp_path / "train.parquet", plain, 0, tmp_path / "p", timeout=2.0)
+    assert json.loads(outputs.metrics.read_text())["n_zero"] == 2
 
 
 def test_reward_model_scores_are_probabilities(tiny_tokenizer, tmp_path):
@@ -319,96 +246,18 @@ def test_reward_model_scores_are_probabilities(tiny_tokenizer, tmp_path):
         )
 
 
-def test_train_critic_with_real_sampling(tiny_tokenizer, tmp_path):
-    """Rollouts from wmtp.core.sample.generate on a random tiny model: garbage code, so
-    every reward is 0, balancing is skipped, and the stage still finishes."""
-    model = MTPModel(tiny_config(vocab_size=len(tiny_tokenizer)))
-    model.init_weights(seed=0)
-    base = save_model(model, tmp_path / "base", tokenizer=tiny_tokenizer)
-    pd.DataFrame(
-        {
-            "task_id": [1, 2],
-            "text": ["Add.", "Negate."],
-            "code": ["def add(a, b):\n    return a + b\n", "def neg(a):\n    return -a\n"],
-            "test_list": [["assert add(1, 2) == 3"], ["assert neg(1) == -1"]],
-        }
-    ).to_parquet(tmp_path / "train.parquet")
-    settings = CriticSettings(
-        samples_per_problem=2,
-        hidden_dim=8,
-        epochs=1,
-        batch_size=4,
-        max_new_tokens=8,
-        include_references=False,
-        mutants_per_problem=0,
-    )
-    outputs = train_critic(
-        base, tmp_path / "train.parquet", settings, seed=0, out_dir=tmp_path / "c", timeout=2.0
-    )
-    metrics = json.loads(outputs.metrics.read_text())
-    assert metrics["n_rollouts"] == 4 and metrics["reward_all"]["max"] == 0.0
-    assert not metrics["selection"]["length_balance_applied"]
-    # every return is 0: nothing to explain, so strength auto gives baseline weights
-    assert metrics["explained_variance"] is None and metrics["auto_strength"] == 0.0
-
-    # With the reference solutions as extra rollouts the critic sees both reward
-    # classes even though the base model solves nothing; references are executed
-    # like any sample, not assumed correct.
-    settings = settings.model_copy(update={"include_references": True})
-    outputs = train_critic(
-        base, tmp_path / "train.parquet", settings, seed=0, out_dir=tmp_path / "r", timeout=2.0
-    )
-    metrics = json.loads(outputs.metrics.read_text())
-    assert metrics["n_rollouts"] == 6
-    assert metrics["reward_all"]["max"] == 1.0
-    assert metrics["reward_all"]["mean"] == pytest.approx(2 / 6)
-
-
-def test_value_of_s0_is_trained():
-    """Rollouts of two problems whose prompts end in different states (row 0 of the
-    hidden states is s0): problem A's rollouts all succeed, B's all fail, so only
-    V(s0) being fitted makes V(s0_A) ~ 1 and V(s0_B) ~ 0. Untrained, the head's
-    V(s0) says nothing about the problem."""
+def test_value_head_fits_boundary_values_deterministically():
     g = torch.Generator().manual_seed(0)
-    s0 = {"A": torch.randn(16, generator=g), "B": torch.randn(16, generator=g)}
-    hiddens, rewards = [], []
-    for i in range(40):
-        problem = "AB"[i % 2]
-        body = torch.randn(int(torch.randint(3, 8, (1,), generator=g)), 16, generator=g)
-        hiddens.append(torch.cat([s0[problem][None], body]))  # (1 + C, D)
-        rewards.append(1.0 if problem == "A" else 0.0)
-    settings = CriticSettings(hidden_dim=32, lr=3e-3, epochs=20, batch_size=8, lam=1.0)
-    head, _ = fit_value_head(hiddens, rewards, settings, seed=0)
-    with torch.no_grad():
-        v_a, v_b = (float(head(s0[p][None, None])[0, 0]) for p in "AB")
-    assert v_a > 0.8 and v_b < 0.2
-    # and in the critic's own pipeline, the hidden states start at s0
-    model = MTPModel(tiny_config(vocab_size=50))
-    model.init_weights(seed=0)
-    rollout = Rollout("1", [3, 4, 5], [6, 7, 1], 1.0)
-    (hidden,) = rollout_hidden(model, [rollout], batch_size=1, device="cpu")
-    with torch.no_grad():
-        full = model.trunk(torch.tensor([[3, 4, 5, 6, 7, 1]]))[0][0]
-    torch.testing.assert_close(hidden, full[2:])  # s0 = the last prompt token, then C tokens
-
-
-def test_explained_variance_and_held_out_problems():
-    hiddens, rewards = toy_problem(n=40)
-    constant = ValueHead(16, 8)
-    with torch.no_grad():  # V = 0.5, the mean reward, everywhere: explains nothing
-        constant.net[3].weight.zero_()
-        constant.net[3].bias.fill_(0.5)
-    assert explained_variance(constant, hiddens, rewards, gamma=1.0) == pytest.approx(0.0, abs=0.02)
-    settings = CriticSettings(hidden_dim=32, lr=3e-3, epochs=15, batch_size=8, lam=1.0)
-    head, _ = fit_value_head(hiddens, rewards, settings, seed=0)
-    test_hiddens, test_rewards = toy_problem(n=40, seed=1)  # unseen rollouts
-    assert explained_variance(head, test_hiddens, test_rewards, gamma=1.0) > 0.7
-    assert explained_variance(head, test_hiddens, [1.0] * 40, gamma=1.0) is None
-    ids = [str(i // 3) for i in range(60)]  # 20 problems, 3 rollouts each
-    held_out = split_problems(ids, 0.2, seed=0)
-    assert len(held_out) == 4 and held_out == split_problems(ids[::-1], 0.2, seed=0)
-    assert held_out != split_problems(ids, 0.2, seed=1)
-    assert split_problems(["x", "x"], 0.2, seed=0) == set()
+    states = [torch.randn(4, 16, generator=g) for _ in range(30)]
+    values = [(s[:, 0] > 0).double().numpy() for s in states]
+    settings = CriticSettings(head_hidden_dim=32, head_lr=3e-3, head_epochs=150)
+    head, losses = critic.fit_boundary_head(states, values, settings, 0)
+    assert losses[-1] < 0.3 * losses[0]
+    fitted = np.concatenate(critic.head_values(head, states))
+    assert np.corrcoef(fitted, np.concatenate(values))[0, 1] > 0.9
+    again, _ = critic.fit_boundary_head(states, values, settings, 0)
+    for a, b in zip(head.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_strength_auto_only_for_the_critic(tmp_path):
@@ -418,35 +267,3 @@ def test_strength_auto_only_for_the_critic(tmp_path):
         load_recipe(path)
     shipped = load_recipe(REPO / "config" / "recipes" / "critic-wmtp.yaml")
     assert shipped.weighting.strength == "auto"
-
-
-def test_mutants_change_one_code_token_and_fail():
-    """Mutants of tiny-mbpp's noisy references differ from the reference in exactly
-    one Python token (never a comment), are seeded, and mostly fail the tests."""
-    import io
-    import random
-    import tokenize
-
-    from wmtp.data.mutants import mutants
-    from wmtp.data.prompts import mbpp_solution
-    from wmtp.tiny.data import make_tiny_mbpp
-
-    def tokens(code):
-        return [(t.type, t.string) for t in tokenize.generate_tokens(io.StringIO(code).readline)]
-
-    rows = make_tiny_mbpp(12, 2, seed=0, noise_comment_prob=0.5)["train"]
-    programs, tests = [], []
-    for code, asserts in zip(rows["code"], rows["test_list"], strict=True):
-        reference = mbpp_solution(code)
-        found = mutants(reference, 3, random.Random("0-1"))
-        assert found == mutants(reference, 3, random.Random("0-1")) and len(found) == 3
-        for mutant in found:
-            a, b = tokens(reference), tokens(mutant)
-            assert len(a) == len(b)
-            changed = [(x, y) for x, y in zip(a, b, strict=True) if x != y]
-            assert len(changed) == 1 and changed[0][0][0] != tokenize.COMMENT
-            programs.append(mutant)
-            tests.append(list(asserts))
-    assert mutants("x = 'unterminated\n", 2, random.Random(0)) == []
-    rewards = execution_rewards(programs, tests, timeout=2.0, workers=2)
-    assert np.mean(np.array(rewards) < 1) > 0.7

@@ -189,25 +189,43 @@ def test_probe_choice_is_deterministic_and_noisy(tiny_tokenizer):
 
 
 def test_report_shows_the_critic_and_what_each_method_weights(tmp_path):
-    """build_report with the critics' metrics.json: the critic table (held-out EV
-    and lambda per seed) and the per-class weight table (n/a where a run logged
-    no class columns, as the fixture's metrics do)."""
+    """build_report with the critics' metrics.json: the critic table (gate rho with its
+    interval and n, lambda per seed, read from the value table's metadata beside
+    metrics.json, else from metrics.json's copy), the critic row's note under the
+    table, and the per-class weight table (n/a where a run logged no class
+    columns, as the fixture's metrics do)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from tests.stages.test_report import SEEDS, _config, _write_results
+    from wmtp.stages import value_table_meta as vt
 
     files = _write_results(tmp_path)
     critics = []
-    for seed, ev in zip(SEEDS, (0.42, -0.1), strict=True):
+    for seed, rho, interval, lam in zip(
+        SEEDS, (0.42, 0.3), ([0.2, 0.6], [-0.05, 0.55]), (0.42, 0.0), strict=True
+    ):
         path = tmp_path / "critic" / f"seed{seed}" / "metrics.json"
         path.parent.mkdir(parents=True)
+        gate = {"statistic": "spearman_within_problem", "value": rho, "interval": interval,
+                "n_lines": 120, "n_problems": 30, "top_line_agreement": 0.5}  # fmt: skip
         payload = {
             "seed": seed,
-            "explained_variance": ev,
-            "auto_strength": max(ev, 0.0),
-            "n_rollouts_kept": 120,
-            "held_out": {"n_rollouts": 24},
-            "fit": {"explained_variance": 0.5},
+            "gate": {**gate, "value": 0.99},  # the table's record wins where the table is present
+            "auto_strength": 0.99,
+            "n_valued": 100,
+            "n_examples": 400,
+            "settings": {"rollouts": 4},
+            "values": {"v_s0_mean": 0.25},
+            "seconds": {"total": 58.2},
             "value_table": {"mean_delta_by_class": {"comment": -0.01, "code": 0.02}},
         }
+        if seed == SEEDS[1]:  # copied without its table: metrics.json's record
+            payload.update(gate=gate, auto_strength=lam)
+        else:
+            meta = {vt.META_FORMAT: vt.FORMAT.encode(), vt.META_GATE: json.dumps({"monte_carlo": gate, "head": None}),
+                    vt.META_STRENGTH: json.dumps(lam)}  # fmt: skip
+            pq.write_table(pa.table({}).replace_schema_metadata(meta), path.with_name("values.parquet"))
         path.write_text(json.dumps(payload))
         critics.append(path)
     config, recipes = _config()
@@ -224,8 +242,19 @@ def test_report_shows_the_critic_and_what_each_method_weights(tmp_path):
     critic_section = text[text.index("## Critic") :]
     rows = [line for line in critic_section.splitlines() if line.startswith(f"| {SEEDS[0]} |")]
     assert rows[0].startswith(
-        f"| {SEEDS[0]} | 0.420 | 0.420 | 0.500 | 120 / 24 | -0.0100 | +0.0200 | n/a |"
+        f"| {SEEDS[0]} | 0.420 [0.200, 0.600] | 120 / 30 | 50.0% | 0.420 | 100 / 400 | 4 | 0.250 | 58 |"
+        " -0.0100 | +0.0200 | n/a |"
     )
-    assert f"| {SEEDS[1]} | -0.100 | 0.000 |" in critic_section
+    assert f"| {SEEDS[1]} | 0.300 [-0.050, 0.550] | 120 / 30 | 50.0% | 0.000 |" in critic_section
+    assert "Gate and λ read from: value table, metrics.json." in critic_section
+    assert "`critic-wmtp` trains with λ = the gate's per seed (`strength: auto`)." in critic_section
+    note = next(line for line in text.splitlines() if line.startswith("`critic-wmtp` weights by"))
+    assert f"seed {SEEDS[0]} λ 0.420 (gate ρ 0.420 [0.200, 0.600], n = 120 lines of 30 problems)" in note
+    assert text.index(note) < text.index("## The table") + 2000 < text.index("## Critic")
+    old = tmp_path / "old" / "metrics.json"  # the value-head critic's, without a table
+    old.parent.mkdir()
+    old.write_text(json.dumps({"seed": 0, "explained_variance": 0.1, "auto_strength": 0.1}))
+    with pytest.raises(ValueError, match="metrics without a gate and no value table"):
+        report.critic_summaries([old])
     weights_section = text[text.index("## What each method weights") : text.index("## Critic")]
     assert "| baseline-mtp | n/a → n/a | n/a → n/a | n/a → n/a | n/a → n/a |" in weights_section

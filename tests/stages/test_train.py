@@ -158,8 +158,10 @@ def test_algorithm_trains_with_finite_decreasing_loss(setup, tmp_path, algorithm
     )
 
 
-def value_table(setup, path: Path, explained_variance: float | None, base=None) -> Path:
-    """A critic stage's value table: a random value head on the frozen base trunk."""
+def value_table(setup, path: Path, gate_statistic: float | None, base=None) -> Path:
+    """A critic stage's value table whose gate measured `gate_statistic` (rho): values
+    from a random value head on the frozen base trunk (wmtp.stages.value_table.compute_values),
+    so the deltas vary from token to token."""
     from transformers import AutoTokenizer
 
     from wmtp.stages.critic import ValueHead
@@ -171,21 +173,21 @@ def value_table(setup, path: Path, explained_variance: float | None, base=None) 
     torch.manual_seed(0)
     head = ValueHead(setup["config"].dim, 16).eval()
     values = compute_values(load_model(base), head, examples, pad_id=tokenizer.pad_token_id)
-    meta = table_metadata(base, tokenizer, len(examples), 0, explained_variance)
+    meta = table_metadata(base, tokenizer, len(examples), 0, gate_statistic)
     return write_value_table(examples, values, path, meta)
 
 
 def test_critic_trains_from_the_value_table_alone(setup, tmp_path, monkeypatch):
     """critic-wmtp reads its deltas from the critic stage's table: no value head ever
     runs in training (the trunk being trained would move its inputs). Strength auto
-    scales the weights by the critic's explained variance: EV 0 trains with the
-    baseline's weights exactly, EV 1 with full weights."""
+    scales the weights by the critic's gate statistic: rho <= 0 trains with the
+    baseline's weights exactly, rho 1 with full weights."""
     from wmtp.stages.critic import ValueHead
 
     def no_value_head(self, hidden):
         raise AssertionError("a value head ran during training")
 
-    full = value_table(setup, tmp_path / "ev1" / "values.parquet", explained_variance=1.0)
+    full = value_table(setup, tmp_path / "ev1" / "values.parquet", gate_statistic=1.0)
     monkeypatch.setattr(ValueHead, "forward", no_value_head)
     rec = recipe("critic-wmtp", weighting={"strength": "auto"})
     run(setup, tmp_path / "out", rec, critic_path=full)
@@ -195,7 +197,7 @@ def test_critic_trains_from_the_value_table_alone(setup, tmp_path, monkeypatch):
     assert metrics["weight_std"].min() > 0.1  # deltas vary, so weights do
     assert metrics["weight_mean"].sub(1).abs().max() < 1e-4
     monkeypatch.undo()
-    none = value_table(setup, tmp_path / "ev0" / "values.parquet", explained_variance=-0.3)
+    none = value_table(setup, tmp_path / "ev0" / "values.parquet", gate_statistic=-0.3)
     monkeypatch.setattr(ValueHead, "forward", no_value_head)
     run(setup, tmp_path / "flat", rec, critic_path=none)
     flat = pd.read_parquet(tmp_path / "flat" / "metrics.parquet")
@@ -790,7 +792,7 @@ METHODS = {  # id -> (algorithm, weighting)
     "rho1-tokenskip-shuffled": ("rho1-tokenskip-shuffled", {}),
     "critic-wmtp-matched": ("critic-wmtp-matched", {"strength": "auto"}),
 }
-SPY_EV = 0.6  # the spied critic's held-out explained variance: strength auto = 0.6
+SPY_EV = 0.6  # the spied critic's gate statistic (rho): strength auto = 0.6
 
 
 def table_ce_ref(refce_path: Path) -> dict[tuple[int, ...], np.ndarray]:
@@ -914,7 +916,7 @@ SPIED_STEPS = 4  # checkpoints at 2 and 4; the resume tests stop after 3
 @pytest.fixture(scope="module")
 def value_table_path(setup) -> Path:
     """The critic stage's value table of the spied critic-wmtp trainings."""
-    return value_table(setup, setup["root"] / "spy_values.parquet", explained_variance=SPY_EV)
+    return value_table(setup, setup["root"] / "spy_values.parquet", gate_statistic=SPY_EV)
 
 
 def method_recipe(method: str) -> Recipe:

@@ -8,7 +8,7 @@ written once. Arguments may be values or Snakemake wildcards: `Layout("results/{
     models/{role}                          download: base, ref, reward
     data/{dataset}/{split}.parquet         download: train, validation and test splits
     refce/{dataset}.parquet                refce: per-token reference CE
-    critic/seed{s}/values.parquet          critic: value table (+ metrics.json, value head)
+    critic/seed{s}/values.parquet          critic: value table (+ metrics.json)
     train/{algo}/seed{s}/model             train: fine-tuned model (+ metrics.parquet)
     eval/{algo}/seed{s}/{benchmark}.json   eval: pass@k summary (+ .jsonl of samples)
     report.md, table.csv, figures/         report (table.csv: the table as data)
@@ -37,7 +37,6 @@ TEST_SPLIT = "test"
 VALIDATION_SPLIT = "validation"  # for tuning: never the test split (MBPP's own name)
 CRITIC_TABLE = "values.parquet"
 CRITIC_METRICS = "metrics.json"
-CRITIC_HEAD = "value_head.safetensors"
 TRAIN_METRICS = "metrics.parquet"
 TABLE_CSV = "table.csv"  # the report's table as data, beside report.md
 TRAINED_MODEL = "model"  # the train stage's model directory, beside TRAIN_METRICS
@@ -76,9 +75,6 @@ class Layout:
 
     def critic_metrics(self, seed: int | str) -> str:
         return f"{self.critic_dir(seed)}/{CRITIC_METRICS}"
-
-    def critic_head(self, seed: int | str) -> str:
-        return f"{self.critic_dir(seed)}/{CRITIC_HEAD}"
 
     def train_dir(self, algo: str, seed: int | str) -> str:
         return f"{self.root}/train/{algo}/seed{seed}"

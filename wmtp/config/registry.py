@@ -59,7 +59,7 @@ class Method:
     @property
     def has_critic(self) -> bool:
         """Reads a critic's value table: its recipe carries a `critic:` section, and
-        `strength: auto` (the critic's explained variance) is defined for it."""
+        `strength: auto` (the critic's gate statistic) is defined for it."""
         return "values" in self.inputs
 
 

@@ -168,7 +168,8 @@ class WeightingSettings(Strict):
     strength: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = Field(
         1.0,
         description="lambda of w <- 1 + lambda (w - 1); 0 = baseline, 1 = full weights; "
-        "auto (critic-wmtp only) = the critic's held-out explained variance, clipped to [0, 1]",
+        "auto (critic-wmtp only) = the critic's gate statistic (Spearman's rho of its per-line deltas "
+        "against fresh Monte-Carlo ones) clipped to [0, 1], 0 when its bootstrap interval reaches 0",
     )
     critic_scores: Literal["softmax", "exp"] = Field(
         "softmax",
@@ -291,46 +292,57 @@ def optimizer_steps(
 
 
 class CriticSettings(Strict):
-    """Stage 1 of critic-wmtp: a value head on the frozen base model (docs/design.md)."""
+    """Stage 1 of critic-wmtp: Monte-Carlo values of the training solutions' line
+    boundaries on the frozen base model, and the gate that checks the deltas
+    (docs/design.md). One critic per training seed, which seeds its sampling and its
+    choice of problems (so the critic's noise is inside the seeds' interval)."""
 
     reward: Literal["execution", "reward_model"] = Field(
         "execution",
-        description="execution = fraction of tests passed; reward_model = a reward model's score "
-        "(needs models.reward)",
+        description="reward of a continuation: execution = 1 when solution prefix + continuation passes "
+        "every test (one sandbox program, as evaluation judges), else 0; reward_model = a reward "
+        "model's score (needs models.reward)",
     )
-    samples_per_problem: PositiveInt = Field(4, description="completions sampled per training problem (m)")
-    max_samples_per_problem: PositiveInt = Field(
-        4,
-        description="rollouts kept per problem before length balancing, alternating high and low "
-        "rewards so the cap keeps contrast; caps easy problems",
+    rollouts: PositiveInt = Field(
+        8,
+        description="continuations sampled from the frozen base at each line boundary (K): the "
+        "boundary's value is their mean reward, a line's delta the value after it minus before it",
     )
-    length_balance: bool = Field(True, description="balance kept samples by length so V cannot learn length")
-    include_references: bool = Field(
-        True,
-        description="add each problem's reference solution as one more rollout (rewarded like the samples): "
-        "a base model that solves nothing would otherwise give the critic no contrast",
+    temperature: PositiveFloat = Field(
+        1.0, description="sampling temperature of the continuations (1 = the base model's own policy)"
     )
-    mutants_per_problem: Annotated[int, Field(ge=0)] = Field(
-        2,
-        description="mutants of each problem's reference solution (one number, operator or name "
-        "changed; wmtp.data.mutants) added as rollouts and rewarded by execution: negatives that differ "
-        "from a correct solution in one token, so the critic learns which tokens decide the reward",
+    top_p: Annotated[float, Field(gt=0, le=1)] = Field(0.95, description="nucleus sampling of the continuations")
+    max_new_tokens: PositiveInt = Field(128, description="continuation length cap")
+    max_lines: PositiveInt | None = Field(
+        None,
+        description="line boundaries sampled per solution (None = every line end); a longer solution "
+        "gets this many, evenly spread, and the lines between two of them share one delta",
     )
-    max_problems: PositiveInt | None = Field(None, description="training problems rolled out (None = all)")
-    temperature: PositiveFloat = Field(1.0, description="sampling temperature of the rollouts")
-    top_p: Annotated[float, Field(gt=0, le=1)] = Field(0.95, description="nucleus sampling of the rollouts")
-    max_new_tokens: PositiveInt = Field(128, description="rollout length cap")
-    gamma: Annotated[float, Field(ge=0, le=1)] = Field(1.0, description="GAE discount")
-    lam: Annotated[float, Field(ge=0, le=1)] = Field(0.95, description="GAE lambda")
-    hidden_dim: PositiveInt = Field(256, description="value-head MLP width")
-    lr: PositiveFloat = Field(1e-3, description="value-head learning rate")
-    epochs: PositiveInt = Field(3, description="passes over the rollouts")
-    batch_size: PositiveInt = Field(16, description="rollouts per value-head step")
-    holdout_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
-        0.2,
-        description="share of the rolled-out problems held out (never fitted) to measure the "
-        "value head's explained variance of the returns, which strength: auto uses",
+    max_problems: PositiveInt | None = Field(
+        None,
+        description="training problems valued by Monte Carlo, a seeded choice (None = all); every token "
+        "of the others gets delta 0",
     )
+    batch_size: PositiveInt = Field(16, description="sequences per sampling batch")
+    gate_problems: PositiveInt = Field(
+        40,
+        description="training-split problems (never validation or test) of the table whose per-line "
+        "deltas the gate checks against a fresh Monte-Carlo estimate (other samples, another seed), a "
+        "seeded choice among the valued ones, never fitted by the value head; strength: auto comes from it",
+    )
+    gate_rollouts: PositiveInt = Field(8, description="continuations per line boundary of the gate's fresh estimate")
+    gate_resamples: PositiveInt = Field(
+        1000, description="bootstrap resamples of the gate problems for the interval of the gate statistic"
+    )
+    value_head: bool = Field(
+        False,
+        description="fit a value head (frozen trunk state at a line boundary -> its Monte-Carlo value) "
+        "on the valued problems and let it value the problems beyond max_problems; off = those "
+        "get delta 0 (baseline weights)",
+    )
+    head_hidden_dim: PositiveInt = Field(256, description="value-head MLP width")
+    head_lr: PositiveFloat = Field(1e-3, description="value-head learning rate (AdamW, full batch)")
+    head_epochs: PositiveInt = Field(200, description="value-head full-batch steps")
 
 
 def _overrides_of(section: type[BaseModel]) -> type[BaseModel]:
@@ -414,12 +426,12 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _auto_strength_needs_a_critic(self) -> Recipe:
-        """`auto` is the critic's held-out explained variance: undefined without one."""
+        """`auto` is the critic's gate statistic: undefined without one."""
         if self.weighting.strength == "auto" and not registry.method(self.algorithm).has_critic:
             with_critic = [m.name for m in registry.METHODS.values() if m.has_critic and not m.control]
             raise ValueError(
                 f"weighting.strength = 'auto': only {', '.join(with_critic)} has a confidence "
-                f"measure (its critic's explained variance); give {self.algorithm} a number in [0, 1]"
+                f"measure (its critic's gate statistic); give {self.algorithm} a number in [0, 1]"
             )
         return self
 

@@ -19,7 +19,7 @@ adding a method adds a function, not a branch; `algorithm_weights` looks it up
 and adds the recipe's weight strength on top, and for a control row
 (`<method>-shuffled`, `<method>-matched`) permutes the result (`control_weights`).
 Strength `auto` (a method with a critic) is resolved by the caller from the
-critic's held-out explained variance (wmtp.stages.value_table.auto_strength) and
+critic's gate statistic (wmtp.stages.critic_gate, wmtp.stages.value_table.auto_strength) and
 passed in as a number.
 """
 

@@ -41,11 +41,12 @@ import pyarrow.parquet as pq
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from wmtp.config import registry
-from wmtp.config.paths import TABLE_CSV, parse_row_file
+from wmtp.config.paths import CRITIC_TABLE, TABLE_CSV, parse_row_file
 from wmtp.config.registry import BASE_ROW, BASELINE
 from wmtp.config.schema import PipelineConfig, Recipe, config_hash
 from wmtp.infra.atomic import atomic_file, write_text_atomic
 from wmtp.stages import diagnostics, evaluate, intervals
+from wmtp.stages.value_table_meta import read_gate
 
 # metrics.parquet: our name -> accepted column names, first present wins.
 _COLUMNS = {
@@ -514,21 +515,41 @@ def class_weights(
 
 
 def critic_summaries(paths: list[str | Path]) -> list[dict]:
-    """One row per critic (seed) from its metrics.json: held-out explained variance,
-    the strength `auto` makes of it, and what its deltas do per token class."""
+    """One row per critic (seed) from its metrics.json: the gate (Spearman's rho of
+    the table's per-line deltas against a fresh Monte-Carlo estimate, its interval,
+    the lines and problems behind it, wmtp.stages.critic_gate) and the lambda of
+    `strength: auto`, both read from the value table's metadata (values.parquet
+    beside metrics.json; results copied without the table fall back to the copy of
+    the same record the stage wrote into metrics.json), and what its deltas do per
+    token class."""
     rows = []
     for path in paths:
         payload = json.loads(Path(path).read_text())
-        table = payload.get("value_table", {})
+        table_path = Path(path).with_name(CRITIC_TABLE)
+        if table_path.is_file():
+            record, strength = read_gate(table_path)
+            gate, source = record["monte_carlo"], "value table"
+        elif "gate" in payload:
+            gate, strength, source = payload["gate"], payload["auto_strength"], "metrics.json"
+        else:
+            raise ValueError(
+                f"{path}: a critic's metrics without a gate and no value table beside them "
+                "(written by the value-head critic before issue 19?): rerun the critic stage"
+            )
+        values = payload.get("values", {})
         rows.append(
             {
                 "seed": payload.get("seed"),
-                "explained_variance": payload.get("explained_variance"),
-                "auto_strength": payload.get("auto_strength"),
-                "n_fit": payload.get("n_rollouts_kept"),
-                "n_held_out": payload.get("held_out", {}).get("n_rollouts"),
-                "fit_ev": payload.get("fit", {}).get("explained_variance"),
-                "delta": table.get("mean_delta_by_class", {}),
+                "gate": gate,
+                "interval": gate.get("interval") or [None, None],
+                "auto_strength": strength,
+                "source": source,
+                "n_valued": payload.get("n_valued"),
+                "n_examples": payload.get("n_examples"),
+                "rollouts": payload.get("settings", {}).get("rollouts"),
+                "v_s0": values.get("v_s0_mean"),
+                "seconds": payload.get("seconds", {}).get("total"),
+                "delta": payload.get("value_table", {}).get("mean_delta_by_class", {}),
             }
         )
     return sorted(rows, key=lambda row: (row["seed"] is None, row["seed"]))
@@ -743,6 +764,7 @@ def _render(
         class_weights=class_weights(metrics, trained),
         token_classes=diagnostics.CLASSES,
         critics=critics,
+        critic_strengths={a: recipes[a].weighting.strength for a in config.critic_rows if a in recipes},
         per_seed=per_seed,
         eval_settings=config.eval,
         n_resamples=config.report.bootstrap_samples,

@@ -358,9 +358,9 @@ def load_value_table(
     except ValueError as error:
         raise ConfigError(f"critic-wmtp: {error}") from None
     log.info(
-        "value table %s: explained variance %s, auto strength %.3f",
+        "value table %s: gate %s, auto strength %.3f",
         critic_path,
-        table.explained_variance,
+        table.gate,
         table.strength,
     )
     return table

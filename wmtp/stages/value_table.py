@@ -1,23 +1,29 @@
 """The critic's value table: V and delta for every training token, computed once on the frozen base.
 
-critic-wmtp weights token j by delta_j = V_j - V_{j-1}, where V_j is the value
-head's estimate of the reward to come after x_<=j (wmtp.stages.critic). The
-value head was fitted on the *frozen base* trunk, so that is the only trunk it
-may read: applied to the trunk being fine-tuned, its inputs would drift away
-from what it was fitted on and its deltas become arbitrary. The critic stage
-therefore writes this table once and training only reads it, never running a
-value head. Layout, like the reference-CE table (wmtp.stages.refce), one row per
-(sample_id, position >= 1) of every training example:
+critic-wmtp weights token j by the critic's delta_j. The critic stage
+(wmtp.stages.critic) estimates the value of each line boundary of a training
+solution by Monte Carlo on the frozen base model and gives every token of a
+line that line's advantage (value after it minus value before it); the table
+holds those numbers so that training only reads them (the values belong to the
+frozen base, never to the model being fine-tuned). Layout, like the
+reference-CE table (wmtp.stages.refce), one row per (sample_id, position >= 1)
+of every training example:
 
     sample_id (string), position (int32), token_id (int32),
-    value (float32): V at this position; NaN on the prompt except its last
-                     token, whose value is V(s0), the state before the solution
-    delta (float32): V_j - V_{j-1} on the solution tokens and EOS (the targets
-                     training weights; the first one is V(first) - V(s0)), NaN elsewhere
+    value (float32): the critic's value at this position; NaN on the prompt
+                     except its last token, whose value is V(s0), the state
+                     before the solution
+    delta (float32): the score training weights on the solution tokens and EOS
+                     (the advantage of the token's line), NaN elsewhere
 
 The schema metadata records the base model (path and fingerprint), the
-tokenizer hash, the critic's seed and its held-out explained variance, which
-`weighting.strength: auto` turns into the weight strength.
+tokenizer hash, the critic's seed, its gate (wmtp.stages.critic_gate: the
+statistic, its interval and n) and the strength lambda that
+`weighting.strength: auto` stands for.
+
+`table_values` and `compute_values` serve a table whose values come from a
+value head on the frozen trunk (delta_j = V_j - V_{j-1}); the tests' tables are
+built that way.
 """
 
 from __future__ import annotations
@@ -37,6 +43,18 @@ from wmtp.core.weights import critic_deltas
 from wmtp.data.training import PACK_SEPARATOR, Example, collate, tokenizer_hash
 from wmtp.infra.atomic import atomic_file
 from wmtp.stages.refce import align_to_batch, read_per_token
+from wmtp.stages.value_table_meta import (
+    FORMAT,
+    META_BASE,
+    META_BASE_FINGERPRINT,
+    META_FORMAT,
+    META_GATE,
+    META_SAMPLES,
+    META_SEED,
+    META_STRENGTH,
+    META_TOKENIZER,
+    read_gate,
+)
 
 SCHEMA = pa.schema(
     [
@@ -47,14 +65,6 @@ SCHEMA = pa.schema(
         ("delta", pa.float32()),
     ]
 )
-META_FORMAT = b"wmtp.format"
-FORMAT = "wmtp-value-table"
-META_BASE = b"wmtp.base_model"
-META_BASE_FINGERPRINT = b"wmtp.base_model_fingerprint"
-META_TOKENIZER = b"wmtp.tokenizer_hash"
-META_SAMPLES = b"wmtp.n_samples"
-META_SEED = b"wmtp.critic_seed"
-META_EV = b"wmtp.explained_variance"
 
 
 def base_model_fingerprint(model_dir: str | Path) -> str:
@@ -123,13 +133,22 @@ def compute_values(
 
 
 def write_value_table(
-    examples: Sequence[Example], values: Sequence[np.ndarray], out_path: str | Path, meta: dict
+    examples: Sequence[Example],
+    values: Sequence[np.ndarray],
+    out_path: str | Path,
+    meta: dict,
+    deltas: Sequence[np.ndarray] | None = None,
 ) -> Path:
-    """Atomic parquet write of the table (module docstring) with `meta` as schema metadata."""
+    """Atomic parquet write of the table (module docstring) with `meta` as schema
+    metadata. `values` (and `deltas`) hold one (L,) array per example, position 0..L-1;
+    without `deltas` the deltas are the value differences (`table_values`)."""
     ids, positions, tokens, value_col, delta_col = [], [], [], [], []
-    for example, v in zip(examples, values, strict=True):
+    for i, (example, v) in enumerate(zip(examples, values, strict=True)):
         solution_start(example)  # checks one solution span after a prompt
-        value, delta = table_values(np.asarray(v), example.loss_mask)
+        if deltas is None:
+            value, delta = table_values(np.asarray(v), example.loss_mask)
+        else:
+            value, delta = _given_columns(example, np.asarray(v), np.asarray(deltas[i]))
         n = len(example.input_ids) - 1
         ids.append(np.full(n, example.sample_id, dtype=object))
         positions.append(np.arange(1, n + 1, dtype=np.int32))
@@ -158,29 +177,55 @@ def write_value_table(
     return out_path
 
 
+def _given_columns(
+    example: Example, value: np.ndarray, delta: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions 1..L-1 of given (L,) value and delta arrays, checked: a finite delta on
+    every solution token (the trainer reads each one) and NaN off the solution."""
+    mask = np.asarray(example.loss_mask, dtype=bool)
+    if value.shape != mask.shape or delta.shape != mask.shape:
+        raise ValueError(f"example {example.sample_id}: values/deltas do not match its {len(mask)} tokens")
+    if not np.isfinite(delta[mask]).all():
+        raise ValueError(f"example {example.sample_id}: a solution token has no finite delta")
+    delta = np.where(mask, delta, np.nan).astype(np.float32)
+    return value.astype(np.float32)[1:], delta[1:]
+
+
 def table_metadata(
     base_model_dir: str | Path,
     tokenizer,
     n_samples: int,
     seed: int,
-    explained_variance: float | None,
+    statistic: float | None,
+    *,
+    gate: dict | None = None,
+    strength: float | None = None,
 ) -> dict[bytes, str]:
+    """The table's metadata: `gate` is the critic's gate record (wmtp.stages.critic_gate;
+    default: just `statistic`), `strength` the lambda of `strength: auto` (default
+    `auto_strength(statistic)`)."""
+    gate = gate if gate is not None else {"value": statistic}
     return {
         META_BASE: str(base_model_dir),
         META_BASE_FINGERPRINT: base_model_fingerprint(base_model_dir),
         META_TOKENIZER: tokenizer_hash(tokenizer),
         META_SAMPLES: str(n_samples),
         META_SEED: str(seed),
-        META_EV: json.dumps(explained_variance),
+        META_GATE: json.dumps(gate),
+        META_STRENGTH: json.dumps(strength if strength is not None else auto_strength(statistic)),
     }
 
 
-def auto_strength(explained_variance: float | None) -> float:
-    """lambda of `weighting.strength: auto`: the explained variance clipped to [0, 1]
-    (None, i.e. not measurable, counts as 0: a critic of unknown worth gets none)."""
-    if explained_variance is None or not np.isfinite(explained_variance):
+def auto_strength(statistic: float | None, interval: Sequence[float] | None = None) -> float:
+    """lambda of `weighting.strength: auto`: the critic's gate statistic (Spearman's rho
+    of its per-line deltas against fresh Monte-Carlo ones, wmtp.stages.critic_gate)
+    clipped to [0, 1], and 0 when its interval reaches 0 or below. Not measurable
+    (None) counts as 0: a critic of unknown worth gets no weight."""
+    if statistic is None or not np.isfinite(statistic):
         return 0.0
-    return float(np.clip(explained_variance, 0.0, 1.0))
+    if interval is not None and not interval[0] > 0:
+        return 0.0
+    return float(np.clip(statistic, 0.0, 1.0))
 
 
 class ValueTable:
@@ -197,13 +242,14 @@ class ValueTable:
         self.meta = meta
 
     @property
-    def explained_variance(self) -> float | None:
-        return json.loads(self.meta[META_EV.decode()])
+    def gate(self) -> dict:
+        """The critic's gate record (statistic, interval, n; wmtp.stages.critic_gate)."""
+        return json.loads(self.meta[META_GATE.decode()])
 
     @property
     def strength(self) -> float:
         """The weight strength `auto` resolves to for this critic."""
-        return auto_strength(self.explained_variance)
+        return float(json.loads(self.meta[META_STRENGTH.decode()]))
 
     @classmethod
     def from_parquet(
