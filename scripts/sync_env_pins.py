@@ -44,7 +44,9 @@ def synced(text: str, versions: dict[str, str], env: Path) -> str:
     def pin(match: re.Match) -> str:
         name = normalise(match["name"])
         if name not in versions:
-            raise SystemExit(f"{env}: {match['name']} is not in {LOCK.name}; add it to pyproject.toml")
+            raise SystemExit(
+                f"{env}: {match['name']} is not in {LOCK.name}; add it to pyproject.toml"
+            )
         return f"{match['indent']}{match['name']}=={versions[name]}"
 
     return PIN.sub(pin, text)

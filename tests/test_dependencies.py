@@ -34,7 +34,9 @@ UV = [sys.executable, "-m", "uv"]
 
 def requirements(group: str | None = None) -> list[Requirement]:
     """The core dependencies (group None) or one optional group of pyproject.toml."""
-    specs = PYPROJECT["dependencies"] if group is None else PYPROJECT["optional-dependencies"][group]
+    specs = (
+        PYPROJECT["dependencies"] if group is None else PYPROJECT["optional-dependencies"][group]
+    )
     return [Requirement(spec) for spec in specs]
 
 
@@ -67,7 +69,9 @@ def test_lock_satisfies_pyproject_and_pins_one_torch_for_every_build():
         )
     # no local suffix: `torch==X` is met by the CPU build X+cpu and by PyPI's CUDA build X
     assert Version(locked["torch"]).local is None, locked["torch"]
-    assert not any(name.startswith("nvidia-") for name in locked), "lock resolved against CUDA torch"
+    assert not any(name.startswith("nvidia-") for name in locked), (
+        "lock resolved against CUDA torch"
+    )
 
 
 def test_this_environment_holds_exactly_the_locked_versions():
@@ -105,7 +109,9 @@ def lowest_resolution(*extra_args: str) -> dict[str, str]:
          "--quiet", *extra_args],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert result.returncode == 0, f"the lower bounds do not resolve together:\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"the lower bounds do not resolve together:\n{result.stderr[-3000:]}"
+    )
     lines = (line.split("==") for line in result.stdout.splitlines() if "==" in line)
     return {normalise(name): pinned.split(";")[0].strip() for name, pinned in lines}
 
@@ -122,7 +128,9 @@ def assert_at_lower_bounds(reqs: list[Requirement], resolved: dict[str, str]) ->
         for req in reqs
         if Version(resolved.get(normalise(req.name), "0")) != lower_bound(req)
     }
-    assert not off, f"lower bounds that cannot be installed with the others (bound: resolved): {off}"
+    assert not off, (
+        f"lower bounds that cannot be installed with the others (bound: resolved): {off}"
+    )
 
 
 @pytest.mark.slow
@@ -150,7 +158,9 @@ def local_modules(path: Path) -> set[str]:
     tests/ on sys.path for tests/smollm2.py)."""
     names = set()
     for folder in {REPO, path.parent, REPO / "tests"}:
-        names |= {p.stem for p in folder.glob("*.py")} | {p.name for p in folder.iterdir() if p.is_dir()}
+        names |= {p.stem for p in folder.glob("*.py")} | {
+            p.name for p in folder.iterdir() if p.is_dir()
+        }
     return names
 
 
@@ -203,5 +213,9 @@ def test_import_checker_names_an_undeclared_transitive_dependency(tmp_path, monk
     script.parent.mkdir()
     (tmp_path / "tests").mkdir()
     (tmp_path / "scripts" / "helper.py").write_text("")
-    script.write_text("import json\nimport helper\nimport numpy\n\ndef f():\n    import requests.adapters\n")
-    assert undeclared_imports([script], declared()) == ["scripts/fetch.py:6: requests (from requests)"]
+    script.write_text(
+        "import json\nimport helper\nimport numpy\n\ndef f():\n    import requests.adapters\n"
+    )
+    assert undeclared_imports([script], declared()) == [
+        "scripts/fetch.py:6: requests (from requests)"
+    ]
