@@ -154,13 +154,15 @@ def test_lower_bound_checker_sees_a_bound_that_cannot_be_met():
 
 def local_modules(path: Path) -> set[str]:
     """Top-level names a file in the repository imports from the repository itself: the
-    repository root's and the file's own folder's modules, and tests/ (a benchmark puts
-    tests/ on sys.path for tests/smollm2.py)."""
+    repository root's and the file's own folder's modules, and those of tests/ and its
+    folders (benchmarks put them on sys.path, e.g. tests/smollm2.py)."""
+    folders = {REPO, path.parent, REPO / "tests"}
+    if (REPO / "tests").is_dir():
+        folders |= {p for p in (REPO / "tests").rglob("*") if p.is_dir()}
     names = set()
-    for folder in {REPO, path.parent, REPO / "tests"}:
-        names |= {p.stem for p in folder.glob("*.py")} | {
-            p.name for p in folder.iterdir() if p.is_dir()
-        }
+    for folder in folders:
+        names |= {p.stem for p in folder.glob("*.py")}
+        names |= {p.name for p in folder.iterdir() if p.is_dir()}
     return names
 
 
