@@ -26,56 +26,18 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from wmtp.config.paths import TEST_SPLIT, VALIDATION_SPLIT
 from wmtp.config.registry import BASELINE
-from wmtp.config.schema import EvalSettings, Recipe, TrainSettings, load_config, optimizer_steps
+from wmtp.config.schema import EvalSettings, Recipe, TrainSettings, load_config
 from wmtp.core.checkpoints import load_model
-from wmtp.core.loss import weighted_mtp_loss
 from wmtp.core.sample import generate
-from wmtp.core.schedule import lr_factor
 from wmtp.data.problems import load_mbpp
-from wmtp.data.training import build_examples, iterate_batches
 from wmtp.stages.evaluate import evaluate_completions, summarise
 from wmtp.tiny.build import build_tiny_base, build_tiny_ref, tiny_knobs, write_tiny_mbpp
+from wmtp.tiny.finetune import finetune
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def finetune(
-    model, tokenizer, train_df, settings: TrainSettings, *, max_seq_len: int, steps: int | None,
-    seed: int,
-) -> list[float]:
-    """The trainer's loop without DeepSpeed: weighted MTP loss with w = 1 on the
-    solution tokens (prompt masked), AdamW, the trainer's warmup + cosine schedule;
-    lr, warmup, floor, weight decay, clipping and batch size from `settings`, the
-    length from its epochs unless `steps` is given."""
-    examples = build_examples(train_df, tokenizer, max_seq_len=max_seq_len)
-    batch_size = settings.micro_batch_size * settings.grad_accum_steps  # one process
-    steps = steps or optimizer_steps(settings, len(examples))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    batches = iterate_batches(examples, batch_size, seed, tokenizer.pad_token_id)
-    model.train()
-    losses = []
-    for step, batch in tqdm(batches, total=steps, desc="fine-tune"):
-        if step >= steps:
-            break
-        factor = lr_factor(step, warmup_steps=settings.warmup_steps, max_steps=steps,
-                           min_lr_ratio=settings.min_lr_ratio)  # fmt: skip
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr * factor
-        weights = batch.loss_mask.float()  # (B, S) all ones on valid tokens
-        loss = weighted_mtp_loss(
-            model, batch.input_ids, batch.loss_mask, weights, batch.attention_mask
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
 
 
 def evaluate(

@@ -47,6 +47,16 @@ def tiny_model() -> MTPModel:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct as a plain HF directory (`smollm2.py`), built
+    once into the repository's git-ignored .cache/ (benchmarks/smol_stages.py uses
+    the same copy)."""
+    from smollm2 import cached_hf_dir
+
+    return cached_hf_dir(REPO / ".cache")
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A 300-token byte-level BPE trained in memory on a little Python source, as a
     `transformers.PreTrainedTokenizerFast` with pad and eos tokens.

@@ -342,7 +342,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from wmtp.stages.export import export_hf
 
     out = export_hf(checkpoint, args.out)
-    print(f"wrote {out} (LlamaForCausalLM; extra heads, if any, in mtp_heads.safetensors)")
+    print(f"wrote {out} (LlamaForCausalLM; extra heads, if any, in mtp_heads/heads.safetensors)")
     return 0
 
 

@@ -15,21 +15,12 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO
-from smollm2 import cached_hf_dir
 
 pytestmark = pytest.mark.slow
 
 # Greedy, before fine-tuning, the model passes HumanEval/22 and /23, fails /0's tests and
 # raises in /3: both scorers see every outcome.
 TASKS = ("HumanEval/0", "HumanEval/3", "HumanEval/22", "HumanEval/23")
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir():
-    """Built once into the repository's git-ignored .cache/ (benchmarks/smol_stages.py
-    uses the same copy)."""
-    return cached_hf_dir(REPO / ".cache")
 
 
 def test_a_real_model_through_every_stage(smollm2_dir, tmp_path):

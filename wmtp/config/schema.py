@@ -472,6 +472,17 @@ class EvalSettings(Strict):
         description="decode with the MTP heads drafting and head 0 verifying: the same greedy outputs "
         "or sampling distribution, faster (docs/decoding.md)",
     )
+    engine: Literal["own", "vllm"] = Field(
+        "own",
+        description="what samples the completions: own = wmtp.core.sample (continuous batching on "
+        "the MTP model); vllm = vLLM's offline engine on the model exported as a plain Llama "
+        "(head 0), in a process of its own (docs/vllm.md)",
+    )
+    vllm_python: str = Field(
+        ".venv-vllm/bin/python",
+        description="python of the environment vLLM is installed in (engine = vllm; "
+        "`bash scripts/setup_vllm.sh` makes the default); relative to the working directory",
+    )
 
     @model_validator(mode="after")
     def _k_within_n(self) -> EvalSettings:
@@ -481,6 +492,11 @@ class EvalSettings(Strict):
         temperatures = self.oracle_temperatures or []
         if len(set(temperatures)) != len(temperatures):
             raise ValueError(f"oracle_temperatures = {temperatures}: duplicates are not allowed")
+        if self.engine == "vllm" and self.speculative:
+            raise ValueError(
+                "speculative = true with engine = 'vllm': speculative decoding with the MTP heads "
+                "is the own engine's (vLLM samples from head 0 alone)"
+            )
         return self
 
     @property

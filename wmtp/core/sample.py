@@ -88,7 +88,7 @@ def _end_ids(tokenizer, eos_token_ids: Collection[int] | None) -> frozenset[int]
     return frozenset() if tokenizer.eos_token_id is None else frozenset([tokenizer.eos_token_id])
 
 
-def _finish(
+def completion_text(
     tokenizer,
     tokens: list[int],
     stop: tuple[str, ...],
@@ -354,7 +354,7 @@ def generate(
     decoded: list[list[int]] = [[0] * n for _ in prompts]
     for pair in pairs:
         for j in range(pair.sample, n, distinct):  # greedy: every sample is sample 0
-            results[pair.prompt][j] = _finish(tokenizer, pair.tokens, stop, ends)
+            results[pair.prompt][j] = completion_text(tokenizer, pair.tokens, stop, ends)
             decoded[pair.prompt][j] = len(pair.tokens)
     return (results, decoded) if with_decoded_tokens else results
 
@@ -973,7 +973,7 @@ def speculative_generate(
             top_p=top_p, max_new_tokens=max_new_tokens, pad=pad, finished=finished,
         )  # fmt: skip
         for (i, j), row in zip(chunk, tokens, strict=True):
-            results[i][j] = _finish(tokenizer, row, stop, ends)
+            results[i][j] = completion_text(tokenizer, row, stop, ends)
         stats.tokens += sum(len(row) for row in tokens)
         stats.row_forwards += sum(len(a) for a in accepted)
         stats.accepted += sum(sum(a) for a in accepted)

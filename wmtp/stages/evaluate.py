@@ -22,16 +22,11 @@ import numpy as np
 
 from wmtp.config.schema import EvalSettings
 from wmtp.data.problems import Problem, load_benchmark
-from wmtp.data.prompts import (
-    PromptFormat,
-    chat_completion,
-    generation_stops,
-    model_prompt,
-    prompt_format,
-)
+from wmtp.data.prompts import PromptFormat, prompt_format
 from wmtp.infra.atomic import write_json_atomic, write_text_atomic
 from wmtp.infra.tracking import log_to_model_run
 from wmtp.sandbox.runner import STATUSES, run_many
+from wmtp.stages.eval_sampling import sample_own, sample_vllm
 
 MBPP_FORMAT = ("mbpp", "tiny-mbpp")
 # MLflow metric name prefix per benchmark: `tiny_mbpp_pass@1`, `contest_pass@1`, ...
@@ -174,67 +169,6 @@ def end_token_ids(model_dir: str | Path, tokenizer) -> list[int]:
     return sorted(set(ids))
 
 
-def _sample_completions(
-    model,
-    tokenizer,
-    problems: list[Problem],
-    settings: EvalSettings,
-    seed: int,
-    fmt: PromptFormat = "raw",
-    eos_token_ids: list[int] | None = None,
-) -> tuple[list[list[str]], float, int, int]:
-    """n completions per problem in prompt format `fmt` (`wmtp.data.prompts`; a chat
-    reply becomes the completion its code block gives); greedy decoding is
-    generated once and repeated (every greedy sample is the same). Returns
-    (completions, seconds, decoded tokens, kept tokens): decoded counts what the
-    model generated (stop text and end ids included), kept the tokens of the
-    judged completions (re-tokenised), both for the distinct generations.
-    With `settings.speculative` the MTP heads draft and head 0 verifies
-    (`speculative_generate`): the same greedy completions, or samples from the same
-    distribution."""
-    # imported here: wmtp.stages.report reads this module's pass@k and must not import torch
-    from wmtp.core.sample import generate, speculative_generate
-
-    prompts = [model_prompt(tokenizer, fmt, p.prompt, p.message) for p in problems]
-    stops = {p.stop for p in problems}
-    if len(stops) != 1:
-        raise ValueError(f"problems of one benchmark must share stop sequences, got {stops}")
-    stop = generation_stops(fmt, stops.pop())
-    greedy = settings.temperature == 0
-    sampling = dict(
-        n=1 if greedy else settings.n_samples,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        max_new_tokens=settings.max_new_tokens,
-        seed=seed,
-        batch_size=settings.batch_size,
-        stop=stop,
-        progress=True,
-        eos_token_ids=eos_token_ids,
-    )
-    started = time.perf_counter()
-    if settings.speculative:
-        completions, stats = speculative_generate(model, tokenizer, prompts, **sampling)
-        n_decoded = stats.tokens
-    else:
-        completions, decoded = generate(
-            model, tokenizer, prompts, **sampling, with_decoded_tokens=True
-        )
-        n_decoded = sum(sum(row) for row in decoded)
-    seconds = time.perf_counter() - started
-    if fmt == "chat":
-        completions = [
-            [chat_completion(reply, p.stop, p.entry_point) for reply in replies]
-            for p, replies in zip(problems, completions, strict=True)
-        ]
-    kept = sum(
-        len(tokenizer(c, add_special_tokens=False)["input_ids"]) for s in completions for c in s
-    )
-    if greedy:
-        completions = [s * settings.n_samples for s in completions]
-    return completions, seconds, n_decoded, kept
-
-
 def _rate(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else 0.0
 
@@ -270,21 +204,24 @@ def evaluate_model(
     started = time.perf_counter()
     problems = load_benchmark(benchmark, data_path)[: settings.max_problems]
     torch.manual_seed(seed)
-    model = load_model(model_dir, device)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     fmt = fmt or prompt_format(tokenizer)
     end_ids = end_token_ids(model_dir, tokenizer)
-    completions, gen_seconds, decoded, kept = _sample_completions(
-        model, tokenizer, problems, settings, seed, fmt, end_ids
-    )
-    records = evaluate_completions(
-        problems, completions, settings, exact=benchmark in MBPP_FORMAT, progress=True
-    )
-    by_temperature = {settings.temperature: records}
-    for temperature in settings.temperatures[1:]:  # the oracle's other candidates
-        at = settings.model_copy(update={"temperature": temperature})
-        sampled, *_ = _sample_completions(model, tokenizer, problems, at, seed, fmt, end_ids)
-        by_temperature[temperature] = evaluate_completions(problems, sampled, at, progress=True)
+    if settings.engine == "vllm":
+        sampled = sample_vllm(model_dir, tokenizer, problems, settings, seed, fmt, end_ids)
+    else:
+        model = load_model(model_dir, device)
+        sampled = sample_own(model, tokenizer, problems, settings, seed, fmt, end_ids)
+    by_temperature = {
+        temperature: evaluate_completions(
+            problems, s.completions, settings.model_copy(update={"temperature": temperature}),
+            exact=benchmark in MBPP_FORMAT, progress=True,
+        )  # fmt: skip
+        for temperature, s in sampled.items()
+    }
+    records = by_temperature[settings.temperature]
+    fixed = sampled[settings.temperature]
+    gen_seconds, decoded, kept = fixed.seconds, fixed.decoded, fixed.kept
     if len(by_temperature) > 1:
         records = with_temperatures(records, by_temperature)
     summary = {
@@ -299,6 +236,7 @@ def evaluate_model(
         "data_path": None if data_path is None else str(data_path),
         "seed": seed,
         "prompt_format": fmt,
+        "engine": settings.engine,
         "speculative": settings.speculative,
         "generation_seconds": gen_seconds,
         "decoded_tokens": decoded,

@@ -8,8 +8,11 @@ trains can be handed to tools that know nothing of MTP (vLLM, lm-eval, the hub):
 
 writes config.json, model.safetensors, the tokenizer and generation_config.json
 (`AutoModelForCausalLM.from_pretrained(out)` gives head 0's logits), plus the
-extra heads in a side file, `mtp_heads.safetensors`, for anyone who wants them
-(`load_exported` rebuilds the whole MTP model from the two).
+extra heads in a side file in a folder of its own, `mtp_heads/heads.safetensors`,
+for anyone who wants them (`load_exported` rebuilds the whole MTP model from the
+two). The folder keeps the directory a plain Llama: vLLM loads every
+`*.safetensors` file at the top of a model directory and refuses one with
+parameters its Llama does not have.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from wmtp.core.checkpoints import (
 from wmtp.core.model import MTPModel
 from wmtp.infra.atomic import atomic_dir
 
-HEADS_FILE = "mtp_heads.safetensors"
+HEADS_FILE = "mtp_heads/heads.safetensors"  # not at the top: vLLM would load it
 
 
 def llama_state(model: MTPModel) -> dict[str, torch.Tensor]:
@@ -79,7 +82,7 @@ def _generation_config(checkpoint: Path, tokenizer) -> dict:
 
 def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the model in `checkpoint` (our format) as a `LlamaForCausalLM`
-    directory at `out` (atomically), with heads 1..H-1 in `out/mtp_heads.safetensors`
+    directory at `out` (atomically), with heads 1..H-1 in `out/mtp_heads/heads.safetensors`
     (keys `heads.{k}.{param}`, metadata: n_future_tokens and the MTP config)."""
     from transformers import AutoTokenizer
 
@@ -109,6 +112,7 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
         generation = _generation_config(checkpoint, tokenizer)
         (tmp / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n")
         if extra:
+            (tmp / HEADS_FILE).parent.mkdir()
             save_file(extra, str(tmp / HEADS_FILE), metadata=metadata)
     return out
 
