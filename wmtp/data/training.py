@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 
 from wmtp.config.schema import CONTEST_BENCHMARKS
@@ -42,6 +43,7 @@ MBPP_COLUMNS = ("task_id", "text", "code", "test_list")
 # "{problem name}#{j}" (j-th kept solution); `name` is the problem's.
 CONTEST_TRAIN_COLUMNS = ("task_id", "name", "description", "code")
 SOLUTION_SEPARATOR = "#"
+CONTEST_TRAIN_SOURCE = ("name", "description", "solutions")  # what those rows are made of
 # Joins the sample ids of examples packed into one row; `RefCETable.lookup` splits on it.
 PACK_SEPARATOR = "+"
 # Code with unicode, indentation, digits, and mixed quotes: two tokenizers that give
@@ -95,9 +97,9 @@ def read_split(
     (`CONTEST_TRAIN_COLUMNS`): the problem's Python 3 `solutions` (never
     `incorrect_solutions`), duplicates dropped, the first `max_solutions_per_problem`
     in the dataset's order (None = all); problems without one contribute nothing."""
-    frame = pd.read_parquet(path)
     if dataset in CONTEST_BENCHMARKS:
-        return contest_rows(frame, max_solutions_per_problem, str(path))
+        return contest_rows(_contest_columns(path), max_solutions_per_problem, str(path))
+    frame = pd.read_parquet(path)
     missing = [c for c in MBPP_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: missing MBPP column(s) {missing}; has {list(frame.columns)}")
@@ -106,16 +108,25 @@ def read_split(
     return frame
 
 
+def _contest_columns(path: str | Path) -> pd.DataFrame:
+    """The columns of a CodeContests split that training reads: the train split's
+    tests (hundreds of generated cases per problem) would cost gigabytes of memory."""
+    names = pq.read_schema(path).names
+    missing = [c for c in CONTEST_TRAIN_SOURCE if c not in names]
+    if missing:
+        raise ValueError(
+            f"{path}: missing CodeContests column(s) {missing} (deepmind/code_contests layout, "
+            f"needs {list(CONTEST_TRAIN_SOURCE)}); has {names}"
+        )
+    return pd.read_parquet(path, columns=list(CONTEST_TRAIN_SOURCE))
+
+
 def contest_rows(frame: pd.DataFrame, max_solutions: int | None, source: str = "the split") -> pd.DataFrame:
     """deepmind/code_contests rows -> one training row per kept correct Python 3
     solution (`read_split`)."""
-    needed = ("name", "description", "solutions")
-    missing = [c for c in needed if c not in frame.columns]
+    missing = [c for c in CONTEST_TRAIN_SOURCE if c not in frame.columns]
     if missing:
-        raise ValueError(
-            f"{source}: missing CodeContests column(s) {missing} (deepmind/code_contests layout, "
-            f"needs {list(needed)}); has {list(frame.columns)}"
-        )
+        raise ValueError(f"{source}: missing CodeContests column(s) {missing}; has {list(frame.columns)}")
     rows = []
     for problem in frame.to_dict("records"):
         # the separators of sample ids may not occur in a problem's part of one
