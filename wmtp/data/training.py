@@ -138,7 +138,12 @@ def contest_rows(frame: pd.DataFrame, max_solutions: int | None, source: str = "
         ]
     if not rows:
         raise ValueError(f"{source}: no problem has a correct Python 3 solution (language {PYTHON3})")
-    return pd.DataFrame(rows, columns=list(CONTEST_TRAIN_COLUMNS))
+    frame_out = pd.DataFrame(rows, columns=list(CONTEST_TRAIN_COLUMNS))
+    log.info(
+        "%s: %d correct Python 3 solutions of %d of its %d problems (at most %s per problem)",
+        source, len(frame_out), frame_out["name"].nunique(), len(frame), max_solutions or "all",
+    )  # fmt: skip
+    return frame_out
 
 
 def training_text(tokenizer, row) -> tuple[str, str]:
