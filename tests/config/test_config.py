@@ -425,3 +425,21 @@ def test_rows_with_a_critic_must_agree_on_its_section():
     assert _shared_critic_problems(SimpleNamespace(critic_rows=["a", "b"]), recipes) == []
     problems = _shared_critic_problems(SimpleNamespace(critic_rows=["a", "b", "c"]), recipes)
     assert len(problems) == 1 and "a, b, c share the critic stage" in problems[0]
+
+
+def test_codecontests_training_refuses_a_critic_row_and_takes_filtered_n_at_k():
+    """The critic's rollouts are judged with assert tests: a CodeContests training set
+    (stdin/stdout problems) with critic-wmtp is refused, naming the keys; without it
+    the setting loads, with n@k filtered on the public tests."""
+    data = tiny()
+    data["data"]["train_dataset"] = "codecontests"
+    message = error_of(data)
+    assert "data.train_dataset = 'codecontests' with algorithms critic-wmtp" in message
+    assert "drop critic-wmtp from algorithms" in message
+    data["algorithms"].remove("critic-wmtp")
+    data["eval"]["ks"]["codecontests"] = [1]
+    data["eval"]["filtered_n_at_k"] = {"codecontests": [[1, 2]]}
+    data["data"]["max_solutions_per_problem"] = 4
+    config, _ = load_config(data, base_dir=REPO)
+    assert config.eval.filtered_for("codecontests") == [(1, 2)]
+    assert config.data.max_solutions_per_problem == 4

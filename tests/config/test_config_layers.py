@@ -108,7 +108,7 @@ def test_no_recipe_restates_a_value_it_gets_anyway(recipe, tmp_path):
     assert restated(read(recipe), loads) == []
 
 
-@pytest.mark.parametrize("name", ["ci.yaml", "paper.yaml", "smol.yaml"])
+@pytest.mark.parametrize("name", ["ci.yaml", "paper.yaml", "paper_codecontests.yaml", "smol.yaml"])
 def test_a_setting_alone_is_the_setting_merged_over_the_tiny_default(name):
     """`python -m wmtp` reads a setting alone, Snakemake merged over config/config.yaml:
     both must run the same experiment. Only what the setting never reads may differ:

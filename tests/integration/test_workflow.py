@@ -169,6 +169,24 @@ def test_paper_dry_run_plans_three_benchmarks(workdir):
 
 
 @pytest.mark.slow
+def test_paper_codecontests_dry_run_trains_on_the_codecontests_train_split(workdir):
+    """The paper's CodeContests setting: every training reads CodeContests' train
+    split (and the reference CE of it), every row is evaluated on its test split."""
+    configfile = "config/paper_codecontests.yaml"
+    result = snakemake(workdir, "all", "-n", "--configfile", configfile)
+    assert result.returncode == 0, result.stderr
+    jobs, contests = planned_jobs(result.stdout), setting(configfile)
+    seeds = len(contests.seeds)
+    assert jobs["train"] == len(contests.trained_algorithms) * seeds and jobs["eval"] == len(contests.algorithms) * seeds
+    assert jobs["download_data"] == 2 and jobs["refce"] == 1 and "critic" not in jobs
+    data = "results/paper-codecontests/data/codecontests"
+    for output, inputs in planned_inputs(result.stdout, "train").items():
+        assert f"{data}/train.parquet" in inputs, output
+    assert "results/paper-codecontests/refce/codecontests.parquet" in result.stdout
+    assert "results/paper-codecontests/eval/rho1-weighted/seed2/codecontests.json" in result.stdout
+
+
+@pytest.mark.slow
 def test_smol_dry_run_plans_a_hub_model_with_heads(workdir):
     result = snakemake(workdir, "all", "-n", "--configfile", "config/smol.yaml")
     assert result.returncode == 0, result.stderr

@@ -137,12 +137,14 @@ def test_stdio_judges_exit_status_and_tokens():
 def test_stdio_job_needs_every_case_and_says_which_failed():
     program = "n = int(input())\nprint(n * 2 if n < 5 else n)\n"
     cases = (("1\n", "2\n"), ("3\n", "6\n"))
-    assert run_job(Job(program, cases=cases)).passed
+    passing = run_job(Job(program, cases=cases))
+    assert passing.passed and passing.cases_passed == 2
     failing = run_job(Job(program, cases=(*cases, ("7\n", "14\n"))))
     assert failing.status == "failed" and failing.detail.startswith("case 3/3")
+    assert failing.cases_passed == 2  # the leading cases that passed (public tests come first)
     slow_on_two = "import time\nn = int(input())\ntime.sleep(30 if n == 2 else 0)\nprint(n)\n"
     timed = run_job(Job(slow_on_two, cases=(("1\n", "1\n"), ("2\n", "2\n")), timeout=1.0))
-    assert timed.status == "timeout" and timed.detail.startswith("case 2/2")
+    assert timed.status == "timeout" and timed.detail.startswith("case 2/2") and timed.cases_passed == 1
 
 
 def test_all_cases_of_a_program_share_one_sandbox_start(monkeypatch):

@@ -295,6 +295,29 @@ def test_codecontests_shards_concatenated(tmp_path, hub):
     assert list(got["public_tests"].iloc[0]["output"]) == ["3\n"]
 
 
+def test_codecontests_train_split_keeps_the_hub_layout_training_reads(tmp_path, hub):
+    """The train split is downloaded in deepmind/code_contests' own columns (tests,
+    correct and incorrect solutions); training reads its Python 3 solutions."""
+    from wmtp.data.training import read_split
+
+    root, calls = hub
+    data = root / download.CODECONTESTS_REPO / "data"
+    data.mkdir(parents=True)
+    rows = _contest_rows(["a", "b"]).assign(
+        incorrect_solutions=[{"language": [3], "solution": ["print(0)"]}] * 2
+    )
+    rows.to_parquet(data / "train-00000-of-00001-cccc.parquet")
+    out = download.download_dataset("codecontests", "train", tmp_path / "train.parquet")
+    assert calls[0]["allow_patterns"] == ["data/train-*.parquet"]
+    assert list(pd.read_parquet(out).columns) == list(rows.columns)
+    trained = read_split(out, "codecontests")
+    assert trained["task_id"].tolist() == ["a#0", "b#0"]
+    assert trained["code"].tolist() == ["print(sum(map(int, input().split())))"] * 2
+    rows.drop(columns=["solutions"]).to_parquet(tmp_path / "train.parquet")
+    with pytest.raises(ValueError, match=r"missing columns \['solutions'\]"):
+        download.download_dataset("codecontests", "train", tmp_path / "out.parquet", source=str(tmp_path))
+
+
 def test_humaneval_from_package(tmp_path):
     out = download.download_dataset("humaneval", "test", tmp_path / "test.parquet")
     frame = pd.read_parquet(out)

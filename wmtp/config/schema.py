@@ -43,6 +43,9 @@ Row = Annotated[Literal[registry.ROWS], _REGISTRY_NAME]
 BENCHMARKS = ("mbpp", "humaneval", "codecontests", "tiny-mbpp")
 Benchmark = Literal[BENCHMARKS]
 TRAIN_DATASETS = ("mbpp", "codecontests", "tiny-mbpp")  # HumanEval has only a test split
+# deepmind/code_contests' layout: stdin/stdout problems (no assert tests) with public
+# tests, many correct solutions per problem
+CONTEST_BENCHMARKS = ("codecontests",)
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
@@ -146,6 +149,12 @@ class DataSettings(Strict):
         "when a model has source: tiny",
     )
     max_train_examples: PositiveInt | None = Field(None, description="cap on training examples (None = all)")
+    max_solutions_per_problem: PositiveInt | None = Field(
+        None,
+        description="codecontests: correct Python 3 solutions kept per problem as training examples, "
+        "the first ones in the dataset's order, duplicates dropped (problems have hundreds; None = all); "
+        "ignored by MBPP-format data (one solution per problem)",
+    )
     val_fraction: Fraction = Field(0.05, description="share of training examples held out for val/loss")
     pack: bool = Field(False, description="pack several examples per row (attention may cross examples)")
     sources: dict[Benchmark, str] = Field(
@@ -457,6 +466,13 @@ class EvalSettings(Strict):
         default_factory=lambda: {"mbpp": [1, 10], "humaneval": [1, 10], "codecontests": [1, 5], "tiny-mbpp": [1, 10]},
         description="k values of pass@k per benchmark; each k must be <= n_samples",
     )
+    filtered_n_at_k: dict[Benchmark, list[tuple[PositiveInt, PositiveInt]]] = Field(
+        default_factory=dict,
+        description="benchmark -> [n, k] pairs of n@k filtered on the public tests (AlphaCode's 10@k: of "
+        "k samples, those passing the problem's public tests are kept and up to n submitted; solved when "
+        "one passes all tests), estimated without bias from the n_samples draws; only benchmarks with "
+        "public tests (codecontests); each n <= k <= n_samples",
+    )
     timeout: PositiveFloat = Field(
         3.0, description="seconds of wall time per program (per test case for stdin/stdout problems)"
     )
@@ -489,6 +505,18 @@ class EvalSettings(Strict):
         bad = {b: ks for b, ks in self.ks.items() if any(k > self.n_samples for k in ks)}
         if bad:
             raise ValueError(f"ks = {bad}: pass@k needs every k <= n_samples ({self.n_samples})")
+        no_public = [b for b in self.filtered_n_at_k if b not in CONTEST_BENCHMARKS]
+        if no_public:
+            raise ValueError(
+                f"filtered_n_at_k: {no_public} have no public tests to filter on "
+                f"(allowed: {list(CONTEST_BENCHMARKS)})"
+            )
+        bad = {
+            b: pairs for b, pairs in self.filtered_n_at_k.items()
+            if any(not n <= k <= self.n_samples for n, k in pairs)
+        }  # fmt: skip
+        if bad:
+            raise ValueError(f"filtered_n_at_k = {bad}: each [n, k] needs n <= k <= n_samples ({self.n_samples})")
         temperatures = self.oracle_temperatures or []
         if len(set(temperatures)) != len(temperatures):
             raise ValueError(f"oracle_temperatures = {temperatures}: duplicates are not allowed")
@@ -498,6 +526,10 @@ class EvalSettings(Strict):
                 "is the own engine's (vLLM samples from head 0 alone)"
             )
         return self
+
+    def filtered_for(self, benchmark: str) -> list[tuple[int, int]]:
+        """The (n, k) pairs of filtered n@k evaluated on `benchmark` (none unless configured)."""
+        return [tuple(pair) for pair in self.filtered_n_at_k.get(benchmark, [])]
 
     @property
     def temperatures(self) -> list[float]:
@@ -612,6 +644,13 @@ class PipelineConfig(Strict):
         models = (self.models.base, self.models.ref, self.models.reward)
         uses_tiny = any(m is not None and m.source == "tiny" for m in models)
         problems += _base_problems(self.models)
+        if self.data.train_dataset in CONTEST_BENCHMARKS and self.critic_rows:
+            names = ", ".join(self.critic_rows)
+            problems.append(
+                f"data.train_dataset = {self.data.train_dataset!r} with algorithms {names}: the critic's "
+                "Monte-Carlo rollouts are judged with MBPP-style assert tests (wmtp/stages/critic_mc.py), "
+                f"not stdin/stdout cases; drop {names} from algorithms or train on an MBPP-format dataset"
+            )
         if self.models.base.prompt_format == "chat" and self.critic_rows:
             names = ", ".join(self.critic_rows)
             problems.append(

@@ -21,6 +21,8 @@ import pandas as pd
 from wmtp.data.prompts import (
     HUMANEVAL_STOP,
     MBPP_STOP,
+    contest_message,
+    contest_prompt,
     humaneval_message,
     mbpp_message,
     mbpp_prompt,
@@ -31,10 +33,6 @@ from wmtp.sandbox.runner import Job, defined_names
 # `if __name__ ==` block, so CodeContests stops only at a closing docstring or a
 # long run of blank lines.
 CONTEST_STOP: tuple[str, ...] = ('\n"""', "\n\n\n\n")
-CONTEST_INSTRUCTION = (
-    "Write a Python 3 program that reads the input from standard input and prints "
-    "the answer to standard output."
-)
 PYTHON3 = 3  # deepmind/code_contests language id of Python 3 solutions
 
 MBPP_COLUMNS = ("task_id", "text", "code", "test_list")
@@ -60,6 +58,8 @@ class Problem:
     benchmark's stop sequences. `kind` "assert": `tests` is Python run after the
     program; "stdio": every (stdin, expected stdout) pair in `cases` must match.
     `reference` is a known-correct completion (MBPP exact match compares to it).
+    `public_cases`: how many leading `cases` are the problem's public tests (the
+    examples of its statement, which a contestant may run before submitting).
     """
 
     task_id: str
@@ -72,6 +72,7 @@ class Problem:
     prefix: str = ""
     stop: tuple[str, ...] = MBPP_STOP
     message: str = ""
+    public_cases: int = 0
 
     def program(self, completion: str) -> str:
         return self.prefix + completion
@@ -184,10 +185,6 @@ def load_humaneval(path: str | Path | None = None) -> list[Problem]:
     ]
 
 
-def contest_prompt(description: str) -> str:
-    return f'"""\n{description.strip()}\n\n{CONTEST_INSTRUCTION}\n"""\n'
-
-
 def _cases(tests) -> list[tuple[str, str]]:
     if tests is None or (isinstance(tests, float) and tests != tests):
         return []
@@ -197,31 +194,40 @@ def _cases(tests) -> list[tuple[str, str]]:
     return [(str(i), str(o)) for i, o in zip(inputs, outputs, strict=True)]
 
 
+def python3_solutions(solutions) -> list[str]:
+    """The Python 3 texts of a deepmind/code_contests `solutions` (or
+    `incorrect_solutions`) struct: `{language: [...], solution: [...]}`, language
+    PYTHON3; in the dataset's order, exact duplicates dropped."""
+    if solutions is None or (isinstance(solutions, float) and solutions != solutions):
+        return []
+    languages, texts = _as_list(solutions.get("language")), _as_list(solutions.get("solution"))
+    if len(languages) != len(texts):
+        raise ValueError(f"codecontests: {len(languages)} solution languages but {len(texts)} solutions")
+    found = [str(t) for lang, t in zip(languages, texts, strict=True) if int(lang) == PYTHON3]
+    return list(dict.fromkeys(found))
+
+
 def load_codecontests(path: str | Path) -> list[Problem]:
     """CodeContests (deepmind/code_contests columns): stdin/stdout problems judged
-    on public + private + generated tests; the reference is the first Python 3
-    solution, if any."""
+    on public + private + generated tests, the public ones first (`public_cases`
+    counts them, for n@k filtered on the public tests); the reference is the first
+    Python 3 solution, if any."""
     frame = _read_table(path, CONTEST_COLUMNS, "codecontests")
     problems = []
     for row in frame.to_dict("records"):
-        cases = [
-            *_cases(row["public_tests"]),
-            *_cases(row["private_tests"]),
-            *_cases(row["generated_tests"]),
-        ]
+        public = _cases(row["public_tests"])
+        cases = [*public, *_cases(row["private_tests"]), *_cases(row["generated_tests"])]
         if not cases:
             raise ValueError(f"codecontests: problem {row['name']} has no tests")
-        solutions = row.get("solutions") or {}
-        languages = _as_list(solutions.get("language")) if solutions else []
-        texts = _as_list(solutions.get("solution")) if solutions else []
-        python3 = [t for lang, t in zip(languages, texts, strict=False) if int(lang) == PYTHON3]
+        python3 = python3_solutions(row.get("solutions"))
         problems.append(
             Problem(
                 task_id=str(row["name"]),
                 prompt=contest_prompt(str(row["description"])),
-                message=f"{str(row['description']).strip()}\n\n{CONTEST_INSTRUCTION}",
+                message=contest_message(str(row["description"])),
                 kind="stdio",
                 cases=tuple(cases),
+                public_cases=len(public),
                 reference=python3[0] if python3 else "",
                 stop=CONTEST_STOP,
             )

@@ -52,12 +52,27 @@ MBPP_INSTRUCTION = "Write a Python function for the task below. Reply with the c
 HUMANEVAL_INSTRUCTION = (
     "Complete the Python function below. Reply with the whole function in one Python code block."
 )
+CONTEST_INSTRUCTION = (
+    "Write a Python 3 program that reads the input from standard input and prints "
+    "the answer to standard output."
+)
 
 
 def mbpp_prompt(text: str, first_test: str) -> str:
     """MBPP prompt: the problem statement and the first test in a docstring, so the
     model knows the function name and signature (Austin et al. 2021)."""
     return f'"""\n{text.strip()}\n{first_test.strip()}\n"""\n'
+
+
+def contest_prompt(description: str) -> str:
+    """CodeContests prompt: the statement and the stdin/stdout instruction in a
+    docstring; the model writes the whole program after it."""
+    return f'"""\n{description.strip()}\n\n{CONTEST_INSTRUCTION}\n"""\n'
+
+
+def contest_message(description: str) -> str:
+    """CodeContests as a chat user turn: the statement, then the instruction."""
+    return f"{description.strip()}\n\n{CONTEST_INSTRUCTION}"
 
 
 def mbpp_message(text: str, first_test: str) -> str:
@@ -160,5 +175,16 @@ def training_pair(tokenizer, text: str, first_test: str, code: str) -> tuple[str
     (the chat format's also closes the code block, where generation stops)."""
     fmt = prompt_format(tokenizer)
     prompt = model_prompt(tokenizer, fmt, mbpp_prompt(text, first_test), mbpp_message(text, first_test))
+    target = mbpp_solution(code)
+    return prompt, target if fmt == "raw" else target + FENCE_END
+
+
+def contest_training_pair(tokenizer, description: str, code: str) -> tuple[str, str]:
+    """(prompt, target) text of a CodeContests training example (a problem's statement
+    and one of its correct Python 3 solutions) in the tokenizer's format: the prompt
+    evaluation shows for the problem (`contest_prompt` / `contest_message`), the
+    solution as target, closed like MBPP's (`training_pair`)."""
+    fmt = prompt_format(tokenizer)
+    prompt = model_prompt(tokenizer, fmt, contest_prompt(description), contest_message(description))
     target = mbpp_solution(code)
     return prompt, target if fmt == "raw" else target + FENCE_END

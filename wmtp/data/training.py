@@ -1,4 +1,10 @@
-"""Training data: MBPP-format rows -> tokenised (prompt, solution) examples -> batches.
+"""Training data: rows of a train split -> tokenised (prompt, solution) examples -> batches.
+
+Two layouts (`read_split`): MBPP's (mbpp, tiny-mbpp: one reference solution per
+problem) and deepmind/code_contests' (codecontests: every problem's correct Python 3
+solutions, up to a cap, each an example; the paper fine-tunes on these, conditioned
+on correctness by leaving `incorrect_solutions` out). Each example is in the prompt
+format evaluation uses for its benchmark.
 
 The loss is computed on solution tokens only (the model is tuned to write code,
 not to reproduce problem statements), so every example carries a loss mask
@@ -16,19 +22,28 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 
-from wmtp.data.prompts import training_pair
+from wmtp.config.schema import CONTEST_BENCHMARKS
+from wmtp.data.problems import PYTHON3, python3_solutions
+from wmtp.data.prompts import contest_training_pair, training_pair
 
 log = logging.getLogger(__name__)
 
 MBPP_COLUMNS = ("task_id", "text", "code", "test_list")
+# A CodeContests training row: one correct solution of one problem. `task_id` is
+# "{problem name}#{j}" (j-th kept solution); `name` is the problem's.
+CONTEST_TRAIN_COLUMNS = ("task_id", "name", "description", "code")
+SOLUTION_SEPARATOR = "#"
+CONTEST_TRAIN_SOURCE = ("name", "description", "solutions")  # what those rows are made of
 # Joins the sample ids of examples packed into one row; `RefCETable.lookup` splits on it.
 PACK_SEPARATOR = "+"
 # Code with unicode, indentation, digits, and mixed quotes: two tokenizers that give
@@ -72,8 +87,18 @@ class Batch:
         return int(self.attention_mask.sum())
 
 
-def read_split(path: str | Path) -> pd.DataFrame:
-    """Read an MBPP-format parquet split; `test_list` becomes a list of strings."""
+def read_split(
+    path: str | Path, dataset: str = "mbpp", max_solutions_per_problem: int | None = None
+) -> pd.DataFrame:
+    """Read a train split in its dataset's layout.
+
+    MBPP-format (mbpp, tiny-mbpp): the rows as they are, `test_list` a list of
+    strings. CodeContests (`CONTEST_BENCHMARKS`): one row per kept solution
+    (`CONTEST_TRAIN_COLUMNS`): the problem's Python 3 `solutions` (never
+    `incorrect_solutions`), duplicates dropped, the first `max_solutions_per_problem`
+    in the dataset's order (None = all); problems without one contribute nothing."""
+    if dataset in CONTEST_BENCHMARKS:
+        return contest_rows(_contest_columns(path), max_solutions_per_problem, str(path))
     frame = pd.read_parquet(path)
     missing = [c for c in MBPP_COLUMNS if c not in frame.columns]
     if missing:
@@ -81,6 +106,55 @@ def read_split(path: str | Path) -> pd.DataFrame:
     frame = frame.copy()
     frame["test_list"] = [[str(t) for t in tests] for tests in frame["test_list"]]
     return frame
+
+
+def _contest_columns(path: str | Path) -> pd.DataFrame:
+    """The columns of a CodeContests split that training reads: the train split's
+    tests (hundreds of generated cases per problem) would cost gigabytes of memory."""
+    names = pq.read_schema(path).names
+    missing = [c for c in CONTEST_TRAIN_SOURCE if c not in names]
+    if missing:
+        raise ValueError(
+            f"{path}: missing CodeContests column(s) {missing} (deepmind/code_contests layout, "
+            f"needs {list(CONTEST_TRAIN_SOURCE)}); has {names}"
+        )
+    return pd.read_parquet(path, columns=list(CONTEST_TRAIN_SOURCE))
+
+
+def contest_rows(frame: pd.DataFrame, max_solutions: int | None, source: str = "the split") -> pd.DataFrame:
+    """deepmind/code_contests rows -> one training row per kept correct Python 3
+    solution (`read_split`)."""
+    missing = [c for c in CONTEST_TRAIN_SOURCE if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{source}: missing CodeContests column(s) {missing}; has {list(frame.columns)}")
+    rows = []
+    for problem in frame.to_dict("records"):
+        # the separators of sample ids may not occur in a problem's part of one
+        name = str(problem["name"]).replace(SOLUTION_SEPARATOR, "_").replace(PACK_SEPARATOR, "_")
+        kept = python3_solutions(problem["solutions"])[:max_solutions]
+        rows += [
+            (f"{name}{SOLUTION_SEPARATOR}{j}", name, str(problem["description"]), code)
+            for j, code in enumerate(kept)
+        ]
+    if not rows:
+        raise ValueError(f"{source}: no problem has a correct Python 3 solution (language {PYTHON3})")
+    frame_out = pd.DataFrame(rows, columns=list(CONTEST_TRAIN_COLUMNS))
+    log.info(
+        "%s: %d correct Python 3 solutions of %d of its %d problems (at most %s per problem)",
+        source, len(frame_out), frame_out["name"].nunique(), len(frame), max_solutions or "all",
+    )  # fmt: skip
+    return frame_out
+
+
+def training_text(tokenizer, row) -> tuple[str, str]:
+    """(prompt, target) of one row of `read_split` in its layout and the tokenizer's
+    prompt format (`wmtp.data.prompts`)."""
+    if hasattr(row, "description"):
+        return contest_training_pair(tokenizer, row.description, row.code)
+    tests = list(row.test_list)
+    if not tests:
+        raise ValueError(f"task {row.task_id}: empty test_list; the prompt shows the first test")
+    return training_pair(tokenizer, row.text, tests[0], row.code)
 
 
 def special_prefix(tokenizer) -> list[int]:
@@ -96,9 +170,10 @@ def special_prefix(tokenizer) -> list[int]:
 
 
 def build_examples(rows: pd.DataFrame, tokenizer, max_seq_len: int) -> list[Example]:
-    """Turn MBPP rows into examples: prompt = problem + first test, solution =
-    reference code + EOS, both in the prompt format the tokenizer records
-    (`wmtp.data.prompts.training_pair`: the one evaluation of this model uses).
+    """Turn `read_split` rows into examples: prompt = the problem as evaluation shows
+    it (MBPP: statement + first test; CodeContests: statement + stdin/stdout
+    instruction), solution = the row's code + EOS, both in the prompt format the
+    tokenizer records (`training_text`: the one evaluation of this model uses).
     Examples longer than `max_seq_len` are dropped (and counted in the log), never
     truncated: a cut solution teaches the model to stop mid-function."""
     if tokenizer.eos_token_id is None:
@@ -106,12 +181,7 @@ def build_examples(rows: pd.DataFrame, tokenizer, max_seq_len: int) -> list[Exam
     prefix = special_prefix(tokenizer)
     examples, dropped = [], 0
     for row in rows.itertuples(index=False):
-        tests = list(row.test_list)
-        if not tests:
-            raise ValueError(
-                f"task {row.task_id}: empty test_list; the prompt shows the first test"
-            )
-        prompt_text, target = training_pair(tokenizer, row.text, tests[0], row.code)
+        prompt_text, target = training_text(tokenizer, row)
         prompt = prefix + tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         solution = tokenizer(target, add_special_tokens=False)["input_ids"]
         solution = solution + [tokenizer.eos_token_id]
@@ -182,11 +252,22 @@ def pack(examples: Sequence[Example], max_seq_len: int) -> list[Example]:
     return packed
 
 
+def problem_of(sample_id: str) -> str:
+    """The problem a sample id belongs to: a CodeContests id "{name}#{j}" -> name;
+    an MBPP task id is its own problem."""
+    return sample_id.split(SOLUTION_SEPARATOR, 1)[0]
+
+
 def split_train_val(
     examples: Sequence[Example], val_fraction: float, seed: int
 ) -> tuple[list[Example], list[Example]]:
     """Seeded hold-out of `val_fraction` of the examples (at least one when the
-    fraction is > 0) for val/loss; order within each part is kept."""
+    fraction is > 0) for val/loss; order within each part is kept.
+
+    Whole problems are held out (`problem_of`): the solutions of one CodeContests
+    problem are all in train or all in val, so val/loss is measured on problems
+    the model was not fine-tuned on. With one example per problem (MBPP) this is a
+    plain seeded choice of examples."""
     n_val = int(round(len(examples) * val_fraction))
     if val_fraction > 0:
         n_val = max(n_val, 1)
@@ -194,9 +275,21 @@ def split_train_val(
         raise ValueError(
             f"val_fraction={val_fraction} leaves no training examples out of {len(examples)}"
         )
-    chosen = set(np.random.default_rng(seed).permutation(len(examples))[:n_val].tolist())
-    train = [e for i, e in enumerate(examples) if i not in chosen]
-    val = [e for i, e in enumerate(examples) if i in chosen]
+    problems = list(dict.fromkeys(problem_of(e.sample_id) for e in examples))
+    sizes = Counter(problem_of(e.sample_id) for e in examples)
+    held, count = set(), 0
+    for index in np.random.default_rng(seed).permutation(len(problems)).tolist():
+        if count >= n_val:
+            break
+        held.add(problems[index])
+        count += sizes[problems[index]]
+    if count >= len(examples):
+        raise ValueError(
+            f"val_fraction={val_fraction}: holding out whole problems leaves no training examples "
+            f"({len(problems)} problems, {len(examples)} examples)"
+        )
+    train = [e for e in examples if problem_of(e.sample_id) not in held]
+    val = [e for e in examples if problem_of(e.sample_id) in held]
     return train, val
 
 

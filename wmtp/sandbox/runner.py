@@ -167,6 +167,9 @@ class Outcome:
     stderr: str = ""  # tail
     duration: float = 0.0
     returncode: int | None = None
+    # stdio jobs: how many leading cases passed (judging stops at the first that does
+    # not), so a problem whose public tests come first knows the public verdict
+    cases_passed: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -634,6 +637,7 @@ def _run_stdio(iso: Isolation, job: Job) -> Outcome:
     stops at the first case that does not pass."""
     with _Run(iso, job, "stdio") as run:
         status, detail, record, stdout = "error", "no test cases", {}, b""
+        passed_cases = 0
         for index, (stdin, expected) in enumerate(job.cases):
             data = stdin.encode()
             os.write(run.control, len(data).to_bytes(8, "little"))
@@ -650,6 +654,7 @@ def _run_stdio(iso: Isolation, job: Job) -> Outcome:
             if status != "passed":
                 detail = f"case {index + 1}/{len(job.cases)}: {detail}"
                 break
+            passed_cases = index + 1
         with contextlib.suppress(OSError):
             os.write(run.control, STOP.to_bytes(8, "little"))
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -659,6 +664,7 @@ def _run_stdio(iso: Isolation, job: Job) -> Outcome:
             stdout=stdout[-TAIL_CHARS:].decode("utf-8", "replace"),
             stderr=(record.get("stderr") or "")[-TAIL_CHARS:],
             duration=time.monotonic() - run.started, returncode=record.get("returncode"),
+            cases_passed=passed_cases,
         )
 
 

@@ -106,7 +106,7 @@ class TokenClasses:
 
     @classmethod
     def from_rows(cls, rows, tokenizer, examples: Sequence[Example]) -> TokenClasses:
-        """`rows`: the MBPP-format rows the `examples` were built from (wmtp.data.training)."""
+        """`rows`: the rows (`wmtp.data.training.read_split`: `task_id`, `code`) the `examples` were built from."""
         code = {str(task): text for task, text in zip(rows["task_id"], rows["code"], strict=True)}
         out = {}
         for example in examples:

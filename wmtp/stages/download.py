@@ -42,9 +42,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from wmtp.config.schema import ModelSource, TinySettings
+from wmtp.config.paths import TRAIN_SPLIT
+from wmtp.config.schema import CONTEST_BENCHMARKS, ModelSource, TinySettings
 from wmtp.core import checkpoints
 from wmtp.data.prompts import set_prompt_format
+from wmtp.data.training import CONTEST_TRAIN_SOURCE
 from wmtp.infra import storage
 from wmtp.infra.atomic import atomic_file, publish, write_json_atomic
 from wmtp.tiny import build as tiny_builders
@@ -313,6 +315,13 @@ DATASETS: dict[str, Callable[..., tuple[pd.DataFrame, dict]]] = {
 }
 
 
+def required_columns(name: str, split: str) -> tuple[str, ...]:
+    """The columns a split must have: its benchmark's; a CodeContests train split also
+    those training reads (its `solutions`: the targets)."""
+    extra = CONTEST_TRAIN_SOURCE if name in CONTEST_BENCHMARKS and split == TRAIN_SPLIT else ()
+    return tuple(dict.fromkeys((*REQUIRED_COLUMNS[name], *extra)))
+
+
 def manifest_path(parquet: str | Path) -> Path:
     """The sidecar manifest of a dataset split: `{split}.parquet` -> `{split}.manifest.json`."""
     parquet = Path(parquet)
@@ -341,7 +350,7 @@ def download_dataset(
     stage = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
     try:
         frame, info = DATASETS[name](split, stage, source, endpoint_url, tiny=tiny, seed=seed)
-        missing = [c for c in REQUIRED_COLUMNS[name] if c not in frame.columns]
+        missing = [c for c in required_columns(name, split) if c not in frame.columns]
         if missing:
             raise ValueError(f"{name}/{split} from {info.get('repo')}: missing columns {missing}")
         with atomic_file(out_path) as staged:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import io
 import json
+import math
 import re
 import time
 import tokenize
@@ -50,6 +51,36 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def filtered_n_at_k(n: int, p: int, c: int, submit: int, k: int) -> float:
+    """Unbiased n@k filtered on the public tests (AlphaCode's 10@k, Li et al. 2022) of
+    one problem, from n samples of which p pass its public tests and c all its tests
+    (c <= p: the public tests are among all tests).
+
+    The protocol: draw k of the samples, keep those passing the public tests, submit
+    up to `submit` of them (a uniformly random choice: no clustering), solved when a
+    submitted one passes all tests. Its exact expectation over the k-subsets of the
+    n samples: with t ~ Hypergeometric(n, p, k) filtered samples among the k, the
+    min(submit, t) submitted ones are a uniformly random subset of the p that pass
+    the public tests, so P(solved | t) = pass@min(submit, t) over (p, c), and
+
+        n@k = sum_t P(t) * pass_at_k(p, c, min(submit, t)),   pass@0 = 0.
+
+    With submit >= k it is pass@k over (n, c): every passing sample is submitted."""
+    if not 0 <= c <= p <= n or k < 1 or submit < 1:
+        raise ValueError(
+            f"filtered n@k needs 0 <= c <= p <= n, k >= 1 and submit >= 1, got n={n}, p={p}, "
+            f"c={c}, submit={submit}, k={k}"
+        )
+    if k > n:
+        raise ValueError(f"{submit}@{k} is undefined with only n={n} samples")
+    total = math.comb(n, k)
+    value = 0.0
+    for t in range(max(1, k - (n - p)), min(p, k) + 1):
+        weight = math.comb(p, t) * math.comb(n - p, k - t) / total
+        value += weight * pass_at_k(p, c, min(submit, t))
+    return float(value)
 
 
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
@@ -98,7 +129,9 @@ def evaluate_completions(
 ) -> list[dict]:
     """Judge every completion of every problem in the sandbox (in parallel) and
     return one record per problem: task_id, n, c, statuses, details, completions
-    and, when `exact`, how many completions equal the reference (MBPP)."""
+    and, when `exact`, how many completions equal the reference (MBPP); on
+    stdin/stdout problems also `public`, each sample's verdict on the public tests
+    (for `filtered_n_at_k`)."""
     if len(problems) != len(completions):
         raise ValueError(f"{len(problems)} problems but {len(completions)} completion lists")
     jobs = [
@@ -120,19 +153,49 @@ def evaluate_completions(
         }
         if exact:
             record["exact"] = sum(exact_match(c, problem.reference) for c in samples)
+        if problem.kind == "stdio":  # its public tests come first (`Problem.public_cases`)
+            record["public"] = [o.cases_passed >= problem.public_cases for o in judged]
         records.append(record)
     return records
 
 
-def summarise(records: list[dict], ks: list[int]) -> dict:
-    """Benchmark-level metrics: mean pass@k over problems, exact match (mean over
-    problems of the fraction of samples equal to the reference), outcome counts."""
+def filtered_name(submit: int, k: int) -> str:
+    """The metric name of n@k filtered on the public tests: `10@100`."""
+    return f"{submit}@{k}"
+
+
+def parse_filtered(name: str) -> tuple[int, int] | None:
+    """(n, k) of a filtered n@k metric name (`10@100`); None for any other name."""
+    head, _, tail = name.partition("@")
+    return (int(head), int(tail)) if head.isdigit() and tail.isdigit() else None
+
+
+def filtered_values(records: list[dict], submit: int, k: int) -> list[float]:
+    """Per-problem `filtered_n_at_k` of evaluation records with `public` verdicts."""
+    missing = [r["task_id"] for r in records if "public" not in r]
+    if missing:
+        raise ValueError(
+            f"{filtered_name(submit, k)} needs each sample's public-test verdict; records of "
+            f"{missing[:3]} have none (only stdin/stdout benchmarks, codecontests, have public tests)"
+        )
+    return [filtered_n_at_k(r["n"], sum(r["public"]), r["c"], submit, k) for r in records]
+
+
+def summarise(records: list[dict], ks: list[int], filtered: list[tuple[int, int]] = ()) -> dict:
+    """Benchmark-level metrics: mean pass@k over problems, mean n@k filtered on the
+    public tests for each (n, k) of `filtered`, exact match (mean over problems of
+    the fraction of samples equal to the reference), outcome counts."""
     counts = Counter(status for r in records for status in r["statuses"])
     summary = {
         "n_problems": len(records),
         "n_samples": records[0]["n"] if records else 0,
         **{
             f"pass@{k}": float(np.mean([pass_at_k(r["n"], r["c"], k) for r in records])) for k in ks
+        },
+        **{
+            filtered_name(m, k): float(np.mean(filtered_values(records, m, k)))
+            for m, k in filtered
+            if records
         },
         **{f"n_{status}": counts.get(status, 0) for status in STATUSES},
     }
@@ -224,9 +287,10 @@ def evaluate_model(
     gen_seconds, decoded, kept = fixed.seconds, fixed.decoded, fixed.kept
     if len(by_temperature) > 1:
         records = with_temperatures(records, by_temperature)
+    filtered = settings.filtered_for(benchmark)
     summary = {
         "benchmark": benchmark,
-        **summarise(records, ks),
+        **summarise(records, ks, filtered),
         **(
             {"by_temperature": {str(t): summarise(r, ks) for t, r in by_temperature.items()}}
             if len(by_temperature) > 1
@@ -256,6 +320,7 @@ def summary_metrics(benchmark: str, summary: dict, ks: list[int]) -> dict[str, f
     named with the benchmark's `METRIC_PREFIX` (`mbpp_pass@1`, ...)."""
     prefix = METRIC_PREFIX.get(benchmark, benchmark.replace("-", "_"))
     metrics = {f"{prefix}_pass@{k}": summary[f"pass@{k}"] for k in ks}
+    metrics |= {f"{prefix}_{key}": value for key, value in summary.items() if parse_filtered(key)}
     if "exact_match" in summary:
         metrics[f"{prefix}_exact_match"] = summary["exact_match"]
     return metrics

@@ -460,7 +460,8 @@ def refce_stage(
     base_tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     ref_tokenizer = AutoTokenizer.from_pretrained(str(ref_dir))
     check_same_vocabulary(base_tokenizer, ref_tokenizer, str(base_dir), str(ref_dir))
-    examples = build_examples(read_split(data_path), base_tokenizer, data.max_seq_len)
+    rows = read_split(data_path, data.train_dataset, data.max_solutions_per_problem)
+    examples = build_examples(rows, base_tokenizer, data.max_seq_len)
     model = load_reference(ref_dir, device=device)
     return compute_refce(
         model,

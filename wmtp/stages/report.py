@@ -86,6 +86,22 @@ PUBLISHED = {
     "`base` row to check that the evaluation reproduces the first line.",
 }
 
+# The paper's CodeContests fine-tuning (Section 3.6, Figure 4, Appendix F). Its results
+# are curves of pass@k over k in a figure, with no table of values, so no number is
+# quoted: only the protocol and the finding, to read a codecontests column against.
+PUBLISHED_CODECONTESTS = {
+    "citation": "Gloeckle et al. (2024), Section 3.6, Figure 4 and Appendix F",
+    "setting": "7B models pretrained with next-token (n = 1) and 4-token (n = 4) prediction, "
+    "fine-tuned on the Python subset of CodeContests' train split with its correct/incorrect "
+    "annotations, conditioned on correct solutions; evaluated on the test split with 1000 "
+    "samples per problem at each temperature in {0.5, 0.6, 0.7, 0.8, 0.9}, pass@k by Chen "
+    "et al.'s estimator, shown for each k at its best temperature (an oracle), k from 1 to 1000",
+    "finding": "the models pretrained with 4-token prediction fine-tune to a higher pass@k than "
+    "the next-token ones (the section's claim; the values are only plotted)",
+    "missing": "no numbers are quoted: the paper gives these results as a figure only. It reports "
+    "no n@k filtered on the public tests; that column (AlphaCode's 10@k, Li et al. 2022) is this "
+    "pipeline's addition",
+}
 
 # ---------------------------------------------------------------- pure metric math
 
@@ -123,13 +139,14 @@ def read_problems(path: str | Path) -> pd.DataFrame:
 
 
 def read_summary(path: str | Path) -> dict[str, float]:
-    """The evaluation summary's `pass@k` and `exact_match` numbers."""
+    """The evaluation summary's `pass@k`, filtered `n@k` and `exact_match` numbers."""
     payload = json.loads(Path(path).read_text())
     flat = {**payload.get("metrics", {}), **payload} if isinstance(payload.get("metrics"), dict) else payload
     return {
         key: float(value)
         for key, value in flat.items()
-        if (key.startswith("pass@") or key == "exact_match") and isinstance(value, int | float)
+        if (key.startswith("pass@") or key == "exact_match" or evaluate.parse_filtered(key))
+        and isinstance(value, int | float)
     }
 
 
@@ -153,6 +170,10 @@ def check_summary(summary_path: str | Path, records_path: str | Path, frame: pd.
                 recomputed = float((frame["exact"] / frame["n"]).mean())
             elif key.startswith("pass@"):
                 recomputed = float(pass_at_k(np.asarray(n), np.asarray(c), int(key.split("@")[1])).mean())
+            elif (filtered := evaluate.parse_filtered(key)) is not None:
+                if where:
+                    continue  # judged at the fixed temperature only
+                recomputed = float(np.mean(evaluate.filtered_values(frame.to_dict("records"), *filtered)))
             else:
                 continue
             if abs(float(claimed) - recomputed) > 1e-6:
@@ -208,12 +229,15 @@ class BenchmarkTable:
 
 
 def _per_problem(frame: pd.DataFrame, metric: str, temperature: float | None = None) -> np.ndarray | None:
-    """Per-problem values of `metric` (pass@k or exact_match) of one evaluation; with
-    `temperature`, pass@k from the samples drawn at that temperature (oracle mode)."""
+    """Per-problem values of `metric` (pass@k, filtered n@k or exact_match) of one
+    evaluation; with `temperature`, pass@k from the samples drawn at that
+    temperature (oracle mode)."""
     if metric == "exact_match":
         if "exact" not in frame:
             return None
         return (frame["exact"] / frame["n"]).astype(float).to_numpy()
+    if (filtered := evaluate.parse_filtered(metric)) is not None:
+        return np.array(evaluate.filtered_values(frame.to_dict("records"), *filtered))
     k = int(metric.split("@")[1])
     if temperature is None:
         return pass_at_k(frame["n"].to_numpy(), frame["c"].to_numpy(), k)
@@ -244,6 +268,7 @@ def benchmark_table(
     n_resamples: int,
     seed: int,
     oracle_temperatures: list[float] | None = None,
+    filtered: list[tuple[int, int]] = (),
 ) -> BenchmarkTable:
     """Per-(seed, problem) values -> cells and paired differences whose intervals
     resample seeds and problems (`wmtp.stages.intervals`).
@@ -251,7 +276,8 @@ def benchmark_table(
     `problems[(algo, seed)]` is that run's per-problem frame; every run must cover
     the same task ids (otherwise the comparison would not be like with like). With
     `oracle_temperatures`, each pass@k cell is taken at its row's best temperature,
-    chosen again inside every resample."""
+    chosen again inside every resample. `filtered`: (n, k) pairs of n@k filtered on
+    the public tests, columns after pass@k, at the fixed temperature."""
     reference = problems[(algorithms[0], seeds[0])]["task_id"].tolist()
     for key, frame in problems.items():
         if frame["task_id"].tolist() != reference:
@@ -259,14 +285,14 @@ def benchmark_table(
                 f"{benchmark}: {key[0]} seed {key[1]} evaluated a different problem set than "
                 f"{algorithms[0]} seed {seeds[0]} ({len(frame)} vs {len(reference)} problems)"
             )
-    metrics = [f"pass@{k}" for k in ks] + ["exact_match"]
+    metrics = [f"pass@{k}" for k in ks] + [evaluate.filtered_name(*f) for f in filtered] + ["exact_match"]
     resamples = intervals.Resamples.draw(len(seeds), len(reference), n_resamples, seed)
     table = BenchmarkTable(benchmark, len(reference), len(seeds), metrics)
     estimates: dict[str, dict[str, intervals.Estimate | None]] = {}
     for algo in algorithms:
         estimates[algo] = {}
         for metric in metrics:
-            candidates = oracle_temperatures if oracle_temperatures and metric != "exact_match" else [None]
+            candidates = oracle_temperatures if oracle_temperatures and metric.startswith("pass@") else [None]
             grid = value_grid(problems, algo, seeds, metric, candidates)
             found = None if grid is None else intervals.estimate(grid, resamples)
             estimates[algo][metric] = found
@@ -657,6 +683,7 @@ def read_tables(
             benchmark, problems, algorithms, seeds, ks, config.report.bootstrap_samples,
             seed=zlib.crc32(benchmark.encode()),
             oracle_temperatures=config.eval.temperatures if config.eval.oracle_temperatures else None,
+            filtered=config.eval.filtered_for(benchmark),
         ))  # fmt: skip
         for (a, s), frame in problems.items():  # after the problem-set check: the clearer error first
             check_summary(summaries[(a, s, benchmark)], problems_files[(a, s, benchmark)], frame)
@@ -777,4 +804,6 @@ def _render(
         git_commit=git_commit or "unknown",
         figures=figures,
         published=PUBLISHED,
+        published_contests=PUBLISHED_CODECONTESTS if "codecontests" in config.benchmarks else None,
+        contest_training=config.data.train_dataset == "codecontests",
     )

@@ -293,7 +293,7 @@ def read_training_data(
     """Tokenised examples, the seeded val hold-out, and the optimizer steps: `max_steps`,
     or what the recipe's epochs give over these examples (a warmup that does not fit
     them is refused here, before any model work)."""
-    rows = read_split(train_path)
+    rows = read_split(train_path, data.train_dataset, data.max_solutions_per_problem)
     examples = build_examples(rows, tokenizer, data.max_seq_len)
     if data.max_train_examples is not None:
         examples = examples[: data.max_train_examples]
