@@ -110,12 +110,16 @@ def get_critic_inputs(wildcards):
 
 def get_eval_inputs(wildcards):
     """The model a row evaluates: an untrained row (`base`) the downloaded base model
-    itself (same protocol, no training), every other row its fine-tuned model."""
+    itself (same protocol, no training), every other row its fine-tuned model; and
+    MBPP's prompt split when its prompt is three-shot."""
     if registry.method(wildcards.algo).trained:
         model = LAYOUT.trained_model(wildcards.algo, wildcards.seed)
     else:
         model = LAYOUT.model("base")
-    return {"model": model, "data": LAYOUT.data(wildcards.benchmark, TEST_SPLIT)}
+    inputs = {"model": model, "data": LAYOUT.data(wildcards.benchmark, TEST_SPLIT)}
+    if wildcards.benchmark == "mbpp" and CONFIG.eval.mbpp_prompt == "three-shot":
+        inputs["shots"] = LAYOUT.data("mbpp", PROMPT_SPLIT)  # Code Llama's 3-shot examples
+    return inputs
 
 
 def get_report_inputs(wildcards):

@@ -206,6 +206,19 @@ def test_tiny_dry_run_fine_tunes_the_reference_when_enabled(workdir, tiny_plan):
     assert_refce_reads_the_finetuned_reference(result.stdout, "tiny", ["data/tiny-mbpp/validation.parquet"])
 
 
+def test_three_shot_mbpp_evaluations_read_the_prompt_split(workdir):
+    """eval.mbpp_prompt three-shot: every MBPP evaluation (and no other) takes MBPP's
+    prompt split, whose tasks 2-4 are its examples."""
+    configfile = write_config(workdir, "three_shot.yaml", {"eval": {"mbpp_prompt": "three-shot"}})
+    result = snakemake(workdir, "all", "-n", "--configfile", "config/paper.yaml", configfile)
+    assert result.returncode == 0, result.stderr
+    evals = planned_inputs(result.stdout, "eval")
+    assert len(evals) == len(setting("config/paper.yaml").algorithms) * 3 * 3
+    for output, inputs in evals.items():
+        shots = "results/paper/data/mbpp/prompt.parquet" in inputs
+        assert shots == ("/mbpp.json" in output), (output, inputs)
+
+
 def test_reference_finetuning_on_a_test_split_stops_the_dry_run(workdir):
     update = {"reference_finetune": {"enabled": True, "splits": ["validation", "test"]}}
     result = snakemake(workdir, "all", "-n", "--configfile", write_config(workdir, "bad.yaml", update))

@@ -52,6 +52,8 @@ TRAIN_DATASETS = ("mbpp", "codecontests", "tiny-mbpp")  # HumanEval has only a t
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
+# MBPP's evaluation protocols (`eval.mbpp_prompt`; wmtp.data.prompts builds both), the default first.
+MBPP_PROMPTS = ("zero-shot", "three-shot")
 
 
 class Strict(BaseModel):
@@ -457,6 +459,12 @@ class EvalSettings(Strict):
         "fixed `temperature` only. Costs one sampling pass per temperature",
     )
     top_p: Annotated[float, Field(gt=0, le=1)] = Field(0.95, description="nucleus sampling")
+    mbpp_prompt: Literal[MBPP_PROMPTS] = Field(  # type: ignore[valid-type]
+        "zero-shot",
+        description="MBPP's prompt: zero-shot = the statement and first test in a docstring (the format "
+        "models are fine-tuned in); three-shot = Code Llama's protocol, tasks 2-4 of MBPP's prompt split as "
+        "examples in Austin et al.'s format with every test, stopped at [DONE] (raw format only)",
+    )
     max_new_tokens: PositiveInt = Field(256, description="generation length cap")
     batch_size: PositiveInt = Field(16, description="sequences generated at once")
     ks: dict[Benchmark, list[PositiveInt]] = Field(
@@ -701,6 +709,11 @@ class PipelineConfig(Strict):
                 f"models.base.prompt_format = 'chat': {names}'s rollouts are sampled in the raw "
                 f"format only (wmtp/stages/critic.py); drop {names} from algorithms or use raw"
             )
+        if self.eval.mbpp_prompt == "three-shot":
+            if "mbpp" not in self.benchmarks:
+                problems.append(f"eval.mbpp_prompt = 'three-shot': no mbpp benchmark among {self.benchmarks}")
+            if self.models.base.prompt_format == "chat":
+                problems.append("eval.mbpp_prompt = 'three-shot': a raw-format prompt, but models.base.prompt_format = 'chat'")
         if uses_tiny and self.data.max_seq_len > self.tiny.max_seq_len:
             problems.append(
                 f"data.max_seq_len = {self.data.max_seq_len}: must be <= tiny.max_seq_len "
