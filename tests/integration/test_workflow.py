@@ -377,3 +377,5 @@ def test_slurm_profile_puts_gpu_rules_on_a100s(workdir):
     assert len(trainings) == len(setting("config/paper.yaml").trained_algorithms) * 3
     assert all("gpu=4" in line and "gpu_model=a100" in line for line in trainings)
     assert "slurm_partition=<gpu-partition>" in trainings[0]
+    [reference] = re.findall(r"^rule finetune_reference:\n(?:    .*\n)*?    resources: (.*)$", result.stdout, re.M)
+    assert "gpu=4" in reference and "gpu_model=a100" in reference  # a 7B's full fine-tuning, as train
