@@ -11,6 +11,7 @@ configfile: DEFAULT_CONFIG
 
 include: "rules/common.smk"
 include: "rules/download.smk"
+include: "rules/reference.smk"
 include: "rules/refce.smk"
 include: "rules/critic.smk"
 include: "rules/train.smk"

@@ -8,7 +8,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
 
 from wmtp.config import registry
-from wmtp.config.paths import REPORT_COPY, TEST_SPLIT, TRAIN_SPLIT, VALIDATION_SPLIT, Layout
+from wmtp.config.paths import PROMPT_SPLIT, REPORT_COPY, TEST_SPLIT, TRAIN_SPLIT, VALIDATION_SPLIT, Layout
 from wmtp.config.schema import BENCHMARKS, ConfigError, config_hash, load_config
 
 min_version("9.0")
@@ -36,7 +36,7 @@ wildcard_constraints:
     seed=r"\d+",
     benchmark=_alternatives(BENCHMARKS),
     dataset=_alternatives(BENCHMARKS),
-    split=_alternatives((TRAIN_SPLIT, VALIDATION_SPLIT, TEST_SPLIT)),
+    split=_alternatives((TRAIN_SPLIT, VALIDATION_SPLIT, TEST_SPLIT, PROMPT_SPLIT)),
     role="base|ref|reward",
 
 
@@ -81,6 +81,26 @@ def get_train_inputs(wildcards):
     return inputs
 
 
+def get_reference_inputs(wildcards):
+    """The downloaded reference, the base (its tokenizer), the fine-tuning splits and the
+    training split they are checked against."""
+    section = CONFIG.reference_finetune
+    dataset = section.dataset or CONFIG.data.train_dataset
+    return {
+        "ref": LAYOUT.model("ref"),
+        "base": LAYOUT.model("base"),
+        "splits": [LAYOUT.data(dataset, split) for split in section.splits],
+        "exclude": [train_data()],
+    }
+
+
+def get_refce_inputs(wildcards):
+    """The reference the refce stage scores with: fine-tuned when reference_finetune is
+    enabled, else as downloaded."""
+    ref = LAYOUT.finetuned_ref() if CONFIG.reference_finetune.enabled else LAYOUT.model("ref")
+    return {"ref": ref, "base": LAYOUT.model("base"), "data": LAYOUT.data(wildcards.dataset, TRAIN_SPLIT)}
+
+
 def get_critic_inputs(wildcards):
     inputs = {"base": LAYOUT.model("base"), "data": train_data()}
     if critic_settings().reward == "reward_model":
@@ -90,12 +110,16 @@ def get_critic_inputs(wildcards):
 
 def get_eval_inputs(wildcards):
     """The model a row evaluates: an untrained row (`base`) the downloaded base model
-    itself (same protocol, no training), every other row its fine-tuned model."""
+    itself (same protocol, no training), every other row its fine-tuned model; and
+    MBPP's prompt split when its prompt is three-shot."""
     if registry.method(wildcards.algo).trained:
         model = LAYOUT.trained_model(wildcards.algo, wildcards.seed)
     else:
         model = LAYOUT.model("base")
-    return {"model": model, "data": LAYOUT.data(wildcards.benchmark, TEST_SPLIT)}
+    inputs = {"model": model, "data": LAYOUT.data(wildcards.benchmark, TEST_SPLIT)}
+    if wildcards.benchmark == "mbpp" and CONFIG.eval.mbpp_prompt == "three-shot":
+        inputs["shots"] = LAYOUT.data("mbpp", PROMPT_SPLIT)  # Code Llama's 3-shot examples
+    return inputs
 
 
 def get_report_inputs(wildcards):
@@ -143,7 +167,19 @@ def get_data_params(wildcards):
 
 
 def get_refce_params(wildcards):
-    return {"data": CONFIG.data.model_dump(mode="json")}
+    """The data settings, and what the reference was fine-tuned on (recorded in the
+    table's model id), None when it is scored as downloaded."""
+    section, finetuned_on = CONFIG.reference_finetune, None
+    if section.enabled:
+        finetuned_on = f"{section.dataset or CONFIG.data.train_dataset}:" + "+".join(section.splits)
+    return {"data": CONFIG.data.model_dump(mode="json"), "ref_finetuned_on": finetuned_on}
+
+
+def get_reference_params(wildcards):
+    return {
+        "reference_finetune": CONFIG.reference_finetune.model_dump(mode="json"),
+        "data": CONFIG.data.model_dump(mode="json"),
+    }
 
 
 def get_critic_params(wildcards):

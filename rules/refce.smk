@@ -3,9 +3,7 @@
 
 rule refce:
     input:
-        ref=PATTERN.model("ref"),
-        base=PATTERN.model("base"),
-        data=PATTERN.data("{dataset}", TRAIN_SPLIT),
+        unpack(get_refce_inputs),  # ref: the fine-tuned reference when reference_finetune is enabled
     output:
         PATTERN.refce("{dataset}"),
     log:

@@ -335,3 +335,16 @@ def test_one_off_eval_of_packaged_humaneval_with_knobs_on_the_command_line(
     assert settings.ks == {"humaneval": [1]} and call["fmt"] is None  # the model's own format
     summary = json.loads((tmp_path / "eval" / "humaneval.json").read_text())
     assert summary["n_problems"] == 2 and summary["data_path"] is None
+
+
+def test_three_shot_eval_names_the_missing_prompt_split(capsys, tmp_path):
+    paper = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    paper["eval"]["mbpp_prompt"] = "three-shot"
+    config = tmp_path / "three_shot.yaml"
+    config.write_text(yaml.safe_dump(paper))
+    code, _, err = run(
+        capsys, "eval", "--config", str(config), "--base-dir", str(REPO), "--checkpoint", str(tmp_path),
+        "--benchmarks", "mbpp", "--results", str(tmp_path / "results"),
+    )  # fmt: skip
+    assert code == 2
+    assert "mbpp: prompt split" in err and "data/mbpp/prompt.parquet" in err and "3-shot" in err

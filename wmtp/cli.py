@@ -35,6 +35,7 @@ import yaml
 from wmtp.config import registry
 from wmtp.config.paths import (
     DEFAULT_CONFIG,
+    PROMPT_SPLIT,
     TEST_SPLIT,
     TRAIN_CHECKPOINTS,
     TRAIN_METRICS,
@@ -303,11 +304,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     settings = eval_settings(config, args, benchmarks)
     layout = Layout.of_run(config.run, args.results)
     data = {b: eval_data(args, layout, b) for b in benchmarks}
+    # MBPP three-shot: its examples come from MBPP's prompt split, where the workflow puts it
+    shots = layout.data("mbpp", PROMPT_SPLIT) if settings.mbpp_prompt == "three-shot" else None
     missing = [
         f"{b}: test split {path} not found (run `snakemake {path}` to fetch it)"
         for b, path in data.items()
         if path is not None and not path.exists()
     ]
+    if shots is not None and "mbpp" in benchmarks and not Path(shots).exists():
+        missing.append(f"mbpp: prompt split {shots} not found for the 3-shot examples (run `snakemake {shots}`)")
     if missing:
         raise ConfigError("eval: " + "; ".join(missing))
     out = Path(args.out) if args.out else checkpoint.parent / "eval"
@@ -327,6 +332,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             out_jsonl=out / f"{benchmark}.jsonl",
             device=device,
             fmt=args.prompt_format,
+            shots_path=shots if benchmark == "mbpp" else None,
         )
         print(f"{benchmark}: {summary}\n{summary.read_text()}")
     return 0

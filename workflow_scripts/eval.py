@@ -1,7 +1,8 @@
 """Snakemake adapter of the `eval` rule: sample from one trained model and execute
 the samples against one benchmark's tests (wmtp.stages.evaluate.evaluate_model).
 
-Inputs: model (trained model directory), data (the benchmark's test parquet).
+Inputs: model (trained model directory), data (the benchmark's test parquet), shots
+(MBPP's prompt split, only for MBPP with eval.mbpp_prompt three-shot).
 Outputs: summary (json with pass@k), samples (jsonl, one line per problem).
 Params: settings (EvalSettings as a dict). Wildcards: benchmark, seed.
 Torch threads follow the rule's threads (Snakemake sets OMP_NUM_THREADS); so do the
@@ -30,4 +31,5 @@ evaluate_model(
     out_json=sm.output.summary,
     out_jsonl=sm.output.samples,
     device="cuda" if torch.cuda.is_available() else "cpu",
+    shots_path=sm.input.get("shots"),
 )

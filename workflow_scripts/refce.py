@@ -1,10 +1,11 @@
 """Snakemake adapter of the refce rule: reference CE of every training token.
 
-input:  ref (reference model dir), base (base model dir: its tokenizer is the
-        pipeline's), data (MBPP-format train parquet)
+input:  ref (reference model dir: the finetune_reference rule's with reference_finetune
+        enabled), base (base model dir: its tokenizer is the pipeline's), data
+        (MBPP-format train parquet)
 output: the ce_ref parquet (a part file when params.shard = "i/n")
-params: settings = {"data": DataSettings}; optional batch_size (default 8) and
-        shard ("i/n", default the whole set)
+params: settings = {"data": DataSettings, "ref_finetuned_on": "dataset:split+split" or
+        None}; optional batch_size (default 8) and shard ("i/n", default the whole set)
 """
 
 import sys
@@ -21,6 +22,8 @@ torch.set_num_threads(smk.threads)
 params = dict(smk.params.items())
 ref = smk.config["models"]["ref"]
 model_id = f"{ref['source']}:{ref['id']}" + (f"@{ref['revision']}" if ref.get("revision") else "")
+if params["settings"].get("ref_finetuned_on"):  # input.ref is the finetune_reference rule's model
+    model_id += f" fine-tuned on {params['settings']['ref_finetuned_on']}"
 refce_stage(
     smk.input.ref,
     smk.input.base,

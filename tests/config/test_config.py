@@ -3,7 +3,6 @@ the key, the value and what is allowed, and the JSON schema file is up to date."
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 from types import SimpleNamespace

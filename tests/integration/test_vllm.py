@@ -87,7 +87,7 @@ def both_engines(tuned_tiny, vllm_python):
 def test_greedy_completions_equal_our_samplers(both_engines):
     problems, _, own, vllm = both_engines
     assert len(own[0.0].completions) == len(problems) == 100
-    differ = [i for i, (a, b) in enumerate(zip(own[0.0].completions, vllm[0.0].completions))
+    differ = [i for i, (a, b) in enumerate(zip(own[0.0].completions, vllm[0.0].completions, strict=True))
               if a != b]  # fmt: skip
     assert differ == []
     assert own[0.0].decoded == vllm[0.0].decoded and own[0.0].kept == vllm[0.0].kept

@@ -8,6 +8,7 @@ so results/, logs/ and .snakemake/ of the repository are never touched.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -164,8 +166,63 @@ def test_paper_dry_run_plans_three_benchmarks(workdir):
     jobs, paper = planned_jobs(result.stdout), setting("config/paper.yaml")
     assert jobs["train"] == len(paper.trained_algorithms) * 3 and jobs["eval"] == len(paper.algorithms) * 3 * 3
     assert jobs["critic"] == 3  # one per seed
-    assert jobs["download_data"] == 1 + 3  # mbpp train + the three test splits
+    # mbpp train + the three test splits + the reference's mbpp validation and prompt splits
+    assert jobs["download_data"] == 1 + 3 + 2
     assert "results/paper/eval/critic-wmtp/seed2/codecontests.json" in result.stdout
+
+
+REFERENCE = "results/{run}/reference/model"
+
+
+def assert_refce_reads_the_finetuned_reference(output: str, run: str, splits: list[str]) -> None:
+    """One finetune_reference job on the given splits (and the training split it is
+    checked against), whose model the refce job scores with instead of models/ref."""
+    model = REFERENCE.format(run=run)
+    assert planned_jobs(output)["finetune_reference"] == 1, output[-3000:]
+    [inputs] = planned_inputs(output, "finetune_reference").values()
+    assert inputs.startswith(f"results/{run}/models/ref, results/{run}/models/base, ")
+    assert all(split in inputs for split in splits), inputs
+    [refce_inputs] = planned_inputs(output, "refce").values()
+    assert refce_inputs.split(", ")[0] == model, refce_inputs
+
+
+def test_paper_dry_run_fine_tunes_the_reference_on_mbpp_validation_and_prompt(workdir):
+    result = snakemake(workdir, "all", "-n", "--configfile", "config/paper.yaml")
+    assert result.returncode == 0, result.stderr
+    assert_refce_reads_the_finetuned_reference(
+        result.stdout, "paper", ["data/mbpp/validation.parquet", "data/mbpp/prompt.parquet"]
+    )
+    [inputs] = planned_inputs(result.stdout, "finetune_reference").values()
+    assert inputs.endswith("results/paper/data/mbpp/train.parquet")  # checked for overlap
+
+
+def test_tiny_dry_run_fine_tunes_the_reference_when_enabled(workdir, tiny_plan):
+    assert "finetune_reference" not in planned_jobs(tiny_plan)  # off in the tiny default
+    [refce_inputs] = planned_inputs(tiny_plan, "refce").values()
+    assert refce_inputs.startswith("results/tiny/models/ref, ")
+    configfile = write_config(workdir, "reference.yaml", {"reference_finetune": {"enabled": True}})
+    result = snakemake(workdir, "all", "-n", "--configfile", configfile)
+    assert result.returncode == 0, result.stderr
+    assert_refce_reads_the_finetuned_reference(result.stdout, "tiny", ["data/tiny-mbpp/validation.parquet"])
+
+
+def test_three_shot_mbpp_evaluations_read_the_prompt_split(workdir):
+    """eval.mbpp_prompt three-shot: every MBPP evaluation (and no other) takes MBPP's
+    prompt split, whose tasks 2-4 are its examples."""
+    configfile = write_config(workdir, "three_shot.yaml", {"eval": {"mbpp_prompt": "three-shot"}})
+    result = snakemake(workdir, "all", "-n", "--configfile", "config/paper.yaml", configfile)
+    assert result.returncode == 0, result.stderr
+    evals = planned_inputs(result.stdout, "eval")
+    assert len(evals) == len(setting("config/paper.yaml").algorithms) * 3 * 3
+    for output, inputs in evals.items():
+        shots = "results/paper/data/mbpp/prompt.parquet" in inputs
+        assert shots == ("/mbpp.json" in output), (output, inputs)
+
+
+def test_reference_finetuning_on_a_test_split_stops_the_dry_run(workdir):
+    update = {"reference_finetune": {"enabled": True, "splits": ["validation", "test"]}}
+    result = snakemake(workdir, "all", "-n", "--configfile", write_config(workdir, "bad.yaml", update))
+    assert_stopped_before_any_job(result, ["reference_finetune.splits: 'test' is tiny-mbpp's test split"])
 
 
 @pytest.mark.slow
@@ -311,6 +368,24 @@ def test_end_to_end_rerun_regenerate_and_recipe_change(workdir):
 
 
 @pytest.mark.slow
+def test_tiny_fine_tunes_the_reference_and_refce_reads_it(workdir):
+    """The reduced tiny DAG with reference_finetune on, run for real up to the refce
+    table: a few steps of fine-tuning, whose model the table records it was scored with."""
+    update = {"reference_finetune": {"enabled": True, "max_steps": 3, "micro_batch_size": 4, "lr": 1.0e-3}}
+    configfile = write_config(workdir, "reference.yaml", update)
+    target = "results/ci/refce/tiny-mbpp.parquet"
+    result = snakemake(workdir, target, "--cores", "2", *CI, configfile, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert planned_jobs(result.stdout + result.stderr)["finetune_reference"] == 1
+    model = workdir / REFERENCE.format(run="ci")
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert manifest["steps"] == 3 and manifest["fine_tuned_from"] == "tiny:ref"
+    assert manifest["splits"] == ["results/ci/data/tiny-mbpp/validation.parquet"]
+    meta = pq.read_schema(workdir / target).metadata
+    assert meta[b"wmtp.ref_model"] == b"tiny:ref fine-tuned on tiny-mbpp:validation"
+
+
+@pytest.mark.slow
 def test_slurm_profile_puts_gpu_rules_on_a100s(workdir):
     result = snakemake(
         workdir, "all", "-n", "--configfile", "config/paper.yaml", "--profile", "profiles/slurm"
@@ -320,3 +395,5 @@ def test_slurm_profile_puts_gpu_rules_on_a100s(workdir):
     assert len(trainings) == len(setting("config/paper.yaml").trained_algorithms) * 3
     assert all("gpu=4" in line and "gpu_model=a100" in line for line in trainings)
     assert "slurm_partition=<gpu-partition>" in trainings[0]
+    [reference] = re.findall(r"^rule finetune_reference:\n(?:    .*\n)*?    resources: (.*)$", result.stdout, re.M)
+    assert "gpu=4" in reference and "gpu_model=a100" in reference  # a 7B's full fine-tuning, as train

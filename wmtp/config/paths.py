@@ -7,6 +7,7 @@ written once. Arguments may be values or Snakemake wildcards: `Layout("results/{
 
     models/{role}                          download: base, ref, reward
     data/{dataset}/{split}.parquet         download: train, validation and test splits
+    reference/model                        finetune_reference: the fine-tuned Rho-1 reference
     refce/{dataset}.parquet                refce: per-token reference CE
     critic/seed{s}/values.parquet          critic: value table (+ metrics.json)
     train/{algo}/seed{s}/model             train: fine-tuned model (+ metrics.parquet)
@@ -35,6 +36,7 @@ REPORT_COPY = f"{RESULTS}/report.md"  # the latest run's report, where users loo
 TRAIN_SPLIT = "train"
 TEST_SPLIT = "test"
 VALIDATION_SPLIT = "validation"  # for tuning: never the test split (MBPP's own name)
+PROMPT_SPLIT = "prompt"  # MBPP's 10 few-shot problems (task ids 1-10), in no other split
 CRITIC_TABLE = "values.parquet"
 CRITIC_METRICS = "metrics.json"
 TRAIN_METRICS = "metrics.parquet"
@@ -63,6 +65,11 @@ class Layout:
 
     def data(self, dataset: str, split: str) -> str:
         return f"{self.root}/data/{dataset}/{split}.parquet"
+
+    def finetuned_ref(self) -> str:
+        """The reference model fine-tuned on `reference_finetune.splits`, which the
+        refce stage scores with instead of `model("ref")` when that section is enabled."""
+        return f"{self.root}/reference/model"
 
     def refce(self, dataset: str) -> str:
         return f"{self.root}/refce/{dataset}.parquet"

@@ -29,7 +29,13 @@ from pydantic import (
 )
 
 from wmtp.config import registry
-from wmtp.config.paths import DEFAULT_CONFIG
+from wmtp.config.paths import (
+    DEFAULT_CONFIG,
+    PROMPT_SPLIT,
+    TEST_SPLIT,
+    TRAIN_SPLIT,
+    VALIDATION_SPLIT,
+)
 from wmtp.config.preflight import missing_paths
 
 # The names wmtp.config.registry knows: training methods (each has a recipe and a
@@ -49,6 +55,8 @@ CONTEST_BENCHMARKS = ("codecontests",)
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
+# MBPP's evaluation protocols (`eval.mbpp_prompt`; wmtp.data.prompts builds both), the default first.
+MBPP_PROMPTS = ("zero-shot", "three-shot")
 
 
 class Strict(BaseModel):
@@ -460,6 +468,12 @@ class EvalSettings(Strict):
         "fixed `temperature` only. Costs one sampling pass per temperature",
     )
     top_p: Annotated[float, Field(gt=0, le=1)] = Field(0.95, description="nucleus sampling")
+    mbpp_prompt: Literal[MBPP_PROMPTS] = Field(  # type: ignore[valid-type]
+        "zero-shot",
+        description="MBPP's prompt: zero-shot = the statement and first test in a docstring (the format "
+        "models are fine-tuned in); three-shot = Code Llama's protocol, tasks 2-4 of MBPP's prompt split as "
+        "examples in Austin et al.'s format with every test, stopped at [DONE] (raw format only)",
+    )
     max_new_tokens: PositiveInt = Field(256, description="generation length cap")
     batch_size: PositiveInt = Field(16, description="sequences generated at once")
     ks: dict[Benchmark, list[PositiveInt]] = Field(
@@ -536,6 +550,94 @@ class EvalSettings(Strict):
         """Every temperature evaluation samples at: the fixed one first, then the
         oracle candidates (the fixed one is a candidate too)."""
         return [self.temperature] + [t for t in self.oracle_temperatures or [] if t != self.temperature]
+
+
+# The splits of each dataset with MBPP's columns (the reference fine-tuning reads them
+# with wmtp.data.training.read_split): MBPP's four (wmtp.stages.download.MBPP_SPLIT_SIZES,
+# a test checks they agree) and the miniature's three.
+MBPP_FORMAT_SPLITS: dict[str, tuple[str, ...]] = {
+    "mbpp": (TRAIN_SPLIT, TEST_SPLIT, VALIDATION_SPLIT, PROMPT_SPLIT),
+    "tiny-mbpp": (TRAIN_SPLIT, VALIDATION_SPLIT, TEST_SPLIT),
+}
+
+
+class ReferenceFinetuneSettings(Strict):
+    """Optional stage before the reference CE: full fine-tuning of `models.ref` (a HF
+    causal LM) with plain next-token CE on the solution tokens of a clean split, in the
+    fine-tuning prompt format. Rho-1 trains its reference on curated data of the target
+    distribution, so the excess loss CE_base - CE_ref marks what is learnable; a
+    reference that never saw the prompt format or where a solution ends gives format
+    tokens and EOS a low excess loss for the wrong reason (docs/protocol.md)."""
+
+    enabled: bool = Field(False, description="fine-tune models.ref before the refce stage; off = score with it as downloaded")
+    dataset: Benchmark | None = Field(
+        None, description="dataset whose `splits` are fine-tuned on (MBPP columns); None = data.train_dataset"
+    )
+    splits: Annotated[list[str], Field(min_length=1)] = Field(
+        default_factory=lambda: [VALIDATION_SPLIT],
+        description="splits of `dataset` fine-tuned on: never the training split nor a test split "
+        "(e.g. MBPP's validation (90) and prompt (10) problems)",
+    )
+    seed: Annotated[int, Field(ge=0)] = Field(0, description="seeds the batch order (one reference per run)")
+    epochs: PositiveFloat = Field(3.0, description="passes over the fine-tuning examples")
+    max_steps: PositiveInt | None = Field(None, description="cap on the optimizer steps the epochs give")
+    micro_batch_size: PositiveInt = Field(8, description="sequences per process per forward")
+    grad_accum_steps: PositiveInt = Field(1, description="micro-batches per optimizer step")
+    lr: PositiveFloat = Field(1e-5, description="peak learning rate (AdamW; warmup then cosine, wmtp.core.schedule)")
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = Field(0.1, description="floor of the cosine schedule")
+    warmup_steps: Annotated[int, Field(ge=0)] = Field(0, description="linear warmup steps")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="AdamW weight decay")
+    grad_clip: PositiveFloat = Field(1.0, description="global gradient-norm clip")
+    zero_stage: Literal[0, 1, 2] = Field(0, description="DeepSpeed ZeRO stage (as train.zero_stage)")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="as train.precision")
+    deepspeed_config: str = Field(
+        "config/deepspeed/zero0.json", description="DeepSpeed JSON template (as train.deepspeed_config)"
+    )
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> ReferenceFinetuneSettings:
+        problem = check_warmup(self.train_settings(), self.max_steps) if self.max_steps is not None else None
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    def train_settings(self) -> TrainSettings:
+        """These knobs as the trainer's section, so the stage builds its DeepSpeed config
+        and counts its steps with the trainer's own functions (`deepspeed_config`,
+        `optimizer_steps`): one formula for every fine-tuning."""
+        shared = self.model_dump(include=set(TrainSettings.model_fields) & set(type(self).model_fields))
+        return TrainSettings(**shared)
+
+
+def reference_split_problems(
+    section: ReferenceFinetuneSettings, train_dataset: str, benchmarks: Sequence[str]
+) -> list[str]:
+    """Why the reference fine-tuning data is not clean, each naming its key: a split
+    the dataset does not have, the training split, or a test split (the reference must
+    not learn the problems the methods train on or are judged on)."""
+    if not section.enabled:
+        return []
+    dataset = section.dataset or train_dataset
+    key = "reference_finetune"
+    if dataset not in MBPP_FORMAT_SPLITS:
+        return [f"{key}.dataset = {dataset!r}: needs MBPP columns (allowed: {list(MBPP_FORMAT_SPLITS)})"]
+    problems = []
+    if len(set(section.splits)) != len(section.splits):
+        problems.append(f"{key}.splits = {section.splits}: duplicates are not allowed")
+    for split in section.splits:
+        if split not in MBPP_FORMAT_SPLITS[dataset]:
+            problems.append(
+                f"{key}.splits: {dataset} has no split {split!r} (it has {list(MBPP_FORMAT_SPLITS[dataset])})"
+            )
+        elif split == TRAIN_SPLIT and dataset == train_dataset:
+            problems.append(
+                f"{key}.splits: {split!r} is the training split (data.train_dataset = {train_dataset!r}), "
+                "which the reference must not learn"
+            )
+        elif split == TEST_SPLIT:
+            tested = " (a benchmark of this setting)" if dataset in benchmarks else ""
+            problems.append(f"{key}.splits: {split!r} is {dataset}'s test split{tested}, never trained on")
+    return problems
 
 
 class TrackingSettings(Strict):
@@ -620,6 +722,10 @@ class PipelineConfig(Strict):
     tracking: TrackingSettings = Field(default_factory=TrackingSettings, description="MLflow logging of trainings")
     storage: StorageSettings = Field(default_factory=StorageSettings, description="S3 access and the results upload")
     report: ReportSettings = Field(default_factory=ReportSettings, description="the report's statistics")
+    reference_finetune: ReferenceFinetuneSettings = Field(
+        default_factory=ReferenceFinetuneSettings,
+        description="optional fine-tuning of models.ref on a clean split before the refce stage",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
@@ -651,12 +757,18 @@ class PipelineConfig(Strict):
                 "Monte-Carlo rollouts are judged with MBPP-style assert tests (wmtp/stages/critic_mc.py), "
                 f"not stdin/stdout cases; drop {names} from algorithms or train on an MBPP-format dataset"
             )
+        problems += reference_split_problems(self.reference_finetune, self.data.train_dataset, self.benchmarks)
         if self.models.base.prompt_format == "chat" and self.critic_rows:
             names = ", ".join(self.critic_rows)
             problems.append(
                 f"models.base.prompt_format = 'chat': {names}'s rollouts are sampled in the raw "
                 f"format only (wmtp/stages/critic.py); drop {names} from algorithms or use raw"
             )
+        if self.eval.mbpp_prompt == "three-shot":
+            if "mbpp" not in self.benchmarks:
+                problems.append(f"eval.mbpp_prompt = 'three-shot': no mbpp benchmark among {self.benchmarks}")
+            if self.models.base.prompt_format == "chat":
+                problems.append("eval.mbpp_prompt = 'three-shot': a raw-format prompt, but models.base.prompt_format = 'chat'")
         if uses_tiny and self.data.max_seq_len > self.tiny.max_seq_len:
             problems.append(
                 f"data.max_seq_len = {self.data.max_seq_len}: must be <= tiny.max_seq_len "

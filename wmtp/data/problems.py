@@ -19,11 +19,14 @@ from typing import Literal
 import pandas as pd
 
 from wmtp.data.prompts import (
+    FEW_SHOT_STOP,
     HUMANEVAL_STOP,
+    MBPP_SHOT_TASKS,
     MBPP_STOP,
     contest_message,
     contest_prompt,
     humaneval_message,
+    mbpp_few_shot_prompt,
     mbpp_message,
     mbpp_prompt,
 )
@@ -134,10 +137,25 @@ def _as_list(value) -> list:
     return list(value)
 
 
-def load_mbpp(path: str | Path) -> list[Problem]:
+def mbpp_shots(path: str | Path) -> list[tuple[str, list[str], str]]:
+    """(statement, tests, code) of Code Llama's 3-shot examples, tasks 2, 3 and 4 of
+    MBPP's prompt split at `path`, in that order; a missing one is named."""
+    frame = _read_table(path, MBPP_COLUMNS, "mbpp")
+    rows = {int(row["task_id"]): row for row in frame.to_dict("records")}
+    missing = [t for t in MBPP_SHOT_TASKS if t not in rows]
+    if missing:
+        raise ValueError(f"{path}: no task {missing} (the 3-shot examples come from MBPP's prompt split)")
+    return [
+        (str(rows[t]["text"]), [str(x) for x in _as_list(rows[t]["test_list"])], str(rows[t]["code"]))
+        for t in MBPP_SHOT_TASKS
+    ]
+
+
+def load_mbpp(path: str | Path, shots: list[tuple[str, list[str], str]] | None = None) -> list[Problem]:
     """MBPP-format problems (also tiny-mbpp). Prompt: statement + first test
-    (`wmtp.data.prompts.mbpp_prompt`); program: the completion; tests: setup code +
-    every assert in `test_list`."""
+    (`wmtp.data.prompts.mbpp_prompt`), or with `shots` (`mbpp_shots`) the 3-shot
+    prompt with every test, stopped at "[DONE]"; program: the completion; tests:
+    setup code + every assert in `test_list`."""
     frame = _read_table(path, MBPP_COLUMNS, "mbpp")
     problems = []
     for row in frame.to_dict("records"):
@@ -145,14 +163,16 @@ def load_mbpp(path: str | Path) -> list[Problem]:
         if not test_list:
             raise ValueError(f"mbpp: task {row['task_id']} has an empty test_list")
         setup = str(row.get("test_setup_code") or "")
+        text = str(row["text"])
         problems.append(
             Problem(
                 task_id=str(row["task_id"]),
-                prompt=mbpp_prompt(str(row["text"]), test_list[0]),
-                message=mbpp_message(str(row["text"]), test_list[0]),
+                prompt=mbpp_prompt(text, test_list[0]) if shots is None else mbpp_few_shot_prompt(shots, text, test_list),
+                message=mbpp_message(text, test_list[0]),
                 kind="assert",
                 tests="\n".join([setup, *test_list]).strip("\n") + "\n",
                 reference=str(row["code"]),
+                stop=MBPP_STOP if shots is None else FEW_SHOT_STOP,
             )
         )
     return problems

@@ -19,6 +19,11 @@ Two formats (`PROMPT_FORMATS`):
   the reference code and the closing fence, so fine-tuning teaches the reply
   evaluation reads.
 
+MBPP has two protocols (the setting's `eval.mbpp_prompt`), both in
+the raw format: zero-shot (`mbpp_prompt`, the format models are fine-tuned in) and
+Code Llama's 3-shot (`mbpp_few_shot_prompt`: Austin et al. 2021's format, tasks 2-4
+of MBPP's prompt split as worked examples, every test shown, stopped at "[DONE]").
+
 The format belongs to the model, not to a stage: the download stage records it in
 the base model's tokenizer files (`set_prompt_format`, a key of
 `tokenizer_config.json`), every model directory the pipeline writes carries
@@ -43,6 +48,9 @@ MBPP_STOP: tuple[str, ...] = ('\n"""', "\nassert", "\nif __name__", "\nprint(", 
 # statement after it (a class, another def, a comment, an if, a print) ends it.
 HUMANEVAL_STOP: tuple[str, ...] = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 STOP_SEQUENCES = MBPP_STOP  # the default of the sampler (training data is MBPP-format)
+
+MBPP_SHOT_TASKS: tuple[int, ...] = (2, 3, 4)  # Code Llama's examples: task ids of MBPP's prompt split
+FEW_SHOT_STOP: tuple[str, ...] = ("[DONE]",)  # closes each example's code, so the model's too
 
 CODE_FENCE = "```python\n"  # opens the assistant's reply in the chat format
 FENCE_END = "```"  # closes it; the chat format's training targets end with it
@@ -73,6 +81,24 @@ def contest_prompt(description: str) -> str:
 def contest_message(description: str) -> str:
     """CodeContests as a chat user turn: the statement, then the instruction."""
     return f"{description.strip()}\n\n{CONTEST_INSTRUCTION}"
+
+
+def austin_task(text: str, tests: list[str]) -> str:
+    """One task of Austin et al.'s few-shot format, open for its code: the statement,
+    every test, then "[BEGIN]"."""
+    listed = "\n".join(t.strip() for t in tests)
+    return (
+        f"You are an expert Python programmer, and here is your task: {text.strip()} "
+        f"Your code should pass these tests:\n\n{listed}\n[BEGIN]\n"
+    )
+
+
+def mbpp_few_shot_prompt(examples: list[tuple[str, list[str], str]], text: str, tests: list[str]) -> str:
+    """Code Llama's 3-shot MBPP prompt: each (statement, tests, code) example as an
+    Austin et al. task with its code and "[DONE]", a blank line between them, then
+    the problem's task; the model writes the code and its own "[DONE]" (the stop)."""
+    shots = [austin_task(t, ts) + mbpp_solution(code).rstrip() + "\n[DONE]\n\n" for t, ts, code in examples]
+    return "".join(shots) + austin_task(text, tests)
 
 
 def mbpp_message(text: str, first_test: str) -> str:

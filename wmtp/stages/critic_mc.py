@@ -34,7 +34,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from wmtp.core.sample import generate
-from wmtp.data.prompts import MBPP_STOP, chat_completion, generation_stops, prompt_format, training_pair
+from wmtp.data.prompts import (
+    MBPP_STOP,
+    chat_completion,
+    generation_stops,
+    prompt_format,
+    training_pair,
+)
 from wmtp.data.training import Example
 from wmtp.sandbox.runner import Job, run_many
 

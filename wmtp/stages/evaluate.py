@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from wmtp.config.schema import EvalSettings
-from wmtp.data.problems import Problem, load_benchmark
+from wmtp.data.problems import Problem, load_benchmark, load_mbpp, mbpp_shots
 from wmtp.data.prompts import PromptFormat, prompt_format
 from wmtp.infra.atomic import write_json_atomic, write_text_atomic
 from wmtp.infra.tracking import log_to_model_run
@@ -236,6 +236,14 @@ def _rate(tokens: int, seconds: float) -> float:
     return tokens / seconds if seconds > 0 else 0.0
 
 
+def _problems(benchmark: str, data_path: str | Path | None, shots_path: str | Path | None) -> list[Problem]:
+    """The benchmark's problems; with `shots_path` (MBPP, three-shot) in Code Llama's
+    3-shot prompt, whose examples come from that prompt split."""
+    if shots_path is None:
+        return load_benchmark(benchmark, data_path)
+    return load_mbpp(data_path, mbpp_shots(shots_path))
+
+
 def evaluate_model(
     model_dir: str | Path,
     benchmark: str,
@@ -246,6 +254,7 @@ def evaluate_model(
     out_jsonl: str | Path,
     device: str = "cpu",
     fmt: PromptFormat | None = None,
+    shots_path: str | Path | None = None,
 ) -> dict:
     """Sample `settings.n_samples` completions per problem from the model in
     `model_dir`, judge them in the sandbox, write the summary json and the
@@ -254,7 +263,8 @@ def evaluate_model(
 
     Prompts are in the format the model's tokenizer records (the one it was
     trained with, `wmtp.data.prompts`) unless `fmt` overrides it; generation ends at
-    any of the model's end ids (`end_token_ids`)."""
+    any of the model's end ids (`end_token_ids`). MBPP with `settings.mbpp_prompt`
+    three-shot takes its examples from MBPP's prompt split at `shots_path`."""
     # imported here: wmtp.stages.report reads this module's pass@k and must not import torch
     import torch
     from transformers import AutoTokenizer
@@ -265,10 +275,15 @@ def evaluate_model(
     if not ks:
         raise ValueError(f"eval.ks has no k values for benchmark {benchmark!r}")
     started = time.perf_counter()
-    problems = load_benchmark(benchmark, data_path)[: settings.max_problems]
+    few_shot = benchmark == "mbpp" and settings.mbpp_prompt == "three-shot"
+    if few_shot and shots_path is None:
+        raise ValueError("eval.mbpp_prompt = 'three-shot' needs MBPP's prompt split (shots_path) for its examples")
+    problems = _problems(benchmark, data_path, shots_path if few_shot else None)[: settings.max_problems]
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     fmt = fmt or prompt_format(tokenizer)
+    if few_shot and fmt != "raw":
+        raise ValueError(f"eval.mbpp_prompt = 'three-shot' is a raw-format prompt; {model_dir} is in the {fmt} format")
     end_ids = end_token_ids(model_dir, tokenizer)
     if settings.engine == "vllm":
         sampled = sample_vllm(model_dir, tokenizer, problems, settings, seed, fmt, end_ids)
@@ -301,6 +316,7 @@ def evaluate_model(
         "seed": seed,
         "prompt_format": fmt,
         "engine": settings.engine,
+        **({"mbpp_prompt": settings.mbpp_prompt} if benchmark == "mbpp" else {}),
         "speculative": settings.speculative,
         "generation_seconds": gen_seconds,
         "decoded_tokens": decoded,

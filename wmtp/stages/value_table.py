@@ -53,7 +53,6 @@ from wmtp.stages.value_table_meta import (
     META_SEED,
     META_STRENGTH,
     META_TOKENIZER,
-    read_gate,
 )
 
 SCHEMA = pa.schema(

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from wmtp.config.schema import TinySettings
 from wmtp.config.paths import TEST_SPLIT, TRAIN_SPLIT, VALIDATION_SPLIT
+from wmtp.config.schema import TinySettings
 from wmtp.tiny.data import make_tiny_mbpp, write_parquet, write_splits
 from wmtp.tiny.models import build_base, build_ref
 
