@@ -30,6 +30,16 @@ Sections:
   and the cost of one speculative forward (H tokens through the trunk, all heads)
   in plain decoding steps for the ~1B model at batch 1 and 16: the figure that
   bounds the speed-up of self-speculative decoding at that scale.
+- `sampling`: the evaluation's sampling through both engines (`eval.engine` own and
+  vllm; benchmarks/vllm_throughput.py's measurement) on randomly initialised MTP
+  models at 1B and 7B shapes (`--sampling-shapes`: dim x trunk blocks, 4 heads,
+  bf16 on a GPU), tiny-mbpp test prompts, temperature 0.8, top-p 0.95, n of
+  `--sampling-ns`, `--sampling-new-tokens` new tokens (a random model rarely ends
+  a completion early, so every sample is about that long). The vocabulary is a
+  byte-level BPE of `--sampling-vocab` tokens trained on the standard library's
+  source (no hub tokenizer offline), so the unembedding is smaller than Llama's
+  32k at that setting's default. vLLM from `--vllm-python`; without it only our
+  sampler's row is shown.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ from wmtp.core.model import MTPConfig, MTPModel
 
 # Dense bf16 peak of one device, TFLOP/s (vendor data sheets), by device-name substring.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-SECTIONS = ("train", "memory", "decode")
+SECTIONS = ("train", "memory", "decode", "sampling")
 
 
 def synchronize(device: torch.device) -> None:
@@ -203,6 +213,50 @@ def bench_forward_cost(args, device: torch.device) -> dict:
     return rows
 
 
+def sampling_model(dim: int, trunk_layers: int, vocab: int, seed: int, out, device) -> None:
+    """A random MTP model of that shape with a `vocab`-token BPE, saved at `out`."""
+    from wmtp.core.checkpoints import save_model
+    from wmtp.tiny.models import train_tokenizer
+
+    tokenizer = train_tokenizer([open(os.__file__, encoding="utf-8").read() * 4], vocab)
+    config = mtp_config(dim, trunk_layers, 4, len(tokenizer), 1024)
+    model = MTPModel(config)
+    model.init_weights(seed)
+    if device.type == "cuda":
+        model.to(dtype=torch.bfloat16)
+    save_model(model, out, tokenizer)
+
+
+def bench_sampling(args, device: torch.device) -> list[dict]:
+    """benchmarks/vllm_throughput.py's rows for each shape of `--sampling-shapes`."""
+    import tempfile
+    from pathlib import Path
+
+    from vllm_throughput import run_engine
+
+    from wmtp.config.schema import EvalSettings
+    from wmtp.data.problems import load_benchmark
+    from wmtp.tiny.build import write_tiny_mbpp_split
+
+    engines = ["own"] + (["vllm"] if os.path.exists(args.vllm_python) else [])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_tiny_mbpp_split(Path(tmp) / "test.parquet", "test")
+        for shape in args.sampling_shapes:
+            dim, trunk = map(int, shape.split("x"))
+            model_dir = Path(tmp) / f"random-{shape}"
+            sampling_model(dim, trunk, args.sampling_vocab, args.seed, model_dir, device)
+            for n, count in zip(args.sampling_ns, args.sampling_problems, strict=True):
+                settings = EvalSettings(
+                    n_samples=n, temperature=0.8, max_new_tokens=args.sampling_new_tokens,
+                    batch_size=args.sampling_batch, ks={"tiny-mbpp": [1]}, vllm_python=args.vllm_python,
+                )  # fmt: skip
+                problems = load_benchmark("tiny-mbpp", data)[:count]
+                measured = {e: run_engine(e, model_dir, problems, settings, device=str(device)) for e in engines}
+                rows.append({"shape": shape, "n": n, "problems": count, **measured})
+    return rows
+
+
 def report(results: dict, args) -> None:
     if "train" in results:
         r = results["train"]
@@ -227,6 +281,13 @@ def report(results: dict, args) -> None:
             peak = row["peak_gb"]
             cells = (f"{peak:>10.2f}{peak / base:>11.2f}" if peak is not None else f"{'n/a':>10}{'':>11}")
             print(f"{name:<12}{cells}{row['step_s']:>9.3f}")
+    if "sampling" in results:
+        print("\n## sampling: decoded tokens/s (wall s of the call, vLLM's engine start included)")
+        print(f"{'shape':>10}{'n':>6}{'problems':>10}{'own':>22}{'vllm':>22}")
+        for row in results["sampling"]:
+            cells = [f"{row[e]['tokens_per_s']:>12.0f} ({row[e]['wall_s']:>6.0f} s)" if e in row else f"{'n/a':>22}"
+                     for e in ("own", "vllm")]  # fmt: skip
+            print(f"{row['shape']:>10}{row['n']:>6}{row['problems']:>10}{cells[0]}{cells[1]}")
     if "forward_cost" in results:
         print(f"\n## decode: one forward of the train-size model ({args.heads} heads), ms")
         print(f"{'batch':>6}{'plain step':>12}{'speculative':>13}{'cost/fwd':>10}")
@@ -257,6 +318,15 @@ def main(argv: list[str] | None = None) -> None:
     group.add_argument("--memory-seq", type=int, default=2048)
     group.add_argument("--memory-heads", type=int, default=4)
     group.add_argument("--memory-trunk-layers", type=int, default=2)
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--sampling-shapes", nargs="+", default=["2048x16", "4096x28"],
+                       help="dim x trunk blocks (+ 4 heads): ~1.1 B and ~7 B")  # fmt: skip
+    group.add_argument("--sampling-ns", type=int, nargs="+", default=[10, 200])
+    group.add_argument("--sampling-problems", type=int, nargs="+", default=[100, 20], help="one per n")
+    group.add_argument("--sampling-new-tokens", type=int, default=256)
+    group.add_argument("--sampling-batch", type=int, default=64, help="our sampler's rows at once")
+    group.add_argument("--sampling-vocab", type=int, default=8000)
+    group.add_argument("--vllm-python", default=os.path.join(os.path.dirname(__file__), "..", ".venv-vllm", "bin", "python"))
     group = parser.add_argument_group("decode")
     group.add_argument("--decode-batch", type=int, default=16)
     group.add_argument("--decode-prompt", type=int, default=256, help="prompt tokens")
@@ -269,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
             dim=64, trunk_layers=2, heads=3, vocab=512, seq=64, micro_batch=2, warmup=1, steps=1,
             memory_dim=64, memory_vocab=1000, memory_seq=64, memory_trunk_layers=1,
             decode_batch=4, decode_prompt=16, decode_steps=4,
+            sampling_shapes=["64x2"], sampling_ns=[2], sampling_problems=[2], sampling_new_tokens=8,
+            sampling_batch=4, sampling_vocab=300,
             speculative_args=[
                 "--dim", "32", "--trunk-layers", "2", "--heads", "3", "--vocab", "300",
                 "--train-problems", "40", "--stdlib-bytes", "2000", "--steps", "20", "--seq", "64",
@@ -288,6 +360,8 @@ def main(argv: list[str] | None = None) -> None:
         results["memory"] = bench_memory(args, device)
     if "decode" in args.only:
         results["forward_cost"] = bench_forward_cost(args, device)
+    if "sampling" in args.only:
+        results["sampling"] = bench_sampling(args, device)
     report(results, args)
     if "decode" in args.only:
         import speculative

@@ -213,7 +213,9 @@ _STAGE_ON_DEMAND = "the command line imports a stage when its subcommand runs: `
 
 FUNCTION_LEVEL_ALLOWED: dict[tuple[str, str], str] = {
     ("wmtp.stages.evaluate", "wmtp.core.checkpoints"): f"report reads pass@k from evaluate: {_TORCH}",
-    ("wmtp.stages.evaluate", "wmtp.core.sample"): f"report reads pass@k from evaluate: {_TORCH}",
+    ("wmtp.stages.eval_sampling", "wmtp.core.sample"): f"report reads pass@k from evaluate: {_TORCH}",
+    ("wmtp.stages.eval_sampling", "wmtp.core.vllm_engine"): f"report reads pass@k from evaluate: {_TORCH}",
+    ("wmtp.stages.eval_sampling", "wmtp.stages.export"): f"report reads pass@k from evaluate: {_TORCH}",
     ("wmtp.stages.diagnostics", "wmtp.data.training"): f"report reads the token classes: {_TORCH}",
     ("wmtp.cli", "wmtp.stages.train"): _STAGE_ON_DEMAND,
     ("wmtp.cli", "wmtp.stages.evaluate"): _STAGE_ON_DEMAND,

@@ -21,7 +21,11 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-ENVS = sorted(p.stem for p in (REPO / "envs").glob("*.yaml"))
+from wmtp.core.vllm_engine import WORKER, WORKER_ENV_FILE  # noqa: E402
+
+# envs of a process a rule starts, not of a rule: env name -> the script run in it
+WORKER_ENVS = {WORKER_ENV_FILE.stem: WORKER}
+ENVS = sorted(p.stem for p in (REPO / "envs").glob("*.yaml") if p.stem not in WORKER_ENVS)
 
 
 def rule_envs() -> dict[str, list[Path]]:
@@ -91,6 +95,15 @@ def imported_modules(scripts: list[Path]) -> set[str]:
                 tree = ast.parse(path.read_text())
                 todo += [(m, n, False) for m, n in imports(ast.walk(tree) if whole else module_level(tree))]
     return found - set(sys.stdlib_module_names) - {"wmtp", "__future__"}
+
+
+def test_worker_envs_hold_all_their_script_imports():
+    """The vLLM worker runs in an env with nothing of wmtp: it imports only the
+    standard library and the env's pinned packages (anywhere in the file)."""
+    for env, script in WORKER_ENVS.items():
+        modules = {m.split(".")[0] for m, _ in imports(ast.walk(ast.parse(script.read_text())))}
+        third_party = modules - set(sys.stdlib_module_names) - {"__future__"}
+        assert third_party == {pin.split("==")[0] for pin in pins(env)} - {"torch"}, third_party
 
 
 def normalise(name: str) -> str:

@@ -28,6 +28,8 @@ from pathlib import Path
 from wmtp.core.sample import completion_text
 
 WORKER = Path(__file__).with_name("vllm_worker.py")
+# the environment the worker runs in (its pins; scripts/setup_vllm.sh installs them)
+WORKER_ENV_FILE = Path(__file__).resolve().parents[2] / "envs" / "vllm.yaml"
 
 
 class VllmUnavailable(RuntimeError):
