@@ -258,6 +258,7 @@ def eval_settings(config: PipelineConfig, args: argparse.Namespace, benchmarks: 
         "timeout": args.timeout,
         "workers": args.workers,
         "speculative": args.speculative,
+        "engine": args.engine,
     }
     fields = config.eval.model_dump() | {k: v for k, v in updates.items() if v is not None}
     ks = {}
@@ -513,6 +514,9 @@ def _add_eval(commands) -> None:
     )
     evaluate.add_argument("--timeout", type=float, help="override eval.timeout (s per program)")
     evaluate.add_argument("--workers", type=int, help="override eval.workers (parallel sandboxes)")
+    evaluate.add_argument(
+        "--engine", choices=("own", "vllm"), help="override eval.engine (vllm: bash scripts/setup_vllm.sh first)"
+    )
     evaluate.add_argument(
         "--speculative",
         action=argparse.BooleanOptionalAction,
