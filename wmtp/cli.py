@@ -450,6 +450,22 @@ def relaunch_distributed(n_procs: int) -> None:
         os.execv(argv[0], argv)
 
 
+def start_gpu_job(log: str, gpus: int) -> None:
+    """First thing in a workflow script that may run on several GPUs: send stderr to
+    the rule's log and re-execute under torchrun when the job got several GPUs.
+
+    One log per attempt, emptied by the first process (not yet under torchrun, no
+    LOCAL_RANK). Everyone then writes in append mode (O_APPEND): the launcher,
+    torchrun and every rank add at the end, so no writer overwrites another's
+    traceback; torchrun and its ranks inherit the log as their stderr."""
+    if "LOCAL_RANK" not in os.environ:
+        open(log, "w").close()
+    sys.stderr = open(log, "a", buffering=1)  # noqa: SIM115 (the process's stderr until it ends)
+    if gpus > 1 and "LOCAL_RANK" not in os.environ:
+        os.dup2(sys.stderr.fileno(), 2)
+    relaunch_distributed(gpus)
+
+
 # ---- parser --------------------------------------------------------------------------
 
 

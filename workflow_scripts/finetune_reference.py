@@ -8,20 +8,10 @@ params: settings = {"reference_finetune": ReferenceFinetuneSettings, "data": Dat
 resources: gpu (> 1: re-executed under torchrun, one rank per GPU, as the train rule)
 """
 
-import os
-import sys
-
-log = snakemake.log[0]  # noqa: F821
-if "LOCAL_RANK" not in os.environ:
-    open(log, "w").close()
-sys.stderr = open(log, "a", buffering=1)
-
-from wmtp.cli import relaunch_distributed  # noqa: E402
+from wmtp.cli import start_gpu_job
 
 gpus = int(getattr(snakemake.resources, "gpu", 0) or 0)  # noqa: F821
-if gpus > 1 and "LOCAL_RANK" not in os.environ:
-    os.dup2(sys.stderr.fileno(), 2)  # torchrun and its ranks inherit the log as stderr
-relaunch_distributed(gpus)
+start_gpu_job(snakemake.log[0], gpus)  # noqa: F821  (several GPUs: re-executed under torchrun, one rank each)
 
 import logging  # noqa: E402
 

@@ -8,32 +8,19 @@ params: algorithm, recipe (Recipe as a dict), settings = {"data": DataSettings,
 config: the study's config, for the run's `config_hash` tag only (not a param: a
         change elsewhere in the config must not rerun the training)
 resources: gpu (> 1: the script re-executes itself under torchrun, one process
-        per GPU, via wmtp.cli.relaunch_distributed)
+        per GPU, via wmtp.cli.start_gpu_job)
 The DeepSpeed checkpoints in `<output dir>/checkpoints/` are not outputs: a rerun
 after a failed or killed job resumes from them.
 """
 
-import os
-import sys
-
-# One log per attempt, emptied by the first process (not yet under torchrun, no
-# LOCAL_RANK). Everyone then writes in append mode (O_APPEND): the launcher, torchrun
-# and every rank add at the end, so no writer overwrites another's traceback.
-log = snakemake.log[0]  # noqa: F821
-if "LOCAL_RANK" not in os.environ:
-    open(log, "w").close()
-sys.stderr = open(log, "a", buffering=1)
-
-from pathlib import Path  # noqa: E402
-
-from wmtp.cli import relaunch_distributed  # noqa: E402
+from wmtp.cli import start_gpu_job
 
 gpus = int(getattr(snakemake.resources, "gpu", 0) or 0)  # noqa: F821
-if gpus > 1 and "LOCAL_RANK" not in os.environ:
-    os.dup2(sys.stderr.fileno(), 2)  # torchrun and its ranks inherit the log as stderr
-relaunch_distributed(gpus)  # several GPUs: re-executes this script under torchrun, one rank each
+start_gpu_job(snakemake.log[0], gpus)  # noqa: F821  (several GPUs: re-executed under torchrun, one rank each)
 
 import logging  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 

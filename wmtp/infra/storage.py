@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
-from wmtp.infra.atomic import atomic_dir, write_json_atomic
+from wmtp.infra.atomic import atomic_dir, publish, write_json_atomic
 
 MANIFEST_FILE = "manifest.json"
 _CHUNK = 1 << 20
@@ -68,6 +71,25 @@ def write_manifest(directory: str | Path, info: dict, files: dict[str, str] | No
     directory = Path(directory)
     payload = {**info, "files": files if files is not None else sha256_tree(directory)}
     return write_json_atomic(directory / MANIFEST_FILE, payload)
+
+
+def publish_with_manifest(out_dir: str | Path, build: Callable[[Path, Path], dict]) -> Path:
+    """A model directory built by `build(directory, scratch)` (which returns the
+    manifest's `info`) in a staging folder beside `out_dir`, given its checksum
+    manifest and only then renamed onto `out_dir`: a killed job leaves no directory
+    that looks finished. `scratch` is for downloads the result does not keep."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        built = stage / "model"
+        write_manifest(built, build(built, stage))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        publish(built, out_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return out_dir
 
 
 def verify_manifest(directory: str | Path) -> None:

@@ -48,7 +48,7 @@ from wmtp.core import checkpoints
 from wmtp.data.prompts import set_prompt_format
 from wmtp.data.training import CONTEST_TRAIN_SOURCE
 from wmtp.infra import storage
-from wmtp.infra.atomic import atomic_file, publish, write_json_atomic
+from wmtp.infra.atomic import atomic_file, write_json_atomic
 from wmtp.tiny import build as tiny_builders
 
 log = logging.getLogger(__name__)
@@ -200,11 +200,8 @@ def download_model(
 
     `tiny` and `seed` only matter for `source: tiny`, `endpoint_url` for s3,
     `threads` (torch threads) for building the tiny models."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        built = stage / "model"
+
+    def build(built: Path, stage: Path) -> dict:
         MODEL_SOURCES[source.source](source, built, stage, tiny=tiny, seed=seed,
                                      endpoint_url=endpoint_url, threads=threads)
         if source.prompt_format is not None:
@@ -212,13 +209,9 @@ def download_model(
         info = {**source.model_dump(mode="json"), "kind": "model"}
         if source.source == "tiny":
             info |= {"seed": seed, "tiny": (tiny or TinySettings()).model_dump(mode="json")}
-        storage.write_manifest(built, info)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        publish(built, out_dir)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return out_dir
+        return info
+
+    return storage.publish_with_manifest(out_dir, build)
 
 
 # ---------------------------------------------------------------- datasets

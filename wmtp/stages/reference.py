@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -48,7 +46,6 @@ from wmtp.data.training import (
     read_split,
 )
 from wmtp.infra import storage
-from wmtp.infra.atomic import publish
 from wmtp.stages.refce import token_ce
 from wmtp.stages.train import _bind_device, _init_distributed, _seed, deepspeed_config
 
@@ -129,19 +126,13 @@ def _train(engine, stream: Iterator[tuple[int, Batch]], steps: int, accum: int, 
 def _save(model: torch.nn.Module, tokenizer, out_dir: Path, info: dict) -> Path:
     """The model and tokenizer as a HF directory with a checksum manifest (`info`
     recorded in it), staged beside `out_dir` and renamed onto it."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        built = stage / "model"
+
+    def build(built: Path, _scratch: Path) -> dict:
         model.save_pretrained(str(built), safe_serialization=True)
         tokenizer.save_pretrained(str(built))
-        storage.write_manifest(built, info)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        publish(built, out_dir)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return out_dir
+        return info
+
+    return storage.publish_with_manifest(out_dir, build)
 
 
 def finetune_reference(
