@@ -866,6 +866,12 @@ def expected_weights(algorithm, weighting, model, inputs: dict) -> torch.Tensor:
     return torch.where(mask.bool() & attn.bool(), weights, torch.zeros_like(weights))
 
 
+# The trainer's CE and the test's come from two forward paths whose float32 rounding
+# differs; the z-score of rho1's excess loss amplifies it (3.4e-5 seen on a weight of 3).
+# A wrong formula differs by far more (the controls' check below asks for 1e-3).
+FORMULA_TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}
+
+
 def assert_the_formulas(algorithm: str, used: torch.Tensor, expected: torch.Tensor, mask, what: str) -> None:
     """`used` is the formula's `expected` (a method), or a permutation of it: the same
     values per sequence (shuffled) or per step (matched), not at the same tokens."""
@@ -873,12 +879,12 @@ def assert_the_formulas(algorithm: str, used: torch.Tensor, expected: torch.Tens
     assert torch.all(used[~valid] == 0), what
     control = registry.method(algorithm).control
     if control is None:
-        assert torch.allclose(used, expected, atol=1e-5), what
+        assert torch.allclose(used, expected, **FORMULA_TOLERANCE), what
         return
     rows = range(used.shape[0]) if control == "shuffled" else [slice(None)]
     for row in rows:
         got, want = used[row][valid[row]].sort().values, expected[row][valid[row]].sort().values
-        assert torch.allclose(got, want, atol=1e-5), f"{what}: not the method's values ({control}, row {row})"
+        assert torch.allclose(got, want, **FORMULA_TOLERANCE), f"{what}: not the method's values ({control}, row {row})"
     assert (used - expected)[valid].abs().max() > 1e-3, f"{what}: {control} left the weights in place"
 
 
